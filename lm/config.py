@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,12 @@ def load_config_file(path: str | Path) -> TrainConfig:
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"lm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Config files may import their neighbours (e.g. `from sizes import sized`).
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
     if not hasattr(module, "config"):
         raise ConfigError(f"config file {path} defines no config() function")
     cfg = module.config()

@@ -1,0 +1,58 @@
+"""`lm bench`: steady-state training throughput of a config (never a test)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from lm.config import TrainConfig
+from lm.data import load_tokenizer, train_iterator
+from lm.model import count_params, flops_per_token
+from lm.train.mfu import device_peak_flops
+from lm.train.state import build, with_vocab
+from lm.train.step import make_train_step
+
+
+def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cfg = with_vocab(cfg, tokenizer.vocab_size)
+    pieces = build(cfg)
+    data = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
+    batches = [next(data) for _ in range(warmup + steps)]
+    step_fn = jax.jit(make_train_step(pieces.graphdef, pieces.tx, pieces.lr_fn,
+                                      cfg.optim.z_loss, cfg.grad_accum), donate_argnums=0)
+    state = pieces.init_state()
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    for b in batches[:warmup]:
+        state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    times = []
+    for b in batches[warmup:]:
+        t0 = time.perf_counter()
+        state, m = compiled(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_time = float(np.median(times))
+    tokens = cfg.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak, source = device_peak_flops()
+    tps = tokens / step_time
+    counts = count_params(cfg.model)
+    result = {
+        "config": cfg.name, "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "batch": cfg.batch_size, "seq_len": cfg.data.seq_len,
+        "flops_per_token": fpt, "compile_s": compile_s, "step_time_s": step_time,
+        "tokens_per_s": tps, "achieved_tflops": fpt * tps / 1e12,
+        "peak_tflops": peak / 1e12, "peak_source": source,
+        "mfu": fpt * tps / (peak * jax.device_count()),
+    }
+    print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
+          f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "
+          f"(median of {steps}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
+          f"MFU {100 * result['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+    return result

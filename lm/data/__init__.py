@@ -1,0 +1,25 @@
+"""Data: corpora, tokenizers, packing and the grain input pipeline.
+
+    load_tokenizer(spec)                               -> Tokenizer
+    load_documents(cfg, split)                         -> list[str]
+    train_iterator(cfg, tok, batch_size, seed, process_index=0, process_count=1)
+                                                       -> grain.DatasetIterator
+    eval_batches(cfg, tok, batch_size, max_batches=0)  -> list[dict]
+    target_bytes(batch, tok)                           -> np.ndarray
+    prepare(cfg, out_dir)                              -> dict of stats
+
+User-caused problems raise DataError (a one-line ValueError). Row format: see
+lm/data/pipeline.py.
+"""
+
+from lm.data.errors import DataError
+from lm.data.pipeline import ROW_KEYS, eval_batches, packed_rows, target_bytes, train_iterator
+from lm.data.prepare import prepare
+from lm.data.sources import SHAKESPEARE_VALIDATION_WORKS, load_documents
+from lm.data.tokenizers import Tokenizer, load_tokenizer
+
+__all__ = [
+    "DataError", "Tokenizer", "load_tokenizer", "load_documents", "train_iterator",
+    "eval_batches", "target_bytes", "prepare", "packed_rows", "ROW_KEYS",
+    "SHAKESPEARE_VALIDATION_WORKS",
+]

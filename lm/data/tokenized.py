@@ -1,0 +1,94 @@
+"""A split as tokens: flat token arrays plus document offsets.
+
+This is the one representation the packing code consumes, whether the tokens come
+from tokenizing raw text now or from the shards of a prepared directory (which
+are memory-mapped, not read). Each document is stored framed as
+[BOS] + ids + [EOS]; shard s holds `tokens[s]` (int32 or uint16) and
+`offsets[s]` (int64, length docs+1) with document d = tokens[offsets[d]:offsets[d+1]].
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from lm.data.sources import EMBEDDED_CORPORA, embedded_documents, is_prepared_dir, load_documents
+
+
+@dataclass(frozen=True, eq=False)
+class TokenDocs:
+    tokens: tuple[np.ndarray, ...]  # per shard, flat
+    offsets: tuple[np.ndarray, ...]  # per shard, int64 [docs + 1]
+
+    @property
+    def num_docs(self) -> int:
+        return sum(len(o) - 1 for o in self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(o[-1]) for o in self.offsets)
+
+    def iter_docs(self) -> Iterator[np.ndarray]:
+        for t, o in zip(self.tokens, self.offsets):
+            for d in range(len(o) - 1):
+                yield np.asarray(t[o[d]:o[d + 1]])
+
+
+def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDocs:
+    """Frame ([BOS] + ids + [EOS]) and tokenize texts into one in-memory shard."""
+    pieces: list[np.ndarray] = []
+    lengths = np.zeros(len(texts), np.int64)
+    bos = np.array([tokenizer.bos_id], np.int32)
+    eos = np.array([tokenizer.eos_id], np.int32)
+    # Chunks let HF/SentencePiece tokenizers use their native batch paths.
+    for s in range(0, len(texts), chunk):
+        for j, ids in enumerate(tokenizer.encode_batch(texts[s:s + chunk])):
+            pieces += [bos, np.asarray(ids, np.int32), eos]
+            lengths[s + j] = len(ids) + 2
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return TokenDocs((tokens,), (offsets,))
+
+
+def token_docs(cfg, tokenizer, split: str) -> TokenDocs:
+    """The tokens of `split` of `cfg` (a DataConfig); prepared dirs are memory-mapped."""
+    from lm.data.prepare import load_prepared, load_prepared_all  # prepare imports us
+
+    if split == "validation" and cfg.validation_corpus:
+        if is_prepared_dir(cfg.validation_corpus):
+            return load_prepared_all(cfg.validation_corpus, tokenizer, "data.validation_corpus")
+        return tokenize_documents(load_documents(cfg, split), tokenizer)
+    if is_prepared_dir(cfg.corpus):
+        return load_prepared(cfg.corpus, split, tokenizer, "data.corpus")
+    if cfg.corpus in EMBEDDED_CORPORA:
+        part = "all" if cfg.validation_corpus else split
+        return _embedded_tokens(cfg.corpus, part, tokenizer.cache_key, _Passenger(tokenizer))
+    return tokenize_documents(load_documents(cfg, split), tokenizer)
+
+
+class _Passenger:
+    """Carries a value through lru_cache without being part of the key."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Passenger)
+
+
+@functools.lru_cache(maxsize=8)
+def _embedded_tokens(corpus: str, part: str, tok_key: tuple, tok: _Passenger) -> TokenDocs:
+    # Every quick run uses the embedded corpus for training and evaluation alike:
+    # tokenize it once per process. Keyed by the tokenizer's cache_key (not the
+    # object), so two loads of the same tokenizer share the entry.
+    return tokenize_documents(embedded_documents(corpus, part), tok.value)
+
+
+__all__ = ["TokenDocs", "tokenize_documents", "token_docs"]

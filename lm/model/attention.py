@@ -1,0 +1,92 @@
+"""Causal softmax self-attention: GQA/MQA, RoPE, qk-norm, packed-document masking, and
+an optional KV cache for decoding.
+
+The score matrix is materialised (the `xla` implementation), which also gives the
+per-layer maximum attention logit that stability studies track.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
+
+NEG_INF = -1e30
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        self.compute_dtype = DTYPES[cfg.compute_dtype]
+        self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+        self.rope_theta = cfg.rope_theta
+        d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
+        std = hidden_std(cfg, d)
+        self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
+        self.wk = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, pdt)
+        self.wv = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, pdt)
+        out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
+        self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = Norm(dh, cfg.norm, "head_dim", pdt)
+            self.k_norm = Norm(dh, cfg.norm, "head_dim", pdt)
+        if cfg.init == "mup":
+            # muP: logits scale as 1/head_dim; equal to 1/sqrt(head_dim) at the base width.
+            base_dh = cfg.mup_base_width / cfg.n_heads
+            self.scale = math.sqrt(base_dh) / dh
+        else:
+            self.scale = 1.0 / math.sqrt(dh)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, cache_index=None):
+        """Returns (y_BTD, new_cache, max_logit).
+
+        Training: `cache is None`; query i sees key j iff j <= i and both belong to the
+        same document (equal segment ids).
+        Decoding: `cache = {"k": [B,S,KV,Dh], "v": ...}`; the new keys are written at
+        `cache_index` and each query sees cache slots up to its own position.
+        """
+        cdt = self.compute_dtype
+        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq.value.astype(cdt))
+        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk.value.astype(cdt))
+        v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv.value.astype(cdt))
+        if self.qk_norm:
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta)
+        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta)
+
+        if cache is None:
+            mask_BTS = (positions_BT[:, :, None] >= positions_BT[:, None, :]) & (
+                segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+            # Within one document positions grow with the index, so position order is
+            # causal order; different documents never see each other.
+            idx = jnp.arange(x_BTD.shape[1])
+            mask_BTS &= idx[:, None] >= idx[None, :]
+            new_cache = None
+        else:
+            k_all = jax.lax.dynamic_update_slice(
+                cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(
+                cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+            k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
+            slots = jnp.arange(k_all.shape[1])
+            mask_BTS = slots[None, None, :] <= positions_BT[:, :, None]
+
+        b, t, h, dh = q_BTHD.shape
+        g = h // self.n_kv
+        q_BTKGD = q_BTHD.reshape(b, t, self.n_kv, g, dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD,
+                            preferred_element_type=jnp.float32) * self.scale
+        mask = mask_BTS[:, None, None, :, :]
+        max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, NEG_INF)))
+        probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(cdt)
+        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
+        out_BTHD = out_BTKGD.reshape(b, t, h, dh)
+        y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo.value.astype(cdt))
+        return y_BTD, new_cache, max_logit

@@ -1,0 +1,66 @@
+"""Small building blocks shared by the model: parameters with logical axes, norms, RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
+          dtype) -> nnx.Param:
+    """A normal(0, std) parameter tagged with logical axis names (see lm/parallel for the
+    mapping to mesh axes). std == 0 gives zeros."""
+    assert len(shape) == len(axes), (shape, axes)
+    if std == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def hidden_std(cfg: ModelConfig, fan_in: int) -> float:
+    """Init std for a hidden matrix. Standard: cfg.init_std. muP: variance proportional to
+    1/fan_in, equal to init_std**2 at the base width."""
+    if cfg.init == "mup":
+        return cfg.init_std * math.sqrt(cfg.mup_base_width / fan_in)
+    return cfg.init_std
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, kind: str, axis_name: str, dtype):
+        self.kind = kind
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+        if kind == "layer":
+            self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        x = x * self.scale.value.astype(jnp.float32)
+        if self.kind == "layer":
+            x = x + self.bias.value.astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) at the given integer positions."""
+    d = x_BTHD.shape[-1]
+    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
+    sin = jnp.sin(angle_BTF)[:, :, None, :]
+    cos = jnp.cos(angle_BTF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)

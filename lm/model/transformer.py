@@ -1,0 +1,179 @@
+"""Decoder-only transformer: blocks with pre / post / peri norm placement, optional
+LayerNorm scaling, parallel attention+MLP, optionally scanned over layers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.model.attention import Attention
+from lm.model.layers import DTYPES, Norm, param
+from lm.model.mlp import MLP
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        self.position = cfg.norm_position
+        self.parallel = cfg.parallel_block
+        self.layernorm_scaling = cfg.layernorm_scaling
+        self.attn = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+        if not (self.parallel and self.position != "post"):
+            self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+        if self.position == "peri":  # Peri-LN also normalises each sublayer's output
+            self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+            self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+
+    def __call__(self, x, positions, segment_ids, layer_index, cache=None, cache_index=None):
+        """layer_index counts from 0; LayerNorm scaling multiplies norm outputs by
+        1/sqrt(layer_index + 1) (Sun et al. 2025, 'The Curse of Depth')."""
+        ls = jax.lax.rsqrt(layer_index + 1.0) if self.layernorm_scaling else 1.0
+
+        def attn(h):
+            return self.attn(h, positions, segment_ids, cache, cache_index)
+
+        if self.position == "post":
+            a, cache, max_logit = attn(x)
+            if self.parallel:
+                x = self.norm1(x + a + self.mlp(x)) * ls
+            else:
+                x = self.norm1(x + a) * ls
+                x = self.norm2(x + self.mlp(x)) * ls
+            return x, cache, max_logit
+
+        peri = self.position == "peri"
+        h = self.norm1(x) * ls
+        a, cache, max_logit = attn(h)
+        if peri:
+            a = self.attn_out_norm(a)
+        if self.parallel:
+            m = self.mlp(h)
+            x = x + a + (self.mlp_out_norm(m) if peri else m)
+        else:
+            x = x + a
+            m = self.mlp(self.norm2(x) * ls)
+            x = x + (self.mlp_out_norm(m) if peri else m)
+        return x, cache, max_logit
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        assert cfg.vocab_size > 0, "resolve model.vocab_size from the tokenizer first"
+        self.cfg = cfg
+        pdt = DTYPES[cfg.param_dtype]
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                           cfg.init_std, pdt)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_blocks(rngs):
+                return Block(cfg, rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        if cfg.norm_position != "post":
+            self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+        if not cfg.tie_embeddings:
+            # muP zero-initialises the readout; standard init uses init_std.
+            std = 0.0 if cfg.init == "mup" else cfg.init_std
+            self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                 std, pdt)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
+                 cache_index=None):
+        """Returns (logits_BTV in float32, aux). aux["attn_logit_max"] is [n_layers];
+        with a cache, aux["cache"] is the updated cache."""
+        cfg = self.cfg
+        cdt = DTYPES[cfg.compute_dtype]
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            start = 0 if cache_index is None else cache_index
+            positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        x = self.embed.value.astype(cdt)[tokens_BT]
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+            def run(x, block, layer_index, layer_cache):
+                x, layer_cache, max_logit = block(
+                    x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)
+                return x, layer_cache, max_logit
+
+            layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
+            x, cache, max_logits = run(x, self.blocks, layer_ids, cache)
+        else:
+            max_logits, new_cache = [], []
+            for i, block in enumerate(self.blocks):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, layer_cache, m = block(x, positions_BT, segment_ids_BT, float(i),
+                                          layer_cache, cache_index)
+                max_logits.append(m)
+                new_cache.append(layer_cache)
+            max_logits = jnp.stack(max_logits)
+            if cache is not None:
+                cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
+
+        if cfg.norm_position != "post":
+            x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed.value.astype(cdt),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.unembed.value.astype(cdt),
+                                preferred_element_type=jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cfg.init == "mup":
+            logits = logits * (cfg.mup_base_width / cfg.d_model)
+        if cfg.logit_softcap:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        aux = {"attn_logit_max": max_logits}
+        if cache is not None:
+            aux["cache"] = cache
+        return logits, aux
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dh)
+        dt = DTYPES[cfg.compute_dtype]
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def count_params(cfg: ModelConfig) -> dict:
+    """Total and non-embedding parameter counts (the embedding table, and an untied
+    readout, are the 'embedding' parameters)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    total = sum(math.prod(x.shape) for x in leaves)
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (non-embedding params + readout matmul) for the
+    matmuls, plus attention scores and values 6 * 2 * n_layers * seq * heads * head_dim,
+    halved for causal masking (PaLM appendix B convention)."""
+    n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
+    attention = 6 * 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.dh / 2
+    return 6 * n + attention
+
+
+def param_axes(model: nnx.Module) -> dict:
+    """Logical axis names of every parameter, as a pure dict shaped like the params.
+    Layer-stacked parameters (scan_layers) get a leading "layers" axis."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = tuple(var.get_metadata()["logical_axes"])
+        axes = ("layers",) * (len(var.value.shape) - len(axes)) + axes
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = axes
+    return out

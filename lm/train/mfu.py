@@ -1,0 +1,95 @@
+"""Device peak FLOP/s, for model-FLOPs utilisation (MFU).
+
+Accelerators: a table of published dense bf16 peaks per chip. CPU: there is no
+published figure for a shared VM, so the f32 matmul throughput of this machine is
+measured once and cached (~/.cache/lmlab/cpu_peak.json, keyed by CPU and core count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA GB200": 2250e12,
+    "NVIDIA B200": 2250e12,
+}
+
+CACHE = Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+
+
+def _cpu_key() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}|{os.cpu_count()}|jax{jax.__version__}"
+
+
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-N f32 matmul throughput of the default (CPU) backend."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def cpu_peak_flops(refresh: bool = False) -> float:
+    path = CACHE / "cpu_peak.json"
+    key = _cpu_key()
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    if key in table and not refresh:
+        return float(table[key])
+    peak = measure_cpu_matmul_flops()
+    table[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next time
+    return peak
+
+
+def device_peak_flops(device=None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return cpu_peak_flops(), "measured f32 matmul (cached)"
+    kind = device.device_kind
+    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(name) or name in kind:
+            return flops, f"{name} bf16 table"
+    return float("nan"), f"unknown device kind {kind!r}"

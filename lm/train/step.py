@@ -1,0 +1,103 @@
+"""The pure, jitted functions of training: loss, train step (with gradient accumulation
+as a lax.scan over microbatches) and evaluation step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def token_losses(graphdef, params, batch):
+    """Per-token negative log-likelihood and log Z, plus the model's diagnostics."""
+    model = nnx.merge(graphdef, params)
+    logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], -1)[..., 0]
+    return logz_BT - target_logit_BT, logz_BT, logits_BTV, aux
+
+
+def loss_sums(graphdef, params, batch, z_loss: float, denom):
+    """Loss normalised by `denom` (the token count of the whole step's batch, so that
+    summing microbatch gradients gives exactly the full-batch gradient)."""
+    nll, logz, logits, aux = token_losses(graphdef, params, batch)
+    mask = batch["loss_mask"]
+    ce = jnp.sum(nll * mask) / denom
+    zl = jnp.sum(jnp.square(logz) * mask) / denom
+    stats = {
+        "loss": ce,
+        "z_loss": zl,
+        "logz_mean": jnp.sum(logz * mask) / denom,
+        "logit_mean": jnp.sum(jnp.mean(logits, -1) * mask) / denom,
+        "attn_logit_max": aux["attn_logit_max"],
+    }
+    return ce + z_loss * zl, stats
+
+
+def _tree_rms(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    return jnp.sqrt(total / sum(x.size for x in leaves))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
+                    grad_accum: int):
+    """state = {"params", "opt_state", "step", "rng"} -> (state, metrics)."""
+
+    def grads_and_stats(params, batch):
+        denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grad_fn = jax.grad(loss_sums, argnums=1, has_aux=True)
+        if grad_accum == 1:
+            return grad_fn(graphdef, params, batch, z_loss, denom)
+
+        micro = jax.tree.map(
+            lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def body(acc, mb):
+            g, s = grad_fn(graphdef, params, mb, z_loss, denom)
+            acc_g, acc_s = acc
+            # Token-weighted sums add up to full-batch values; maxima stay maxima.
+            merged = {k: (jnp.maximum if k == "attn_logit_max" else jnp.add)(acc_s[k], s[k])
+                      for k in s}
+            return (jax.tree.map(jnp.add, acc_g, g), merged), None
+
+        g0, s0 = jax.eval_shape(
+            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom)
+        init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
+        init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
+        (grads, stats), _ = jax.lax.scan(body, init, micro)
+        return grads, stats
+
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+        params = state["params"]
+        grads, stats = grads_and_stats(params, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = dict(stats)
+        metrics.update(
+            lr=lr_fn(state["step"]),
+            grad_norm=optax.global_norm(grads),
+            update_rms=_tree_rms(updates),
+            param_norm=optax.global_norm(new_params),
+            tokens=jnp.sum(batch["loss_mask"]),
+        )
+        new_state = {"params": new_params, "opt_state": opt_state,
+                     "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], 1)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """batch -> (sum of nll over real targets, number of real targets)."""
+
+    def eval_step(params, batch):
+        nll, _, _, _ = token_losses(graphdef, params, batch)
+        return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+    return eval_step
