@@ -88,7 +88,10 @@ def _embedded_tokens(corpus: str, part: str, tok_key: tuple, tok: _Passenger) ->
     # Every quick run uses the embedded corpus for training and evaluation alike:
     # tokenize it once per process. Keyed by the tokenizer's cache_key (not the
     # object), so two loads of the same tokenizer share the entry.
-    return tokenize_documents(embedded_documents(corpus, part), tok.value)
+    docs = tokenize_documents(embedded_documents(corpus, part), tok.value)
+    for a in docs.tokens + docs.offsets:
+        a.flags.writeable = False  # shared by every caller in this process
+    return docs
 
 
 __all__ = ["TokenDocs", "tokenize_documents", "token_docs"]

@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 run_eval(step)
                 window_start, window_steps = time.perf_counter(), 0
-            ckpt.save(step, state, data_iter, force=step == cfg.steps or bool(stop.signum))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signum:
+                ckpt.save(step, state, data_iter, force=True)
             summary.update(steps=step, tokens_seen=step * tokens_per_step,
                            training_flops=fpt * step * tokens_per_step)
             if stop.signum:
