@@ -16,7 +16,8 @@ def schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Ar
     (warmup-stable-decay: constant, then a linear decay over the last decay_fraction)."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     warmup = cfg.warmup_steps
-    decay_steps = max(total_steps - warmup, 1)
+    last = total_steps - 1  # the final step trains at the floor LR
+    decay_steps = max(last - warmup, 1)
 
     def lr(step):
         step = jnp.asarray(step, jnp.float32)
@@ -30,7 +31,7 @@ def schedule(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Ar
             after = jnp.asarray(peak, jnp.float32)
         else:  # wsd
             decay_len = max(int(cfg.decay_fraction * total_steps), 1)
-            start = total_steps - decay_len
+            start = last - decay_len
             d = jnp.clip((step - start) / decay_len, 0.0, 1.0)
             after = peak + (floor - peak) * d
         return jnp.where(step < warmup, warm, after)

@@ -52,9 +52,9 @@ class Attention(nnx.Module):
         `cache_index` and each query sees cache slots up to its own position.
         """
         cdt = self.compute_dtype
-        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq.value.astype(cdt))
-        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk.value.astype(cdt))
-        v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv.value.astype(cdt))
+        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(cdt))
+        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(cdt))
+        v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(cdt))
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
         q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta)
@@ -88,5 +88,5 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(cdt)
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
         out_BTHD = out_BTKGD.reshape(b, t, h, dh)
-        y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo.value.astype(cdt))
+        y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo[...].astype(cdt))
         return y_BTD, new_cache, max_logit

@@ -48,9 +48,9 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-        x = x * self.scale.value.astype(jnp.float32)
+        x = x * self.scale[...].astype(jnp.float32)
         if self.kind == "layer":
-            x = x + self.bias.value.astype(jnp.float32)
+            x = x + self.bias[...].astype(jnp.float32)
         return x.astype(dtype)
 
 

@@ -26,9 +26,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
-        h_BTF = x_BTD @ self.w_in.value.astype(cdt)
+        h_BTF = x_BTD @ self.w_in[...].astype(cdt)
         if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(x_BTD @ self.w_gate.value.astype(cdt)) * h_BTF
+            h_BTF = jax.nn.silu(x_BTD @ self.w_gate[...].astype(cdt)) * h_BTF
         else:
             h_BTF = jax.nn.gelu(h_BTF)
-        return h_BTF @ self.w_out.value.astype(cdt)
+        return h_BTF @ self.w_out[...].astype(cdt)

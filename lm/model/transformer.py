@@ -98,7 +98,7 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
-        x = self.embed.value.astype(cdt)[tokens_BT]
+        x = self.embed[...].astype(cdt)[tokens_BT]
 
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
@@ -124,10 +124,10 @@ class Transformer(nnx.Module):
         if cfg.norm_position != "post":
             x = self.final_norm(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.value.astype(cdt),
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(cdt),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.unembed.value.astype(cdt),
+            logits = jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(cdt),
                                 preferred_element_type=jnp.float32)
         logits = logits.astype(jnp.float32)
         if cfg.init == "mup":
@@ -171,7 +171,7 @@ def param_axes(model: nnx.Module) -> dict:
     out: dict = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = tuple(var.get_metadata()["logical_axes"])
-        axes = ("layers",) * (len(var.value.shape) - len(axes)) + axes
+        axes = ("layers",) * (len(var.get_value().shape) - len(axes)) + axes
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -1,0 +1,52 @@
+"""User errors: one line naming the problem, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY, lm, sets
+
+BAD_CONFIGS = [
+    (["model.n_layerz=3"], "unknown config key 'model.n_layerz'"),
+    (["model.n_layers=three"], "model.n_layers: expected an int"),
+    (["model.norm=batch"], "model.norm: expected one of"),
+    (["model.d_model=30", "model.n_heads=4"], "model.d_model=30 is not divisible by model.n_heads=4"),
+    (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads=3 must divide model.n_heads=4"),
+    (["data.seq_len=128", "model.max_seq_len=64"], "data.seq_len=128 is longer than model.max_seq_len=64"),
+    (["grad_accum=3"], "grad_accum=3 must divide batch_size=4"),
+    (["optim.lr=-1"], "optim.lr must be positive"),
+    (["model"], "not of the form key=value"),
+    (["model=3"], "'model' is a section"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, overrides, message):
+    run = tmp_path / "run"
+    result = lm("train", "--run-dir", str(run), *sets(*TINY, *overrides))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("make_corpus,message", [
+    (lambda d: d / "missing.txt", "no such file"),
+    (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "no documents"),
+    (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and None or d / "bad.jsonl",
+     "line 2"),
+])
+def test_bad_data_exits_with_one_line_and_writes_nothing(tmp_path, make_corpus, message):
+    corpus = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    result = lm("train", "--run-dir", str(run), *sets(*TINY, f"data.corpus={corpus}"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "data.corpus" in lines[0], result.stderr
+    assert not run.exists()
+
+
+def test_missing_config_file_and_run_dir(tmp_path):
+    result = lm("train", "--config", str(tmp_path / "nope.py"))
+    assert result.returncode == 2 and "config file not found" in result.stderr
+    result = lm("sample", "--run", str(tmp_path))
+    assert result.returncode == 2 and "not a run directory" in result.stderr

@@ -1,0 +1,196 @@
+"""Model correctness against plain references: causality, GQA == MHA, packed-document
+isolation, scan == loop, every block variant trains, KV-cache == full forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.model import Transformer
+from lm.model.layers import rope
+
+TINY = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, head_dim=8,
+                   max_seq_len=64)
+
+
+def make(cfg=TINY, seed=0):
+    return Transformer(cfg, nnx.Rngs(seed))
+
+
+def tokens(b=2, t=16, seed=1, vocab=61):
+    return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, vocab)
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    model = make()
+    x = tokens()
+    logits, _ = model(x)
+    for t in (3, 9, 15):
+        y = x.at[:, t].set((x[:, t] + 7) % 61)
+        changed, _ = model(y)
+        np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(changed[:, :t]))
+        assert not np.allclose(logits[:, t:], changed[:, t:])
+
+
+def reference_attention(attn, x_BTD, positions_BT):
+    """Per-head multi-head attention written plainly: K/V head h // group serves
+    query head h; causal softmax(q k^T / sqrt(d)) v."""
+    wq, wk, wv, wo = (np.asarray(p[...]) for p in (attn.wq, attn.wk, attn.wv, attn.wo))
+    x = np.asarray(x_BTD)
+    b, t, _ = x.shape
+    h, kv = wq.shape[1], wk.shape[1]
+    out = np.zeros((b, t, h, wq.shape[2]), np.float32)
+    for head in range(h):
+        q = np.asarray(rope(jnp.asarray(np.einsum("btd,dk->btk", x, wq[:, head])[:, :, None]),
+                            positions_BT, attn.rope_theta))[:, :, 0]
+        kh = head // (h // kv)
+        k = np.asarray(rope(jnp.asarray(np.einsum("btd,dk->btk", x, wk[:, kh])[:, :, None]),
+                            positions_BT, attn.rope_theta))[:, :, 0]
+        v = np.einsum("btd,dk->btk", x, wv[:, kh])
+        s = np.einsum("bqk,bsk->bqs", q, k) / math.sqrt(q.shape[-1])
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, head] = np.einsum("bqs,bsk->bqk", p, v)
+    return np.einsum("bthk,hkd->btd", out, wo)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_attention_matches_plain_multihead_reference(n_kv_heads):
+    cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads)
+    attn = make(cfg).blocks[0].attn
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, cfg.d_model))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    y, _, _ = attn(x, pos, jnp.ones((2, 12), jnp.int32))
+    np.testing.assert_allclose(np.asarray(y), reference_attention(attn, x, pos),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_with_as_many_kv_heads_as_heads_is_multihead():
+    """n_kv_heads == n_heads (GQA code path, group size 1) equals the default MHA config."""
+    mha = make(TINY)
+    gqa = make(dataclasses.replace(TINY, n_kv_heads=TINY.n_heads))
+    x = tokens()
+    np.testing.assert_array_equal(np.asarray(mha(x)[0]), np.asarray(gqa(x)[0]))
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = make()
+    doc_a, doc_b = tokens(1, 7, seed=4), tokens(1, 9, seed=5)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.array([[1] * 7 + [2] * 9])
+    positions = jnp.array([list(range(7)) + list(range(9))])
+    logits, _ = model(packed, positions, segments)
+    alone_a, _ = model(doc_a)
+    alone_b, _ = model(doc_b)
+    np.testing.assert_allclose(logits[:, :7], alone_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[:, 7:], alone_b, rtol=1e-5, atol=1e-5)
+    # And without segment ids, document b would see document a.
+    mixed, _ = model(packed, positions)
+    assert not np.allclose(mixed[:, 7:], alone_b, atol=1e-3)
+
+
+def test_scanned_layers_equal_the_layer_loop():
+    loop_cfg = dataclasses.replace(TINY, qk_norm=True, norm_position="peri",
+                                   layernorm_scaling=True)
+    looped = make(loop_cfg)
+    scanned = make(dataclasses.replace(loop_cfg, scan_layers=True))
+    params = nnx.to_pure_dict(nnx.state(looped, nnx.Param))
+    blocks = [params["blocks"][i] for i in range(loop_cfg.n_layers)]
+    stacked = dict(params, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
+    nnx.update(scanned, stacked)
+    x = tokens()
+    a, aux_a = looped(x)
+    b, aux_b = scanned(x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(aux_a["attn_logit_max"], aux_b["attn_logit_max"], rtol=1e-5)
+
+
+VARIANTS = list(itertools.product(["pre", "post", "peri"], [False, True], [False, True],
+                                  ["standard", "mup"]))
+
+
+@pytest.mark.parametrize("position,qk_norm,parallel,init", VARIANTS)
+def test_every_block_variant_overfits_a_tiny_batch(position, qk_norm, parallel, init):
+    cfg = dataclasses.replace(
+        TINY, norm_position=position, qk_norm=qk_norm, parallel_block=parallel, init=init,
+        layernorm_scaling=position == "pre" and parallel, mlp="swiglu" if qk_norm else "gelu",
+        norm="layer" if init == "mup" else "rms", tie_embeddings=not parallel)
+    model = make(cfg)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    x = tokens(4, 16, seed=7)
+    tx = optax.adam(1e-2)
+
+    def loss_fn(p):
+        logits, _ = nnx.merge(graphdef, p)(x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    state = tx.init(params)
+    losses = []
+    for _ in range(40):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decoding_gives_the_full_forward_logits(scan_layers):
+    cfg = dataclasses.replace(TINY, n_kv_heads=2, scan_layers=scan_layers, qk_norm=True)
+    model = make(cfg)
+    x = tokens(2, 20, seed=9)
+    full, _ = model(x)
+    cache = model.init_cache(2, 20)
+    logits, aux = model(x[:, :8], cache=cache, cache_index=0)  # prefill
+    np.testing.assert_allclose(logits, full[:, :8], rtol=1e-5, atol=1e-5)
+    cache = aux["cache"]
+    for t in range(8, 20):
+        step_logits, aux = model(x[:, t:t + 1], cache=cache, cache_index=t)
+        cache = aux["cache"]
+        np.testing.assert_allclose(step_logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_logit_softcap_bounds_logits():
+    cfg = dataclasses.replace(TINY, logit_softcap=2.0, init_std=1.0)
+    logits, _ = make(cfg)(tokens())
+    assert float(jnp.max(jnp.abs(logits))) <= 2.0
+
+
+def test_bf16_compute_runs_close_to_f32():
+    x = tokens()
+    f32, _ = make(TINY)(x)
+    bf16, _ = make(dataclasses.replace(TINY, compute_dtype="bfloat16"))(x)
+    assert bf16.dtype == jnp.float32  # logits are always returned in f32
+    np.testing.assert_allclose(f32, bf16, atol=0.1)
+
+
+def test_every_parameter_has_logical_axes():
+    from lm.model import param_axes
+    for scan in (False, True):
+        model = make(dataclasses.replace(TINY, scan_layers=scan, qk_norm=True,
+                                         tie_embeddings=False))
+        axes = param_axes(model)
+        shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+        flat_shapes = jax.tree.leaves(shapes)
+        assert len(flat_axes) == len(flat_shapes)
+        for a, s in zip(flat_axes, flat_shapes):
+            assert len(a) == s.ndim
+        assert any(a[0] == "layers" for a in flat_axes) == scan
+        assert ("vocab", "embed") in flat_axes and ("embed", "vocab") in flat_axes

@@ -1,0 +1,110 @@
+"""End-to-end training through the real CLI: resume reproduces the uninterrupted run,
+divergence is recorded, metrics/TensorBoard/summary are written, eval and sample work."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from conftest import TINY, lm, sets, train_losses
+
+
+def test_run_dir_has_metrics_tensorboard_summary(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 4 * 32
+    assert summary["params"] > summary["non_embedding_params"] > 0
+    assert summary["training_flops"] == summary["flops_per_token"] * summary["tokens_seen"]
+    assert summary["best_val_loss"] <= summary["final_val_loss"] + 1e-9
+    records = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    for key in ("loss", "z_loss", "lr", "grad_norm", "update_rms", "param_norm",
+                "attn_logit_max/0", "attn_logit_max/1", "logit_mean", "logz_mean",
+                "tokens_per_s", "step_time", "mfu"):
+        assert key in train[-1], key
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(math.isfinite(r["loss"]) and r["bpb"] > 0 for r in evals)
+    assert train[-1]["loss"] < train[0]["loss"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tiny_run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/bpb" in tags
+    assert [e.step for e in acc.Scalars("eval/loss")] == [6, 12]
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["d_model"] == 32 and config["model"]["vocab_size"] == 259
+
+
+def _interrupted_then_resumed(tmp_path, fault: str, expected_code: int):
+    full = tmp_path / "full"
+    assert lm("train", "--run-dir", str(full), *sets(*TINY, "log_every=1")).returncode == 0
+    run = tmp_path / "resumed"
+    first = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"),
+               env={"LMLAB_FAULT": fault})
+    assert first.returncode == expected_code, first.stderr[-2000:]
+    assert max(train_losses(run)) == 6  # it really stopped at step 6
+    second = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from step" in second.stdout
+    a, b = train_losses(full), train_losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert a == b  # exactly: model, optimizer, RNG and data iterator all resumed
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    return second
+
+
+def test_sigterm_checkpoints_and_resume_reproduces_uninterrupted_losses(tmp_path):
+    second = _interrupted_then_resumed(tmp_path, "sigterm@6", 128 + 15)
+    assert "resumed from step 6" in second.stdout
+
+
+def test_hard_kill_resumes_from_last_periodic_checkpoint(tmp_path):
+    second = _interrupted_then_resumed(tmp_path, "sigkill@6", -9)
+    assert "resumed from step 4" in second.stdout  # checkpoint_every=4
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    assert lm("train", "--run-dir", str(one), *sets(*TINY, "steps=4")).returncode == 0
+    assert lm("train", "--run-dir", str(two), *sets(*TINY, "steps=4", "grad_accum=2")
+              ).returncode == 0
+    a, b = train_losses(one), train_losses(two)
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)],
+                               rtol=1e-5)
+
+
+def test_divergence_is_recorded_and_last_good_checkpoint_kept(tmp_path):
+    run = tmp_path / "diverge"
+    result = lm("train", "--run-dir", str(run),
+                *sets(*TINY, "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0",
+                      "checkpoint_every=1"))
+    assert result.returncode == 3, result.stderr[-2000:]
+    status = json.loads((run / "summary.json").read_text())["status"]
+    assert status.startswith("diverged at step ")
+    bad_step = int(status.rsplit(" ", 1)[1])
+    kept = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert kept and max(kept) < bad_step
+
+
+def test_changed_config_in_existing_run_dir_is_refused(tiny_run):
+    result = lm("train", "--run-dir", str(tiny_run), *sets(*TINY, "model.n_layers=3"))
+    assert result.returncode == 2
+    assert "model.n_layers" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_and_sample_cli(tiny_run):
+    result = lm("eval", "--run", str(tiny_run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    assert out["step"] == 12 and math.isfinite(out["val_loss"]) and out["val_bpb"] > 0
+    args = ["sample", "--run", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+            "--seed", "3", "--top-k", "20", "--top-p", "0.9"]
+    a, b = lm(*args), lm(*args)
+    assert a.returncode == 0, a.stderr[-2000:]
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:")
+    other = lm(*args[:-6], "--seed", "4", "--temperature", "1.5")
+    assert other.returncode == 0 and other.stdout != a.stdout
