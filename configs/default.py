@@ -8,9 +8,9 @@ from sizes import sized
 def config() -> TrainConfig:
     return TrainConfig(
         name="shakespeare-char",
-        model=sized("1m", max_seq_len=256),
+        model=sized("1m", max_seq_len=128),
         data=DataConfig(corpus="shakespeare", tokenizer="byte", seq_len=128),
-        optim=OptimConfig(lr=3e-3, warmup_steps=100, weight_decay=0.1),
-        steps=2000, batch_size=32, log_every=50, eval_every=500, eval_batches=16,
-        checkpoint_every=500,
+        optim=OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1),
+        steps=800, batch_size=32, log_every=50, eval_every=200, eval_batches=16,
+        checkpoint_every=200,
     )

@@ -35,14 +35,14 @@ def choose(logits_BV, key, temperature: float, top_k: int, top_p: float):
 def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              num_samples: int = 1, max_seq_len: int, eos_id: int | None = None):
-    """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded)."""
-    total = len(prompt_ids) + max_new_tokens
-    if total > max_seq_len:
-        raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                          f"({max_new_tokens}) exceeds model.max_seq_len={max_seq_len}")
+    """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded).
+
+    The KV cache holds `max_seq_len` tokens. A longer generation slides the window:
+    when the cache is full, the last half of the text is prefilled into a fresh cache
+    (the model never sees positions it was not built for)."""
+    if not prompt_ids:
+        raise ConfigError("the prompt must hold at least one token")
     model = nnx.merge(graphdef, params)
-    cache = model.init_cache(num_samples, total)
-    tokens = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (num_samples, 1))
 
     @jax.jit
     def prefill(params, tokens, cache, key):
@@ -56,16 +56,26 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
         return choose(logits[:, -1], key, temperature, top_k, top_p), aux["cache"]
 
     key = jax.random.PRNGKey(seed)
-    key, sub = jax.random.split(key)
-    token, cache = prefill(params, tokens, cache, sub)
-    out = [token]
-    for i in range(len(prompt_ids), total - 1):
+    text = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (num_samples, 1))
+    keep = max_seq_len if len(prompt_ids) <= max_seq_len else max_seq_len // 2
+    produced = 0
+    while produced < max_new_tokens:
+        context = text[:, -keep:]
+        cache = model.init_cache(num_samples, max_seq_len)
         key, sub = jax.random.split(key)
-        token, cache = decode(params, token, cache, jnp.int32(i), sub)
-        out.append(token)
-    ids = jax.device_get(jnp.stack(out, axis=1))
+        token, cache = prefill(params, context, cache, sub)
+        text = jnp.concatenate([text, token[:, None]], axis=1)
+        produced += 1
+        index = context.shape[1]
+        while produced < max_new_tokens and index < max_seq_len:
+            key, sub = jax.random.split(key)
+            token, cache = decode(params, token, cache, jnp.int32(index), sub)
+            text = jnp.concatenate([text, token[:, None]], axis=1)
+            produced += 1
+            index += 1
+        keep = max_seq_len // 2
     result = []
-    for row in ids.tolist():
+    for row in jax.device_get(text[:, len(prompt_ids):]).tolist():
         if eos_id is not None and eos_id in row:
             row = row[:row.index(eos_id)]
         result.append(row)

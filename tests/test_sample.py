@@ -45,3 +45,11 @@ def test_greedy_generation_follows_the_full_forward_argmax():
                  max_seq_len=64)
     assert a == b and len(a) == 3
     jax.clear_caches()
+
+
+def test_generation_longer_than_the_context_slides_the_window():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    out = generate(graphdef, nnx.to_pure_dict(params), [1, 2, 3], 40, temperature=0.0,
+                   max_seq_len=16)[0]
+    assert len(out) == 40 and all(0 <= t < 50 for t in out)

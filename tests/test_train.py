@@ -108,3 +108,17 @@ def test_eval_and_sample_cli(tiny_run):
     assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:")
     other = lm(*args[:-6], "--seed", "4", "--temperature", "1.5")
     assert other.returncode == 0 and other.stdout != a.stdout
+
+
+def test_data_prepare_cli_then_train_on_the_shards(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "words and more words " * (i % 7 + 1)}) + "\n"
+                              for i in range(40)))
+    out = tmp_path / "prepared"
+    result = lm("data", "prepare", *sets(f"data.corpus={corpus}"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[0])["train"]["docs"] > 0
+    run = tmp_path / "run"
+    result = lm("train", "--run-dir", str(run), *sets(*TINY, "steps=3", f"data.corpus={out}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(train_losses(run)) == [2, 3]

@@ -100,8 +100,12 @@ def _inject_fault(step: int) -> None:
 def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     run_dir = Path(run_dir)
     cfg, tokenizer = prepare_run(cfg, run_dir)
-    data_iter = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed,
-                               jax.process_index(), jax.process_count())
+    if cfg.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the "
+                          f"{jax.process_count()} processes")
+    # Each process reads only its share of rows and of every global batch.
+    data_iter = train_iterator(cfg.data, tokenizer, cfg.batch_size // jax.process_count(),
+                               cfg.seed, jax.process_index(), jax.process_count())
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
