@@ -26,12 +26,19 @@ def make(cfg=TINY, seed=0):
     return Transformer(cfg, nnx.Rngs(seed))
 
 
+def jitted(model):
+    """The model's forward under jit (eager NNX dispatches op by op: slow)."""
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, *args, **kw: nnx.merge(graphdef, p)(*args, **kw))
+    return lambda *args, **kw: forward(params, *args, **kw)
+
+
 def tokens(b=2, t=16, seed=1, vocab=61):
     return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, vocab)
 
 
 def test_changing_a_future_token_leaves_earlier_logits_unchanged():
-    model = make()
+    model = jitted(make())
     x = tokens()
     logits, _ = model(x)
     for t in (3, 9, 15):
@@ -84,7 +91,7 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_multihead():
 
 
 def test_packed_documents_do_not_attend_to_each_other():
-    model = make()
+    model = jitted(make())
     doc_a, doc_b = tokens(1, 7, seed=4), tokens(1, 9, seed=5)
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     segments = jnp.array([[1] * 7 + [2] * 9])
@@ -153,10 +160,11 @@ def test_every_block_variant_overfits_a_tiny_batch(position, qk_norm, parallel, 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_kv_cache_decoding_gives_the_full_forward_logits(scan_layers):
     cfg = dataclasses.replace(TINY, n_kv_heads=2, scan_layers=scan_layers, qk_norm=True)
-    model = make(cfg)
+    eager = make(cfg)
+    model = jitted(eager)
     x = tokens(2, 20, seed=9)
     full, _ = model(x)
-    cache = model.init_cache(2, 20)
+    cache = eager.init_cache(2, 20)
     logits, aux = model(x[:, :8], cache=cache, cache_index=0)  # prefill
     np.testing.assert_allclose(logits, full[:, :8], rtol=1e-5, atol=1e-5)
     cache = aux["cache"]

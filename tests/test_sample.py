@@ -34,10 +34,11 @@ def test_greedy_generation_follows_the_full_forward_argmax():
     params = nnx.to_pure_dict(params)
     prompt = [1, 7, 3, 9]
     out = generate(graphdef, params, prompt, 10, temperature=0.0, max_seq_len=64)[0]
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
     seq = list(prompt)
-    for _ in range(10):  # recompute every step without a cache
-        logits, _ = model(jnp.array([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+    for _ in range(10):  # recompute every step without a cache; causal, so zero-padding
+        logits = forward(params, jnp.array([seq + [0] * (14 - len(seq))]))  # is harmless
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     assert out == seq[len(prompt):]
     a = generate(graphdef, params, prompt, 10, temperature=1.0, seed=5, num_samples=3,
                  max_seq_len=64)

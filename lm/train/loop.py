@@ -171,11 +171,10 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 print(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
                       "is kept", flush=True)
                 break
-            if step == start + 1:  # the first step includes compilation
-                compile_s = time.perf_counter() - window_start
-                print(f"  first step (with compile) {compile_s:.1f}s", flush=True)
-                window_start, window_steps = time.perf_counter(), 0
-            elif step % cfg.log_every == 0 or step == cfg.steps:
+            if step == start + 1:  # its time includes compilation
+                print(f"  first step (with compile) "
+                      f"{time.perf_counter() - window_start:.1f}s", flush=True)
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / max(window_steps, 1)
                 tps = tokens_per_step / step_time
@@ -184,10 +183,12 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=mfu)
                 sink.write(step, record)
                 progress.line(step, loss, tps, mfu, step_time)
+            if step == start + 1 or step % cfg.log_every == 0:
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 run_eval(step)
                 window_start, window_steps = time.perf_counter(), 0
+            _inject_fault(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signum:
                 ckpt.save(step, state, data_iter, force=True)
             summary.update(steps=step, tokens_seen=step * tokens_per_step,
@@ -197,7 +198,6 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 print(f"stopped by signal {stop.signum} at step {step}; checkpoint saved; "
                       "rerun the same command to resume", flush=True)
                 break
-            _inject_fault(step)
 
     ckpt.close()
     sink.close()
