@@ -11,8 +11,8 @@ from lm.config import TrainConfig
 from lm.data import load_tokenizer, train_iterator
 from lm.model import count_params, flops_per_token
 from lm.train.mfu import device_peak_flops
+from lm.parallel.sharding import per_device_bytes
 from lm.train.state import build, with_vocab
-from lm.train.step import make_train_step
 
 
 def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
@@ -20,13 +20,12 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     cfg = with_vocab(cfg, tokenizer.vocab_size)
     pieces = build(cfg)
     data = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
-    batches = [next(data) for _ in range(warmup + steps)]
-    step_fn = jax.jit(make_train_step(pieces.graphdef, pieces.tx, pieces.lr_fn,
-                                      cfg.optim.z_loss, cfg.grad_accum), donate_argnums=0)
+    batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0]).compile()
+    compiled = pieces.train_step().lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
     for b in batches[:warmup]:
         state, m = compiled(state, b)
     jax.block_until_ready(m)
@@ -50,9 +49,14 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         "tokens_per_s": tps, "achieved_tflops": fpt * tps / 1e12,
         "peak_tflops": peak / 1e12, "peak_source": source,
         "mfu": fpt * tps / (peak * jax.device_count()),
+        "state_bytes_per_device": per_device_bytes(pieces.abstract_state()),
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
     }
     print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
           f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "
           f"(median of {steps}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
           f"MFU {100 * result['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+    if result["temp_bytes"] is not None:
+        print(f"memory per device: state {result['state_bytes_per_device'] / 2**20:.1f} MiB, "
+              f"compiled step temporaries {result['temp_bytes'] / 2**20:.1f} MiB")
     return result

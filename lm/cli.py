@@ -1,4 +1,4 @@
-"""`lm train | eval | sample | bench | data prepare`.
+"""`lm train | eval | sample | bench | data prepare | launch {local,tpu,slurm}`.
 
 User-caused errors (bad config, bad data, missing run) print one line and exit 2.
 """
@@ -55,14 +55,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import jax
-
     from lm.data import eval_batches
     from lm.train.loop import evaluate
-    from lm.train.step import make_eval_step
     cfg, tokenizer, pieces, params, step = _restore(args.run)
     batches = eval_batches(cfg.data, tokenizer, cfg.batch_size, args.batches)
-    result = evaluate(jax.jit(make_eval_step(pieces.graphdef)), params, batches, tokenizer)
+    result = evaluate(pieces, pieces.eval_step(), params, batches, tokenizer)
     print(json.dumps({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
                       "batches": len(batches)}))
     return 0
@@ -96,6 +93,77 @@ def cmd_data_prepare(args) -> int:
     print(json.dumps(stats))
     print(f"prepared {args.out}; train on it with --set data.corpus={args.out}")
     return 0
+
+
+def cmd_launch(args) -> int:
+    from lm.config import ConfigError
+    if args.remote is None:
+        raise ConfigError(f"lm launch {args.launch_command}: put the lm command after --, "
+                          f"e.g. lm launch {args.launch_command} ... -- train --config C")
+    if not args.remote:
+        raise ConfigError(f"lm launch {args.launch_command}: no command after --")
+    if args.remote[0] in ("lm", "lm.cli"):  # tolerate `-- lm train ...`
+        args.remote = args.remote[1:]
+    if args.launch_command == "local":
+        from lm.launch.local import run_local
+        return run_local(args.processes, args.devices_per_process, args.remote, port=args.port)
+    if args.launch_command == "tpu":
+        from lm.launch.tpu import launch
+        return launch(args.name, args.zone, args.accelerator, args.remote, spot=args.spot,
+                      project=args.project, runtime_version=args.runtime_version,
+                      fetch=args.fetch, dry_run=args.dry_run, poll_s=args.poll_seconds)
+    from lm.launch.slurm import launch
+    if not args.job_name or "/" in args.job_name:
+        raise ConfigError(f"--job-name {args.job_name!r} must be a non-empty name without '/'")
+    return launch(args.nodes, args.gpus_per_node, args.remote, partition=args.partition,
+                  time=args.time, job_name=args.job_name, per=args.per, dry_run=args.dry_run)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors of `lm launch ...` as one line, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="run an lm command as a multi-process pod",
+                       description="lm launch {local,tpu,slurm} [options] -- <lm command>")
+    launch_sub = p.add_subparsers(dest="launch_command", required=True,
+                                  parser_class=_OneLineParser)
+    q = launch_sub.add_parser("local", help="P processes on this machine, D CPU devices each")
+    q.add_argument("--processes", type=int, required=True)
+    q.add_argument("--devices-per-process", type=int, default=1)
+    q.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    q = launch_sub.add_parser("tpu", help="a Cloud TPU slice via a queued resource (gcloud)")
+    q.add_argument("--name", required=True, help="queued resource and node id")
+    q.add_argument("--zone", required=True)
+    q.add_argument("--accelerator", required=True, help="accelerator type, e.g. v5p-64")
+    q.add_argument("--spot", action="store_true")
+    q.add_argument("--project", default="")
+    q.add_argument("--runtime-version", default="", help="default: by accelerator generation")
+    q.add_argument("--fetch", default="runs",
+                   help="path under the repo copied back from worker 0 ('' = none)")
+    q.add_argument("--poll-seconds", type=float, default=30.0)
+    q.add_argument("--dry-run", action="store_true", help="print the gcloud commands only")
+    q = launch_sub.add_parser("slurm", help="an sbatch job; srun starts the processes")
+    q.add_argument("--nodes", type=int, required=True)
+    q.add_argument("--gpus-per-node", type=int, required=True)
+    q.add_argument("--partition", default="")
+    q.add_argument("--time", default="", help="e.g. 04:00:00")
+    q.add_argument("--job-name", default="lm")
+    q.add_argument("--per", choices=("gpu", "node"), default="gpu",
+                   help="one process per GPU (default) or per node")
+    q.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
+    p.set_defaults(fn=cmd_launch)
+
+
+def _split_remote(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`lm launch ... -- <command>`: (the launcher's args, the command or None)."""
+    if argv[:1] != ["launch"] or "--" not in argv:
+        return argv, None
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,14 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(q)
     q.add_argument("--out", required=True)
     q.set_defaults(fn=cmd_data_prepare)
+
+    _add_launch(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, remote = _split_remote(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.remote = remote
     from lm.config import ConfigError
     from lm.data import DataError
     try:
+        if args.command != "launch":  # join the pod, if the environment describes one
+            from lm.parallel.distributed import initialize_from_env
+            initialize_from_env()
         code = args.fn(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

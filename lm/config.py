@@ -97,10 +97,28 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes within a slice (ICI) per axis, one may be -1 (fill with the
+    remaining devices), times sizes across slices (DCN, multislice TPU pods)."""
+    data: int = -1
+    fsdp: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
+    # Overrides of the logical-axis rules, e.g. "embed=fsdp+tensor,vocab=" (see
+    # lm/parallel/sharding.py for the names and defaults).
+    rules: str = ""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = "run"
     seed: int = 0
     steps: int = 1000
@@ -317,7 +335,7 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig",
+    "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "MeshConfig", "TrainConfig",
     "load_config_file", "apply_overrides", "validate", "resolve", "to_json", "from_json",
     "from_dict", "to_dict", "config_diff",
 ]

@@ -339,18 +339,24 @@ def test_resume_mid_epoch_across_epoch_boundary(small_corpus):
     assert same_batches(take(resumed, 5), full[7:])
 
 
-def test_process_shares_disjoint_and_complete(small_corpus):
+def test_process_shares_disjoint_complete_and_assemble_the_global_batch(small_corpus):
     cfg = cfg_for(small_corpus)
     rows = packed_rows(cfg, BYTE, "train")
     everything = collections.Counter(
         row_key({k: v[None] for k, v in rows[r].items()}, 0) for r in range(len(rows)))
-    shares = []
-    for p in range(2):
-        n = len(range(p, len(rows), 2))
-        batches = take(train_iterator(cfg, BYTE, 1, seed=5, process_index=p, process_count=2), n)
-        shares.append(collections.Counter(row_key(b, 0) for b in batches))
-    assert not set(shares[0]) & set(shares[1])
-    assert shares[0] + shares[1] == everything
+    n = len(rows) // 2  # global batches of 2 in one epoch
+    shares = [take(train_iterator(cfg, BYTE, 2, seed=5, process_index=p, process_count=2), n)
+              for p in range(2)]
+    seen = [collections.Counter(row_key(b, 0) for b in share) for share in shares]
+    assert not set(seen[0]) & set(seen[1])
+    assert sum(seen, collections.Counter()) <= everything
+    assert sum(sum(c.values()) for c in seen) == 2 * n >= len(rows) - 1
+    # The processes' pieces, stacked, are exactly the single-process global batches.
+    single = take(train_iterator(cfg, BYTE, 4, seed=5), 6)
+    parts = [take(train_iterator(cfg, BYTE, 4, seed=5, process_index=p, process_count=2), 6)
+             for p in range(2)]
+    assembled = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)]
+    assert same_batches(single, assembled)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -169,32 +169,39 @@ def packed_rows(cfg, tokenizer, split: str) -> PackedRows:
 def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    read_threads: int = 0) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of per-process training batches.
+    """An endless, checkpointable iterator of this process's part of each global batch.
 
-    This process reads rows i with i % process_count == process_index; every
-    process shuffles its share with the same `seed`, reshuffled each epoch (grain
-    reseeds the shuffle per repeat). Batches are [batch_size, T] (the per-process
-    batch; the remainder of the endless stream is never dropped in practice).
-    The returned grain iterator has get_state()/set_state(); the state is a small
-    JSON-serialisable dict. read_threads > 0 prefetches rows in threads (still
-    deterministic); the default 0 reads in the caller's thread.
+    `batch_size` is the GLOBAL batch. All rows are shuffled by `seed` (reshuffled each
+    epoch, grain reseeds per repeat) into one global stream; global batch b is stream
+    items [b*B, (b+1)*B), and process p reads only items p*B/P .. (p+1)*B/P - 1 of each
+    (rows are read lazily, so a process touches only its share). The concatenation
+    of the processes' batches is therefore the single-process batch: the data does not
+    depend on how many hosts run the job. The returned grain iterator has
+    get_state()/set_state() with a small JSON-serialisable state. read_threads > 0
+    prefetches rows in threads (still deterministic).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"global batch {batch_size} does not divide by {process_count} processes")
     rows = packed_rows(cfg, tokenizer, "train")
     if len(rows) == 0:
         raise DataError(f"data.corpus: the train split of {cfg.corpus} has no tokens")
-    ds = grain.MapDataset.source(rows)[process_index::process_count]
-    if len(ds) == 0:
-        raise DataError(
-            f"data.corpus: {cfg.corpus} has {len(rows)} training rows, fewer than the "
-            f"{process_count} processes")
-    ds = ds.shuffle(seed=int(seed)).repeat(None, reseed_each_epoch=True)
+    stream = grain.MapDataset.source(rows).shuffle(seed=int(seed)).repeat(
+        None, reseed_each_epoch=True)
+    local = batch_size // process_count
+    if process_count > 1:
+        source = stream
+
+        def global_item(j: int):
+            return source[(j // local) * batch_size + process_index * local + j % local]
+
+        stream = grain.MapDataset.range(0, len(stream) // process_count).map(global_item)
     read = grain.ReadOptions(num_threads=read_threads,
-                             prefetch_buffer_size=4 * batch_size if read_threads else 0)
-    it_ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True, batch_fn=_stack)
+                             prefetch_buffer_size=4 * local if read_threads else 0)
+    it_ds = stream.to_iter_dataset(read).batch(local, drop_remainder=True, batch_fn=_stack)
     return iter(it_ds)
 
 

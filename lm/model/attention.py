@@ -15,6 +15,7 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
+from lm.parallel.sharding import constrain
 
 NEG_INF = -1e30
 
@@ -59,14 +60,20 @@ class Attention(nnx.Module):
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
         q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta)
         k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta)
+        # Sequence parallelism: queries stay sharded along the sequence; keys and
+        # values are all-gathered along it (the "seq" name is absent), so each shard
+        # attends its queries to the whole (causally masked) sequence.
+        q_BTHD = constrain(q_BTHD, ("batch", "seq", "heads", "head_dim"))
+        k_BTKD = constrain(k_BTKD, ("batch", None, "kv_heads", "head_dim"))
+        v_BTKD = constrain(v_BTKD, ("batch", None, "kv_heads", "head_dim"))
+        k_positions_BT = constrain(positions_BT, ("batch", None))
+        k_segment_ids_BT = constrain(segment_ids_BT, ("batch", None))
 
         if cache is None:
-            mask_BTS = (positions_BT[:, :, None] >= positions_BT[:, None, :]) & (
-                segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
             # Within one document positions grow with the index, so position order is
             # causal order; different documents never see each other.
-            idx = jnp.arange(x_BTD.shape[1])
-            mask_BTS &= idx[:, None] >= idx[None, :]
+            mask_BTS = (positions_BT[:, :, None] >= k_positions_BT[:, None, :]) & (
+                segment_ids_BT[:, :, None] == k_segment_ids_BT[:, None, :])
             new_cache = None
         else:
             k_all = jax.lax.dynamic_update_slice(
@@ -87,6 +94,6 @@ class Attention(nnx.Module):
         max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, NEG_INF)))
         probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(cdt)
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
-        out_BTHD = out_BTKGD.reshape(b, t, h, dh)
+        out_BTHD = constrain(out_BTKGD.reshape(b, t, h, dh), ("batch", "seq", "heads", "head_dim"))
         y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo[...].astype(cdt))
         return y_BTD, new_cache, max_logit

@@ -9,6 +9,7 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model.layers import DTYPES, hidden_std, param
+from lm.parallel.sharding import constrain
 
 
 class MLP(nnx.Module):
@@ -31,4 +32,5 @@ class MLP(nnx.Module):
             h_BTF = jax.nn.silu(x_BTD @ self.w_gate[...].astype(cdt)) * h_BTF
         else:
             h_BTF = jax.nn.gelu(h_BTF)
+        h_BTF = constrain(h_BTF, ("batch", "seq", "mlp"))  # column-parallel, then row
         return h_BTF @ self.w_out[...].astype(cdt)

@@ -13,6 +13,9 @@ from lm.config import ModelConfig
 from lm.model.attention import Attention
 from lm.model.layers import DTYPES, Norm, param
 from lm.model.mlp import MLP
+from lm.parallel.sharding import constrain
+
+ACT = ("batch", "seq", "act_embed")  # logical names of the residual stream
 
 
 class Block(nnx.Module):
@@ -98,14 +101,14 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
-        x = self.embed[...].astype(cdt)[tokens_BT]
+        x = constrain(self.embed[...].astype(cdt)[tokens_BT], ACT)
 
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
             def run(x, block, layer_index, layer_cache):
                 x, layer_cache, max_logit = block(
                     x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)
-                return x, layer_cache, max_logit
+                return constrain(x, ACT), layer_cache, max_logit
 
             layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
             x, cache, max_logits = run(x, self.blocks, layer_ids, cache)
@@ -115,6 +118,7 @@ class Transformer(nnx.Module):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
                 x, layer_cache, m = block(x, positions_BT, segment_ids_BT, float(i),
                                           layer_cache, cache_index)
+                x = constrain(x, ACT)
                 max_logits.append(m)
                 new_cache.append(layer_cache)
             max_logits = jnp.stack(max_logits)
@@ -129,7 +133,7 @@ class Transformer(nnx.Module):
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(cdt),
                                 preferred_element_type=jnp.float32)
-        logits = logits.astype(jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         if cfg.init == "mup":
             logits = logits * (cfg.mup_base_width / cfg.d_model)
         if cfg.logit_softcap:

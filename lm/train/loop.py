@@ -23,8 +23,8 @@ from lm.model import count_params, flops_per_token
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops
+from lm.parallel.sharding import per_device_bytes
 from lm.train.state import build, with_vocab
-from lm.train.step import make_eval_step, make_train_step
 
 EXIT_DIVERGED = 3
 
@@ -38,6 +38,7 @@ def prepare_run(cfg: TrainConfig, run_dir: Path):
     """Everything that can fail on user input, before anything is written."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = config_lib.validate(with_vocab(cfg, tokenizer.vocab_size))
+    pieces = build(cfg)  # checks the mesh against the devices and the shapes
     saved = run_dir / "config.json"
     if saved.exists():
         previous = config_lib.from_json(saved.read_text())
@@ -46,19 +47,21 @@ def prepare_run(cfg: TrainConfig, run_dir: Path):
         if diff:
             raise ConfigError(f"{run_dir} holds a run with a different config "
                               f"({'; '.join(diff[:3])}); use another --run-dir")
-    return cfg, tokenizer
+    return cfg, tokenizer, pieces
 
 
 def write_json(path: Path, obj: dict) -> None:
+    if jax.process_index() != 0:  # one writer per run dir (every process holds the same)
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
 
 
-def evaluate(eval_step, params, batches, tokenizer) -> dict:
+def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
     nll_sum, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
-        s, c = eval_step(params, batch)
+        s, c = eval_step(params, pieces.replicated_batch(batch))
         nll_sum += float(s)
         count += float(c)
         nbytes += float(np.sum(target_bytes(batch, tokenizer)))
@@ -81,6 +84,13 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def agree(self) -> None:
+        """All processes must stop after the same step (else one checkpoints while the
+        others wait in the next step's collectives): take the max over processes."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            self.signum = int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -99,18 +109,18 @@ def _inject_fault(step: int) -> None:
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     run_dir = Path(run_dir)
-    cfg, tokenizer = prepare_run(cfg, run_dir)
+    cfg, tokenizer, pieces = prepare_run(cfg, run_dir)
     if cfg.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the "
                           f"{jax.process_count()} processes")
-    # Each process reads only its share of rows and of every global batch.
-    data_iter = train_iterator(cfg.data, tokenizer, cfg.batch_size // jax.process_count(),
-                               cfg.seed, jax.process_index(), jax.process_count())
+    # Each process reads only its part of every global batch.
+    data_iter = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed,
+                               jax.process_index(), jax.process_count())
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config_lib.to_json(cfg))
-    pieces = build(cfg)
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     counts = count_params(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_source = device_peak_flops()
@@ -140,15 +150,17 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
           f"{fpt / 1e6:.2f} MFLOP/token, {n_devices} {jax.devices()[0].platform} device(s), "
           f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})", flush=True)
 
-    train_step = jax.jit(
-        make_train_step(pieces.graphdef, pieces.tx, pieces.lr_fn, cfg.optim.z_loss,
-                        cfg.grad_accum), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(pieces.graphdef))
-    sink = MetricsSink(run_dir, cfg.tensorboard, resume_step=start)
-    progress = Progress(cfg.steps)
+    mesh_desc = " x ".join(f"{a}={n}" for a, n in pieces.mesh.shape.items())
+    print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
+          f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)
+    train_step = pieces.train_step()
+    eval_step = pieces.eval_step()
+    main = jax.process_index() == 0
+    sink = MetricsSink(run_dir, cfg.tensorboard, resume_step=start, enabled=main)
+    progress = Progress(cfg.steps, enabled=main)
 
     def run_eval(step: int) -> None:
-        result = evaluate(eval_step, state["params"], eval_data, tokenizer)
+        result = evaluate(pieces, eval_step, state["params"], eval_data, tokenizer)
         sink.write(step, result, kind="eval")
         best = summary["best_val_loss"]
         summary.update(final_val_loss=result["loss"], final_val_bpb=result["bpb"],
@@ -161,8 +173,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     step = start
     with _StopFlag() as stop:
         while step < cfg.steps:
-            batch = next(data_iter)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, pieces.global_batch(next(data_iter)))
             loss = float(metrics["loss"])
             step += 1
             window_steps += 1
@@ -189,6 +200,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 run_eval(step)
                 window_start, window_steps = time.perf_counter(), 0
             _inject_fault(step)
+            stop.agree()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signum:
                 ckpt.save(step, state, data_iter, force=True)
             summary.update(steps=step, tokens_seen=step * tokens_per_step,

@@ -28,7 +28,13 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 class MetricsSink:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int = 0):
+    """Writes nothing when not enabled (only process 0 of a multi-host job writes)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int = 0,
+                 enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
@@ -44,6 +50,8 @@ class MetricsSink:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
         scalars = _scalars(metrics)
         record = {"step": step, "kind": kind, **{
             k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
@@ -56,6 +64,8 @@ class MetricsSink:
             self.tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -73,12 +83,15 @@ def _duration(seconds: float) -> str:
 class Progress:
     """One console line per log interval: step, loss, tokens/s, MFU and ETA."""
 
-    def __init__(self, total_steps: int, stream=sys.stdout):
+    def __init__(self, total_steps: int, stream=sys.stdout, enabled: bool = True):
         self.total = total_steps
         self.stream = stream
+        self.enabled = enabled
 
     def line(self, step: int, loss: float, tokens_per_s: float, mfu: float,
              step_time: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
         eta = (self.total - step) * step_time
         width = 20
         done = int(width * step / self.total)

@@ -1,6 +1,6 @@
-"""From a config to the pieces of a run: model graph, parameter axes, optimizer and the
-train state {"params", "opt_state", "step", "rng"} (created under jit, so parameters
-are born where they live)."""
+"""From a config and a mesh to the pieces of a run: model graph, parameter axes,
+optimizer, shardings, and the train state {"params", "opt_state", "step", "rng"}
+(created under jit with out_shardings, so every parameter is born on its shard)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from lm.config import ConfigError, TrainConfig
 from lm.model import Transformer, param_axes
 from lm.optim import make_optimizer, schedule
+from lm.parallel.mesh import make_mesh
+from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
+                                  parse_rules, replicated)
+from lm.train.step import make_eval_step, make_train_step
 
 
 def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
@@ -31,27 +37,83 @@ def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
 @dataclass
 class RunPieces:
     cfg: TrainConfig
+    mesh: Mesh
+    rules: dict
     graphdef: Any
     axes: dict  # logical axis names per parameter
     tx: optax.GradientTransformation
     lr_fn: Callable
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+    def _init(self) -> dict:
+        model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"params": params, "opt_state": self.tx.init(params),
+                "step": jnp.zeros([], jnp.int32),
+                "rng": jax.random.PRNGKey(self.cfg.seed + 1)}
 
     def init_state(self) -> dict:
-        def init():
-            model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return {"params": params, "opt_state": self.tx.init(params),
-                    "step": jnp.zeros([], jnp.int32),
-                    "rng": jax.random.PRNGKey(self.cfg.seed + 1)}
-        return jax.jit(init)()
+        return jax.jit(self._init, out_shardings=self.state_shardings)()
 
     def abstract_state(self) -> dict:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and shardings of the state (the target of a resharding restore)."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(self._init), self.state_shardings)
+
+    def _traced_with_mesh(self, fn):
+        def wrapped(*args):
+            with activation_sharding(self.mesh, self.rules):
+                return fn(*args)
+        return wrapped
+
+    def train_step(self):
+        """The jitted, state-donating train step with explicit in/out shardings."""
+        step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
+                               self.cfg.grad_accum)
+        return jax.jit(self._traced_with_mesh(step),
+                       in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, replicated(self.mesh)),
+                       donate_argnums=0)
+
+    def eval_step(self):
+        return jax.jit(self._traced_with_mesh(make_eval_step(self.graphdef)),
+                       in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                       out_shardings=replicated(self.mesh))
+
+    def global_batch(self, local: dict) -> dict:
+        """This process's rows of a batch -> global arrays sharded over the mesh."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in local.items()}
+
+    def replicated_batch(self, full: dict) -> dict:
+        """A batch every process holds in full (evaluation) -> global sharded arrays."""
+        return {k: jax.make_array_from_callback(v.shape, self.batch_sharding,
+                                                lambda idx, v=v: np.asarray(v[idx]))
+                for k, v in full.items()}
 
 
-def build(cfg: TrainConfig) -> RunPieces:
+def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    rules = parse_rules(cfg.mesh.rules)
+    batch_axes = [a for a in rules["batch"] if mesh.shape[a] > 1]
+    ways = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    if (cfg.batch_size // cfg.grad_accum) % ways:
+        raise ConfigError(f"batch_size={cfg.batch_size} (per microbatch "
+                          f"{cfg.batch_size // cfg.grad_accum}) must divide by the batch "
+                          f"mesh axes ({' x '.join(batch_axes)} = {ways})")
+    seq_ways = mesh.shape["sequence"]
+    if cfg.data.seq_len % seq_ways:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must divide by mesh.sequence={seq_ways}")
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract)
+    graphdef, abstract_params = nnx.split(abstract)
     axes = param_axes(abstract)
     tx = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
-    return RunPieces(cfg, graphdef, axes, tx, schedule(cfg.optim, cfg.steps))
+    p_sh = param_shardings(axes, nnx.to_pure_dict(abstract_params), mesh, rules)
+    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+                                   transform_non_params=lambda _: replicated(mesh))
+    state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
+                "rng": replicated(mesh)}
+    return RunPieces(cfg, mesh, rules, graphdef, axes, tx, schedule(cfg.optim, cfg.steps),
+                     state_sh, batch_sharding(mesh, rules, cfg.data.seq_len, cfg.batch_size))

@@ -55,8 +55,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         if grad_accum == 1:
             return grad_fn(graphdef, params, batch, z_loss, denom)
 
+        # Microbatch i takes rows i, i + accum, ...: the sharded batch dimension stays
+        # the (sharded) microbatch dimension, so splitting needs no communication.
         micro = jax.tree.map(
-            lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+            batch)
 
         def body(acc, mb):
             g, s = grad_fn(graphdef, params, mb, z_loss, denom)

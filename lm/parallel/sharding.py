@@ -1,0 +1,113 @@
+"""Logical axis names -> mesh axes -> NamedSharding, in one place.
+
+Model code names its dimensions ("embed", "mlp", "heads", ...) and calls
+`constrain(x, names)` at block boundaries; only this module knows how names map to the
+mesh. A dimension that does not divide by its mesh axes is replicated instead (e.g.
+one KV head under tensor=4): always correct, and reported by `describe`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm.config import ConfigError
+
+# Default rules. FSDP shards the parameters' embed dimension (and the batch); tensor
+# parallelism splits heads and the MLP hidden dimension Megatron-style (column-parallel
+# in-projections, row-parallel out-projections) and the vocabulary; sequence
+# parallelism shards activations along the sequence.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": ("sequence",),
+    "act_embed": (),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "vocab": ("tensor",),
+    "layers": (),
+}
+
+
+def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
+    """'embed=fsdp+tensor,vocab=' -> rules overriding the defaults (empty = replicate)."""
+    rules = dict(DEFAULT_RULES)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, axes = item.partition("=")
+        if not sep or name not in DEFAULT_RULES:
+            raise ConfigError(f"mesh.rules: bad rule {item!r} (known names: "
+                              f"{', '.join(DEFAULT_RULES)})")
+        mesh_axes = tuple(a for a in axes.split("+") if a)
+        for a in mesh_axes:
+            if a not in ("data", "fsdp", "sequence", "tensor"):
+                raise ConfigError(f"mesh.rules: unknown mesh axis {a!r} in {item!r}")
+        rules[name] = mesh_axes
+    return rules
+
+
+def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+             rules: dict[str, tuple[str, ...]]) -> P:
+    """PartitionSpec for a value with these logical names; dims that don't divide, and
+    mesh axes already used by an earlier dim, are left replicated."""
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape):
+        axes = tuple(a for a in rules.get(name, ()) if name is not None
+                     and a not in used and mesh.shape[a] > 1)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]  # drop inner axes until the dimension divides
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def param_shardings(axes_tree: dict, shapes_tree: Any, mesh: Mesh, rules) -> Any:
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    return jax.tree.map(lambda names, s: NamedSharding(mesh, spec_for(names, s.shape, mesh, rules)),
+                        axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+# ---------------------------------------------------------------- activation constraints
+
+_ACTIVE: list[tuple[Mesh, dict]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict):
+    """Within this context (while tracing), `constrain` pins activations to the mesh."""
+    _ACTIVE.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    spec = spec_for(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules: dict, seq_len: int, batch: int) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(("batch", "seq"), (batch, seq_len), mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of (sharded) arrays or ShapeDtypeStructs."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
