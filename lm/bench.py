@@ -23,9 +23,8 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
     t0 = time.perf_counter()
-    compiled = pieces.train_step().lower(state, batches[0]).compile()
+    compiled, memory = pieces.compile_train_step()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
     for b in batches[:warmup]:
         state, m = compiled(state, b)
     jax.block_until_ready(m)
@@ -50,7 +49,7 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         "peak_tflops": peak / 1e12, "peak_source": source,
         "mfu": fpt * tps / (peak * jax.device_count()),
         "state_bytes_per_device": per_device_bytes(pieces.abstract_state()),
-        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "temp_bytes": memory.get("temp"),
     }
     print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
           f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "

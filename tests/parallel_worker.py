@@ -16,10 +16,11 @@ from lm.parallel.sharding import per_device_bytes
 from lm.train.state import build
 
 
-def config(n_kv_heads: int = 2, **mesh) -> TrainConfig:
+def config(n_kv_heads: int = 2, scan_layers: bool = False, **mesh) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4,
-                          n_kv_heads=n_kv_heads, max_seq_len=64, qk_norm=True),
+                          n_kv_heads=n_kv_heads, max_seq_len=64, qk_norm=True,
+                          scan_layers=scan_layers),
         data=DataConfig(seq_len=32), optim=OptimConfig(lr=1e-2, warmup_steps=1),
         mesh=MeshConfig(**mesh), batch_size=8, steps=10, seed=3)
 
@@ -47,7 +48,7 @@ def losses(cfg: TrainConfig, n_devices: int, steps: int = 5, state=None, data=No
 def task_layouts(args):
     results = {}
     for name, (n, mesh) in args["layouts"].items():
-        cfg = config(args.get("n_kv_heads", 2), **mesh)
+        cfg = config(args.get("n_kv_heads", 2), args.get("scan_layers", False), **mesh)
         out, state, pieces = losses(cfg, n)
         results[name] = {
             "losses": out,

@@ -82,6 +82,14 @@ def test_tensor_parallel_layers_compile_to_one_all_reduce_each():
                                 "all-to-all": 0}, (name, layers[name])
 
 
+def test_scanned_layers_shard_the_same_way():
+    layouts = {k: LAYOUTS[k] for k in ("single", "data=2,fsdp=2,tensor=2", "fsdp=2,sequence=4")}
+    res = worker("layouts", {"layouts": layouts, "scan_layers": True})
+    for name in layouts:
+        np.testing.assert_allclose(res[name]["losses"], res["single"]["losses"], rtol=1e-5,
+                                   err_msg=name)
+
+
 def test_collectives_in_compiled_steps():
     fsdp = worker("hlo", {"mesh": {"data": 1, "fsdp": 4}, "devices": 4})
     assert fsdp["all-gather"] > 0  # parameters are gathered before use

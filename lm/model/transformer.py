@@ -101,7 +101,10 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
-        x = constrain(self.embed[...].astype(cdt)[tokens_BT], ACT)
+        # Gather from a table whole along embed (FSDP all-gathers it, as for any weight
+        # about to be used) so the lookup's output can take the batch sharding directly.
+        table_VD = constrain(self.embed[...].astype(cdt), ("vocab", "act_embed"))
+        x = constrain(table_VD[tokens_BT], ACT)
 
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))

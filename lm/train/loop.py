@@ -153,7 +153,12 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     mesh_desc = " x ".join(f"{a}={n}" for a, n in pieces.mesh.shape.items())
     print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
           f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)
-    train_step = pieces.train_step()
+    t0 = time.perf_counter()
+    train_step, memory = pieces.compile_train_step()
+    if memory.get("temp") is not None:
+        print(f"compiled train step in {time.perf_counter() - t0:.1f}s; per device: arguments "
+              f"{memory['argument'] / 2**20:.1f} MiB, temporaries {memory['temp'] / 2**20:.1f} MiB",
+              flush=True)
     eval_step = pieces.eval_step()
     main = jax.process_index() == 0
     sink = MetricsSink(run_dir, cfg.tensorboard, resume_step=start, enabled=main)
@@ -182,9 +187,6 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 print(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
                       "is kept", flush=True)
                 break
-            if step == start + 1:  # its time includes compilation
-                print(f"  first step (with compile) "
-                      f"{time.perf_counter() - window_start:.1f}s", flush=True)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / max(window_steps, 1)
@@ -194,7 +196,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=mfu)
                 sink.write(step, record)
                 progress.line(step, loss, tps, mfu, step_time)
-            if step == start + 1 or step % cfg.log_every == 0:
+            if step % cfg.log_every == 0:
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 run_eval(step)

@@ -21,7 +21,7 @@ from lm.optim import make_optimizer, schedule
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
-from lm.train.step import make_eval_step, make_train_step
+from lm.train.step import BATCH_KEYS, make_eval_step, make_train_step
 
 
 def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
@@ -80,6 +80,19 @@ class RunPieces:
         return jax.jit(self._traced_with_mesh(make_eval_step(self.graphdef)),
                        in_shardings=(self.state_shardings["params"], self.batch_sharding),
                        out_shardings=replicated(self.mesh))
+
+    def abstract_batch(self) -> dict:
+        shape = (self.cfg.batch_size, self.cfg.data.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+    def compile_train_step(self):
+        """Ahead-of-time compiled train step and its per-device memory estimate (bytes)."""
+        compiled = self.train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
+        mem = compiled.memory_analysis()
+        estimate = {k: getattr(mem, f"{k}_size_in_bytes", None)
+                    for k in ("argument", "output", "temp", "alias")} if mem else {}
+        return compiled, estimate
 
     def global_batch(self, local: dict) -> dict:
         """This process's rows of a batch -> global arrays sharded over the mesh."""
