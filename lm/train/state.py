@@ -115,6 +115,11 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
         raise ConfigError(f"batch_size={cfg.batch_size} (per microbatch "
                           f"{cfg.batch_size // cfg.grad_accum}) must divide by the batch "
                           f"mesh axes ({' x '.join(batch_axes)} = {ways})")
+    if ways % jax.process_count():
+        # Each process loads whole rows of its part of the batch, so processes must split
+        # along the batch axes; sequence and tensor axes stay within a process.
+        raise ConfigError(f"the batch mesh axes ({' x '.join(batch_axes) or 'none'} = {ways}) "
+                          f"must be a multiple of the {jax.process_count()} processes")
     seq_ways = mesh.shape["sequence"]
     if cfg.data.seq_len % seq_ways:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must divide by mesh.sequence={seq_ways}")
