@@ -202,3 +202,25 @@ def test_every_parameter_has_logical_axes():
             assert len(a) == s.ndim
         assert any(a[0] == "layers" for a in flat_axes) == scan
         assert ("vocab", "embed") in flat_axes and ("embed", "vocab") in flat_axes
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+def test_mlp_custom_backward_equals_autodiff(kind):
+    from lm.model.mlp import activation, mlp_core
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(keys[0], (2, 8, 16))
+    w_ins = tuple(0.2 * jax.random.normal(k, (16, 32)) for k in keys[1:1 + (2 if kind == "swiglu" else 1)])
+    w_out = 0.2 * jax.random.normal(keys[4], (32, 16))
+    cot = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 16))
+
+    def plain(x, w_ins, w_out):
+        return activation(kind, tuple(x @ w for w in w_ins)) @ w_out
+
+    for fn in (plain, lambda *a: mlp_core(kind, *a)):
+        out, vjp = jax.vjp(fn, x, w_ins, w_out)
+        if fn is plain:
+            ref_out, ref_grads = out, vjp(cot)
+        else:
+            np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+            for g, r in zip(jax.tree.leaves(vjp(cot)), jax.tree.leaves(ref_grads)):
+                np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-6)

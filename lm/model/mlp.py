@@ -1,15 +1,65 @@
-"""Feed-forward block: GELU or SwiGLU."""
+"""Feed-forward block: GELU or SwiGLU, with a hand-written backward pass.
+
+Why a custom VJP: autodiff of `act(x @ W_in) @ W_out` leaves XLA:CPU to fuse the
+activation's derivative into a transposing copy of the [tokens, d_ff] gradient, which
+ran at a fraction of memory bandwidth and made the MLP backward ~1.7x slower than its
+matmuls allow. Here the backward is written as explicit 2-D matmuls, and the
+activation gradient is materialised in its natural layout (an optimization barrier)
+before the weight-gradient matmul. The maths is unchanged (tests compare against
+autodiff); on GPU/TPU the same matmuls are what autodiff would emit.
+"""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model.layers import DTYPES, hidden_std, param
 from lm.parallel.sharding import constrain
+
+
+def activation(kind: str, pre: tuple[jax.Array, ...]) -> jax.Array:
+    if kind == "swiglu":
+        gate, up = pre
+        return jax.nn.silu(gate) * up
+    return jax.nn.gelu(pre[0])
+
+
+def _matmuls_in(x_BTD, w_ins):
+    return tuple(x_BTD @ w for w in w_ins)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mlp_core(kind: str, x_BTD, w_ins: tuple, w_out):
+    h_BTF = activation(kind, _matmuls_in(x_BTD, w_ins))
+    return constrain(h_BTF, ("batch", "seq", "mlp")) @ w_out
+
+
+def _fwd(kind, x_BTD, w_ins, w_out):
+    pre = _matmuls_in(x_BTD, w_ins)
+    h_BTF = constrain(activation(kind, pre), ("batch", "seq", "mlp"))
+    return h_BTF @ w_out, (x_BTD, w_ins, w_out, pre)
+
+
+def _bwd(kind, res, dy_BTD):
+    x_BTD, w_ins, w_out, pre = res
+    h_BTF, act_vjp = jax.vjp(lambda *p: activation(kind, p), *pre)
+    d, f = w_out.shape[1], w_out.shape[0]
+    x_MD, dy_MD, h_MF = x_BTD.reshape(-1, d), dy_BTD.reshape(-1, d), h_BTF.reshape(-1, f)
+    dw_out = jnp.einsum("mf,md->fd", h_MF, dy_MD)
+    dh_BTF = dy_BTD @ w_out.T
+    dpre = jax.lax.optimization_barrier(act_vjp(dh_BTF))
+    dw_ins = tuple(jnp.einsum("md,mf->df", x_MD, dp.reshape(-1, f)) for dp in dpre)
+    dx_BTD = sum(dp @ w.T for dp, w in zip(dpre, w_ins))
+    return dx_BTD, dw_ins, dw_out
+
+
+mlp_core.defvjp(_fwd, _bwd)
 
 
 class MLP(nnx.Module):
@@ -27,10 +77,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
-        h_BTF = x_BTD @ self.w_in[...].astype(cdt)
+        w_ins = (self.w_in[...].astype(cdt),)
         if self.kind == "swiglu":
-            h_BTF = jax.nn.silu(x_BTD @ self.w_gate[...].astype(cdt)) * h_BTF
-        else:
-            h_BTF = jax.nn.gelu(h_BTF)
-        h_BTF = constrain(h_BTF, ("batch", "seq", "mlp"))  # column-parallel, then row
-        return h_BTF @ self.w_out[...].astype(cdt)
+            w_ins = (self.w_gate[...].astype(cdt),) + w_ins
+        return mlp_core(self.kind, x_BTD, w_ins, self.w_out[...].astype(cdt))
