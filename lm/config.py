@@ -50,6 +50,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
+    # Rematerialisation of each block in the backward pass: none | full (save only the
+    # block inputs) | dots (save matmul outputs) | dots_no_batch (save matmuls without
+    # batch dimensions: weights-side products, not attention scores).
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention_impl: Literal["xla"] = "xla"
 
     @property

@@ -224,3 +224,21 @@ def test_mlp_custom_backward_equals_autodiff(kind):
             np.testing.assert_allclose(out, ref_out, rtol=1e-6)
             for g, r in zip(jax.tree.leaves(vjp(cot)), jax.tree.leaves(ref_grads)):
                 np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat,scan", [("full", False), ("dots", True), ("dots_no_batch", False)])
+def test_remat_policies_give_the_same_loss_and_gradients(remat, scan):
+    base = dataclasses.replace(TINY, scan_layers=scan, qk_norm=True)
+    graphdef, params = nnx.split(make(base))
+    graphdef_r, _ = nnx.split(make(dataclasses.replace(base, remat=remat)))
+    x = tokens(2, 16, seed=11)
+
+    def loss(g, p):
+        logits, _ = nnx.merge(g, p)(x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    ref = jax.jit(jax.value_and_grad(lambda p: loss(graphdef, p)))(params)
+    out = jax.jit(jax.value_and_grad(lambda p: loss(graphdef_r, p)))(params)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -18,6 +18,13 @@ from lm.parallel.sharding import constrain
 ACT = ("batch", "seq", "act_embed")  # logical names of the residual stream
 
 
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside the block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -106,11 +113,16 @@ class Transformer(nnx.Module):
         table_VD = constrain(self.embed[...].astype(cdt), ("vocab", "act_embed"))
         x = constrain(table_VD[tokens_BT], ACT)
 
+        def apply_block(block, x, layer_index, layer_cache):
+            return block(x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)
+
+        if cfg.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[cfg.remat])
+
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
             def run(x, block, layer_index, layer_cache):
-                x, layer_cache, max_logit = block(
-                    x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)
+                x, layer_cache, max_logit = apply_block(block, x, layer_index, layer_cache)
                 return constrain(x, ACT), layer_cache, max_logit
 
             layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
@@ -119,8 +131,7 @@ class Transformer(nnx.Module):
             max_logits, new_cache = [], []
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-                x, layer_cache, m = block(x, positions_BT, segment_ids_BT, float(i),
-                                          layer_cache, cache_index)
+                x, layer_cache, m = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
                 max_logits.append(m)
                 new_cache.append(layer_cache)

@@ -1,0 +1,11 @@
+"""Analysis of finished runs: load a sweep, fit scaling laws, measure LR sensitivity.
+
+    results    load(workdir) -> one row per run; metrics(run_dir) -> metrics.jsonl
+    scaling    Chinchilla approach 2 (IsoFLOP parabolas) and approach 3 (parametric law,
+               Huber fit, bootstrap), compute-optimal allocation, plots
+    stability  Wortsman et al. (2023) LR sensitivity, attention-logit / log Z curves, plots
+
+The modules are imported explicitly (``from lm.analysis import scaling``) so that using
+one does not pull in the others' dependencies (pandas, matplotlib) and nothing here
+imports jax: analysis runs on a laptop next to a bucket of results.
+"""
