@@ -1,0 +1,153 @@
+"""Training-stability analysis after Wortsman et al. 2023, "Small-scale proxies for
+large-scale Transformer training instabilities".
+
+Their summary statistic is *LR sensitivity*: how much worse than its best a model gets,
+on average, across a learning-rate sweep. With L* the best final loss over the sweep and
+L_init the loss at initialisation,
+
+    LR sensitivity = mean over LRs of [ min(L(lr), L_init) - L* ]
+
+A diverged run (or any non-finite loss) counts as L_init, and losses are capped there,
+so one divergence cannot dominate the mean, but a model that diverges over half the
+grid scores high. Comparing the statistic across model sizes and arms (qk_norm, z_loss,
+...) is how the paper shows an intervention flattens the LR curve.
+
+The same paper tracks two instability precursors that `lm train` logs per step: the
+largest attention logit (attention-logit growth, fixed by qk-layernorm) and the log
+partition function of the output softmax (logit divergence, fixed by z-loss);
+`stability_curves` extracts both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lm.analysis import results
+
+_ATTN = re.compile(r"attn_logit_max/(\d+)")
+
+
+def uniform_loss(vocab_size: int) -> float:
+    """ln(vocab_size): the loss of a uniform prediction, which is what a freshly
+    initialised LM (small init, ~zero logits) scores. The default L_init."""
+    return math.log(vocab_size)
+
+
+def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_init: float) -> float:
+    """LR sensitivity of one model size/arm (Wortsman et al. 2023, section 3.1).
+
+    lrs, losses: the sweep, one final loss per run; non-finite losses (diverged) count as
+    `loss_init`. Repeated LRs (seeds) are averaged after capping. L* is the best capped
+    loss. Returns NaN when no run has a finite loss: there is no optimum to compare to.
+    """
+    lrs = np.asarray(lrs, float).reshape(-1)
+    losses = np.asarray(losses, float).reshape(-1)
+    if lrs.shape != losses.shape or lrs.size == 0:
+        raise ValueError(f"need one loss per LR; got {lrs.size} LRs, {losses.size} losses")
+    if not np.isfinite(losses).any():
+        return math.nan
+    capped = np.where(np.isfinite(losses), np.minimum(losses, loss_init), loss_init)
+    per_lr = pd.Series(capped).groupby(lrs).mean().to_numpy()
+    return float(np.mean(per_lr - per_lr.min()))
+
+
+def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] | str, *,
+                         lr: str = "optim.lr", loss: str = "final_val_loss",
+                         loss_init: float | None = None) -> pd.DataFrame:
+    """LR sensitivity per group of a `results.load` table.
+
+    `by`: the columns that name a size/arm (e.g. ["model.d_model", "model.qk_norm"]).
+    A run whose status starts with "diverged" counts as diverged even though its summary
+    holds the last loss before divergence. Runs with status "missing" / "running" are
+    left out (they have no result yet). `loss_init`: default ln(model.vocab_size) per
+    group (see `uniform_loss`). Returns one row per group: the `by` columns,
+    lr_sensitivity, best_lr, best_loss, n_lrs, n_diverged.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    done = runs[~runs["status"].isin(["missing", "running"])]
+    rows = []
+    for key, g in done.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        diverged = g["status"].astype(str).str.startswith("diverged").to_numpy()
+        vals = g[loss].to_numpy(float).copy()
+        vals[diverged] = math.nan
+        if loss_init is not None:
+            init = loss_init
+        elif "model.vocab_size" in g:
+            init = uniform_loss(int(g["model.vocab_size"].iloc[0]))
+        else:
+            raise ValueError("pass loss_init: no model.vocab_size column to default it from")
+        finite = np.isfinite(vals)
+        best = int(np.argmin(np.where(finite, vals, np.inf))) if finite.any() else None
+        rows.append({**dict(zip(by, key)),
+                     "lr_sensitivity": lr_sensitivity(g[lr].to_numpy(float), vals, init),
+                     "best_lr": g[lr].iloc[best] if best is not None else math.nan,
+                     "best_loss": vals[best] if best is not None else math.nan,
+                     "n_lrs": int(g[lr].nunique()), "n_diverged": int(diverged.sum()),
+                     "loss_init": init})
+    return pd.DataFrame(rows)
+
+
+def stability_curves(run) -> pd.DataFrame:
+    """Per-step instability precursors of one run (train records only): `step`,
+    `attn_logit_max` (max over layers of attn_logit_max/<i>; NaN if any layer's is NaN,
+    since a NaN logit is itself the signal) and `logz_mean`.
+
+    `run`: a run directory (read with `results.metrics`) or a metrics DataFrame.
+    """
+    m = run if isinstance(run, pd.DataFrame) else results.metrics(run)
+    train = m[m["kind"] == "train"] if "kind" in m else m
+    layers = sorted((c for c in train.columns if _ATTN.fullmatch(str(c))),
+                    key=lambda c: int(_ATTN.fullmatch(c).group(1)))
+    out = pd.DataFrame({"step": train["step"].to_numpy()})
+    out["attn_logit_max"] = (train[layers].astype(float).max(axis=1, skipna=False).to_numpy()
+                             if layers else math.nan)
+    out["logz_mean"] = (train["logz_mean"].astype(float).to_numpy()
+                        if "logz_mean" in train else math.nan)
+    return out
+
+
+def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
+                  lr: str = "optim.lr", loss: str = "final_val_loss",
+                  loss_init: float | None = None, title: str = "final loss vs LR") -> Path:
+    """Final loss vs LR (log x), one line per size/arm (`by`), diverged runs drawn as
+    crosses at L_init (the value LR sensitivity charges them); the legend gives each
+    group's LR sensitivity. Writes a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    by = [by] if isinstance(by, str) else list(by)
+    table = lr_sensitivity_table(runs, by, lr=lr, loss=loss, loss_init=loss_init)
+    done = runs[~runs["status"].isin(["missing", "running"])]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, ((key, g), (_, row)) in enumerate(zip(done.groupby(by, sort=True, dropna=False),
+                                                 table.iterrows())):
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values(lr)
+        diverged = g["status"].astype(str).str.startswith("diverged").to_numpy()
+        vals = g[loss].to_numpy(float)
+        bad = diverged | ~np.isfinite(vals)
+        shown = np.where(bad, row["loss_init"], np.minimum(vals, row["loss_init"]))
+        label = ", ".join(f"{b}={k}" for b, k in zip(by, key))
+        color = f"C{i % 10}"
+        ax.plot(g[lr], shown, "-o", color=color, ms=4,
+                label=f"{label} (sens. {row['lr_sensitivity']:.3g})")
+        if bad.any():
+            ax.scatter(g[lr].to_numpy()[bad], shown[bad], marker="x", s=60, color=color,
+                       zorder=3)
+    ax.set(xscale="log", xlabel=lr, ylabel=f"{loss} (capped at L_init)", title=title)
+    ax.legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
