@@ -43,7 +43,7 @@ def main() -> None:
     print(f"model: {counts['total'] / 1e6:.1f}M params, batch {args.batch} x seq {args.seq}, "
           "f32 params + AdamW state")
     mib = 2**20
-    print(f"| layout | params MiB/device | params+optimizer MiB/device | step temporaries MiB/device |")
+    print("| layout | params MiB/device | params+optimizer MiB/device | step temporaries MiB/device |")
     print("|---|---:|---:|---:|")
     for name, (n, mesh) in LAYOUTS.items():
         cfg = TrainConfig(model=model, data=DataConfig(seq_len=args.seq), mesh=MeshConfig(**mesh),

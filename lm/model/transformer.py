@@ -130,7 +130,7 @@ class Transformer(nnx.Module):
         else:
             max_logits, new_cache = [], []
             for i, block in enumerate(self.blocks):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
                 x, layer_cache, m = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
                 max_logits.append(m)
