@@ -119,6 +119,23 @@ def cmd_launch(args) -> int:
                   time=args.time, job_name=args.job_name, per=args.per, dry_run=args.dry_run)
 
 
+def cmd_sweep(args) -> int:
+    from lm.sweep.runner import run_sweep
+    return run_sweep(args.spec, args.workdir, parallel=args.parallel, dry_run=args.dry_run,
+                     smoke=args.smoke)
+
+
+def cmd_results(args) -> int:
+    from lm.sweep.report import results_table
+    print(results_table(args.workdir))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from lm.sweep.report import analyze
+    return analyze(args.workdir, full_grid=args.full_grid, n_boot=args.n_boot)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors of `lm launch ...` as one line, exit 2."""
 
@@ -204,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_prepare)
 
     _add_launch(sub)
+
+    p = sub.add_parser("sweep", help="run every trial of a sweep spec (experiments/*.py)")
+    p.add_argument("spec", help="Python file with a sweep() function")
+    p.add_argument("--workdir", required=True, help="one run dir per trial goes under it")
+    p.add_argument("--parallel", type=int, default=1, help="trials at a time")
+    p.add_argument("--dry-run", action="store_true", help="print each trial and its command")
+    p.add_argument("--smoke", action="store_true", help="the spec's tiny smoke-test version")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("results", help="a table of the runs under a sweep workdir")
+    p.add_argument("workdir")
+    p.set_defaults(fn=cmd_results)
+
+    p = sub.add_parser("analyze", help="LR-sensitivity / scaling-law fits and plots of a sweep")
+    p.add_argument("workdir")
+    p.add_argument("--full-grid", action="store_true",
+                   help="fit the parametric law from Chinchilla's 4500 starts (default: 243)")
+    p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples (0 = none)")
+    p.set_defaults(fn=cmd_analyze)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""`lm results` (a terminal table of a sweep's runs) and `lm analyze` (fits and plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+from lm.config import ConfigError
+
+_NOT_CONFIG = {"run", "path", "status", "diverged_step", "arm", "size"}
+_SUMMARY = {"summary.steps", "tokens_seen", "params", "non_embedding_params",
+            "flops_per_token", "training_flops", "final_val_loss", "best_val_loss",
+            "final_val_bpb"}
+# Bookkeeping fields (they do not change what is trained): never shown as sweep axes.
+_IGNORE = {"name", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+           "keep_checkpoints", "tensorboard"}
+#: A coarse grid of L-BFGS starts for `lm analyze` (243 starts; --full-grid: Chinchilla's 4500).
+COARSE_GRID = {"a": [0.0, 10.0, 20.0], "b": [0.0, 10.0, 20.0], "e": [-1.0, 0.0, 1.0],
+               "alpha": [0.25, 0.75, 1.5], "beta": [0.25, 0.75, 1.5]}
+
+
+_TAG_COLUMNS = ("arm", "size")
+
+
+def load_runs(workdir: str):
+    """results.load, plus `arm` / `size` columns from sweep.json's trial tags."""
+    from lm.analysis import results
+    if not Path(workdir).is_dir() and "://" not in workdir:
+        raise ConfigError(f"{workdir}: no such directory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = results.load(workdir)
+    if df.empty:
+        raise ConfigError(f"{workdir}: no runs (no */config.json) there")
+    tags = _tags(Path(workdir))
+    for col in _TAG_COLUMNS:
+        if any(col in t for t in tags.values()) and col not in df:
+            df.insert(2, col, [tags.get(r, {}).get(col) for r in df["run"]])
+    return df
+
+
+def group_columns(df, vary: list[str]) -> list[str]:
+    """The arm/size tags, then varying config columns they do not already determine."""
+    tags = [c for c in _TAG_COLUMNS if c in df and df[c].astype(str).nunique() > 1]
+    out = list(tags)
+    for c in vary:
+        if tags and (df.groupby(tags, dropna=False)[c]
+                     .agg(lambda x: x.astype(str).nunique()) <= 1).all():
+            continue
+        out.append(c)
+    return out
+
+
+def varying_columns(df) -> list[str]:
+    """Config columns whose value differs between runs (the sweep's axes)."""
+    cols = []
+    for c in df.columns:
+        if c in _NOT_CONFIG or c in _SUMMARY or c in _IGNORE:
+            continue
+        if df[c].astype(str).nunique(dropna=False) > 1:
+            cols.append(c)
+    return cols
+
+
+def _short(col: str, cols: list[str]) -> str:
+    last = col.split(".")[-1]
+    return last if sum(c.split(".")[-1] == last for c in cols) == 1 else col
+
+
+def results_table(workdir: str) -> str:
+    import pandas as pd
+    df = load_runs(workdir)
+    vary = varying_columns(df)
+    table = pd.DataFrame({"run": df["run"], "status": df["status"]})
+    for c in _TAG_COLUMNS:
+        if c in df:
+            table[c] = df[c]
+    vary = [c for c in vary if c not in _TAG_COLUMNS]
+    for c in vary:
+        table[_short(c, vary)] = df[c]
+    for c in ("final_val_loss", "best_val_loss"):
+        table[c] = df[c].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                             else f"{v:.4f}")
+    table["params"] = df["params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    table["tokens"] = df["tokens_seen"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    with pd.option_context("display.max_rows", None, "display.max_columns", None,
+                           "display.width", 250, "display.max_colwidth", 60):
+        text = table.to_string(index=False)
+    counts = df["status"].astype(str).str.replace(r" at step \d+", "", regex=True) \
+        .str.replace(r": exit \d+", "", regex=True).value_counts()
+    return text + "\n" + f"{len(df)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def _tags(workdir: Path) -> dict[str, dict]:
+    try:
+        spec = json.loads((workdir / "sweep.json").read_text())
+        return {t["name"]: t.get("tags", {}) for t in spec["trials"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _say_warnings(caught) -> None:
+    for w in caught:
+        print(f"  note: {w.message}")
+
+
+def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
+    import numpy as np
+
+    from lm.analysis import scaling, stability
+    df = load_runs(workdir)
+    wd = Path(workdir)
+    out = wd / "analysis"
+    vary = varying_columns(df)
+    finished = df[~df["status"].isin(["missing", "running"])]
+    print(f"{len(df)} runs ({len(finished)} finished); varying: {', '.join(vary) or 'nothing'}")
+    did = False
+
+    if "optim.lr" in vary:
+        did = True
+        by = group_columns(df, [c for c in vary if c not in ("optim.lr", "steps")])
+        by = by or ["model.d_model"]
+        print(f"\nLR sensitivity (Wortsman et al. 2023) per {', '.join(by)}:")
+        if finished.empty:
+            print("  not enough data: no finished runs")
+        else:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    table = stability.lr_sensitivity_table(finished, by)
+                    path = stability.plot_lr_sweep(finished, out / "lr_sweep.png", by=by)
+                import pandas as pd
+                with pd.option_context("display.width", 250, "display.max_columns", None):
+                    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+                _say_warnings(caught)
+                print(f"  plot: {path}")
+            except (ValueError, KeyError) as e:
+                print(f"  not enough data for the LR sensitivity table: {e}")
+
+    tags = _tags(wd)
+    done = df[df["status"] == "completed"]
+    budget = [tags.get(r, {}).get("budget") for r in done["run"]]
+    has_budget = any(b is not None for b in budget)
+    if has_budget or "size" in {k for t in tags.values() for k in t}:
+        did = True
+        n = done["params"].to_numpy(float)
+        d = done["tokens_seen"].to_numpy(float)
+        loss = done["final_val_loss"].to_numpy(float)
+        compute = (np.array([np.nan if b is None else float(b) for b in budget])
+                   if has_budget else 6 * n * d)
+        print("\nChinchilla approach 2 (IsoFLOP profiles):")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fit = scaling.fit_isoflops(n, loss, compute=compute, rtol=0.15)
+            _say_warnings(caught)
+            for g, used in zip(fit.budgets, fit.used):
+                print(f"  C={g.compute:.3g}: N_opt={g.n_opt:.3g} D_opt={g.d_opt:.3g} "
+                      f"loss={g.loss_opt:.4f}{'' if used else ' (extrapolated; not fitted)'}")
+            print(f"  N_opt = {fit.k_n:.3g} C^{fit.a:.3f}   D_opt = {fit.k_d:.3g} C^{fit.b:.3f}")
+            print(f"  plot: {scaling.plot_isoflops(fit, out / 'isoflops.png')}")
+        except ValueError as e:
+            _say_warnings(caught)
+            print(f"  not enough data for an IsoFLOP fit: {e}")
+        print("\nChinchilla approach 3 (L = E + A/N^alpha + B/D^beta):")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                law = scaling.fit_loss_law(n, d, loss, grid=None if full_grid else COARSE_GRID)
+            _say_warnings(caught)
+            print(f"  E={law.E:.4g} A={law.A:.4g} B={law.B:.4g} alpha={law.alpha:.4f} "
+                  f"beta={law.beta:.4f}  (N_opt ~ C^{law.a:.3f}, D_opt ~ C^{law.b:.3f}; "
+                  f"{'full' if full_grid else 'coarse'} grid of starts)")
+            print(f"  plot: {scaling.plot_loss_law(law, n, d, loss, out / 'loss_law.png')}")
+        except ValueError as e:
+            print(f"  not enough data for the parametric fit: {e}")
+            law = None
+        if law is not None and n_boot > 0:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    boot = scaling.bootstrap_loss_law(n, d, loss, fit=law, n_boot=n_boot)
+                for k in ("alpha", "beta", "a", "b"):
+                    lo, hi = boot.interval(k)
+                    print(f"  {k}: {boot.estimate(k):.4f}  95% bootstrap [{lo:.4f}, {hi:.4f}] "
+                          f"({n_boot} resamples)")
+            except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as e:
+                print(f"  bootstrap failed (too few / degenerate runs?): {e}")
+
+    if not did:
+        print("nothing to analyze: the sweep varies neither optim.lr nor a size ladder / "
+              "compute budget")
+    return 0
