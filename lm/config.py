@@ -139,18 +139,25 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- load
 
 
-def load_config_file(path: str | Path) -> TrainConfig:
+def exec_python_file(path: str | Path, what: str):
+    """Import a Python file (a config or sweep spec) as a module. Such files may import
+    their neighbours (e.g. `from sizes import sized`), so their folder is on sys.path
+    while they load."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"lm_config_{path.stem}", path)
+        raise ConfigError(f"{what} not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"lm_{what.replace(' ', '_')}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    # Config files may import their neighbours (e.g. `from sizes import sized`).
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
     finally:
         sys.path.pop(0)
+    return module
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    module = exec_python_file(path, "config file")
     if not hasattr(module, "config"):
         raise ConfigError(f"config file {path} defines no config() function")
     cfg = module.config()

@@ -477,7 +477,7 @@ def plot_isoflops(fit: IsoFlopFit, path, *, title: str = "IsoFLOP profiles") -> 
     ax2.plot(cc, fit.d_opt(cc), color="C1", label=f"D_opt = {fit.k_d:.3g} C^{fit.b:.3f}")
     ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", title="optima")
     ax2.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_loss_law(law: LossLaw, n, d, loss, path, *, title: str | None = None) -> Path:
@@ -506,10 +506,10 @@ def plot_loss_law(law: LossLaw, n, d, loss, path, *, title: str | None = None) -
     lims = [min(loss.min(), pred.min()), max(loss.max(), pred.max())]
     ax2.plot(lims, lims, "k--", lw=1)
     ax2.set(xlabel="observed loss", ylabel="fitted loss", title="fit vs data")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _save(fig, plt, path) -> Path:
+def save_figure(fig, plt, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

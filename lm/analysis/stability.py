@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lm.analysis import results
+from lm.analysis.scaling import save_figure
 
 _ATTN = re.compile(r"attn_logit_max/(\d+)")
 
@@ -145,9 +146,4 @@ def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
                        zorder=3)
     ax.set(xscale="log", xlabel=lr, ylabel=f"{loss} (capped at L_init)", title=title)
     ax.legend(fontsize=7)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)

@@ -13,12 +13,10 @@ invalid one raises ConfigError naming the trial and the key.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import itertools
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,15 +228,7 @@ def expand(sweep: Sweep, *, smoke: bool = False) -> list[Trial]:
 def load_spec(path: str | Path, *, smoke: bool = False) -> Sweep:
     """Run the spec file's sweep() (passing smoke= if it takes it)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"lm_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.resolve()))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
+    module = config_lib.exec_python_file(path, "sweep spec")
     fn = getattr(module, "sweep", None)
     if fn is None:
         raise ConfigError(f"sweep spec {path} defines no sweep() function")
