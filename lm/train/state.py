@@ -5,7 +5,7 @@ optimizer, shardings, and the train state {"params", "opt_state", "step", "rng"}
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -45,6 +45,7 @@ class RunPieces:
     lr_fn: Callable
     state_shardings: dict
     batch_sharding: NamedSharding
+    _abstract: dict | None = field(default=None, init=False, repr=False)
 
     def _init(self) -> dict:
         model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
@@ -57,9 +58,13 @@ class RunPieces:
         return jax.jit(self._init, out_shardings=self.state_shardings)()
 
     def abstract_state(self) -> dict:
-        """Shapes, dtypes and shardings of the state (the target of a resharding restore)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(self._init), self.state_shardings)
+        """Shapes, dtypes and shardings of the state (the target of a resharding restore).
+        Traced once and kept: start-up asks for it several times."""
+        if self._abstract is None:
+            self._abstract = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                jax.eval_shape(self._init), self.state_shardings)
+        return self._abstract
 
     def _traced_with_mesh(self, fn):
         def wrapped(*args):
