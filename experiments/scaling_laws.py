@@ -1,4 +1,4 @@
-"""An IsoFLOP grid (Chinchilla approach 2; the runs also feed approach 3): 4 compute
+"""An IsoFLOP grid (Chinchilla approach 2; the runs also feed approach 3): 5 compute
 budgets x 5 model sizes; each trial's steps are chosen so that 6 N D matches its budget
 (N = total params with the byte vocabulary, D = steps x batch x seq_len), ~30 min on a
 2-core CPU with --parallel 2 (an estimate from the smoke run).
@@ -17,7 +17,7 @@ SIZES = {  # d_model, n_layers, n_heads
     "d16": (16, 1, 2), "d24": (24, 2, 2), "d32": (32, 2, 2), "d48": (48, 3, 2),
     "d64": (64, 4, 2),
 }
-BUDGETS = [6e10, 1.2e11, 2.4e11, 4.8e11]   # FLOPs = 6 N D
+BUDGETS = [6e10, 1.2e11, 2.4e11, 4.8e11, 9.6e11]   # FLOPs = 6 N D
 
 
 def _params(model) -> int:

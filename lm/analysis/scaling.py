@@ -240,7 +240,9 @@ class LossLaw:
 
     @property
     def G(self) -> float:
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        # np.float64 power: a degenerate (negative) ratio gives nan, not a complex number.
+        ratio = np.float64(self.alpha * self.A / (self.beta * self.B))
+        return float(ratio ** (1 / (self.alpha + self.beta)))
 
     def n_opt(self, compute):
         return self.G * (np.asarray(compute, float) / FLOPS_PER_PARAM_TOKEN) ** self.a

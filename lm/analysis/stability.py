@@ -32,6 +32,7 @@ from lm.analysis import results
 from lm.analysis.scaling import save_figure
 
 _ATTN = re.compile(r"attn_logit_max/(\d+)")
+_RESID = re.compile(r"resid_rms/(\d+)")
 
 
 def uniform_loss(vocab_size: int) -> float:
@@ -112,6 +113,54 @@ def stability_curves(run) -> pd.DataFrame:
     out["logz_mean"] = (train["logz_mean"].astype(float).to_numpy()
                         if "logz_mean" in train else math.nan)
     return out
+
+
+def residual_growth(run) -> np.ndarray:
+    """RMS of the residual stream after each layer, at the run's last logged train step
+    ([n_layers]; empty if the run logged none). How it grows with depth is what norm
+    placement (pre / post / peri-LN, LayerNorm scaling) changes.
+
+    `run`: a run directory or a metrics DataFrame."""
+    m = run if isinstance(run, pd.DataFrame) else results.metrics(run)
+    train = m[m["kind"] == "train"] if "kind" in m else m
+    layers = sorted((c for c in train.columns if _RESID.fullmatch(str(c))),
+                    key=lambda c: int(_RESID.fullmatch(c).group(1)))
+    if not layers or train.empty:
+        return np.zeros(0)
+    return train[layers].astype(float).to_numpy()[-1]
+
+
+def residual_growth_table(runs: pd.DataFrame, workdir, by: Sequence[str]) -> pd.DataFrame:
+    """One row per run: the `by` columns, final loss, residual RMS after the first and
+    last layer, their ratio (growth with depth) and the per-layer profile."""
+    rows = []
+    for _, r in runs.iterrows():
+        prof = residual_growth(Path(workdir) / r["run"])
+        if prof.size == 0:
+            continue
+        rows.append({**{c: r[c] for c in by}, "final_val_loss": r.get("final_val_loss"),
+                     "rms_first": prof[0], "rms_last": prof[-1],
+                     "growth": prof[-1] / prof[0],
+                     "profile": " ".join(f"{x:.3g}" for x in prof)})
+    return pd.DataFrame(rows)
+
+
+def plot_residual_growth(table: pd.DataFrame, workdir, path, *, label: Sequence[str]) -> Path:
+    """Residual RMS vs layer (log y), one line per run, labelled by `label` columns."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in table.iterrows():
+        prof = [float(x) for x in r["profile"].split()]
+        ax.plot(range(1, len(prof) + 1), prof, marker="o", ms=3,
+                label=", ".join(f"{r[c]}" for c in label))
+    ax.set(xlabel="layer", ylabel="residual RMS after the layer", yscale="log",
+           title="residual stream growth with depth")
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, plt, path)
 
 
 def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,

@@ -72,6 +72,13 @@ class Block(nnx.Module):
         return x, cache, max_logit
 
 
+def _rms(x) -> jax.Array:
+    """Root mean square of the residual stream (a per-layer growth diagnostic; no
+    gradient flows through it)."""
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         assert cfg.vocab_size > 0, "resolve model.vocab_size from the tokenizer first"
@@ -98,8 +105,9 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
                  cache_index=None):
-        """Returns (logits_BTV in float32, aux). aux["attn_logit_max"] is [n_layers];
-        with a cache, aux["cache"] is the updated cache."""
+        """Returns (logits_BTV in float32, aux). aux["attn_logit_max"] (largest attention
+        logit) and aux["resid_rms"] (RMS of the residual stream after the block) are
+        [n_layers];         with a cache, aux["cache"] is the updated cache."""
         cfg = self.cfg
         cdt = DTYPES[cfg.compute_dtype]
         b, t = tokens_BT.shape
@@ -123,19 +131,20 @@ class Transformer(nnx.Module):
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
             def run(x, block, layer_index, layer_cache):
                 x, layer_cache, max_logit = apply_block(block, x, layer_index, layer_cache)
-                return constrain(x, ACT), layer_cache, max_logit
+                return constrain(x, ACT), layer_cache, (max_logit, _rms(x))
 
             layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
-            x, cache, max_logits = run(x, self.blocks, layer_ids, cache)
+            x, cache, (max_logits, resid_rms) = run(x, self.blocks, layer_ids, cache)
         else:
-            max_logits, new_cache = [], []
+            max_logits, resid_rms, new_cache = [], [], []
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
                 x, layer_cache, m = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
                 max_logits.append(m)
+                resid_rms.append(_rms(x))
                 new_cache.append(layer_cache)
-            max_logits = jnp.stack(max_logits)
+            max_logits, resid_rms = jnp.stack(max_logits), jnp.stack(resid_rms)
             if cache is not None:
                 cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
 
@@ -152,7 +161,7 @@ class Transformer(nnx.Module):
             logits = logits * (cfg.mup_base_width / cfg.d_model)
         if cfg.logit_softcap:
             logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-        aux = {"attn_logit_max": max_logits}
+        aux = {"attn_logit_max": max_logits, "resid_rms": resid_rms}
         if cache is not None:
             aux["cache"] = cache
         return logits, aux

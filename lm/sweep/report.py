@@ -139,6 +139,22 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
             except (ValueError, KeyError) as e:
                 print(f"  not enough data for the LR sensitivity table: {e}")
 
+    if {"model.norm_position", "model.n_layers"} & set(vary) and not finished.empty:
+        did = True
+        by = group_columns(df, [c for c in vary if c != "steps"])
+        table = stability.residual_growth_table(finished, wd, by)
+        print("\nResidual-stream RMS after the first / last layer at the end of training:")
+        if table.empty:
+            print("  no run logged resid_rms/<layer>")
+        else:
+            import pandas as pd
+            shown = table.drop(columns=["profile"]).sort_values(by)
+            with pd.option_context("display.width", 250, "display.max_columns", None):
+                print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            path = stability.plot_residual_growth(table, wd, out / "residual_growth.png",
+                                                  label=by)
+            print(f"  plot: {path}")
+
     tags = _tags(wd)
     done = df[df["status"] == "completed"]
     budget = [tags.get(r, {}).get("budget") for r in done["run"]]
@@ -181,12 +197,17 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    boot = scaling.bootstrap_loss_law(n, d, loss, fit=law, n_boot=n_boot)
-                for k in ("alpha", "beta", "a", "b"):
+                    budgets = sorted({float(c) for c in compute if np.isfinite(c)})
+                    boot = scaling.bootstrap_loss_law(n, d, loss, fit=law, n_boot=n_boot,
+                                                      compute=budgets)
+                print(f"  95% bootstrap intervals ({n_boot} resamples of the runs):")
+                names = ["E", "A", "B", "alpha", "beta", "a", "b"] + [
+                    f"{q}@{c:.3g}" for c in budgets
+                    for q in ("n_opt", "d_opt", "tokens_per_param")]
+                for k in names:
                     lo, hi = boot.interval(k)
-                    print(f"  {k}: {boot.estimate(k):.4f}  95% bootstrap [{lo:.4f}, {hi:.4f}] "
-                          f"({n_boot} resamples)")
-            except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as e:
+                    print(f"    {k:>24}: {boot.estimate(k):.4g}  [{lo:.4g}, {hi:.4g}]")
+            except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
                 print(f"  bootstrap failed (too few / degenerate runs?): {e}")
 
     if not did:

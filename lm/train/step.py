@@ -35,6 +35,7 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom):
         "logz_mean": jnp.sum(logz * mask) / denom,
         "logit_mean": jnp.sum(jnp.mean(logits, -1) * mask) / denom,
         "attn_logit_max": aux["attn_logit_max"],
+        "resid_rms": aux["resid_rms"],
     }
     return ce + z_loss * zl, stats
 
@@ -74,6 +75,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
         init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
         (grads, stats), _ = jax.lax.scan(body, init, micro)
+        stats["resid_rms"] = stats["resid_rms"] / grad_accum  # mean over microbatches
         return grads, stats
 
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
