@@ -54,7 +54,20 @@ class ModelConfig:
     # block inputs) | dots (save matmul outputs) | dots_no_batch (save matmuls without
     # batch dimensions: weights-side products, not attention scores).
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["xla"] = "xla"
+    # xla: materialised scores (any backend); pallas: the flash-attention kernel in
+    # kernels/attention (interpret mode on CPU); cudnn: jax.nn.dot_product_attention's
+    # cuDNN path (NVIDIA GPUs only; no sinks, no max-logit diagnostic).
+    attention_impl: Literal["xla", "pallas", "cudnn"] = "xla"
+    attention_window: int = 0  # 0 = full causal attention; w = see the last w tokens
+    attention_sinks: int = 0  # with a window: the first s tokens of a document stay visible
+    # Sequence mixer per layer, cycled over the layers: a = attention, m = Mamba-2 (SSD),
+    # r = RetNet multi-scale retention. "a" = a transformer; "mmma" = attention every 4th.
+    mixer_pattern: str = "a"
+    ssm_state: int = 64  # Mamba-2 state size N per head
+    ssm_expand: int = 2  # Mamba-2 inner width = ssm_expand * d_model
+    ssm_conv: int = 4  # Mamba-2 causal depthwise convolution width
+    scan_chunk: int = 64  # chunk length of the linear-recurrence scan
+    scan_impl: Literal["auto", "pallas", "xla"] = "auto"  # auto: pallas on GPU/TPU
 
     @property
     def kv_heads(self) -> int:
@@ -67,6 +80,14 @@ class ModelConfig:
     @property
     def d_ff(self) -> int:
         return int(self.mlp_ratio * self.d_model)
+
+    def mixer(self, layer: int) -> str:
+        """'a', 'm' or 'r': the sequence mixer of layer `layer` (from 0)."""
+        return self.mixer_pattern[layer % len(self.mixer_pattern)]
+
+    @property
+    def attention_layers(self) -> int:
+        return sum(self.mixer(i) == "a" for i in range(self.n_layers))
 
 
 @dataclass(frozen=True)
@@ -295,6 +316,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
+    if not m.mixer_pattern or set(m.mixer_pattern) - set("amr"):
+        raise ConfigError(f"model.mixer_pattern={m.mixer_pattern!r} must be a non-empty "
+                          "string of a (attention), m (Mamba-2) and r (retention)")
+    if m.scan_layers and len(set(m.mixer_pattern)) > 1:
+        raise ConfigError(f"model.scan_layers needs one mixer type; mixer_pattern="
+                          f"{m.mixer_pattern!r} mixes several (set model.scan_layers=false)")
+    for key in ("attention_window", "attention_sinks"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key} must be >= 0, got {getattr(m, key)}")
+    if m.attention_sinks and not m.attention_window:
+        raise ConfigError("model.attention_sinks needs model.attention_window > 0")
+    if m.attention_impl == "cudnn" and m.attention_sinks:
+        raise ConfigError("model.attention_impl=cudnn does not support attention_sinks "
+                          "(use pallas or xla)")
+    for key in ("ssm_state", "ssm_expand", "ssm_conv", "scan_chunk"):
+        positive(f"model.{key}", getattr(m, key))
+    if "m" in m.mixer_pattern and (m.ssm_expand * m.d_model) % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide the Mamba-2 inner width "
+                          f"ssm_expand * d_model = {m.ssm_expand * m.d_model}")
     positive("model.mup_base_width", m.mup_base_width)
     positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:

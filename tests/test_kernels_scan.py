@@ -110,3 +110,17 @@ def test_bad_shapes_raise():
         linear_scan(q, k, v, a[..., :1])
     with pytest.raises(ValueError, match="dividing"):
         linear_scan(jnp.repeat(q, 3, 2), jnp.repeat(k, 3, 2), v, a)
+
+
+def test_dispatch_by_backend(monkeypatch, caplog):
+    from kernels import dispatch
+    assert dispatch.resolve("k", "auto") == "xla"  # this CPU: the fast path
+    assert dispatch.resolve("k", "pallas") == "pallas"  # interpret mode
+    with pytest.raises(ValueError, match="impl"):
+        dispatch.resolve("k", "triton")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dispatch.resolve("k", "auto") == "pallas"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with caplog.at_level("WARNING", logger="lmlab.kernels"):
+        assert dispatch.resolve("k", "pallas") == "xla"
+    assert "untested on tpu" in caplog.text

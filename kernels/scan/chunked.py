@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.dispatch import resolve
 from kernels.scan.reference import reset_flags
 
 F32 = jnp.float32
@@ -200,7 +201,7 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
     log_decay: [B, T, H] (<= 0 for a decaying state); segment_ids: [B, T] or None;
     initial_state: [B, H, Dk, Dv] or None. Returns (o [B, T, H, Dv] in v's dtype,
     final state [B, H, Dk, Dv] float32). T need not be a multiple of chunk_size.
-    impl: "pallas" | "xla" | "auto" (pallas on GPU/TPU, xla on CPU).
+    impl: "pallas" | "xla" | "auto" (see kernels/dispatch.py: pallas on GPU).
     """
     b, t, h, dv = v.shape
     g, dk = q.shape[2], q.shape[3]
@@ -209,10 +210,7 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
                          f"with G dividing the heads of v {v.shape}")
     if log_decay.shape != (b, t, h):
         raise ValueError(f"linear_scan: log_decay {log_decay.shape} must be {(b, t, h)}")
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"linear_scan: impl must be auto, pallas or xla, not {impl!r}")
+    impl = resolve("linear_scan", impl)
     chunk = min(chunk_size, t)
     pad = -t % chunk
     resets = reset_flags(segment_ids, t, b)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.parallel.sharding import constrain
 
@@ -40,6 +40,10 @@ class Attention(nnx.Module):
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
         self.rope_theta = cfg.rope_theta
+        self.impl, self.window, self.sinks = cfg.attention_impl, cfg.attention_window, cfg.attention_sinks
+        if self.impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ConfigError("model.attention_impl=cudnn needs an NVIDIA GPU; this backend "
+                              f"is {jax.default_backend()} (use xla or pallas)")
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
         std = hidden_std(cfg, d)
         self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
@@ -83,11 +87,15 @@ class Attention(nnx.Module):
         k_positions_BT = constrain(positions_BT, ("batch", None))
         k_segment_ids_BT = constrain(segment_ids_BT, ("batch", None))
 
+        if cache is None and self.impl != "xla":
+            y_BTD, max_logit = self._fused(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+            return y_BTD, None, max_logit
         if cache is None:
             # Within one document positions grow with the index, so position order is
             # causal order; different documents never see each other.
             mask_BTS = (positions_BT[:, :, None] >= k_positions_BT[:, None, :]) & (
                 segment_ids_BT[:, :, None] == k_segment_ids_BT[:, None, :])
+            mask_BTS &= self._window(positions_BT[:, :, None], k_positions_BT[:, None, :])
             new_cache = None
         else:
             k_all = jax.lax.dynamic_update_slice(
@@ -96,8 +104,9 @@ class Attention(nnx.Module):
                 cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k_all, "v": v_all}
             k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
-            slots = jnp.arange(k_all.shape[1])
-            mask_BTS = slots[None, None, :] <= positions_BT[:, :, None]
+            slots = jnp.arange(k_all.shape[1])[None, None, :]
+            mask_BTS = (slots <= positions_BT[:, :, None]) & self._window(
+                positions_BT[:, :, None], slots)
 
         b, t, h, dh = q_BTHD.shape
         g = h // self.n_kv
@@ -107,6 +116,43 @@ class Attention(nnx.Module):
         probs, max_logit = masked_softmax(scores, mask_BTS)
         probs = probs.astype(cdt)
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
-        out_BTHD = constrain(out_BTKGD.reshape(b, t, h, dh), ("batch", "seq", "heads", "head_dim"))
-        y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo[...].astype(cdt))
-        return y_BTD, new_cache, max_logit
+        return self._project_out(out_BTKGD.reshape(b, t, h, dh)), new_cache, max_logit
+
+    def _window(self, q_pos, k_pos):
+        """Sliding window (with LM-Infinite sink tokens): True where a key is in reach."""
+        if not self.window:
+            return True
+        return (q_pos - k_pos < self.window) | (k_pos < self.sinks)
+
+    def _project_out(self, out_BTHD):
+        out_BTHD = constrain(out_BTHD, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("bthk,hkd->btd", out_BTHD, self.wo[...].astype(self.compute_dtype))
+
+    def _fused(self, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT):
+        """Attention without materialised scores: the Pallas flash kernel (which also
+        returns each row's max logit) or cuDNN (which does not: the diagnostic is NaN).
+        Both derive causality and the window from segment ids (document-relative
+        positions), which matches the xla mask for packed rows."""
+        from kernels.dispatch import resolve
+        if self.impl == "pallas" and resolve("attention", "pallas") == "pallas":
+            from kernels.attention import flash_attention
+            out, _, row_max = flash_attention(
+                q_BTHD, k_BTKD, v_BTKD, segment_ids=segment_ids_BT, causal=True,
+                window=self.window, sinks=self.sinks, scale=self.scale, return_stats=True)
+            return self._project_out(out), jnp.max(row_max)
+        if self.impl == "pallas":  # a backend the kernel does not serve (logged)
+            from kernels.attention import attention_reference
+            out, _, row_max = attention_reference(
+                q_BTHD, k_BTKD, v_BTKD, segment_ids=segment_ids_BT, causal=True,
+                window=self.window, sinks=self.sinks, scale=self.scale)
+            return self._project_out(out), jnp.max(row_max)
+        same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        out = jax.nn.dot_product_attention(
+            q_BTHD, k_BTKD, v_BTKD, mask=same_doc[:, None], scale=self.scale, is_causal=True,
+            local_window_size=(self.window - 1, 0) if self.window else None,
+            implementation="cudnn")
+        return self._project_out(out), jnp.float32(jnp.nan)
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        shape = (batch, length, self.n_kv, self.dh)
+        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}

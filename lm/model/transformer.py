@@ -13,6 +13,9 @@ from lm.config import ModelConfig
 from lm.model.attention import Attention
 from lm.model.layers import DTYPES, Norm, param
 from lm.model.mlp import MLP
+from lm.model.recurrent import Mamba2, Retention
+
+MIXERS = {"a": Attention, "m": Mamba2, "r": Retention}
 from lm.parallel.sharding import constrain
 
 ACT = ("batch", "seq", "act_embed")  # logical names of the residual stream
@@ -26,12 +29,15 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """Norms, a sequence mixer (`attn`: attention, Mamba-2 or retention, by `mixer`) and
+    the MLP, wired by the norm placement."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mixer: str = "a"):
         pdt = DTYPES[cfg.param_dtype]
         self.position = cfg.norm_position
         self.parallel = cfg.parallel_block
         self.layernorm_scaling = cfg.layernorm_scaling
-        self.attn = Attention(cfg, rngs)
+        self.attn = MIXERS[mixer](cfg, rngs)
         self.mlp = MLP(cfg, rngs)
         self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
         if not (self.parallel and self.position != "post"):
@@ -90,11 +96,11 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make_blocks(rngs):
-                return Block(cfg, rngs)
+                return Block(cfg, rngs, cfg.mixer(0))
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, cfg.mixer(i)) for i in range(cfg.n_layers)])
         if cfg.norm_position != "post":
             self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
         if not cfg.tie_embeddings:
@@ -138,7 +144,7 @@ class Transformer(nnx.Module):
         else:
             max_logits, resid_rms, new_cache = [], [], []
             for i, block in enumerate(self.blocks):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                layer_cache = None if cache is None else cache[i]
                 x, layer_cache, m = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
                 max_logits.append(m)
@@ -146,7 +152,7 @@ class Transformer(nnx.Module):
                 new_cache.append(layer_cache)
             max_logits, resid_rms = jnp.stack(max_logits), jnp.stack(resid_rms)
             if cache is not None:
-                cache = jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
+                cache = new_cache
 
         if cfg.norm_position != "post":
             x = self.final_norm(x)
@@ -166,11 +172,14 @@ class Transformer(nnx.Module):
             aux["cache"] = cache
         return logits, aux
 
-    def init_cache(self, batch: int, length: int) -> dict:
-        cfg = self.cfg
-        shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dh)
-        dt = DTYPES[cfg.compute_dtype]
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    def init_cache(self, batch: int, length: int):
+        """Decoding state: per layer, a KV cache of `length` slots (attention) or the
+        recurrent state (Mamba-2 / retention). A list over layers, or one tree with a
+        leading layer axis when the layers are scanned."""
+        if self.cfg.scan_layers:
+            one = self.blocks.attn.init_cache(batch, length)
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layers, *x.shape)), one)
+        return [block.attn.init_cache(batch, length) for block in self.blocks]
 
 
 def count_params(cfg: ModelConfig) -> dict:
@@ -185,10 +194,11 @@ def count_params(cfg: ModelConfig) -> dict:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding params + readout matmul) for the
-    matmuls, plus attention scores and values 6 * 2 * n_layers * seq * heads * head_dim,
-    halved for causal masking (PaLM appendix B convention)."""
+    matmuls, plus attention scores and values 6 * 2 * attention_layers * seq * heads *
+    head_dim, halved for causal masking (PaLM appendix B convention). The recurrent
+    mixers' scan FLOPs (O(chunk + state) per token) are not counted."""
     n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
-    attention = 6 * 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.dh / 2
+    attention = 6 * 2 * cfg.attention_layers * seq_len * cfg.n_heads * cfg.dh / 2
     return 6 * n + attention
 
 

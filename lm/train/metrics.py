@@ -15,7 +15,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
-    """Flatten to scalars: a per-layer vector m becomes m/0, m/1, ..."""
+    """Flatten to scalars: a per-layer vector m becomes m/0, m/1, ... Layers without
+    attention (Mamba-2, retention) report a NaN max attention logit; it is left out."""
     out = {}
     for k, v in metrics.items():
         arr = np.asarray(v)
@@ -23,6 +24,8 @@ def _scalars(metrics: dict) -> dict[str, float]:
             out[k] = float(arr)
         else:
             for i, x in enumerate(arr.reshape(-1)):
+                if k == "attn_logit_max" and np.isnan(x):
+                    continue
                 out[f"{k}/{i}"] = float(x)
     return out
 
