@@ -14,6 +14,12 @@ BAD_CONFIGS = [
     (["data.seq_len=128", "model.max_seq_len=64"], "data.seq_len=128 is longer than model.max_seq_len=64"),
     (["grad_accum=3"], "grad_accum=3 must divide batch_size=4"),
     (["optim.lr=-1"], "optim.lr must be positive"),
+    (["model.mixer_pattern=amx"], "model.mixer_pattern='amx' must be"),
+    (["model.mixer_pattern=ma", "model.scan_layers=true"], "model.scan_layers needs one mixer type"),
+    (["model.attention_sinks=2"], "model.attention_sinks needs model.attention_window"),
+    (["model.attention_impl=cudnn"], "model.attention_impl=cudnn needs an NVIDIA GPU"),
+    (["model.mixer_pattern=m", "model.n_heads=3", "model.head_dim=8"],
+     "model.n_heads=3 must divide the Mamba-2 inner width"),
     (["model"], "not of the form key=value"),
     (["model=3"], "'model' is a section"),
 ]

@@ -79,6 +79,16 @@ def _relative(run: epath.Path, root: epath.Path) -> str:
     return r[len(base) + 1:] if r.startswith(base + "/") else r
 
 
+def _config_defaults() -> dict:
+    import dataclasses
+
+    from lm.config import TrainConfig
+    return flatten(dataclasses.asdict(TrainConfig()))
+
+
+_DEFAULTS = _config_defaults()
+
+
 def load(workdir) -> pd.DataFrame:
     """One row per run directory under `workdir` (see `find_runs`).
 
@@ -101,7 +111,8 @@ def load(workdir) -> pd.DataFrame:
             warnings.warn(f"{run}: unreadable config.json; its config columns are empty",
                           stacklevel=2)
             config = {}
-        config = flatten(config)
+        # A field added to the config after a run was written took its default value.
+        config = {**_DEFAULTS, **flatten(config)} if config else {}
         summary = _read_json(run / "summary.json")
         if summary is None or not isinstance(summary.get("status"), str):
             summary = {"status": "missing"}

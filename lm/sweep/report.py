@@ -139,7 +139,7 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
             except (ValueError, KeyError) as e:
                 print(f"  not enough data for the LR sensitivity table: {e}")
 
-    if {"model.norm_position", "model.n_layers"} & set(vary) and not finished.empty:
+    if {"model.norm_position", "model.layernorm_scaling"} & set(vary) and not finished.empty:
         did = True
         by = group_columns(df, [c for c in vary if c != "steps"])
         table = stability.residual_growth_table(finished, wd, by)
