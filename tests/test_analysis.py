@@ -279,3 +279,16 @@ def test_plots_write_pngs(tmp_path, isoflop_runs, grid_runs, law_fit, sweep):
     df = results.load(sweep)
     assert _is_png(stability.plot_lr_sweep(df, tmp_path / "plots" / "lr.png",
                                            by="model.d_model", loss_init=5.0))
+
+
+def test_package_level_load_is_the_results_loader(tmp_path):
+    import lm.analysis
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"d_model": 48}}))
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "final_val_loss": 2.5}))
+    df = lm.analysis.load(tmp_path)
+    assert df["model.d_model"].tolist() == [48]
+    assert df["final_val_loss"].tolist() == [2.5]
+    # Fields the run's config predates come back with their defaults.
+    assert df["model.mixer_pattern"].tolist() == ["a"]

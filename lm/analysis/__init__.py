@@ -9,3 +9,15 @@ The modules are imported explicitly (``from lm.analysis import scaling``) so tha
 one does not pull in the others' dependencies (pandas, matplotlib) and nothing here
 imports jax: analysis runs on a laptop next to a bucket of results.
 """
+
+
+def load(workdir):
+    """One pandas DataFrame row per run under `workdir` (see `results.load`)."""
+    from lm.analysis import results
+    return results.load(workdir)
+
+
+def metrics(run_dir):
+    """A run's metrics.jsonl as a DataFrame (see `results.metrics`)."""
+    from lm.analysis import results
+    return results.metrics(run_dir)
