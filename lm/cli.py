@@ -6,6 +6,7 @@ User-caused errors (bad config, bad data, missing run) print one line and exit 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def _restore(run_dir: str):
     if not (run / "config.json").is_file():
         raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
     cfg = config_lib.from_json((run / "config.json").read_text())
+    # Evaluate / sample on the devices at hand: the training mesh may have had more.
+    # Orbax reshards the checkpoint onto the data-parallel mesh over these devices.
+    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     pieces = build(cfg)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)

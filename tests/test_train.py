@@ -122,3 +122,16 @@ def test_data_prepare_cli_then_train_on_the_shards(tmp_path):
     result = lm("train", "--run-dir", str(run), *sets(*TINY, "steps=3", f"data.corpus={out}"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(train_losses(run)) == [2, 3]
+
+
+def test_a_run_trained_on_a_mesh_is_sampled_and_evaluated_on_one_device(tmp_path):
+    run = tmp_path / "run"
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = lm("train", "--run-dir", str(run),
+                *sets(*TINY, "steps=2", "mesh.data=1", "mesh.tensor=2", "checkpoint_every=2",
+                      "eval_every=2"), env=two)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sample = lm("sample", "--run", str(run), "--max-new-tokens", "5")
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    ev = lm("eval", "--run", str(run), "--batches", "1")
+    assert ev.returncode == 0 and json.loads(ev.stdout)["step"] == 2, ev.stderr[-2000:]
