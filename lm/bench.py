@@ -37,7 +37,7 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     step_time = float(np.median(times))
     tokens = cfg.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak, source = device_peak_flops()
+    peak, source = device_peak_flops(measure=True)  # same conditions as the step
     tps = tokens / step_time
     counts = count_params(cfg.model)
     result = {
