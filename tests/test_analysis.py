@@ -292,3 +292,22 @@ def test_package_level_load_is_the_results_loader(tmp_path):
     assert df["final_val_loss"].tolist() == [2.5]
     # Fields the run's config predates come back with their defaults.
     assert df["model.mixer_pattern"].tolist() == ["a"]
+
+
+def test_residual_growth_reads_the_last_train_record(tmp_path):
+    train = {"kind": "train", "loss": 3.0}
+    _write_run(tmp_path / "a", lr=1e-3, d_model=64, summary=_summary("completed", 20, 2.0),
+               metrics=[{"step": 10, **train, "resid_rms/0": 1.0, "resid_rms/1": 2.0},
+                        {"step": 20, **train, "resid_rms/0": 1.5, "resid_rms/1": 6.0,
+                         "resid_rms/10": 9.0},
+                        {"step": 20, "kind": "eval", "loss": 2.0}])
+    _write_run(tmp_path / "b", lr=1e-2, d_model=64, summary=_summary("completed", 20, 2.5),
+               metrics=[{"step": 20, **train}])  # logged no residual RMS
+    np.testing.assert_allclose(stability.residual_growth(tmp_path / "a"), [1.5, 6.0, 9.0])
+    assert stability.residual_growth(tmp_path / "b").size == 0
+    runs = results.load(tmp_path)
+    table = stability.residual_growth_table(runs, tmp_path, ["optim.lr"])
+    assert table["optim.lr"].tolist() == [1e-3]
+    assert table["growth"].tolist() == [6.0] and table["profile"].tolist() == ["1.5 6 9"]
+    path = stability.plot_residual_growth(table, tmp_path, tmp_path / "g.png", label=["optim.lr"])
+    assert path.stat().st_size > 1000

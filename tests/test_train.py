@@ -21,7 +21,8 @@ def test_run_dir_has_metrics_tensorboard_summary(tiny_run):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     for key in ("loss", "z_loss", "lr", "grad_norm", "update_rms", "param_norm",
-                "attn_logit_max/0", "attn_logit_max/1", "logit_mean", "logz_mean",
+                "attn_logit_max/0", "attn_logit_max/1", "resid_rms/0", "resid_rms/1",
+                "logit_mean", "logz_mean",
                 "tokens_per_s", "step_time", "mfu"):
         assert key in train[-1], key
     assert [r["step"] for r in evals] == [6, 12]

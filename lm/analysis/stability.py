@@ -153,9 +153,15 @@ def plot_residual_growth(table: pd.DataFrame, workdir, path, *, label: Sequence[
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Colour by the first label column (the arm), line style by the last (e.g. the LR),
+    # so two dozen lines stay tellable apart.
+    colours = {v: f"C{i % 10}" for i, v in enumerate(table[label[0]].astype(str).unique())}
+    styles = {v: s for v, s in zip(table[label[-1]].astype(str).unique(),
+                                   ["-", "--", ":", "-."] * 8)}
     for _, r in table.iterrows():
         prof = [float(x) for x in r["profile"].split()]
         ax.plot(range(1, len(prof) + 1), prof, marker="o", ms=3,
+                color=colours[str(r[label[0]])], linestyle=styles[str(r[label[-1]])],
                 label=", ".join(f"{r[c]}" for c in label))
     ax.set(xlabel="layer", ylabel="residual RMS after the layer", yscale="log",
            title="residual stream growth with depth")
