@@ -2,7 +2,7 @@
 (1/sqrt(layer index)), across depth, at a good and an aggressive LR.
 
 arms {pre, post, peri, ln_scaling} x depth {2, 4, 8} x LR {3e-3, 3e-2} = 24 trials of
-150 steps at d_model 48 (~30 min on a 2-core CPU).
+150 steps at d_model 48 (about 9 min on a 2-core CPU with --parallel 2, measured).
 
     lm sweep experiments/norm_placement.py --workdir runs/norm_placement
     lm results runs/norm_placement && lm analyze runs/norm_placement

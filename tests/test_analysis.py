@@ -306,8 +306,8 @@ def test_residual_growth_reads_the_last_train_record(tmp_path):
     np.testing.assert_allclose(stability.residual_growth(tmp_path / "a"), [1.5, 6.0, 9.0])
     assert stability.residual_growth(tmp_path / "b").size == 0
     runs = results.load(tmp_path)
-    table = stability.residual_growth_table(runs, tmp_path, ["optim.lr"])
+    table = stability.residual_growth_table(runs, ["optim.lr"])
     assert table["optim.lr"].tolist() == [1e-3]
     assert table["growth"].tolist() == [6.0] and table["profile"].tolist() == ["1.5 6 9"]
-    path = stability.plot_residual_growth(table, tmp_path, tmp_path / "g.png", label=["optim.lr"])
+    path = stability.plot_residual_growth(table, tmp_path / "g.png", label=["optim.lr"])
     assert path.stat().st_size > 1000

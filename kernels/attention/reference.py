@@ -7,6 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels.segments import document_starts
+
 
 def document_layout(segment_ids, batch: int, length: int):
     """-> (doc [B, T] int32, pos [B, T] int32).
@@ -15,11 +17,7 @@ def document_layout(segment_ids, batch: int, length: int):
     `pos` is the index within the run. With segment_ids=None the row is one document.
     """
     idx = jnp.arange(length, dtype=jnp.int32)
-    if segment_ids is None:
-        return jnp.ones((batch, length), jnp.int32), jnp.broadcast_to(idx, (batch, length))
-    seg = jnp.asarray(segment_ids)
-    starts = jnp.concatenate(
-        [jnp.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    starts = document_starts(segment_ids, batch, length)
     doc = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
     first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
     return doc, idx - first

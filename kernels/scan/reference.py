@@ -16,14 +16,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.segments import document_starts
+
 
 def reset_flags(segment_ids_BT, length: int, batch: int):
     """[B, T] bool: True where a token starts a new document (never at t = 0, so that an
     initial state passed in flows into the first document)."""
-    if segment_ids_BT is None:
-        return jnp.zeros((batch, length), bool)
-    change = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
-    return jnp.concatenate([jnp.zeros((batch, 1), bool), change], axis=1)
+    return document_starts(segment_ids_BT, batch, length).at[:, 0].set(False)
 
 
 def _heads(q_BTGK, n_heads: int):

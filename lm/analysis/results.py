@@ -86,7 +86,8 @@ def _config_defaults() -> dict:
     return flatten(dataclasses.asdict(TrainConfig()))
 
 
-_DEFAULTS = _config_defaults()
+#: Every config field, flattened ("model.d_model"), with its default value.
+CONFIG_DEFAULTS = _config_defaults()
 
 
 def load(workdir) -> pd.DataFrame:
@@ -112,7 +113,7 @@ def load(workdir) -> pd.DataFrame:
                           stacklevel=2)
             config = {}
         # A field added to the config after a run was written took its default value.
-        config = {**_DEFAULTS, **flatten(config)} if config else {}
+        config = {**CONFIG_DEFAULTS, **flatten(config)} if config else {}
         summary = _read_json(run / "summary.json")
         if summary is None or not isinstance(summary.get("status"), str):
             summary = {"status": "missing"}

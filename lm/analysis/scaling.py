@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -374,9 +375,14 @@ class LossLawBootstrap:
     fit: LossLaw
     samples: dict
     confidence: float
+    budgets: tuple[float, ...] = ()  # where n_opt, d_opt and tokens_per_param were taken
 
     def estimate(self, name: str) -> float:
-        return float(_derived(self.fit, self._budgets())[name])
+        return float(self._estimates[name])
+
+    @functools.cached_property
+    def _estimates(self) -> dict:
+        return _derived(self.fit, self.budgets)
 
     def interval(self, name: str, confidence: float | None = None) -> tuple[float, float]:
         q = self.confidence if confidence is None else confidence
@@ -393,9 +399,6 @@ class LossLawBootstrap:
 
         rows = {k: (self.estimate(k), *self.interval(k)) for k in self.samples}
         return pd.DataFrame.from_dict(rows, orient="index", columns=["estimate", "lo", "hi"])
-
-    def _budgets(self) -> list[float]:
-        return [float(k.split("@", 1)[1]) for k in self.samples if k.startswith("n_opt@")]
 
 
 def _derived(law: LossLaw, budgets: Sequence[float]) -> dict:
@@ -441,7 +444,8 @@ def bootstrap_loss_law(n, d, loss, *, n_boot: int = 200, confidence: float = 0.9
             thetas, objs = _minimise(starts, log_n[idx], log_d[idx], log_loss[idx], delta)
             rows.append(_derived(_law(thetas[0], objs[0], log_n.size), budgets))
     samples = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    return LossLawBootstrap(fit=fit, samples=samples, confidence=confidence)
+    return LossLawBootstrap(fit=fit, samples=samples, confidence=confidence,
+                            budgets=tuple(budgets))
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lm.analysis import results
-from lm.analysis.scaling import save_figure
+from lm.analysis.scaling import _pyplot, save_figure
 
 _ATTN = re.compile(r"attn_logit_max/(\d+)")
 _RESID = re.compile(r"resid_rms/(\d+)")
@@ -96,6 +96,16 @@ def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] | str, *,
     return pd.DataFrame(rows)
 
 
+def _train_records(run, per_layer: re.Pattern) -> tuple[pd.DataFrame, list[str]]:
+    """A run's train records (`run`: a run dir or a metrics DataFrame) and its columns
+    matching `per_layer` (name/<layer>), in layer order."""
+    m = run if isinstance(run, pd.DataFrame) else results.metrics(run)
+    train = m[m["kind"] == "train"] if "kind" in m else m
+    layers = sorted((c for c in train.columns if per_layer.fullmatch(str(c))),
+                    key=lambda c: int(per_layer.fullmatch(c).group(1)))
+    return train, layers
+
+
 def stability_curves(run) -> pd.DataFrame:
     """Per-step instability precursors of one run (train records only): `step`,
     `attn_logit_max` (max over layers of attn_logit_max/<i>; NaN if any layer's is NaN,
@@ -103,10 +113,7 @@ def stability_curves(run) -> pd.DataFrame:
 
     `run`: a run directory (read with `results.metrics`) or a metrics DataFrame.
     """
-    m = run if isinstance(run, pd.DataFrame) else results.metrics(run)
-    train = m[m["kind"] == "train"] if "kind" in m else m
-    layers = sorted((c for c in train.columns if _ATTN.fullmatch(str(c))),
-                    key=lambda c: int(_ATTN.fullmatch(c).group(1)))
+    train, layers = _train_records(run, _ATTN)
     out = pd.DataFrame({"step": train["step"].to_numpy()})
     out["attn_logit_max"] = (train[layers].astype(float).max(axis=1, skipna=False).to_numpy()
                              if layers else math.nan)
@@ -121,21 +128,19 @@ def residual_growth(run) -> np.ndarray:
     placement (pre / post / peri-LN, LayerNorm scaling) changes.
 
     `run`: a run directory or a metrics DataFrame."""
-    m = run if isinstance(run, pd.DataFrame) else results.metrics(run)
-    train = m[m["kind"] == "train"] if "kind" in m else m
-    layers = sorted((c for c in train.columns if _RESID.fullmatch(str(c))),
-                    key=lambda c: int(_RESID.fullmatch(c).group(1)))
+    train, layers = _train_records(run, _RESID)
     if not layers or train.empty:
         return np.zeros(0)
     return train[layers].astype(float).to_numpy()[-1]
 
 
-def residual_growth_table(runs: pd.DataFrame, workdir, by: Sequence[str]) -> pd.DataFrame:
-    """One row per run: the `by` columns, final loss, residual RMS after the first and
-    last layer, their ratio (growth with depth) and the per-layer profile."""
+def residual_growth_table(runs: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """One row per run of `runs` (`results.load`): the `by` columns, final loss, residual
+    RMS after the first and last layer, their ratio (growth with depth) and the per-layer
+    profile."""
     rows = []
     for _, r in runs.iterrows():
-        prof = residual_growth(Path(workdir) / r["run"])
+        prof = residual_growth(r["path"])
         if prof.size == 0:
             continue
         rows.append({**{c: r[c] for c in by}, "final_val_loss": r.get("final_val_loss"),
@@ -145,13 +150,9 @@ def residual_growth_table(runs: pd.DataFrame, workdir, by: Sequence[str]) -> pd.
     return pd.DataFrame(rows)
 
 
-def plot_residual_growth(table: pd.DataFrame, workdir, path, *, label: Sequence[str]) -> Path:
+def plot_residual_growth(table: pd.DataFrame, path, *, label: Sequence[str]) -> Path:
     """Residual RMS vs layer (log y), one line per run, labelled by `label` columns."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Colour by the first label column (the arm), line style by the last (e.g. the LR),
     # so two dozen lines stay tellable apart.
@@ -171,17 +172,16 @@ def plot_residual_growth(table: pd.DataFrame, workdir, path, *, label: Sequence[
 
 def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
                   lr: str = "optim.lr", loss: str = "final_val_loss",
-                  loss_init: float | None = None, title: str = "final loss vs LR") -> Path:
+                  loss_init: float | None = None, title: str = "final loss vs LR",
+                  table: pd.DataFrame | None = None) -> Path:
     """Final loss vs LR (log x), one line per size/arm (`by`), diverged runs drawn as
     crosses at L_init (the value LR sensitivity charges them); the legend gives each
-    group's LR sensitivity. Writes a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    group's LR sensitivity. `table`: `lr_sensitivity_table(runs, by, ...)` if already
+    computed. Writes a PNG; returns its path."""
+    plt = _pyplot()
     by = [by] if isinstance(by, str) else list(by)
-    table = lr_sensitivity_table(runs, by, lr=lr, loss=loss, loss_init=loss_init)
+    if table is None:
+        table = lr_sensitivity_table(runs, by, lr=lr, loss=loss, loss_init=loss_init)
     done = runs[~runs["status"].isin(["missing", "running"])]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, ((key, g), (_, row)) in enumerate(zip(done.groupby(by, sort=True, dropna=False),

@@ -133,18 +133,12 @@ class Attention(nnx.Module):
         returns each row's max logit) or cuDNN (which does not: the diagnostic is NaN).
         Both derive causality and the window from segment ids (document-relative
         positions), which matches the xla mask for packed rows."""
-        from kernels.dispatch import resolve
-        if self.impl == "pallas" and resolve("attention", "pallas") == "pallas":
-            from kernels.attention import flash_attention
-            out, _, row_max = flash_attention(
-                q_BTHD, k_BTKD, v_BTKD, segment_ids=segment_ids_BT, causal=True,
-                window=self.window, sinks=self.sinks, scale=self.scale, return_stats=True)
-            return self._project_out(out), jnp.max(row_max)
-        if self.impl == "pallas":  # a backend the kernel does not serve (logged)
-            from kernels.attention import attention_reference
-            out, _, row_max = attention_reference(
-                q_BTHD, k_BTKD, v_BTKD, segment_ids=segment_ids_BT, causal=True,
-                window=self.window, sinks=self.sinks, scale=self.scale)
+        if self.impl == "pallas":
+            from kernels.attention import attention
+            # The kernel's own dispatch: a backend it does not serve falls back (logged).
+            out, _, row_max = attention(
+                q_BTHD, k_BTKD, v_BTKD, impl="pallas", segment_ids=segment_ids_BT,
+                causal=True, window=self.window, sinks=self.sinks, scale=self.scale)
             return self._project_out(out), jnp.max(row_max)
         same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         out = jax.nn.dot_product_attention(

@@ -96,11 +96,8 @@ class Mamba2(nnx.Module):
                               x_BTD @ self.w_c[...].astype(cdt)], axis=-1)
         dt = jax.nn.softplus((x_BTD @ self.w_dt[...].astype(cdt)).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32))
-        if cache is None:
-            cache = self.init_cache(b)
-            keep_cache = False
-        else:
-            keep_cache = True
+        decoding = cache is not None
+        cache = cache if decoding else self.init_cache(b)  # training: zero history
         xs, conv_x = causal_conv(xs, self.conv_x[...], self.conv_x_bias[...], segment_ids_BT,
                                  cache["conv_x"])
         bc, conv_bc = causal_conv(bc, self.conv_bc[...], self.conv_bc_bias[...],
@@ -115,7 +112,7 @@ class Mamba2(nnx.Module):
         y = y + x_BTHP * self.skip[...].astype(cdt)[:, None]
         y = self.out_norm(y.reshape(b, t, h * p) * jax.nn.silu(z))
         out = y @ self.w_out[...].astype(cdt)
-        new_cache = {"ssm": ssm, "conv_x": conv_x, "conv_bc": conv_bc} if keep_cache else None
+        new_cache = {"ssm": ssm, "conv_x": conv_x, "conv_bc": conv_bc} if decoding else None
         return out, new_cache, jnp.float32(NO_LOGIT)
 
 

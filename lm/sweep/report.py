@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
 from lm.config import ConfigError
+from lm.sweep.spec import short_names
 
-_NOT_CONFIG = {"run", "path", "status", "diverged_step", "arm", "size"}
-_SUMMARY = {"summary.steps", "tokens_seen", "params", "non_embedding_params",
-            "flops_per_token", "training_flops", "final_val_loss", "best_val_loss",
-            "final_val_bpb"}
 # Bookkeeping fields (they do not change what is trained): never shown as sweep axes.
 _IGNORE = {"name", "log_every", "eval_every", "eval_batches", "checkpoint_every",
            "keep_checkpoints", "tensorboard"}
@@ -35,6 +31,7 @@ def load_runs(workdir: str):
     if df.empty:
         raise ConfigError(f"{workdir}: no runs (no */config.json) there")
     tags = _tags(Path(workdir))
+    df.attrs["tags"] = tags  # trial name -> tags (arm, size, budget, ...) for analyze
     for col in _TAG_COLUMNS:
         if any(col in t for t in tags.values()) and col not in df:
             df.insert(2, col, [tags.get(r, {}).get(col) for r in df["run"]])
@@ -55,18 +52,14 @@ def group_columns(df, vary: list[str]) -> list[str]:
 
 def varying_columns(df) -> list[str]:
     """Config columns whose value differs between runs (the sweep's axes)."""
+    from lm.analysis.results import CONFIG_DEFAULTS
     cols = []
     for c in df.columns:
-        if c in _NOT_CONFIG or c in _SUMMARY or c in _IGNORE:
+        if c not in CONFIG_DEFAULTS or c in _IGNORE:
             continue
         if df[c].astype(str).nunique(dropna=False) > 1:
             cols.append(c)
     return cols
-
-
-def _short(col: str, cols: list[str]) -> str:
-    last = col.split(".")[-1]
-    return last if sum(c.split(".")[-1] == last for c in cols) == 1 else col
 
 
 def results_table(workdir: str) -> str:
@@ -78,11 +71,10 @@ def results_table(workdir: str) -> str:
         if c in df:
             table[c] = df[c]
     vary = [c for c in vary if c not in _TAG_COLUMNS]
-    for c in vary:
-        table[_short(c, vary)] = df[c]
+    for c, short in short_names(vary).items():
+        table[short] = df[c]
     for c in ("final_val_loss", "best_val_loss"):
-        table[c] = df[c].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
-                             else f"{v:.4f}")
+        table[c] = df[c].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     table["params"] = df["params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     table["tokens"] = df["tokens_seen"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
     with pd.option_context("display.max_rows", None, "display.max_columns", None,
@@ -130,7 +122,8 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     table = stability.lr_sensitivity_table(finished, by)
-                    path = stability.plot_lr_sweep(finished, out / "lr_sweep.png", by=by)
+                    path = stability.plot_lr_sweep(finished, out / "lr_sweep.png", by=by,
+                                                   table=table)
                 import pandas as pd
                 with pd.option_context("display.width", 250, "display.max_columns", None):
                     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -142,7 +135,7 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
     if {"model.norm_position", "model.layernorm_scaling"} & set(vary) and not finished.empty:
         did = True
         by = group_columns(df, [c for c in vary if c != "steps"])
-        table = stability.residual_growth_table(finished, wd, by)
+        table = stability.residual_growth_table(finished, by)
         print("\nResidual-stream RMS after the first / last layer at the end of training:")
         if table.empty:
             print("  no run logged resid_rms/<layer>")
@@ -151,11 +144,10 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
             shown = table.drop(columns=["profile"]).sort_values(by)
             with pd.option_context("display.width", 250, "display.max_columns", None):
                 print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-            path = stability.plot_residual_growth(table, wd, out / "residual_growth.png",
-                                                  label=by)
+            path = stability.plot_residual_growth(table, out / "residual_growth.png", label=by)
             print(f"  plot: {path}")
 
-    tags = _tags(wd)
+    tags = df.attrs["tags"]
     done = df[df["status"] == "completed"]
     budget = [tags.get(r, {}).get("budget") for r in done["run"]]
     has_budget = any(b is not None for b in budget)

@@ -54,22 +54,22 @@ def command(trial: Trial, base: Path, run_dir: Path) -> list[str]:
     return cmd
 
 
-def read_status(run_dir: Path) -> str | None:
+def _read_summary(run_dir: Path) -> dict:
+    """The run's summary.json, or {} when it is missing, partly written or not a dict."""
     try:
-        s = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return None
-    return s.get("status") if isinstance(s, dict) else None
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def read_status(run_dir: Path) -> str | None:
+    return _read_summary(run_dir).get("status")
 
 
 def _mark_failed(run_dir: Path, code: int, status_text: str | None = None) -> str:
     path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict):
-            summary = {}
-    except (OSError, ValueError):
-        summary = {}
+    summary = _read_summary(run_dir)
     status = summary.get("status")
     if isinstance(status, str) and status.startswith(_FINAL):
         return status
@@ -84,11 +84,8 @@ def _mark_failed(run_dir: Path, code: int, status_text: str | None = None) -> st
 
 
 def _final_loss(run_dir: Path) -> str:
-    try:
-        s = json.loads((run_dir / "summary.json").read_text())
-        return f" val {s['final_val_loss']:.4f}" if s.get("final_val_loss") is not None else ""
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+    loss = _read_summary(run_dir).get("final_val_loss")
+    return f" val {loss:.4f}" if isinstance(loss, (int, float)) else ""
 
 
 def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool = False,

@@ -148,7 +148,7 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name)
 
 
-def _short_names(keys: list[str]) -> dict[str, str]:
+def short_names(keys: list[str]) -> dict[str, str]:
     """Last dotted component of each key, or the whole key where that is ambiguous."""
     last = [k.lstrip("@").split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k.lstrip("@")) for k, s in zip(keys, last)}
@@ -157,12 +157,8 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 def _sizes(sizes) -> list[tuple[str, dict]]:
     if not sizes:
         return []
-    items = list(sizes.items()) if isinstance(sizes, Mapping) else list(sizes)
-    out = []
-    for item in items:
-        name, ov = item
-        out.append((str(name), ov))
-    return out
+    items = sizes.items() if isinstance(sizes, Mapping) else sizes
+    return [(str(name), ov) for name, ov in items]
 
 
 def base_config(sweep: Sweep) -> TrainConfig:
@@ -186,7 +182,7 @@ def expand(sweep: Sweep, *, smoke: bool = False) -> list[Trial]:
         if not pts:
             raise ConfigError(f"sweep axis {ax!r} has no values")
     axis_keys = list(dict.fromkeys(k for pts in axis_points for p in pts for k in p))
-    short = _short_names(axis_keys)
+    short = short_names(axis_keys)
 
     trials, seen = [], {}
     for size in (sizes or [None]):

@@ -174,6 +174,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
               flush=True)
 
     exit_code, status = 0, "completed"
+    attention_layers = [i for i in range(cfg.model.n_layers) if cfg.model.mixer(i) == "a"]
     window_start, window_steps = time.perf_counter(), 0
     step = start
     with _StopFlag() as stop:
@@ -193,6 +194,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 tps = tokens_per_step / step_time
                 mfu = fpt * tps / (peak * n_devices)
                 record = {k: np.asarray(v) for k, v in metrics.items()}
+                # Only attention layers have attention logits (Mamba-2 / retention: NaN).
+                record["attn_logit_max"] = {i: record["attn_logit_max"][i]
+                                            for i in attention_layers}
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=mfu)
                 sink.write(step, record)
                 progress.line(step, loss, tps, mfu, step_time)

@@ -15,18 +15,18 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
-    """Flatten to scalars: a per-layer vector m becomes m/0, m/1, ... Layers without
-    attention (Mamba-2, retention) report a NaN max attention logit; it is left out."""
+    """Flatten to scalars: a per-layer vector m, or a {layer: value} dict of some
+    layers, becomes m/0, m/1, ..."""
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{i}": float(x) for i, x in v.items()})
+            continue
         arr = np.asarray(v)
         if arr.ndim == 0:
             out[k] = float(arr)
         else:
-            for i, x in enumerate(arr.reshape(-1)):
-                if k == "attn_logit_max" and np.isnan(x):
-                    continue
-                out[f"{k}/{i}"] = float(x)
+            out.update({f"{k}/{i}": float(x) for i, x in enumerate(arr.reshape(-1))})
     return out
 
 
