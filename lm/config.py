@@ -86,8 +86,9 @@ class ModelConfig:
         return self.mixer_pattern[layer % len(self.mixer_pattern)]
 
     @property
-    def attention_layers(self) -> int:
-        return sum(self.mixer(i) == "a" for i in range(self.n_layers))
+    def attention_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose mixer is attention."""
+        return tuple(i for i in range(self.n_layers) if self.mixer(i) == "a")
 
 
 @dataclass(frozen=True)

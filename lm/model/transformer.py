@@ -198,7 +198,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head_dim, halved for causal masking (PaLM appendix B convention). The recurrent
     mixers' scan FLOPs (O(chunk + state) per token) are not counted."""
     n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
-    attention = 6 * 2 * cfg.attention_layers * seq_len * cfg.n_heads * cfg.dh / 2
+    attention = 6 * 2 * len(cfg.attention_layers) * seq_len * cfg.n_heads * cfg.dh / 2
     return 6 * n + attention
 
 

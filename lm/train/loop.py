@@ -174,7 +174,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
               flush=True)
 
     exit_code, status = 0, "completed"
-    attention_layers = [i for i in range(cfg.model.n_layers) if cfg.model.mixer(i) == "a"]
+    # Layers that report a max attention logit: attention layers, unless cuDNN runs them
+    # (it does not expose the logits).
+    attention_layers = () if cfg.model.attention_impl == "cudnn" else cfg.model.attention_layers
     window_start, window_steps = time.perf_counter(), 0
     step = start
     with _StopFlag() as stop:
@@ -194,7 +196,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
                 tps = tokens_per_step / step_time
                 mfu = fpt * tps / (peak * n_devices)
                 record = {k: np.asarray(v) for k, v in metrics.items()}
-                # Only attention layers have attention logits (Mamba-2 / retention: NaN).
+                # The others report NaN (Mamba-2 / retention have no attention logits).
                 record["attn_logit_max"] = {i: record["attn_logit_max"][i]
                                             for i in attention_layers}
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=mfu)
