@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def cmd_launch(args) -> int:
 def cmd_sweep(args) -> int:
     from lm.sweep.runner import run_sweep
     return run_sweep(args.spec, args.workdir, parallel=args.parallel, dry_run=args.dry_run,
-                     smoke=args.smoke)
+                     smoke=args.smoke, launch=shlex.split(args.launch))
 
 
 def cmd_results(args) -> int:
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="trials at a time")
     p.add_argument("--dry-run", action="store_true", help="print each trial and its command")
     p.add_argument("--smoke", action="store_true", help="the spec's tiny smoke-test version")
+    p.add_argument("--launch", default="", metavar="ARGS",
+                   help='run each trial through `lm launch ARGS -- train ...`, e.g. '
+                        '"local --processes 2" or "slurm --nodes 1 --gpus-per-node 8"')
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("results", help="a table of the runs under a sweep workdir")

@@ -145,3 +145,23 @@ def test_notebooks_run_on_a_sweep(tiny_sweep, notebook, monkeypatch):
 def test_results_of_missing_dir_is_one_line(tmp_path):
     result = lm("results", str(tmp_path / "nope"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_trials_handed_to_lm_launch(tmp_path):
+    """--launch runs each trial as `lm launch <args> -- train ...` (here a one-process
+    local pod) and the sweep reads its exit code and summary like a local trial's."""
+    spec = _spec(tmp_path, f"""
+        from lm.sweep import Grid, Sweep
+        def sweep():
+            return Sweep(overrides={TINY!r} + ["steps=2", "eval_every=2", "log_every=1",
+                                               "checkpoint_every=2"],
+                         axes=[Grid("optim.lr", [1e-3])])
+    """)
+    work = tmp_path / "w"
+    result = lm("sweep", spec, "--workdir", str(work), "--launch", "local --processes 1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 completed" in result.stdout
+    trial = json.loads((work / "sweep.json").read_text())["trials"][0]
+    i = trial["command"].index("launch")
+    assert trial["command"][i:i + 5] == ["launch", "local", "--processes", "1", "--"]
+    assert json.loads((work / "lr=1e-3" / "summary.json").read_text())["status"] == "completed"

@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 import time
 from pathlib import Path
 
@@ -46,9 +47,11 @@ def _write_base(sweep: Sweep, workdir: Path) -> None:
         "    return from_json((Path(__file__).parent / 'base_config.json').read_text())\n")
 
 
-def command(trial: Trial, base: Path, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lm.cli", "train", "--config", str(base),
-           "--run-dir", str(run_dir)]
+def command(trial: Trial, base: Path, run_dir: Path, launch: Sequence[str] = ()) -> list[str]:
+    """The trial's `lm train` command; with `launch` (e.g. ["local", "--processes", "2"])
+    it runs through `lm launch <launch> -- train ...`, whose exit code is the trainer's."""
+    cmd = [sys.executable, "-m", "lm.cli", *(["launch", *launch, "--"] if launch else []),
+           "train", "--config", str(base), "--run-dir", str(run_dir)]
     for o in [*trial.overrides, f"name={trial.name}"]:
         cmd += ["--set", o]
     return cmd
@@ -89,7 +92,7 @@ def _final_loss(run_dir: Path) -> str:
 
 
 def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool = False,
-              smoke: bool = False) -> int:
+              smoke: bool = False, launch: Sequence[str] = ()) -> int:
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
     sweep = load_spec(spec_path, smoke=smoke)
@@ -99,7 +102,7 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
     if dry_run:
         for t in trials:
             print(t.name)
-            print("  " + shlex.join(command(t, base, wd / t.name)))
+            print("  " + shlex.join(command(t, base, wd / t.name, launch)))
         print(f"{len(trials)} trials (dry run: nothing written)")
         return 0
 
@@ -107,7 +110,8 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
     _write_base(sweep, wd.resolve())
     (wd / "sweep.json").write_text(json.dumps({
         "spec": str(Path(spec_path).resolve()), "smoke": smoke, "base_config": str(base),
-        "trials": [{**t.to_dict(), "command": command(t, base, wd / t.name)} for t in trials],
+        "trials": [{**t.to_dict(), "command": command(t, base, wd / t.name, launch)}
+                   for t in trials],
     }, indent=2, default=str))
 
     todo, tally = [], {"completed": 0, "diverged": 0, "failed": 0, "interrupted": 0,
@@ -148,7 +152,7 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
                 run_dir = wd / t.name
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the trial ends)
-                p = subprocess.Popen(command(t, base, run_dir), stdout=log,
+                p = subprocess.Popen(command(t, base, run_dir, launch), stdout=log,
                                      stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
                 running[p] = (t, time.perf_counter(), log)
