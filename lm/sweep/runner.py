@@ -17,8 +17,8 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lm import config as config_lib
