@@ -15,23 +15,52 @@ from flax import nnx
 
 from lm.config import ConfigError, ModelConfig
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
-from lm.parallel.sharding import constrain
+from lm.parallel.sharding import constrain, is_sharded
 
 NEG_INF = -1e30
 
 
-def masked_softmax(scores, mask_BTS):
+@jax.custom_vjp
+def _softmax(scores):
+    """Softmax over the last axis, and each row's maximum (the logit diagnostic: no
+    gradient flows through it). The backward is written out as p * (g - sum(g * p)):
+    autodiff of exp-and-normalise leaves XLA:CPU more passes over the score tensor
+    (about 10% of the attention core's time)."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - row_max)
+    # One reciprocal per row and a multiply: a divide per score is ~20% slower on CPU.
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True)), row_max
+
+
+def _softmax_fwd(scores):
+    probs, row_max = _softmax(scores)
+    return (probs, row_max), probs
+
+
+def _softmax_bwd(probs, cotangents):
+    d_probs, _ = cotangents
+    return (probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def masked_softmax(scores, mask):
     """Softmax over keys with masked entries excluded, and the largest unmasked logit.
 
     The row maxima that make the softmax stable double as the max-logit diagnostic
     (one reduction fewer than jax.nn.softmax plus a separate masked max). An additive
     mask bias was tried instead of the select and was ~20% slower on XLA:CPU.
     """
-    scores = jnp.where(mask_BTS[:, None, None], scores, NEG_INF)
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    e = jnp.exp(scores - row_max)
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)
+    probs, row_max = _softmax(jnp.where(mask, scores, NEG_INF))
     return probs, jnp.max(row_max)
+
+
+def query_blocks(t: int, n_blocks: int) -> list[tuple[int, int]]:
+    """[lo, hi) bounds of `n_blocks` near-equal query blocks covering 0..t."""
+    n = max(1, min(n_blocks, t))
+    edges = [round(i * t / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 class Attention(nnx.Module):
@@ -39,8 +68,9 @@ class Attention(nnx.Module):
         pdt = DTYPES[cfg.param_dtype]
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.max_len = cfg.rope_theta, cfg.max_seq_len
         self.impl, self.window, self.sinks = cfg.attention_impl, cfg.attention_window, cfg.attention_sinks
+        self.q_blocks = cfg.attention_q_blocks
         if self.impl == "cudnn" and jax.default_backend() != "gpu":
             raise ConfigError("model.attention_impl=cudnn needs an NVIDIA GPU; this backend "
                               f"is {jax.default_backend()} (use xla or pallas)")
@@ -76,8 +106,8 @@ class Attention(nnx.Module):
         v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(cdt))
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta)
-        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta)
+        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len)
+        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len)
         # Sequence parallelism: queries stay sharded along the sequence; keys and
         # values are all-gathered along it (the "seq" name is absent), so each shard
         # attends its queries to the whole (causally masked) sequence.
@@ -91,32 +121,64 @@ class Attention(nnx.Module):
             y_BTD, max_logit = self._fused(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
             return y_BTD, None, max_logit
         if cache is None:
-            # Within one document positions grow with the index, so position order is
-            # causal order; different documents never see each other.
-            mask_BTS = (positions_BT[:, :, None] >= k_positions_BT[:, None, :]) & (
-                segment_ids_BT[:, :, None] == k_segment_ids_BT[:, None, :])
-            mask_BTS &= self._window(positions_BT[:, :, None], k_positions_BT[:, None, :])
-            new_cache = None
-        else:
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
-            slots = jnp.arange(k_all.shape[1])[None, None, :]
-            mask_BTS = (slots <= positions_BT[:, :, None]) & self._window(
-                positions_BT[:, :, None], slots)
+            out_BTHD, max_logit = self._causal_blocks(
+                q_BTHD, k_BTKD, v_BTKD, positions_BT, k_positions_BT, segment_ids_BT,
+                k_segment_ids_BT)
+            return self._project_out(out_BTHD), None, max_logit
 
+        k_all = jax.lax.dynamic_update_slice(
+            cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(
+            cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+        new_cache = {"k": k_all, "v": v_all}
+        k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
+        slots = jnp.arange(k_all.shape[1])[None, None, :]
+        mask_BTS = (slots <= positions_BT[:, :, None]) & self._window(
+            positions_BT[:, :, None], slots)
         b, t, h, dh = q_BTHD.shape
-        g = h // self.n_kv
-        q_BTKGD = q_BTHD.reshape(b, t, self.n_kv, g, dh)
+        q_BTKGD = q_BTHD.reshape(b, t, self.n_kv, h // self.n_kv, dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD,
                             preferred_element_type=jnp.float32) * self.scale
-        probs, max_logit = masked_softmax(scores, mask_BTS)
-        probs = probs.astype(cdt)
-        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BTKD)
+        probs, max_logit = masked_softmax(scores, mask_BTS[:, None, None])
+        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cdt), v_BTKD)
         return self._project_out(out_BTKGD.reshape(b, t, h, dh)), new_cache, max_logit
+
+    def _causal_blocks(self, q_BTHD, k_BTKD, v_BTKD, positions_BT, k_positions_BT,
+                       segment_ids_BT, k_segment_ids_BT):
+        """Training attention over materialised scores, one block of queries at a time.
+
+        Query i sees key j iff j <= i, both are in the same document (equal segment
+        ids) and, with a window, j is within reach (positions are document-relative).
+        Query block [lo, hi) therefore only scores keys [k_lo, hi): causality hides the
+        keys after it (and a window without sinks those long before it), which skips
+        (n - 1) / 2n of the score matmuls and softmax work for n blocks (1.9x faster
+        attention on CPU at seq 256, 4 blocks). Under sequence parallelism the queries
+        are sharded along the sequence, so they are kept whole (one block).
+        """
+        cdt = self.compute_dtype
+        b, t, h, dh = q_BTHD.shape
+        kv, g = self.n_kv, h // self.n_kv
+        # Heads-major layout: each (batch, head) pair is one contiguous matmul.
+        q_BKGTD = q_BTHD.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4)
+        k_BKSD, v_BKSD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
+        index = jnp.arange(t)
+        n_blocks = 1 if is_sharded("seq", t) else self.q_blocks
+        outs, maxes = [], []
+        for lo, hi in query_blocks(t, n_blocks):
+            k_lo = max(0, lo - self.window + 1) if self.window and not self.sinks else 0
+            mask_BTS = (index[lo:hi, None] >= index[None, k_lo:hi]) & (
+                segment_ids_BT[:, lo:hi, None] == k_segment_ids_BT[:, None, k_lo:hi])
+            mask_BTS &= self._window(positions_BT[:, lo:hi, None],
+                                     k_positions_BT[:, None, k_lo:hi])
+            scores = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, lo:hi],
+                                k_BKSD[:, :, k_lo:hi],
+                                preferred_element_type=jnp.float32) * self.scale
+            probs, max_logit = masked_softmax(scores, mask_BTS[:, None, None])
+            outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(cdt), v_BKSD[:, :, k_lo:hi]))
+            maxes.append(max_logit)
+        out_BKGTD = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+        out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+        return out_BTHD, jnp.max(jnp.stack(maxes))
 
     def _window(self, q_pos, k_pos):
         """Sliding window (with LM-Infinite sink tokens): True where a key is in reach."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.config import ModelConfig
@@ -54,13 +56,32 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
-def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (rotate-half form) at the given integer positions."""
+@functools.lru_cache(maxsize=16)
+def _rope_table(length: int, d: int, theta: float) -> np.ndarray:
+    """[length, 2, d/2]: sin and cos of every position's angles, in float32."""
+    freq = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    angle = np.arange(length, dtype=np.float64)[:, None] * freq
+    return np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
+
+
+def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float,
+         max_len: int | None = None) -> jax.Array:
+    """Rotary position embedding (rotate-half form) at the given integer positions.
+
+    With `max_len` (positions are below it), sin and cos are gathered from a table
+    computed once on the host: computed in the graph, XLA:CPU fuses them into every
+    consumer and recomputes them for each head and element, forward and backward."""
     d = x_BTHD.shape[-1]
-    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
-    sin = jnp.sin(angle_BTF)[:, :, None, :]
-    cos = jnp.cos(angle_BTF)[:, :, None, :]
+    if max_len is None:
+        freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+        angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
+        sin_BTF, cos_BTF = jnp.sin(angle_BTF), jnp.cos(angle_BTF)
+    else:
+        # Out-of-range positions read NaN (a loud failure) instead of clamping.
+        table = jnp.asarray(_rope_table(max_len, d, float(theta))).at[positions_BT].get(
+            mode="fill", fill_value=jnp.nan)
+        sin_BTF, cos_BTF = table[:, :, 0], table[:, :, 1]
+    sin, cos = sin_BTF[:, :, None, :], cos_BTF[:, :, None, :]
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTHD.dtype)

@@ -96,6 +96,14 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def is_sharded(name: str, dim: int) -> bool:
+    """Whether `constrain` would shard a dimension of this size and logical name."""
+    if not _ACTIVE:
+        return False
+    mesh, rules = _ACTIVE[-1]
+    return spec_for((name,), (dim,), mesh, rules) != P(None)
+
+
 def batch_sharding(mesh: Mesh, rules: dict, seq_len: int, batch: int) -> NamedSharding:
     return NamedSharding(mesh, spec_for(("batch", "seq"), (batch, seq_len), mesh, rules))
 
