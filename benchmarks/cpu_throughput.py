@@ -1,19 +1,24 @@
 """Training throughput of variants measured in one run, interleaved round by round so
 that machine noise hits them alike: code trees (e.g. a git worktree of an older commit
-against this one) and XLA CPU flags.
+against this one), XLA CPU flags, environment settings, and the PyTorch peer.
 
     git worktree add /tmp/base 92b131b     # the commit before the throughput work
     python benchmarks/cpu_throughput.py --tree base=/tmp/base --tree now=. \
         --config configs/bench_5m.py --rounds 3
     python benchmarks/cpu_throughput.py --tree now=. --flags onednn=--xla_cpu_use_onednn=true
+    python benchmarks/cpu_throughput.py --env 4k-pages=LMLAB_HUGE_PAGES=0 \
+        --torch /tmp/torchenv/bin/python          # + the peer, with and without huge pages
 
-Each (tree, flags) pair runs `lm bench` in a fresh process per round; the table gives the
-median tokens/s over rounds and the ratio to the first variant.
+Each (tree, setting) pair runs `lm bench` in a fresh process per round; the table gives
+the median tokens/s over rounds and the ratio to the first variant. The torch peer
+(benchmarks/torch_peer.py, reference shape only) runs in the given interpreter, as is
+and with glibc.malloc.hugetlb=1 (the setting `lm` gives itself; see lm/hostmem.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -26,15 +31,27 @@ MFU = re.compile(r"MFU ([\d.]+)%")
 COMPILE = re.compile(r"compile ([\d.]+)s")
 
 
-def run_bench(tree: Path, flags: str, config: str, steps: int) -> tuple[float, float, float]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree))
+def run_torch(python: str, env_extra: dict, steps: int) -> tuple[float, float, float]:
+    script = Path(__file__).resolve().parent / "torch_peer.py"
+    out = subprocess.run([python, str(script), "--steps", str(steps), "--json"],
+                         env=dict(os.environ, **env_extra), capture_output=True, text=True,
+                         check=False)
+    if out.returncode:
+        raise SystemExit(f"torch peer failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.splitlines()[-1])["tokens_per_s"], float("nan"), float("nan")
+
+
+def run_bench(tree: Path, flags: str, env_extra: dict, config: str,
+              steps: int) -> tuple[float, float, float]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree), **env_extra)
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), flags]))
     out = subprocess.run([sys.executable, "-m", "lm.cli", "bench", "--config",
                           str(tree / config), "--steps", str(steps)], cwd=tree, env=env,
                          capture_output=True, text=True, check=False)
     m = TOKENS.search(out.stdout)
     if out.returncode or not m:
-        raise SystemExit(f"bench failed in {tree} with {flags!r}: {out.stderr[-1500:]}")
+        raise SystemExit(f"bench failed in {tree} with {flags!r} {env_extra}: "
+                         f"{out.stderr[-1500:]}")
     return (float(m.group(1).replace(",", "")), float(MFU.search(out.stdout).group(1)),
             float(COMPILE.search(out.stdout).group(1)))
 
@@ -44,18 +61,31 @@ def main() -> None:
     p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--flags", action="append", default=[], metavar="NAME=XLA_FLAGS",
                    help="flag variants, each run on every tree ('none' always included)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+                   help="environment variants, each run on every tree")
+    p.add_argument("--torch", metavar="PYTHON",
+                   help="also time the PyTorch peer with this interpreter")
     p.add_argument("--config", default="configs/bench_5m.py")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     trees = [(n, Path(t).resolve()) for n, t in (s.split("=", 1) for s in args.tree or ["now=."])]
-    flag_sets = [("none", "")] + [tuple(s.split("=", 1)) for s in args.flags]
-    variants = [(f"{tn}" + (f"+{fn}" if fn != "none" else ""), tree, flags)
-                for tn, tree in trees for fn, flags in flag_sets]
+    settings = [("none", "", {})]
+    settings += [(n, f, {}) for n, f in (s.split("=", 1) for s in args.flags)]
+    for item in args.env:
+        name, assignments = item.split("=", 1)
+        settings.append((name, "", dict(a.split("=", 1) for a in assignments.split(","))))
+    variants = [(f"{tn}" + (f"+{sn}" if sn != "none" else ""),
+                 lambda tree=tree, f=f, e=e: run_bench(tree, f, e, args.config, args.steps))
+                for tn, tree in trees for sn, f, e in settings]
+    if args.torch:
+        variants.append(("torch", lambda: run_torch(args.torch, {}, args.steps)))
+        variants.append(("torch+hugepages", lambda: run_torch(
+            args.torch, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, args.steps)))
     results: dict[str, list] = {v[0]: [] for v in variants}
     for r in range(args.rounds):
-        for name, tree, flags in variants:
-            results[name].append(run_bench(tree, flags, args.config, args.steps))
+        for name, run in variants:
+            results[name].append(run())
             print(f"round {r + 1}: {name}: {results[name][-1][0]:,.0f} tokens/s", flush=True)
     first = statistics.median(x[0] for x in results[variants[0][0]])
     print(f"\n{'variant':<28} {'tokens/s (median)':>18} {'MFU %':>7} {'compile s':>10} {'ratio':>7}")

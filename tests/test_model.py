@@ -210,11 +210,11 @@ def test_mlp_custom_backward_equals_autodiff(kind):
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     x = jax.random.normal(keys[0], (2, 8, 16))
     w_ins = tuple(0.2 * jax.random.normal(k, (16, 32)) for k in keys[1:1 + (2 if kind == "swiglu" else 1)])
-    w_out = 0.2 * jax.random.normal(keys[4], (32, 16))
+    w_out = 0.2 * jax.random.normal(keys[4], (16, 32))  # stored [embed, mlp]
     cot = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 16))
 
     def plain(x, w_ins, w_out):
-        return activation(kind, tuple(x @ w for w in w_ins)) @ w_out
+        return activation(kind, tuple(x @ w for w in w_ins)) @ w_out.T
 
     for fn in (plain, lambda *a: mlp_core(kind, *a)):
         out, vjp = jax.vjp(fn, x, w_ins, w_out)

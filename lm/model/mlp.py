@@ -7,6 +7,10 @@ matmuls allow. Here the backward is written as explicit 2-D matmuls, and the
 activation gradient is materialised in its natural layout (an optimization barrier)
 before the weight-gradient matmul. The maths is unchanged (tests compare against
 autodiff); on GPU/TPU the same matmuls are what autodiff would emit.
+
+The output projection is stored [d_model, d_ff] (as torch.nn.Linear stores [out, in]):
+its weight gradient is then a [d_model, d_ff] product, which XLA:CPU's GEMM computes
+1.5x faster than the [d_ff, d_model] one, and the other two matmuls lose nothing.
 """
 
 from __future__ import annotations
@@ -37,22 +41,22 @@ def _matmuls_in(x_BTD, w_ins):
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def mlp_core(kind: str, x_BTD, w_ins: tuple, w_out):
     h_BTF = activation(kind, _matmuls_in(x_BTD, w_ins))
-    return constrain(h_BTF, ("batch", "seq", "mlp")) @ w_out
+    return constrain(h_BTF, ("batch", "seq", "mlp")) @ w_out.T
 
 
 def _fwd(kind, x_BTD, w_ins, w_out):
     pre = _matmuls_in(x_BTD, w_ins)
     h_BTF = constrain(activation(kind, pre), ("batch", "seq", "mlp"))
-    return h_BTF @ w_out, (x_BTD, w_ins, w_out, pre)
+    return h_BTF @ w_out.T, (x_BTD, w_ins, w_out, pre)
 
 
 def _bwd(kind, res, dy_BTD):
     x_BTD, w_ins, w_out, pre = res
     h_BTF, act_vjp = jax.vjp(lambda *p: activation(kind, p), *pre)
-    d, f = w_out.shape[1], w_out.shape[0]
+    d, f = w_out.shape
     x_MD, dy_MD, h_MF = x_BTD.reshape(-1, d), dy_BTD.reshape(-1, d), h_BTF.reshape(-1, f)
-    dw_out = jnp.einsum("mf,md->fd", h_MF, dy_MD)
-    dh_BTF = dy_BTD @ w_out.T
+    dw_out = jnp.einsum("md,mf->df", dy_MD, h_MF)
+    dh_BTF = dy_BTD @ w_out
     dpre = jax.lax.optimization_barrier(act_vjp(dh_BTF))
     dw_ins = tuple(jnp.einsum("md,mf->df", x_MD, dp.reshape(-1, f)) for dp in dpre)
     dx_BTD = sum(dp @ w.T for dp, w in zip(dpre, w_ins))
@@ -73,7 +77,7 @@ class MLP(nnx.Module):
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
         # Residual-branch output projections are scaled down with depth (GPT-2).
         out_std = hidden_std(cfg, f) / math.sqrt(2 * cfg.n_layers)
-        self.w_out = param(rngs, (f, d), ("mlp", "embed"), out_std, pdt)
+        self.w_out = param(rngs, (d, f), ("embed", "mlp"), out_std, pdt)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
