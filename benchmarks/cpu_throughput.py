@@ -1,11 +1,12 @@
 """Training throughput of variants measured in one run, interleaved round by round so
 that machine noise hits them alike: code trees (e.g. a git worktree of an older commit
-against this one), XLA CPU flags, environment settings, and the PyTorch peer.
+against this one), XLA CPU flags, environment settings, config overrides, and the PyTorch peer.
 
     git worktree add /tmp/base 92b131b     # the commit before the throughput work
     python benchmarks/cpu_throughput.py --tree base=/tmp/base --tree now=. \
         --config configs/bench_5m.py --rounds 3
     python benchmarks/cpu_throughput.py --tree now=. --flags onednn=--xla_cpu_use_onednn=true
+    python benchmarks/cpu_throughput.py --set dense=model.attention_q_blocks=1
     python benchmarks/cpu_throughput.py --env 4k-pages=LMLAB_HUGE_PAGES=0 \
         --torch /tmp/torchenv/bin/python          # + the peer, with and without huge pages
 
@@ -41,12 +42,13 @@ def run_torch(python: str, env_extra: dict, steps: int) -> tuple[float, float, f
     return json.loads(out.stdout.splitlines()[-1])["tokens_per_s"], float("nan"), float("nan")
 
 
-def run_bench(tree: Path, flags: str, env_extra: dict, config: str,
+def run_bench(tree: Path, flags: str, env_extra: dict, overrides: list[str], config: str,
               steps: int) -> tuple[float, float, float]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree), **env_extra)
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), flags]))
     out = subprocess.run([sys.executable, "-m", "lm.cli", "bench", "--config",
-                          str(tree / config), "--steps", str(steps)], cwd=tree, env=env,
+                          str(tree / config), "--steps", str(steps),
+                          *[a for o in overrides for a in ("--set", o)]], cwd=tree, env=env,
                          capture_output=True, text=True, check=False)
     m = TOKENS.search(out.stdout)
     if out.returncode or not m:
@@ -63,6 +65,8 @@ def main() -> None:
                    help="flag variants, each run on every tree ('none' always included)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
                    help="environment variants, each run on every tree")
+    p.add_argument("--set", action="append", default=[], dest="overrides",
+                   metavar="NAME=KEY=VALUE[,KEY=VALUE]", help="config variants, each run on every tree")
     p.add_argument("--torch", metavar="PYTHON",
                    help="also time the PyTorch peer with this interpreter")
     p.add_argument("--config", default="configs/bench_5m.py")
@@ -70,14 +74,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     trees = [(n, Path(t).resolve()) for n, t in (s.split("=", 1) for s in args.tree or ["now=."])]
-    settings = [("none", "", {})]
-    settings += [(n, f, {}) for n, f in (s.split("=", 1) for s in args.flags)]
+    settings = [("none", "", {}, [])]
+    settings += [(n, f, {}, []) for n, f in (s.split("=", 1) for s in args.flags)]
     for item in args.env:
         name, assignments = item.split("=", 1)
-        settings.append((name, "", dict(a.split("=", 1) for a in assignments.split(","))))
+        settings.append((name, "", dict(a.split("=", 1) for a in assignments.split(",")), []))
+    for item in args.overrides:
+        name, assignments = item.split("=", 1)
+        settings.append((name, "", {}, assignments.split(",")))
     variants = [(f"{tn}" + (f"+{sn}" if sn != "none" else ""),
-                 lambda tree=tree, f=f, e=e: run_bench(tree, f, e, args.config, args.steps))
-                for tn, tree in trees for sn, f, e in settings]
+                 lambda tree=tree, f=f, e=e, o=o: run_bench(tree, f, e, o, args.config, args.steps))
+                for tn, tree in trees for sn, f, e, o in settings]
     if args.torch:
         variants.append(("torch", lambda: run_torch(args.torch, {}, args.steps)))
         variants.append(("torch+hugepages", lambda: run_torch(

@@ -242,3 +242,42 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat, scan):
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 0), (6, 0), (6, 2)])
+def test_blocked_causal_attention_equals_one_dense_block(window, sinks):
+    """Scoring queries in blocks that skip the keys causality (and the window) hides
+    gives the dense result: logits, max attention logits and gradients, on packed rows
+    with document boundaries off the block edges and blocks of uneven length."""
+    t = 21
+    segments = jnp.array([[1] * 5 + [2] * 11 + [3] * 5, [4] * t])
+    positions = jnp.array([list(range(5)) + list(range(11)) + list(range(5)), list(range(t))])
+    x = tokens(2, t, seed=8)
+
+    def loss_and_grads(q_blocks):
+        cfg = dataclasses.replace(TINY, n_kv_heads=2, attention_window=window,
+                                  attention_sinks=sinks, attention_q_blocks=q_blocks)
+        graphdef, params = nnx.split(make(cfg))
+
+        def loss(p):
+            logits, aux = nnx.merge(graphdef, p)(x, positions, segments)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:])
+            return ce.mean(), (logits, aux["attn_logit_max"])
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (ref_loss, (ref_logits, ref_max)), ref_grads = loss_and_grads(1)
+    for q_blocks in (2, 3, 5):
+        (l, (logits, max_logit)), grads = loss_and_grads(q_blocks)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(max_logit, ref_max, rtol=1e-6)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_query_blocks_cover_the_sequence():
+    from lm.model.attention import query_blocks
+    assert query_blocks(21, 5) == [(0, 4), (4, 8), (8, 13), (13, 17), (17, 21)]
+    assert query_blocks(256, 0) == [(0, 128), (128, 256)]  # auto: >= 128 queries a block
+    assert len(query_blocks(4096, 0)) == 8 and query_blocks(100, 0) == [(0, 100)]
+    assert query_blocks(3, 8) == [(0, 1), (1, 2), (2, 3)]
