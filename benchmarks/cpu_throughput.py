@@ -7,13 +7,14 @@ against this one), XLA CPU flags, environment settings, config overrides, and th
         --config configs/bench_5m.py --rounds 3
     python benchmarks/cpu_throughput.py --tree now=. --flags onednn=--xla_cpu_use_onednn=true
     python benchmarks/cpu_throughput.py --set dense=model.attention_q_blocks=1
-    python benchmarks/cpu_throughput.py --env 4k-pages=LMLAB_HUGE_PAGES=0 \
-        --torch /tmp/torchenv/bin/python          # + the peer, with and without huge pages
+    python benchmarks/cpu_throughput.py --env fresh-pages=LMLAB_HOST_MALLOC=0 \
+        --torch /tmp/torchenv/bin/python          # + the peer, as is and with our malloc tunables
 
 Each (tree, setting) pair runs `lm bench` in a fresh process per round; the table gives
 the median tokens/s over rounds and the ratio to the first variant. The torch peer
 (benchmarks/torch_peer.py, reference shape only) runs in the given interpreter, as is
-and with glibc.malloc.hugetlb=1 (the setting `lm` gives itself; see lm/hostmem.py).
+and with the glibc malloc tunables `lm` gives itself (lm/hostmem.py), so that
+neither side has an allocator advantage.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lm.hostmem import TUNABLES  # noqa: E402
 
 TOKENS = re.compile(r"\| ([\d,]+) tokens/s \|")
 MFU = re.compile(r"MFU ([\d.]+)%")
@@ -87,8 +91,8 @@ def main() -> None:
                 for tn, tree in trees for sn, f, e, o in settings]
     if args.torch:
         variants.append(("torch", lambda: run_torch(args.torch, {}, args.steps)))
-        variants.append(("torch+hugepages", lambda: run_torch(
-            args.torch, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, args.steps)))
+        variants.append(("torch+heap", lambda: run_torch(
+            args.torch, {"GLIBC_TUNABLES": ":".join(TUNABLES)}, args.steps)))
     results: dict[str, list] = {v[0]: [] for v in variants}
     for r in range(args.rounds):
         for name, run in variants:

@@ -9,7 +9,7 @@ import numpy as np
 
 from lm.config import TrainConfig
 from lm.data import load_tokenizer, train_iterator
-from lm.hostmem import huge_pages_active
+from lm.hostmem import host_malloc_active
 from lm.model import count_params, flops_per_token
 from lm.train.mfu import device_peak_flops
 from lm.parallel.sharding import per_device_bytes
@@ -57,8 +57,9 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
           f"(median of {steps}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
           f"MFU {100 * result['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
     if jax.default_backend() == "cpu":
-        print("host allocator: " + ("transparent huge pages (glibc.malloc.hugetlb=1)"
-                                    if huge_pages_active() else "4 KiB pages (see lm/hostmem.py)"))
+        print("host allocator: " + ("step buffers kept in the heap (glibc.malloc.mmap_max=0, "
+                                    "synchronous dispatch)" if host_malloc_active() else
+                                    "fresh pages every step (see lm/hostmem.py)"))
     if result["temp_bytes"] is not None:
         print(f"memory per device: state {result['state_bytes_per_device'] / 2**20:.1f} MiB, "
               f"compiled step temporaries {result['temp_bytes'] / 2**20:.1f} MiB")

@@ -252,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as a program (not called from Python): huge pages first
-        from lm.hostmem import reexec_with_huge_pages
-        reexec_with_huge_pages(sys.argv[1:])
+    if argv is None:  # run as a program (not called from Python): host malloc first
+        from lm.hostmem import reexec_with_host_malloc
+        reexec_with_host_malloc(sys.argv[1:])
     argv, remote = _split_remote(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.remote = remote
+    if args.command != "launch":
+        from lm.hostmem import configure_jax
+        configure_jax()
     from lm.config import ConfigError
     from lm.data import DataError
     try:
