@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
@@ -14,6 +15,11 @@ from lm.model import count_params, flops_per_token
 from lm.train.mfu import device_peak_flops
 from lm.parallel.sharding import per_device_bytes
 from lm.train.state import build, with_vocab
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (the cost lm/hostmem.py removes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
@@ -30,11 +36,13 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         state, m = compiled(state, b)
     jax.block_until_ready(m)
     times = []
+    faults_before = _minor_faults()
     for b in batches[warmup:]:
         t0 = time.perf_counter()
         state, m = compiled(state, b)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    faults_per_step = (_minor_faults() - faults_before) / steps
     step_time = float(np.median(times))
     tokens = cfg.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -51,6 +59,7 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         "mfu": fpt * tps / (peak * jax.device_count()),
         "state_bytes_per_device": per_device_bytes(pieces.abstract_state()),
         "temp_bytes": memory.get("temp"),
+        "page_faults_per_step": faults_per_step,
     }
     print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
           f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "
@@ -59,7 +68,8 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
     if jax.default_backend() == "cpu":
         print("host allocator: " + ("step buffers kept in the heap (glibc.malloc.mmap_max=0, "
                                     "synchronous dispatch)" if host_malloc_active() else
-                                    "fresh pages every step (see lm/hostmem.py)"))
+                                    "fresh pages every step (see lm/hostmem.py)")
+              + f" | {faults_per_step:,.0f} page faults per step")
     if result["temp_bytes"] is not None:
         print(f"memory per device: state {result['state_bytes_per_device'] / 2**20:.1f} MiB, "
               f"compiled step temporaries {result['temp_bytes'] / 2**20:.1f} MiB")
