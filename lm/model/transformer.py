@@ -14,10 +14,9 @@ from lm.model.attention import Attention
 from lm.model.layers import DTYPES, Norm, param
 from lm.model.mlp import MLP
 from lm.model.recurrent import Mamba2, Retention
-
-MIXERS = {"a": Attention, "m": Mamba2, "r": Retention}
 from lm.parallel.sharding import constrain
 
+MIXERS = {"a": Attention, "m": Mamba2, "r": Retention}
 ACT = ("batch", "seq", "act_embed")  # logical names of the residual stream
 
 
