@@ -179,7 +179,7 @@ class Attention(nnx.Module):
             probs, max_logit = masked_softmax(scores, mask_BTS[:, None, None])
             outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(cdt), v_BKSD[:, :, k_lo:hi]))
             maxes.append(max_logit)
-        out_BKGTD = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+        out_BKGTD = jnp.concatenate(outs, axis=3)
         out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
         return out_BTHD, jnp.max(jnp.stack(maxes))
 

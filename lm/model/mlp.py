@@ -34,18 +34,13 @@ def activation(kind: str, pre: tuple[jax.Array, ...]) -> jax.Array:
     return jax.nn.gelu(pre[0])
 
 
-def _matmuls_in(x_BTD, w_ins):
-    return tuple(x_BTD @ w for w in w_ins)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def mlp_core(kind: str, x_BTD, w_ins: tuple, w_out):
-    h_BTF = activation(kind, _matmuls_in(x_BTD, w_ins))
-    return constrain(h_BTF, ("batch", "seq", "mlp")) @ w_out.T
+    return _fwd(kind, x_BTD, w_ins, w_out)[0]
 
 
 def _fwd(kind, x_BTD, w_ins, w_out):
-    pre = _matmuls_in(x_BTD, w_ins)
+    pre = tuple(x_BTD @ w for w in w_ins)
     h_BTF = constrain(activation(kind, pre), ("batch", "seq", "mlp"))
     return h_BTF @ w_out.T, (x_BTD, w_ins, w_out, pre)
 
