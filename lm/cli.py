@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
+from lm.configs import DEFAULT_CONFIG
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

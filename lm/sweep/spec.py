@@ -24,8 +24,7 @@ from typing import Any
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "default.py"
+from lm.configs import DEFAULT_CONFIG
 
 
 # ----------------------------------------------------------------------------- axes
@@ -89,7 +88,7 @@ def log_grid(low: float, high: float, n: int, digits: int = 2) -> list[float]:
 
 @dataclass
 class Sweep:
-    """`base`: a TrainConfig, or a config file path (default configs/default.py).
+    """`base`: a TrainConfig, or a config file path (default: the shipped lm/configs/default.py).
     `overrides`: applied to the base for every trial (list of "key=value" or a dict).
     `axes`: Grid / Zip / LogUniform, crossed. `arms`: {name: overrides}, crossed.
     `sizes`: {name: model overrides} or [(name, overrides)], crossed (the size ladder).
