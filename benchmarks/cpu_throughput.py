@@ -6,7 +6,7 @@ against this one), XLA CPU flags, environment settings, config overrides, and th
     python benchmarks/cpu_throughput.py --tree base=/tmp/base --tree now=. \
         --config configs/bench_5m.py --rounds 3
     python benchmarks/cpu_throughput.py --tree now=. --flags onednn=--xla_cpu_use_onednn=true
-    python benchmarks/cpu_throughput.py --set dense=model.attention_q_blocks=1
+    python benchmarks/cpu_throughput.py --set dense=model.attention.q_blocks=1
     python benchmarks/cpu_throughput.py --env fresh-pages=LMLAB_HOST_MALLOC=0 \
         --torch /tmp/torchenv/bin/python          # + the peer, as is and with our malloc tunables
 

@@ -2,10 +2,11 @@
 
 import dataclasses
 
+from lm.model.mixers.retention import RetentionConfig
 from default import config as default_config
 
 
 def config():
     cfg = default_config()
-    model = dataclasses.replace(cfg.model, mixer_pattern="r", scan_chunk=32)
+    model = dataclasses.replace(cfg.model, mixer_pattern="r", retention=RetentionConfig(chunk=32))
     return dataclasses.replace(cfg, name="shakespeare-retnet", model=model)

@@ -21,20 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message is one line naming the key."""
+from lm.errors import ConfigError  # re-exported: the one definition
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model's shared knobs. Each mixer adds its own section (model.attention,
+    model.mamba2, model.retention, model.mlp, ...: see lm/model/mixers), attached below
+    by `_with_sections`."""
     vocab_size: int = 0  # 0 = take the tokenizer's vocabulary size
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = MQA; in between = GQA
     head_dim: int = 0  # 0 = d_model // n_heads
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    mlp_ratio: float = 4.0
     norm: Literal["rms", "layer"] = "rms"
     norm_position: Literal["pre", "post", "peri"] = "pre"
     layernorm_scaling: bool = False  # scale each block's norm outputs by 1/sqrt(layer index)
@@ -42,7 +42,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
-    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x))
+    parallel_block: bool = False  # x + mixer(norm(x)) + channel(norm(x))
     logit_softcap: float = 0.0  # 0 = off; else cap * tanh(logits / cap)
     init: Literal["standard", "mup"] = "standard"
     init_std: float = 0.02
@@ -54,24 +54,12 @@ class ModelConfig:
     # block inputs) | dots (save matmul outputs) | dots_no_batch (save matmuls without
     # batch dimensions: weights-side products, not attention scores).
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # xla: materialised scores (any backend); pallas: the flash-attention kernel in
-    # kernels/attention (interpret mode on CPU); cudnn: jax.nn.dot_product_attention's
-    # cuDNN path (NVIDIA GPUs only; no sinks, no max-logit diagnostic).
-    attention_impl: Literal["xla", "pallas", "cudnn"] = "xla"
-    # xla training attention: queries in this many blocks, each scoring only the keys
-    # causality leaves it (1 = one dense score matrix; 0 = auto: blocks of >= 128
-    # queries, at most 8, which measured best on CPU at seq 256).
-    attention_q_blocks: int = 0
-    attention_window: int = 0  # 0 = full causal attention; w = see the last w tokens
-    attention_sinks: int = 0  # with a window: the first s tokens of a document stay visible
-    # Sequence mixer per layer, cycled over the layers: a = attention, m = Mamba-2 (SSD),
-    # r = RetNet multi-scale retention. "a" = a transformer; "mmma" = attention every 4th.
+    # Sequence mixer per layer by code letter, cycled over the layers: a = attention,
+    # m = Mamba-2 (SSD), r = RetNet retention. "a" = a transformer; "mmma" = attention
+    # every 4th layer.
     mixer_pattern: str = "a"
-    ssm_state: int = 64  # Mamba-2 state size N per head
-    ssm_expand: int = 2  # Mamba-2 inner width = ssm_expand * d_model
-    ssm_conv: int = 4  # Mamba-2 causal depthwise convolution width
-    scan_chunk: int = 64  # chunk length of the linear-recurrence scan
-    scan_impl: Literal["auto", "pallas", "xla"] = "auto"  # auto: pallas on GPU/TPU
+    # Channel mixer per layer, cycled likewise: f = the MLP.
+    channel_pattern: str = "f"
 
     @property
     def kv_heads(self) -> int:
@@ -80,19 +68,6 @@ class ModelConfig:
     @property
     def dh(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
-
-    @property
-    def d_ff(self) -> int:
-        return int(self.mlp_ratio * self.d_model)
-
-    def mixer(self, layer: int) -> str:
-        """'a', 'm' or 'r': the sequence mixer of layer `layer` (from 0)."""
-        return self.mixer_pattern[layer % len(self.mixer_pattern)]
-
-    @property
-    def attention_layers(self) -> tuple[int, ...]:
-        """Indices of the layers whose mixer is attention."""
-        return tuple(i for i in range(self.n_layers) if self.mixer(i) == "a")
 
 
 @dataclass(frozen=True)
@@ -106,18 +81,21 @@ class DataConfig:
     text_field: str = "text"  # JSONL / Parquet column holding the document text
     validation_corpus: str = ""  # "" = split the corpus by document (see lm/data/sources.py)
     validation_fraction: float = 0.1
+    prefetch: int = 2  # batches read and put on the devices ahead of the step (0 = none)
+    read_threads: int = 0  # grain threads reading rows ahead (0 = in the prefetch thread)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The shared optimizer chain's knobs (clip, weight decay, LR schedule); `name`
+    picks the update direction, whose own knobs are its section (optim.adamw, ...: see
+    lm/optim), attached below by `_with_sections`."""
+    name: str = "adamw"
     lr: float = 3e-3
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: fraction of steps in the final decay
     min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
     weight_decay: float = 0.1
     # True: decay by weight_decay * schedule(t)/lr, i.e. not multiplied by the peak LR
     # (Wortsman et al. 2023); False: AdamW's decay lr(t) * weight_decay.
@@ -143,6 +121,31 @@ class MeshConfig:
     rules: str = ""
 
 
+def _with_sections(base: type, plugins: list, kind: str) -> type:
+    """`base` plus one field per plug-in: its config section, named after it. The plug-in
+    files own their knobs; this class only gathers them (so config.json, --set and
+    validation see one typed tree). `legacy` keys of the sections are remembered for
+    reading configs written before the sections existed."""
+    extra = [(p.name, p.Config, field(default_factory=p.Config)) for p in plugins]
+    cls = dataclasses.make_dataclass(base.__name__, extra, bases=(base,), frozen=True,
+                                     module=__name__)
+    cls.__doc__ = base.__doc__
+    cls.__qualname__ = base.__qualname__
+    cls.moved_keys = {}  # old flat key -> [(section, field)]
+    for p in plugins:
+        for old, new in getattr(p.Config, "legacy", {}).items():
+            cls.moved_keys.setdefault(old, []).append((p.name, new))
+    cls.plugin_kind = kind
+    return cls
+
+
+from lm.model import mixers as _mixers  # noqa: E402  (they import only lm.errors from here)
+from lm import optim as _optim  # noqa: E402
+
+ModelConfig = _with_sections(ModelConfig, _mixers.all_mixers(), "mixer")
+OptimConfig = _with_sections(OptimConfig, _optim.all_directions(), "optimizer")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +163,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = True
+    # Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host barrier,
+    # no device sync) and all stop after the same step; one process stops at once.
+    stop_sync_every: int = 10
 
 
 # ----------------------------------------------------------------------------- load
@@ -203,8 +209,22 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
+def _legacy_targets(node: Any, name: str, value_is_section: bool) -> list[tuple[str, str]]:
+    """Where a flat key of an earlier release lives now ([] if it is a current key). A
+    key that names a section now (e.g. `mlp`, once the activation) is legacy only when
+    given a plain value."""
+    targets = getattr(type(node), "moved_keys", {}).get(name, [])
+    if name in {f.name for f in dataclasses.fields(node)} and value_is_section:
+        return []
+    return targets
+
+
 def _set(node: Any, parts: list[str], raw: str, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(node)}
+    if len(parts) == 1 and (moved := _legacy_targets(node, parts[0], False)):
+        for section, name in moved:  # an old flat key: set it where it lives now
+            node = _set(node, [section, name], raw, key)
+        return node
     if parts[0] not in fields:
         raise ConfigError(f"unknown config key '{key}'")
     f = fields[parts[0]]
@@ -259,10 +279,27 @@ def to_json(cfg: TrainConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
+def _migrate_legacy(d: dict, cls: type) -> dict:
+    """Move the flat keys of an earlier release's config.json into their sections."""
+    legacy = getattr(cls, "moved_keys", {})
+    if not legacy:
+        return d
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for old, targets in legacy.items():
+        if old not in out or (old in names and isinstance(out[old], dict)):
+            continue
+        value = out.pop(old)
+        for section, name in targets:
+            out.setdefault(section, {}).setdefault(name, value)
+    return out
+
+
 def from_dict(d: dict, cls: type = TrainConfig, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     names = {f.name for f in dataclasses.fields(cls)}
+    d = _migrate_legacy(d, cls)
     for k, v in d.items():
         key = f"{prefix}{k}"
         if k not in names:
@@ -309,39 +346,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("n_kv_heads", "head_dim", "vocab_size"):
         if getattr(m, key) < 0:
             raise ConfigError(f"model.{key} must be >= 0, got {getattr(m, key)}")
-    positive("model.mlp_ratio", m.mlp_ratio)
     if not m.head_dim and m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads} "
             "(set model.head_dim to decouple them)")
     if m.dh % 2:
         raise ConfigError(f"model.head_dim={m.dh} must be even for RoPE")
-    if m.n_heads % m.kv_heads:
-        raise ConfigError(
-            f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
-    if not m.mixer_pattern or set(m.mixer_pattern) - set("amr"):
-        raise ConfigError(f"model.mixer_pattern={m.mixer_pattern!r} must be a non-empty "
-                          "string of a (attention), m (Mamba-2) and r (retention)")
-    if m.scan_layers and len(set(m.mixer_pattern)) > 1:
-        raise ConfigError(f"model.scan_layers needs one mixer type; mixer_pattern="
-                          f"{m.mixer_pattern!r} mixes several (set model.scan_layers=false)")
-    for key in ("attention_window", "attention_sinks"):
-        if getattr(m, key) < 0:
-            raise ConfigError(f"model.{key} must be >= 0, got {getattr(m, key)}")
-    if m.attention_sinks and not m.attention_window:
-        raise ConfigError("model.attention_sinks needs model.attention_window > 0")
-    if m.attention_impl == "cudnn" and m.attention_sinks:
-        raise ConfigError("model.attention_impl=cudnn does not support attention_sinks "
-                          "(use pallas or xla)")
-    if m.attention_q_blocks < 0:
-        raise ConfigError(f"model.attention_q_blocks must be >= 0, got {m.attention_q_blocks}")
-    for key in ("ssm_state", "ssm_expand", "ssm_conv", "scan_chunk"):
-        positive(f"model.{key}", getattr(m, key))
-    if "m" in m.mixer_pattern and (m.ssm_expand * m.d_model) % m.n_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must divide the Mamba-2 inner width "
-                          f"ssm_expand * d_model = {m.ssm_expand * m.d_model}")
+    _mixers.validate(m)  # the layer patterns, then each mixer in use
+    if m.scan_layers and (len(set(m.mixer_pattern)) > 1 or len(set(m.channel_pattern)) > 1):
+        raise ConfigError(f"model.scan_layers needs one mixer type per kind; mixer_pattern="
+                          f"{m.mixer_pattern!r}, channel_pattern={m.channel_pattern!r} "
+                          "(set model.scan_layers=false)")
     positive("model.mup_base_width", m.mup_base_width)
     positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
@@ -349,6 +366,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
+    _optim.validate(o)  # the direction's name, then its own section
     positive("optim.lr", o.lr)
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -356,15 +374,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    for key in ("b1", "b2"):
-        if not 0 <= getattr(o, key) < 1:
-            raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
-    for key in ("eps", "weight_decay", "clip_norm", "z_loss"):
+    for key in ("weight_decay", "clip_norm", "z_loss"):
         if getattr(o, key) < 0:
             raise ConfigError(f"optim.{key} must be >= 0, got {getattr(o, key)}")
     for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
-                "checkpoint_every", "keep_checkpoints"):
+                "checkpoint_every", "keep_checkpoints", "stop_sync_every"):
         positive(key, getattr(cfg, key))
+    for key in ("prefetch", "read_threads"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
     if cfg.eval_batches < 0:
         raise ConfigError(f"eval_batches must be >= 0, got {cfg.eval_batches}")
     if cfg.batch_size % cfg.grad_accum:

@@ -83,8 +83,8 @@ def task_hlo_layer(args):
     x = jax.device_put(jnp.ones((2, 32, 64)), NamedSharding(pieces.mesh, P()))
     pos = jnp.broadcast_to(jnp.arange(32), (2, 32))
     layers = {
-        "mlp": lambda m: m.blocks[0].mlp(x),
-        "attention": lambda m: m.blocks[0].attn(x, pos, jnp.ones_like(pos))[0],
+        "mlp": lambda m: m.blocks[0].channel(x),
+        "attention": lambda m: m.blocks[0].mixer(x, pos, jnp.ones_like(pos))[0],
     }
     out = {}
     for name, layer in layers.items():
@@ -113,7 +113,7 @@ def task_reshard(args):
     pieces_b = pieces_for(cfg_b, 8)
     restored = ckpt.restore(3, pieces_b.abstract_state(), it)
     ckpt.close()
-    shard_spec = str(restored["params"]["blocks"][0]["mlp"]["w_in"].sharding.spec)
+    shard_spec = str(restored["params"]["blocks"][0]["channel"]["w_in"].sharding.spec)
     resumed, _, _ = losses(cfg_b, 8, state=restored, data=data[3:])
     return {"first": first, "reference": reference, "resumed": resumed, "spec": shard_spec}
 

@@ -1,6 +1,6 @@
 """Sequence mixers beyond full attention: Mamba-2 and retention layers (parallel form ==
 recurrent decoding, document isolation, they train), hybrid layer patterns, sliding
-windows with sinks, and attention_impl=pallas against xla."""
+windows with sinks, and attention.impl=pallas against xla."""
 
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model import Transformer
+from lm.model.mixers.attention import AttentionConfig
+from lm.model.mixers.mamba2 import Mamba2Config
+from lm.model.mixers.retention import RetentionConfig
 from lm.sample import generate
 
 # init_std 0.2: logits far from zero, so equalities below are not trivially true.
 BASE = ModelConfig(vocab_size=61, d_model=32, n_layers=4, n_heads=4, max_seq_len=64,
-                   ssm_state=8, scan_chunk=8, init_std=0.2)
+                   mamba2=Mamba2Config(state=8, chunk=8), retention=RetentionConfig(chunk=8),
+                   init_std=0.2)
 
 
 def _forward(cfg, seed=0):
@@ -92,20 +96,24 @@ def _packed_batch(b=2, t=40, seed=6):
 
 @pytest.mark.parametrize("window,sinks", [(0, 0), (6, 0), (6, 2)])
 def test_pallas_attention_matches_xla_in_the_model(window, sinks):
-    cfg = dataclasses.replace(BASE, n_layers=2, n_kv_heads=2, attention_window=window,
-                              attention_sinks=sinks)
+    cfg = dataclasses.replace(BASE, n_layers=2, n_kv_heads=2,
+                              attention=AttentionConfig(window=window, sinks=sinks))
     x, pos, seg = _packed_batch()
     _, xla = _forward(cfg)
-    _, pallas = _forward(dataclasses.replace(cfg, attention_impl="pallas"))
+    _, pallas = _forward(_with_impl(cfg, "pallas"))
     want, aux_want = xla(x, positions_BT=pos, segment_ids_BT=seg)
     got, aux_got = pallas(x, positions_BT=pos, segment_ids_BT=seg)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux_got["attn_logit_max"], aux_want["attn_logit_max"], rtol=1e-5)
 
 
+def _with_impl(cfg, impl):
+    return dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl=impl))
+
+
 def test_window_limits_what_a_token_sees():
     """With window w, logits at t depend on tokens t-w+1..t (and sinks) only."""
-    cfg = dataclasses.replace(BASE, n_layers=1, attention_window=4, attention_sinks=1)
+    cfg = dataclasses.replace(BASE, n_layers=1, attention=AttentionConfig(window=4, sinks=1))
     _, forward = _forward(cfg)
     x = _tokens(1, 16)
     base, _ = forward(x)
@@ -142,9 +150,9 @@ def _train_losses(cfg, steps=3):
 
 def test_training_with_pallas_attention_gives_the_xla_losses():
     cfg = dataclasses.replace(BASE, n_layers=2, n_kv_heads=2, init_std=0.02,
-                              attention_window=8, attention_sinks=2)
+                              attention=AttentionConfig(window=8, sinks=2))
     xla = _train_losses(cfg)
-    pallas = _train_losses(dataclasses.replace(cfg, attention_impl="pallas"))
+    pallas = _train_losses(_with_impl(cfg, "pallas"))
     np.testing.assert_allclose(pallas, xla, rtol=1e-5)
     assert xla[-1] < xla[0]
 
@@ -153,7 +161,8 @@ def test_training_with_pallas_attention_gives_the_xla_losses():
 def test_recurrent_models_train_on_the_embedded_corpus(tmp_path, pattern):
     run = tmp_path / "run"
     result = lm("train", "--run-dir", str(run), *sets(
-        *TINY, f"model.mixer_pattern={pattern}", "model.ssm_state=16", "model.scan_chunk=16",
+        *TINY, f"model.mixer_pattern={pattern}", "model.mamba2.state=16", "model.mamba2.chunk=16",
+        "model.retention.chunk=16",
         "steps=40", "optim.lr=1e-2", "optim.warmup_steps=4", "eval_every=40",
         "checkpoint_every=40", "log_every=5"))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -16,6 +16,8 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.model import Transformer
+from lm.model.mixers.attention import AttentionConfig
+from lm.model.mixers.mlp import MLPConfig
 from lm.model.layers import rope
 
 TINY = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, head_dim=8,
@@ -74,7 +76,7 @@ def reference_attention(attn, x_BTD, positions_BT):
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_attention_matches_plain_multihead_reference(n_kv_heads):
     cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads)
-    attn = make(cfg).blocks[0].attn
+    attn = make(cfg).blocks[0].mixer
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, cfg.d_model))
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     y, _, _ = attn(x, pos, jnp.ones((2, 12), jnp.int32))
@@ -130,7 +132,7 @@ VARIANTS = list(itertools.product(["pre", "post", "peri"], [False, True], [False
 def test_every_block_variant_overfits_a_tiny_batch(position, qk_norm, parallel, init):
     cfg = dataclasses.replace(
         TINY, norm_position=position, qk_norm=qk_norm, parallel_block=parallel, init=init,
-        layernorm_scaling=position == "pre" and parallel, mlp="swiglu" if qk_norm else "gelu",
+        layernorm_scaling=position == "pre" and parallel, mlp=MLPConfig("swiglu" if qk_norm else "gelu"),
         norm="layer" if init == "mup" else "rms", tie_embeddings=not parallel)
     model = make(cfg)
     graphdef, params = nnx.split(model)
@@ -206,7 +208,7 @@ def test_every_parameter_has_logical_axes():
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])
 def test_mlp_custom_backward_equals_autodiff(kind):
-    from lm.model.mlp import activation, mlp_core
+    from lm.model.mixers.mlp import activation, mlp_core
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     x = jax.random.normal(keys[0], (2, 8, 16))
     w_ins = tuple(0.2 * jax.random.normal(k, (16, 32)) for k in keys[1:1 + (2 if kind == "swiglu" else 1)])
@@ -255,8 +257,8 @@ def test_blocked_causal_attention_equals_one_dense_block(window, sinks):
     x = tokens(2, t, seed=8)
 
     def loss_and_grads(q_blocks):
-        cfg = dataclasses.replace(TINY, n_kv_heads=2, attention_window=window,
-                                  attention_sinks=sinks, attention_q_blocks=q_blocks)
+        cfg = dataclasses.replace(TINY, n_kv_heads=2, attention=AttentionConfig(
+            window=window, sinks=sinks, q_blocks=q_blocks))
         graphdef, params = nnx.split(make(cfg))
 
         def loss(p):
@@ -276,7 +278,7 @@ def test_blocked_causal_attention_equals_one_dense_block(window, sinks):
 
 
 def test_query_blocks_cover_the_sequence():
-    from lm.model.attention import query_blocks
+    from lm.model.mixers.attention import query_blocks
     assert query_blocks(21, 5) == [(0, 4), (4, 8), (8, 13), (13, 17), (17, 21)]
     assert query_blocks(256, 0) == [(0, 128), (128, 256)]  # auto: >= 128 queries a block
     assert len(query_blocks(4096, 0)) == 8 and query_blocks(100, 0) == [(0, 100)]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.config import ModelConfig
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -27,7 +29,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
     return nnx.Param(value, logical_axes=axes)
 
 
-def hidden_std(cfg: ModelConfig, fan_in: int) -> float:
+def hidden_std(cfg: "ModelConfig", fan_in: int) -> float:
     """Init std for a hidden matrix. Standard: cfg.init_std. muP: variance proportional to
     1/fan_in, equal to init_std**2 at the base width."""
     if cfg.init == "mup":

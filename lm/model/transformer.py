@@ -1,5 +1,6 @@
-"""Decoder-only transformer: blocks with pre / post / peri norm placement, optional
-LayerNorm scaling, parallel attention+MLP, optionally scanned over layers."""
+"""Decoder-only stack: blocks with pre / post / peri norm placement, optional LayerNorm
+scaling, parallel mixer + channel mixer, optionally scanned over layers. The mixers are
+plug-ins (lm/model/mixers); nothing here depends on which ones a layer uses."""
 
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig
-from lm.model.attention import Attention
+from lm.model import mixers
 from lm.model.layers import DTYPES, Norm, param
-from lm.model.mlp import MLP
-from lm.model.recurrent import Mamba2, Retention
 from lm.parallel.sharding import constrain
 
-MIXERS = {"a": Attention, "m": Mamba2, "r": Retention}
 ACT = ("batch", "seq", "act_embed")  # logical names of the residual stream
 
 
@@ -28,16 +26,16 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """Norms, a sequence mixer (`attn`: attention, Mamba-2 or retention, by `mixer`) and
-    the MLP, wired by the norm placement."""
+    """Norms, the layer's sequence mixer (`mixer`: attention, Mamba-2, retention, ...) and
+    channel mixer (`channel`: the MLP, ...), wired by the norm placement."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mixer: str = "a"):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
         pdt = DTYPES[cfg.param_dtype]
         self.position = cfg.norm_position
         self.parallel = cfg.parallel_block
         self.layernorm_scaling = cfg.layernorm_scaling
-        self.attn = MIXERS[mixer](cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mixer = mixers.sequence_mixer(cfg, layer)(cfg, rngs)
+        self.channel = mixers.channel_mixer(cfg, layer)(cfg, rngs)
         self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
         if not (self.parallel and self.position != "post"):
             self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
@@ -50,29 +48,29 @@ class Block(nnx.Module):
         1/sqrt(layer_index + 1) (Sun et al. 2025, 'The Curse of Depth')."""
         ls = jax.lax.rsqrt(layer_index + 1.0) if self.layernorm_scaling else 1.0
 
-        def attn(h):
-            return self.attn(h, positions, segment_ids, cache, cache_index)
+        def mix(h):
+            return self.mixer(h, positions, segment_ids, cache, cache_index)
 
         if self.position == "post":
-            a, cache, max_logit = attn(x)
+            a, cache, max_logit = mix(x)
             if self.parallel:
-                x = self.norm1(x + a + self.mlp(x)) * ls
+                x = self.norm1(x + a + self.channel(x)) * ls
             else:
                 x = self.norm1(x + a) * ls
-                x = self.norm2(x + self.mlp(x)) * ls
+                x = self.norm2(x + self.channel(x)) * ls
             return x, cache, max_logit
 
         peri = self.position == "peri"
         h = self.norm1(x) * ls
-        a, cache, max_logit = attn(h)
+        a, cache, max_logit = mix(h)
         if peri:
             a = self.attn_out_norm(a)
         if self.parallel:
-            m = self.mlp(h)
+            m = self.channel(h)
             x = x + a + (self.mlp_out_norm(m) if peri else m)
         else:
             x = x + a
-            m = self.mlp(self.norm2(x) * ls)
+            m = self.channel(self.norm2(x) * ls)
             x = x + (self.mlp_out_norm(m) if peri else m)
         return x, cache, max_logit
 
@@ -95,11 +93,11 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make_blocks(rngs):
-                return Block(cfg, rngs, cfg.mixer(0))
+                return Block(cfg, rngs, 0)
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs, cfg.mixer(i)) for i in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
         if cfg.norm_position != "post":
             self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
         if not cfg.tie_embeddings:
@@ -176,9 +174,9 @@ class Transformer(nnx.Module):
         recurrent state (Mamba-2 / retention). A list over layers, or one tree with a
         leading layer axis when the layers are scanned."""
         if self.cfg.scan_layers:
-            one = self.blocks.attn.init_cache(batch, length)
+            one = self.blocks.mixer.init_cache(batch, length)
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layers, *x.shape)), one)
-        return [block.attn.init_cache(batch, length) for block in self.blocks]
+        return [block.mixer.init_cache(batch, length) for block in self.blocks]
 
 
 def count_params(cfg: ModelConfig) -> dict:
@@ -193,12 +191,11 @@ def count_params(cfg: ModelConfig) -> dict:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding params + readout matmul) for the
-    matmuls, plus attention scores and values 6 * 2 * attention_layers * seq * heads *
-    head_dim, halved for causal masking (PaLM appendix B convention). The recurrent
-    mixers' scan FLOPs (O(chunk + state) per token) are not counted."""
+    matmuls (PaLM appendix B convention), plus what each layer's mixers compute beyond
+    their parameters (attention scores and values over the causally visible keys, the
+    scan mixers' chunk products; see each mixer's extra_flops_per_token)."""
     n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
-    attention = 6 * 2 * len(cfg.attention_layers) * seq_len * cfg.n_heads * cfg.dh / 2
-    return 6 * n + attention
+    return 6 * n + mixers.extra_flops_per_token(cfg, seq_len)
 
 
 def param_axes(model: nnx.Module) -> dict:

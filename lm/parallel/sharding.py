@@ -3,7 +3,8 @@
 Model code names its dimensions ("embed", "mlp", "heads", ...) and calls
 `constrain(x, names)` at block boundaries; only this module knows how names map to the
 mesh. A dimension that does not divide by its mesh axes is replicated instead (e.g.
-one KV head under tensor=4): always correct, and reported by `describe`.
+one KV head under tensor=4): always correct. A name with no rule is an error, not a
+silent replication: a new kind of dimension gets a rule here (even an empty one).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 
 # Default rules. FSDP shards the parameters' embed dimension (and the batch); tensor
 # parallelism splits heads and the MLP hidden dimension Megatron-style (column-parallel
@@ -32,6 +33,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "vocab": ("tensor",),
     "layers": (),
+    "conv": (),  # the taps of a causal convolution (Mamba-2)
 }
 
 
@@ -58,6 +60,9 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
     used: set[str] = set()
     out = []
     for name, dim in zip(names, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no sharding rule (add one to "
+                             "DEFAULT_RULES in lm/parallel/sharding.py)")
         axes = tuple(a for a in rules.get(name, ()) if name is not None
                      and a not in used and mesh.shape[a] > 1)
         while axes and dim % math.prod(mesh.shape[a] for a in axes):

@@ -19,7 +19,7 @@ import numpy as np
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.data import eval_batches, load_tokenizer, target_bytes, train_iterator
-from lm.model import count_params, flops_per_token
+from lm.model import count_params, flops_per_token, logit_layers
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops
@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     exit_code, status = 0, "completed"
     # Layers that report a max attention logit: attention layers, unless cuDNN runs them
     # (it does not expose the logits).
-    attention_layers = () if cfg.model.attention_impl == "cudnn" else cfg.model.attention_layers
+    attention_layers = logit_layers(cfg.model)
     window_start, window_steps = time.perf_counter(), 0
     step = start
     with _StopFlag() as stop:

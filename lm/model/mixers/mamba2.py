@@ -1,26 +1,31 @@
-"""Sequence mixers built on the linear-recurrence scan (kernels/scan): Mamba-2 (SSD)
-and RetNet multi-scale retention.
+"""Mamba-2 (SSD) sequence mixer (code "m", section model.mamba2), built on the chunked
+linear-recurrence scan of kernels/scan.
 
-Both have the Attention module's interface, `(x, positions, segment_ids, cache,
-cache_index) -> (y, new_cache, max_logit)`. Training runs the chunked parallel form;
-with a cache (decoding) the same scan continues from the cached state, so a decode step
-costs O(1) in the length of the text, and prefill-then-decode equals the parallel form.
-Documents packed into one row never exchange state: the scan resets at segment changes.
+Training runs the chunked parallel form; with a cache (decoding) the same scan continues
+from the cached state (plus the convolution's tail), so a decode step costs O(1) in the
+length of the text, and prefill-then-decode equals the parallel form. Documents packed
+into one row never exchange state: the scan and the convolution reset at segment changes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kernels.scan import linear_scan
-from lm.config import ModelConfig
-from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
+from lm.errors import ConfigError
+from lm.model.layers import DTYPES, Norm, hidden_std, param
+from lm.model.mixers import SequenceMixer, register, scan_flops_per_token
 
-NO_LOGIT = jnp.nan  # the max-attention-logit diagnostic does not apply to these layers
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
+
+NO_LOGIT = jnp.nan  # the max-attention-logit diagnostic does not apply to this layer
 
 
 def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
@@ -41,28 +46,61 @@ def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
     return y, xp[:, t:]
 
 
-class Mamba2(nnx.Module):
+@dataclass(frozen=True)
+class Mamba2Config:
+    state: int = 64  # state size N per head
+    expand: int = 2  # inner width = expand * d_model
+    conv: int = 4  # causal depthwise convolution width
+    chunk: int = 64  # chunk length of the linear-recurrence scan
+    scan_impl: Literal["auto", "pallas", "xla"] = "auto"  # auto: pallas on GPU
+
+    legacy: ClassVar[dict[str, str]] = {
+        "ssm_state": "state", "ssm_expand": "expand", "ssm_conv": "conv",
+        "scan_chunk": "chunk", "scan_impl": "scan_impl"}
+
+
+@register
+class Mamba2(SequenceMixer):
     """Mamba-2 mixer (Dao & Gu 2024): input projections z, x, B, C, dt; a causal depthwise
     conv on (x, B, C); the SSD recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,
     y_t = C_t h_t + D x_t (one B/C group shared by all heads); gated RMSNorm; output
-    projection. Heads = model.n_heads, each of width ssm_expand * d_model / n_heads."""
+    projection. Heads = model.n_heads, each of width mamba2.expand * d_model / n_heads."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    name, code, Config = "mamba2", "m", Mamba2Config
+
+    @classmethod
+    def validate(cls, cfg: "ModelConfig") -> None:
+        m = cfg.mamba2
+        for key in ("state", "expand", "conv", "chunk"):
+            if getattr(m, key) <= 0:
+                raise ConfigError(f"model.mamba2.{key} must be positive, got {getattr(m, key)}")
+        if (m.expand * cfg.d_model) % cfg.n_heads:
+            raise ConfigError(f"model.n_heads={cfg.n_heads} must divide the Mamba-2 inner "
+                              f"width mamba2.expand * d_model = {m.expand * cfg.d_model}")
+
+    @classmethod
+    def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
+        m = cfg.mamba2
+        width = m.expand * cfg.d_model // cfg.n_heads
+        return scan_flops_per_token(cfg, seq_len, m.chunk, cfg.n_heads, m.state, width)
+
+    def __init__(self, cfg: "ModelConfig", rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
         self.cdt = DTYPES[cfg.compute_dtype]
-        d, n, h = cfg.d_model, cfg.ssm_state, cfg.n_heads
-        di = cfg.ssm_expand * d
+        m = cfg.mamba2
+        d, n, h = cfg.d_model, m.state, cfg.n_heads
+        di = m.expand * d
         self.heads, self.head_width, self.state, self.inner = h, di // h, n, di
-        self.chunk, self.impl, self.conv_width = cfg.scan_chunk, cfg.scan_impl, cfg.ssm_conv
+        self.chunk, self.impl, self.conv_width = m.chunk, m.scan_impl, m.conv
         std = hidden_std(cfg, d)
         self.w_z = param(rngs, (d, di), ("embed", "mlp"), std, pdt)
         self.w_x = param(rngs, (d, di), ("embed", "mlp"), std, pdt)
         self.w_b = param(rngs, (d, n), ("embed", "head_dim"), std, pdt)
         self.w_c = param(rngs, (d, n), ("embed", "head_dim"), std, pdt)
         self.w_dt = param(rngs, (d, h), ("embed", "heads"), std, pdt)
-        conv_std = 1.0 / math.sqrt(cfg.ssm_conv)
-        self.conv_x = param(rngs, (cfg.ssm_conv, di), ("conv", "mlp"), conv_std, pdt)
-        self.conv_bc = param(rngs, (cfg.ssm_conv, 2 * n), ("conv", "head_dim"),
+        conv_std = 1.0 / math.sqrt(m.conv)
+        self.conv_x = param(rngs, (m.conv, di), ("conv", "mlp"), conv_std, pdt)
+        self.conv_bc = param(rngs, (m.conv, 2 * n), ("conv", "head_dim"),
                              conv_std, pdt)
         self.conv_x_bias = nnx.Param(jnp.zeros((di,), pdt), logical_axes=("mlp",))
         self.conv_bc_bias = nnx.Param(jnp.zeros((2 * n,), pdt), logical_axes=("head_dim",))
@@ -114,46 +152,3 @@ class Mamba2(nnx.Module):
         out = y @ self.w_out[...].astype(cdt)
         new_cache = {"ssm": ssm, "conv_x": conv_x, "conv_bc": conv_bc} if decoding else None
         return out, new_cache, jnp.float32(NO_LOGIT)
-
-
-class Retention(nnx.Module):
-    """RetNet multi-scale retention (Sun et al. 2023): per head h a fixed decay
-    gamma_h = 1 - 2^(-5-h); q and k rotated (RoPE, in place of xPos), k scaled by
-    1/sqrt(d_head); S_t = gamma S_{t-1} + k_t^T v_t, o_t = q_t S_t; a per-head norm, a
-    swish gate, and the output projection."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pdt = DTYPES[cfg.param_dtype]
-        self.cdt = DTYPES[cfg.compute_dtype]
-        d, h, dh = cfg.d_model, cfg.n_heads, cfg.dh
-        self.heads, self.dh, self.rope_theta = h, dh, cfg.rope_theta
-        self.max_len = cfg.max_seq_len
-        self.chunk, self.impl = cfg.scan_chunk, cfg.scan_impl
-        std = hidden_std(cfg, d)
-        self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
-        self.wk = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
-        self.wv = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
-        self.wg = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
-        self.head_norm = Norm(dh, "rms", "head_dim", pdt)
-        out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
-        self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
-
-    def init_cache(self, batch: int, length: int = 0) -> dict:
-        return {"state": jnp.zeros((batch, self.heads, self.dh, self.dh), jnp.float32)}
-
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, cache_index=None):
-        del cache_index
-        cdt = self.cdt
-        b, t, _ = x_BTD.shape
-        def proj(w):
-            return jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(cdt))
-        q = rope(proj(self.wq), positions_BT, self.rope_theta, self.max_len)
-        k = rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len) * (self.dh ** -0.5)
-        gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(self.heads, dtype=jnp.float32))
-        log_decay = jnp.broadcast_to(jnp.log(gamma), (b, t, self.heads))
-        y, state = linear_scan(q, k, proj(self.wv), log_decay, segment_ids=segment_ids_BT,
-                               initial_state=None if cache is None else cache["state"],
-                               chunk_size=self.chunk, impl=self.impl)
-        y = self.head_norm(y) * jax.nn.silu(proj(self.wg))
-        out = jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(cdt))
-        return out, (None if cache is None else {"state": state}), jnp.float32(NO_LOGIT)

@@ -1,4 +1,5 @@
-"""Feed-forward block: GELU or SwiGLU, with a hand-written backward pass.
+"""Feed-forward channel mixer (code "f", section model.mlp): GELU or SwiGLU, with a
+hand-written backward pass.
 
 Why a custom VJP: autodiff of `act(x @ W_in) @ W_out` leaves XLA:CPU to fuse the
 activation's derivative into a transposing copy of the [tokens, d_ff] gradient, which
@@ -16,15 +17,32 @@ its weight gradient is then a [d_model, d_ff] product, which XLA:CPU's GEMM comp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.config import ModelConfig
+from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
+from lm.model.mixers import ChannelMixer, register
 from lm.parallel.sharding import constrain
+
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    ratio: float = 4.0  # hidden width d_ff = ratio * d_model
+
+    legacy: ClassVar[dict[str, str]] = {"mlp": "activation", "mlp_ratio": "ratio"}
+
+    def d_ff(self, d_model: int) -> int:
+        return int(self.ratio * d_model)
 
 
 def activation(kind: str, pre: tuple[jax.Array, ...]) -> jax.Array:
@@ -61,14 +79,22 @@ def _bwd(kind, res, dy_BTD):
 mlp_core.defvjp(_fwd, _bwd)
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+@register
+class MLP(ChannelMixer):
+    name, code, Config = "mlp", "f", MLPConfig
+
+    @classmethod
+    def validate(cls, cfg: "ModelConfig") -> None:
+        if cfg.mlp.d_ff(cfg.d_model) <= 0:
+            raise ConfigError(f"model.mlp.ratio={cfg.mlp.ratio} gives no hidden units")
+
+    def __init__(self, cfg: "ModelConfig", rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
-        self.kind = cfg.mlp
+        self.kind = cfg.mlp.activation
         self.compute_dtype = DTYPES[cfg.compute_dtype]
-        d, f = cfg.d_model, cfg.d_ff
+        d, f = cfg.d_model, cfg.mlp.d_ff(cfg.d_model)
         self.w_in = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
-        if cfg.mlp == "swiglu":
+        if self.kind == "swiglu":
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
         # Residual-branch output projections are scaled down with depth (GPT-2).
         out_std = hidden_std(cfg, f) / math.sqrt(2 * cfg.n_layers)

@@ -1,21 +1,30 @@
-"""Causal softmax self-attention: GQA/MQA, RoPE, qk-norm, packed-document masking, and
-an optional KV cache for decoding.
+"""Causal softmax self-attention (mixer code "a", section model.attention): GQA/MQA,
+RoPE, qk-norm, packed-document masking, a sliding window with sink tokens, and a KV
+cache for decoding.
 
-The score matrix is materialised (the `xla` implementation), which also gives the
-per-layer maximum attention logit that stability studies track.
+The `xla` implementation materialises the scores (in causal query blocks), which also
+gives the per-layer maximum attention logit that stability studies track; `pallas` is
+the flash kernel of kernels/attention (which returns the row maxima too); `cudnn` is
+jax.nn.dot_product_attention's cuDNN path.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.config import ConfigError, ModelConfig
+from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
+from lm.model.mixers import SequenceMixer, register
 from lm.parallel.sharding import constrain, is_sharded
+
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
 
 NEG_INF = -1e30
 
@@ -65,16 +74,71 @@ def query_blocks(t: int, n_blocks: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+@dataclass(frozen=True)
+class AttentionConfig:
+    # xla: materialised scores (any backend); pallas: the flash-attention kernel in
+    # kernels/attention (interpret mode on CPU); cudnn: jax.nn.dot_product_attention's
+    # cuDNN path (NVIDIA GPUs only; no sinks, no max-logit diagnostic).
+    impl: Literal["xla", "pallas", "cudnn"] = "xla"
+    # xla training attention: queries in this many blocks, each scoring only the keys
+    # causality leaves it (1 = one dense score matrix; 0 = auto: blocks of >= 128
+    # queries, at most 8, which measured best on CPU at seq 256).
+    q_blocks: int = 0
+    window: int = 0  # 0 = full causal attention; w = see the last w tokens
+    sinks: int = 0  # with a window: the first s tokens of a document stay visible
+
+    legacy: ClassVar[dict[str, str]] = {
+        "attention_impl": "impl", "attention_q_blocks": "q_blocks",
+        "attention_window": "window", "attention_sinks": "sinks"}
+
+
+def _mean_visible_keys(seq_len: int, window: int) -> float:
+    """Keys a query sees on average under causal masking (and a window)."""
+    if not window or window >= seq_len:
+        return (seq_len + 1) / 2
+    w = window  # queries 0..w-1 see i + 1 keys, the rest see w
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+@register
+class Attention(SequenceMixer):
+    name, code, Config = "attention", "a", AttentionConfig
+
+    @classmethod
+    def validate(cls, cfg: "ModelConfig") -> None:
+        a = cfg.attention
+        for key in ("window", "sinks", "q_blocks"):
+            if getattr(a, key) < 0:
+                raise ConfigError(f"model.attention.{key} must be >= 0, got {getattr(a, key)}")
+        if a.sinks and not a.window:
+            raise ConfigError("model.attention.sinks needs model.attention.window > 0")
+        if a.impl == "cudnn" and a.sinks:
+            raise ConfigError("model.attention.impl=cudnn does not support sinks "
+                              "(use pallas or xla)")
+        if cfg.n_heads % cfg.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={cfg.kv_heads} must divide model.n_heads={cfg.n_heads}")
+
+    @classmethod
+    def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
+        """Scores and values: 2 matmuls of 2 * keys * head_dim per head, x3 for training,
+        over the keys a query sees (causal: about half the sequence; PaLM appendix B)."""
+        keys = _mean_visible_keys(seq_len, cfg.attention.window)
+        return 6 * 2 * keys * cfg.n_heads * cfg.dh
+
+    @classmethod
+    def reports_logits(cls, cfg: "ModelConfig") -> bool:
+        return cfg.attention.impl != "cudnn"  # cuDNN does not expose the logits
+
+    def __init__(self, cfg: "ModelConfig", rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
         self.rope_theta, self.max_len = cfg.rope_theta, cfg.max_seq_len
-        self.impl, self.window, self.sinks = cfg.attention_impl, cfg.attention_window, cfg.attention_sinks
-        self.q_blocks = cfg.attention_q_blocks
+        a = cfg.attention
+        self.impl, self.window, self.sinks, self.q_blocks = a.impl, a.window, a.sinks, a.q_blocks
         if self.impl == "cudnn" and jax.default_backend() != "gpu":
-            raise ConfigError("model.attention_impl=cudnn needs an NVIDIA GPU; this backend "
+            raise ConfigError("model.attention.impl=cudnn needs an NVIDIA GPU; this backend "
                               f"is {jax.default_backend()} (use xla or pallas)")
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
         std = hidden_std(cfg, d)

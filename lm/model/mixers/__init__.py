@@ -1,0 +1,142 @@
+"""Sequence mixers and channel mixers as plug-ins.
+
+A block is `x + seq_mixer(norm(x))` then `x + channel_mixer(norm(x))` (lm/model/
+transformer.py wires the norms). Each mixer lives in one file of this package with:
+
+- its module (an `nnx.Module` subclass of `SequenceMixer` or `ChannelMixer`),
+- its config section, a frozen dataclass that becomes `model.<name>` of ModelConfig
+  (`--set model.attention.window=64`); `legacy` maps the flat ModelConfig keys of
+  earlier releases to its fields, so old config.json files keep loading,
+- its FLOPs beyond the parameter matmuls (`extra_flops_per_token`), its decoding
+  cache (`init_cache`) and its validation (`validate`, raising ConfigError),
+
+and registers itself with `@register`. Layers pick mixers by the one-letter `code` in
+`model.mixer_pattern` (sequence) and `model.channel_pattern` (channel), cycled over the
+layers. Adding a mixer = one new file here + its import line at the bottom.
+
+Nothing outside this package branches on a mixer's name: the block, the sampler's
+cache, FLOPs per token, parameter counts and validation all ask the mixer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+from flax import nnx
+
+from lm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
+
+
+class _Mixer(nnx.Module):
+    name: ClassVar[str]  # its config section: model.<name>
+    code: ClassVar[str]  # its letter in the layer pattern
+    Config: ClassVar[type]  # frozen dataclass of its knobs
+
+    @classmethod
+    def validate(cls, cfg: "ModelConfig") -> None:
+        """Raise ConfigError (one line naming the key) for settings this mixer refuses."""
+
+    @classmethod
+    def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) beyond 6 x its parameters, e.g.
+        attention scores, the scan's chunk products."""
+        return 0.0
+
+
+class SequenceMixer(_Mixer):
+    """Mixes along the sequence. `__call__(x_BTD, positions_BT, segment_ids_BT, cache=None,
+    cache_index=None) -> (y_BTD, new_cache or None, max_logit)`. Documents packed into a
+    row (equal segment ids) must never see each other; with a cache (decoding) the new
+    tokens continue the cached sequence at `cache_index`."""
+
+    # Whether max_logit is a real max attention logit (else NaN, not logged).
+    @classmethod
+    def reports_logits(cls, cfg: "ModelConfig") -> bool:
+        return False
+
+    def init_cache(self, batch: int, length: int):
+        """Decoding state for `batch` rows of up to `length` tokens."""
+        raise NotImplementedError
+
+
+class ChannelMixer(_Mixer):
+    """Mixes along the feature dimension, token by token: `__call__(x_BTD) -> y_BTD`."""
+
+
+SEQUENCE_MIXERS: dict[str, type[SequenceMixer]] = {}  # by code
+CHANNEL_MIXERS: dict[str, type[ChannelMixer]] = {}
+
+
+def register(cls):
+    """Class decorator: make a mixer selectable by its code and give it a config section."""
+    table = SEQUENCE_MIXERS if issubclass(cls, SequenceMixer) else CHANNEL_MIXERS
+    for other in (*SEQUENCE_MIXERS.values(), *CHANNEL_MIXERS.values()):
+        if other.name == cls.name or (other.code == cls.code and other in table.values()):
+            raise ValueError(f"mixer {cls.__name__}: name {cls.name!r} or code {cls.code!r} "
+                             f"is taken by {other.__name__}")
+    if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
+        raise TypeError(f"mixer {cls.__name__}: Config must be a frozen dataclass")
+    table[cls.code] = cls
+    return cls
+
+
+def all_mixers() -> list[type[_Mixer]]:
+    return [*SEQUENCE_MIXERS.values(), *CHANNEL_MIXERS.values()]
+
+
+def sequence_mixer(cfg: "ModelConfig", layer: int) -> type[SequenceMixer]:
+    return SEQUENCE_MIXERS[cfg.mixer_pattern[layer % len(cfg.mixer_pattern)]]
+
+
+def channel_mixer(cfg: "ModelConfig", layer: int) -> type[ChannelMixer]:
+    return CHANNEL_MIXERS[cfg.channel_pattern[layer % len(cfg.channel_pattern)]]
+
+
+def used_mixers(cfg: "ModelConfig") -> list[type[_Mixer]]:
+    """The mixer classes some layer of `cfg` uses, in a fixed order."""
+    used = {sequence_mixer(cfg, i) for i in range(cfg.n_layers)}
+    used |= {channel_mixer(cfg, i) for i in range(cfg.n_layers)}
+    return [m for m in all_mixers() if m in used]
+
+
+def _check_pattern(key: str, pattern: str, table: dict) -> None:
+    if not pattern or set(pattern) - set(table):
+        choices = ", ".join(f"{code} ({m.name})" for code, m in table.items())
+        raise ConfigError(f"{key}={pattern!r} must be a non-empty string of {choices}")
+
+
+def validate(cfg: "ModelConfig") -> None:
+    """The patterns, then each mixer in use checks its own settings."""
+    _check_pattern("model.mixer_pattern", cfg.mixer_pattern, SEQUENCE_MIXERS)
+    _check_pattern("model.channel_pattern", cfg.channel_pattern, CHANNEL_MIXERS)
+    for mixer in used_mixers(cfg):
+        mixer.validate(cfg)
+
+
+def extra_flops_per_token(cfg: "ModelConfig", seq_len: int) -> float:
+    return sum(sequence_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
+               + channel_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
+               for i in range(cfg.n_layers))
+
+
+def logit_layers(cfg: "ModelConfig") -> tuple[int, ...]:
+    """Indices of the layers whose sequence mixer reports a max attention logit."""
+    return tuple(i for i in range(cfg.n_layers) if sequence_mixer(cfg, i).reports_logits(cfg))
+
+
+def scan_flops_per_token(cfg: "ModelConfig", seq_len: int, chunk: int, heads: int,
+                         dk: int, dv: int) -> float:
+    """Training FLOPs per token of kernels/scan's chunked recurrence beyond the mixer's
+    projections: per head and chunk of C tokens, q k^T [C, C] (2 C Dk per token), scores
+    times v (2 C Dv), the carried state's read q S and update k^T v (2 Dk Dv each); the
+    backward pass costs twice the forward."""
+    c = min(chunk, seq_len)
+    return 3 * heads * (2 * c * (dk + dv) + 4 * dk * dv)
+
+
+# The registrations: one import per mixer file.
+from lm.model.mixers import attention, mamba2, mlp, retention  # noqa: E402, F401

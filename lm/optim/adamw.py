@@ -1,0 +1,38 @@
+"""Adam's update direction (optim.name=adamw, section optim.adamw); the shared chain in
+lm/optim adds clipping, the schedule, muP multipliers and (decoupled) weight decay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import optax
+
+from lm.errors import ConfigError
+from lm.optim import Direction, register
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+
+    legacy: ClassVar[dict[str, str]] = {"b1": "b1", "b2": "b2", "eps": "eps"}
+
+
+@register
+class AdamW(Direction):
+    name, Config = "adamw", AdamWConfig
+
+    @staticmethod
+    def transform(section: AdamWConfig) -> optax.GradientTransformation:
+        return optax.scale_by_adam(b1=section.b1, b2=section.b2, eps=section.eps)
+
+    @staticmethod
+    def validate(section: AdamWConfig) -> None:
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(section, key) < 1:
+                raise ConfigError(f"optim.adamw.{key} must be in [0, 1), got {getattr(section, key)}")
+        if section.eps < 0:
+            raise ConfigError(f"optim.adamw.eps must be >= 0, got {section.eps}")

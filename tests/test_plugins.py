@@ -1,0 +1,193 @@
+"""The plug-in seams: mixers and optimizer directions register themselves and bring
+their config sections; configs of the flat layout keep loading; unknown logical axes
+are refused; FLOPs per token come from the mixers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+from conftest import ROOT
+from jax.sharding import Mesh
+
+from lm import config as config_lib
+from lm.config import ConfigError, ModelConfig, TrainConfig
+from lm.model import count_params, flops_per_token
+from lm.model.mixers import SEQUENCE_MIXERS, scan_flops_per_token
+from lm.parallel.sharding import DEFAULT_RULES, spec_for
+
+# A mixer a newcomer would write: one file, registered by its decorator. It must be
+# imported before lm.config is (the config tree gathers the sections at import).
+GLU_MIXER = '''
+"""GLU channel mixer (Dauphin et al. 2017): W_out (sigmoid(x W_gate) * (x W_in))."""
+import math
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+
+from lm.errors import ConfigError
+from lm.model.layers import DTYPES, hidden_std, param
+from lm.model.mixers import ChannelMixer, register
+
+
+@dataclass(frozen=True)
+class GLUConfig:
+    ratio: float = 2.0
+
+
+@register
+class GLU(ChannelMixer):
+    name, code, Config = "glu", "g", GLUConfig
+
+    @classmethod
+    def validate(cls, cfg):
+        if cfg.glu.ratio <= 0:
+            raise ConfigError(f"model.glu.ratio must be positive, got {cfg.glu.ratio}")
+
+    def __init__(self, cfg, rngs):
+        d, f, pdt = cfg.d_model, int(cfg.glu.ratio * cfg.d_model), DTYPES[cfg.param_dtype]
+        self.w_in = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
+        self.w_out = param(rngs, (f, d), ("mlp", "embed"),
+                           hidden_std(cfg, f) / math.sqrt(2 * cfg.n_layers), pdt)
+
+    def __call__(self, x):
+        return (jax.nn.sigmoid(x @ self.w_gate[...]) * (x @ self.w_in[...])) @ self.w_out[...]
+'''
+
+
+def test_a_new_mixer_is_one_file_and_trains_end_to_end(tmp_path):
+    """Register the GLU file, then train with MLP and GLU layers alternating: its section
+    is settable from the command line, validated, saved in config.json and counted."""
+    (tmp_path / "glu_mixer.py").write_text(GLU_MIXER)
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import glu_mixer  # the registration
+        from lm.cli import main
+        base = ["--set", "model.d_model=32", "--set", "model.n_layers=2",
+                "--set", "model.n_heads=2", "--set", "model.max_seq_len=32",
+                "--set", "data.seq_len=16", "--set", "batch_size=4", "--set", "steps=2",
+                "--set", "eval_batches=1", "--set", "tensorboard=false",
+                "--set", "model.channel_pattern=fg"]
+        assert main(["train", *base, "--set", "model.glu.ratio=-1",
+                     "--run-dir", {str(tmp_path / 'bad')!r}]) == 2
+        sys.exit(main(["train", *base, "--set", "model.glu.ratio=3",
+                       "--run-dir", {str(run)!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.glu.ratio must be positive, got -1.0" in result.stderr
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["glu"] == {"ratio": 3.0}
+    summary = json.loads((run / "summary.json").read_text())
+    # Layer 1's MLP (w_in, w_out: [32, 128] each) became a GLU (three [32, 96] matrices).
+    dense = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
+    expected = count_params(dense)["non_embedding"] - 2 * 32 * 128 + 3 * 32 * 96
+    assert summary["non_embedding_params"] == expected
+    assert summary["flops_per_token"] == pytest.approx(
+        flops_per_token(dense, 16) + 6 * (expected - count_params(dense)["non_embedding"]))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_registered_mixers_and_their_sections():
+    assert {code: m.name for code, m in SEQUENCE_MIXERS.items()} == {
+        "a": "attention", "m": "mamba2", "r": "retention"}
+    cfg = ModelConfig()
+    assert dataclasses.is_dataclass(cfg.attention) and cfg.mlp.activation == "gelu"
+    assert TrainConfig().optim.adamw.b2 == 0.95
+
+
+def test_sections_are_set_and_validated_from_the_command_line():
+    cfg = config_lib.apply_overrides(TrainConfig(), [
+        "model.attention.window=16", "model.mamba2.state=8", "optim.adamw.b1=0.8"])
+    assert (cfg.model.attention.window, cfg.model.mamba2.state, cfg.optim.adamw.b1) == (16, 8, 0.8)
+    with pytest.raises(ConfigError, match="unknown config key 'model.attention.windw'"):
+        config_lib.apply_overrides(TrainConfig(), ["model.attention.windw=3"])
+    with pytest.raises(ConfigError, match="model.mamba2.state must be positive"):
+        config_lib.validate(config_lib.apply_overrides(
+            TrainConfig(), ["model.mixer_pattern=am", "model.mamba2.state=0"]))
+    # A section of a mixer no layer uses is not validated against.
+    config_lib.validate(config_lib.apply_overrides(TrainConfig(), ["model.mamba2.state=0"]))
+
+
+# The flat layout of earlier releases (config.json and --set keys).
+OLD_MODEL = {"attention_impl": "pallas", "attention_window": 8, "attention_sinks": 2,
+             "attention_q_blocks": 2, "mlp": "swiglu", "mlp_ratio": 3.0, "ssm_state": 16,
+             "ssm_expand": 3, "ssm_conv": 2, "scan_chunk": 32, "scan_impl": "xla",
+             "d_model": 64}
+
+
+def test_an_old_config_json_loads_into_the_sections():
+    old = config_lib.to_dict(TrainConfig())
+    for section in ("attention", "mamba2", "retention", "mlp"):
+        del old["model"][section]
+    old["model"].update(OLD_MODEL)
+    del old["optim"]["adamw"]
+    old["optim"].update(b1=0.8, b2=0.99, eps=1e-6)
+    del old["optim"]["name"]
+    cfg = config_lib.from_json(json.dumps(old))
+    m = cfg.model
+    assert m.attention == dataclasses.replace(m.attention, impl="pallas", window=8, sinks=2,
+                                              q_blocks=2)
+    assert (m.mlp.activation, m.mlp.ratio) == ("swiglu", 3.0)
+    assert (m.mamba2.state, m.mamba2.expand, m.mamba2.conv, m.mamba2.chunk,
+            m.mamba2.scan_impl) == (16, 3, 2, 32, "xla")
+    assert (m.retention.chunk, m.retention.scan_impl) == (32, "xla")
+    assert (cfg.optim.name, cfg.optim.adamw.b1, cfg.optim.adamw.b2, cfg.optim.adamw.eps) == (
+        "adamw", 0.8, 0.99, 1e-6)
+    # The new layout round-trips and the old --set keys land in the same places.
+    assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
+    via_set = config_lib.apply_overrides(TrainConfig(), [
+        f"model.{k}={v}" for k, v in OLD_MODEL.items()] + ["optim.b1=0.8", "optim.b2=0.99",
+                                                           "optim.eps=1e-6"])
+    assert via_set.model == m and via_set.optim == cfg.optim
+
+
+def test_an_unknown_logical_axis_is_refused_not_replicated():
+    mesh = Mesh(jax.devices()[:1], ("data",))
+    rules = {**DEFAULT_RULES}
+    with pytest.raises(ValueError, match="logical axis 'experts' has no sharding rule"):
+        spec_for(("experts", "embed"), (4, 8), mesh, rules)
+
+
+def test_every_parameter_of_every_mixer_has_a_sharding_rule():
+    from flax import nnx
+
+    from lm.model import Transformer, param_axes
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, mixer_pattern="amr")
+    axes = jax.tree.leaves(param_axes(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))),
+                           is_leaf=lambda x: isinstance(x, tuple))
+    assert {name for names in axes for name in names} <= set(DEFAULT_RULES)
+
+
+def test_flops_per_token_counts_each_mixer():
+    base = ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4, max_seq_len=256)
+    seq = 256
+
+    def matmuls(cfg):
+        return 6 * (count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model)
+
+    attn = flops_per_token(base, seq)
+    assert attn - matmuls(base) == pytest.approx(2 * 6 * 2 * (seq + 1) / 2 * 4 * 16)
+    windowed = dataclasses.replace(base, attention=dataclasses.replace(base.attention, window=16))
+    w_keys = (16 * 17 / 2 + (seq - 16) * 16) / seq
+    assert flops_per_token(windowed, seq) - matmuls(base) == pytest.approx(2 * 12 * w_keys * 64)
+    mamba = dataclasses.replace(base, mixer_pattern="m")
+    width = 2 * 64 // 4  # expand * d_model / heads
+    assert flops_per_token(mamba, seq) - matmuls(mamba) == pytest.approx(
+        2 * scan_flops_per_token(mamba, seq, 64, 4, 64, width))
+    assert scan_flops_per_token(mamba, seq, 64, 4, 64, width) == 3 * 4 * (
+        2 * 64 * (64 + width) + 4 * 64 * width)
+    hybrid = dataclasses.replace(base, mixer_pattern="ma")
+    assert flops_per_token(hybrid, seq) - matmuls(hybrid) == pytest.approx(
+        (attn - matmuls(base)) / 2 + (flops_per_token(mamba, seq) - matmuls(mamba)) / 2)
