@@ -191,3 +191,31 @@ def test_flops_per_token_counts_each_mixer():
     hybrid = dataclasses.replace(base, mixer_pattern="ma")
     assert flops_per_token(hybrid, seq) - matmuls(hybrid) == pytest.approx(
         (attn - matmuls(base)) / 2 + (flops_per_token(mamba, seq) - matmuls(mamba)) / 2)
+
+
+@pytest.mark.parametrize("pattern,tolerance", [("a", 0.1), ("m", 0.02), ("r", 0.02)])
+def test_flops_per_token_matches_xla_cost_analysis(pattern, tolerance):
+    """XLA's own FLOP count of the compiled forward + backward. One scan chunk spans the
+    sequence (XLA counts a loop body once, not per iteration); attention's blocked
+    scores do a little more than the causal half the formula counts."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from lm.model import Transformer
+    seq = 256
+    cfg = ModelConfig(vocab_size=259, d_model=128, n_layers=2, n_heads=4, max_seq_len=seq,
+                      mixer_pattern=pattern)
+    cfg = dataclasses.replace(cfg, mamba2=dataclasses.replace(cfg.mamba2, chunk=seq),
+                              retention=dataclasses.replace(cfg.retention, chunk=seq))
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+    tokens = jnp.zeros((2, seq), jnp.int32)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla = cost["flops"] / tokens.size
+    assert xla == pytest.approx(flops_per_token(cfg, seq), rel=tolerance)
