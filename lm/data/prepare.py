@@ -19,19 +19,18 @@ splits are those computed at prepare time. Its tokenizer must match
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from lm.data.errors import DataError
-from lm.data.sources import SPLITS, is_prepared_dir
-from lm.data.tokenized import TokenDocs, token_docs
+from lm.data.shards import (FORMAT, FORMAT_VERSION, TokenDocs, is_prepared_dir,
+                            tokenizer_sha256)
+from lm.data.sources import SPLITS
+from lm.data.tokenized import token_docs
 from lm.data.tokenizers import Tokenizer, load_tokenizer
 
-FORMAT = "lmlab-prepared-tokens"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256M tokens: 512 MiB of uint16 per shard
 
 
@@ -65,7 +64,7 @@ def prepare(cfg, out_dir, tokenizer: Tokenizer | None = None,
                         "shards": n_shards}
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "tokenizer": tok.spec, "tokenizer_sha256": _sha256(tok.spec),
+        "tokenizer": tok.spec, "tokenizer_sha256": tokenizer_sha256(tok.spec),
         "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
         "source": {"corpus": cfg.corpus, "text_field": cfg.text_field,
                    "validation_corpus": cfg.validation_corpus,
@@ -100,60 +99,4 @@ def _write_shards(docs: TokenDocs, d: Path, dtype, shard_tokens: int) -> int:
     return shard
 
 
-def _sha256(spec: str) -> str:
-    if spec == "byte":
-        return ""
-    try:
-        return hashlib.sha256(Path(spec).read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-def read_meta(path) -> dict:
-    p = Path(path) / "meta.json"
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"data.corpus: cannot read {p}: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise DataError(
-            f"data.corpus: {path} is not a prepared directory of format {FORMAT} "
-            f"v{FORMAT_VERSION} (re-run `lm data prepare`)")
-    return meta
-
-
-def _check_tokenizer(meta: dict, tokenizer: Tokenizer, path, key: str) -> None:
-    same = meta["tokenizer"] == tokenizer.spec or (
-        meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] == _sha256(tokenizer.spec))
-    if not same or meta["vocab_size"] != tokenizer.vocab_size:
-        raise DataError(
-            f"{key}: {path} was prepared with tokenizer {meta['tokenizer']!r} but "
-            f"data.tokenizer is {tokenizer.spec!r} (re-run `lm data prepare`)")
-
-
-def load_prepared(path, split: str, tokenizer: Tokenizer | None = None,
-                  key: str = "data.corpus") -> TokenDocs:
-    """Memory-map one split's shards (no tokenization, no copy)."""
-    meta = read_meta(path)
-    if tokenizer is not None:
-        _check_tokenizer(meta, tokenizer, path, key)
-    n = meta["splits"][split]["shards"]
-    d = Path(path) / split
-    toks, offs = [], []
-    try:
-        for s in range(n):
-            toks.append(np.load(d / f"tokens-{s:05d}.npy", mmap_mode="r"))
-            offs.append(np.load(d / f"docs-{s:05d}.npy"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{key}: cannot read prepared shard in {d}: {e}") from None
-    return TokenDocs(tuple(toks), tuple(offs))
-
-
-def load_prepared_all(path, tokenizer: Tokenizer | None = None,
-                      key: str = "data.corpus") -> TokenDocs:
-    """Both splits of a prepared dir as one (e.g. used whole as validation_corpus)."""
-    parts = [load_prepared(path, s, tokenizer, key) for s in SPLITS]
-    return TokenDocs(sum((p.tokens for p in parts), ()), sum((p.offsets for p in parts), ()))
-
-
-__all__ = ["prepare", "load_prepared", "load_prepared_all", "read_meta", "FORMAT_VERSION"]
+__all__ = ["prepare"]

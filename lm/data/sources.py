@@ -46,13 +46,13 @@ import lzma
 from pathlib import Path
 
 from lm.data.errors import DataError
+from lm.data.shards import SPLITS, is_prepared_dir, load_prepared, read_meta
 
 EMBEDDED_CORPORA = {"shakespeare": Path(__file__).parent / "corpora" / "shakespeare.jsonl.xz"}
 
 # Whole works held out as the embedded corpus's validation split (see module doc).
 SHAKESPEARE_VALIDATION_WORKS = ("julius_caesar", "twelfth_night", "henry_v", "macbeth")
 
-SPLITS = ("train", "validation")
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet",)
@@ -88,10 +88,6 @@ def holdout(docs: list[str], fraction: float, split: str) -> list[str]:
     if split == "validation":
         return [docs[i] for i in val]
     return [d for i, d in enumerate(docs) if i not in vset]
-
-
-def is_prepared_dir(path: str) -> bool:
-    return bool(path) and (Path(path) / "meta.json").is_file()
 
 
 @functools.lru_cache(maxsize=4)
@@ -233,9 +229,7 @@ def _read_parquet(p: Path, key: str, text_field: str) -> list[str]:
 
 
 def _decode_prepared(path: str, split: str) -> list[str]:
-    # Lazy import: prepare depends on this module.
-    from lm.data.prepare import load_prepared, read_meta
-    from lm.data.tokenizers import load_tokenizer
+    from lm.data.tokenizers import load_tokenizer  # tokenizers read files via sources
 
     tok = load_tokenizer(read_meta(path)["tokenizer"])
     docs = load_prepared(path, split)

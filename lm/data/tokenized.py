@@ -10,31 +10,11 @@ are memory-mapped, not read). Each document is stored framed as
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from lm.data.sources import EMBEDDED_CORPORA, embedded_documents, is_prepared_dir, load_documents
-
-
-@dataclass(frozen=True, eq=False)
-class TokenDocs:
-    tokens: tuple[np.ndarray, ...]  # per shard, flat
-    offsets: tuple[np.ndarray, ...]  # per shard, int64 [docs + 1]
-
-    @property
-    def num_docs(self) -> int:
-        return sum(len(o) - 1 for o in self.offsets)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(o[-1]) for o in self.offsets)
-
-    def iter_docs(self) -> Iterator[np.ndarray]:
-        for t, o in zip(self.tokens, self.offsets):
-            for d in range(len(o) - 1):
-                yield np.asarray(t[o[d]:o[d + 1]])
+from lm.data.shards import TokenDocs, is_prepared_dir, load_prepared, load_prepared_all
+from lm.data.sources import EMBEDDED_CORPORA, embedded_documents, load_documents
 
 
 def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDocs:
@@ -56,8 +36,6 @@ def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDo
 
 def token_docs(cfg, tokenizer, split: str) -> TokenDocs:
     """The tokens of `split` of `cfg` (a DataConfig); prepared dirs are memory-mapped."""
-    from lm.data.prepare import load_prepared, load_prepared_all  # prepare imports us
-
     if split == "validation" and cfg.validation_corpus:
         if is_prepared_dir(cfg.validation_corpus):
             return load_prepared_all(cfg.validation_corpus, tokenizer, "data.validation_corpus")
