@@ -5,6 +5,8 @@ against this one), XLA CPU flags, environment settings, config overrides, and th
     git worktree add /tmp/base 92b131b     # the commit before the throughput work
     python benchmarks/cpu_throughput.py --tree base=/tmp/base --tree now=. \
         --config configs/bench_5m.py --rounds 3
+    python benchmarks/cpu_throughput.py --tree jax0.10=/tmp/base@/tmp/venv311/bin/python \
+        --tree now=.      # a tree in another interpreter / JAX stack: NAME=PATH@PYTHON
     python benchmarks/cpu_throughput.py --tree now=. --flags onednn=--xla_cpu_use_onednn=true
     python benchmarks/cpu_throughput.py --set dense=model.attention.q_blocks=1
     python benchmarks/cpu_throughput.py --env fresh-pages=LMLAB_HOST_MALLOC=0 \
@@ -46,11 +48,11 @@ def run_torch(python: str, env_extra: dict, steps: int) -> tuple[float, float, f
     return json.loads(out.stdout.splitlines()[-1])["tokens_per_s"], float("nan"), float("nan")
 
 
-def run_bench(tree: Path, flags: str, env_extra: dict, overrides: list[str], config: str,
-              steps: int) -> tuple[float, float, float]:
+def run_bench(tree: Path, python: str, flags: str, env_extra: dict, overrides: list[str],
+              config: str, steps: int) -> tuple[float, float, float]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree), **env_extra)
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), flags]))
-    out = subprocess.run([sys.executable, "-m", "lm.cli", "bench", "--config",
+    out = subprocess.run([python, "-m", "lm.cli", "bench", "--config",
                           str(tree / config), "--steps", str(steps),
                           *[a for o in overrides for a in ("--set", o)]], cwd=tree, env=env,
                          capture_output=True, text=True, check=False)
@@ -64,7 +66,8 @@ def run_bench(tree: Path, flags: str, env_extra: dict, overrides: list[str], con
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH[@PYTHON]",
+                   help="a code tree, run by this interpreter (default: this one)")
     p.add_argument("--flags", action="append", default=[], metavar="NAME=XLA_FLAGS",
                    help="flag variants, each run on every tree ('none' always included)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
@@ -77,7 +80,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    trees = [(n, Path(t).resolve()) for n, t in (s.split("=", 1) for s in args.tree or ["now=."])]
+    trees = []
+    for item in args.tree or ["now=."]:
+        name, spec = item.split("=", 1)
+        path, _, python = spec.partition("@")
+        trees.append((name, Path(path).resolve(), python or sys.executable))
     settings = [("none", "", {}, [])]
     settings += [(n, f, {}, []) for n, f in (s.split("=", 1) for s in args.flags)]
     for item in args.env:
@@ -87,8 +94,9 @@ def main() -> None:
         name, assignments = item.split("=", 1)
         settings.append((name, "", {}, assignments.split(",")))
     variants = [(f"{tn}" + (f"+{sn}" if sn != "none" else ""),
-                 lambda tree=tree, f=f, e=e, o=o: run_bench(tree, f, e, o, args.config, args.steps))
-                for tn, tree in trees for sn, f, e, o in settings]
+                 lambda tree=tree, py=py, f=f, e=e, o=o: run_bench(tree, py, f, e, o, args.config,
+                                                                   args.steps))
+                for tn, tree, py in trees for sn, f, e, o in settings]
     if args.torch:
         variants.append(("torch", lambda: run_torch(args.torch, {}, args.steps)))
         variants.append(("torch+heap", lambda: run_torch(
