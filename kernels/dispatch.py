@@ -11,8 +11,20 @@ from __future__ import annotations
 import logging
 
 import jax
+from jax.experimental.pallas import triton as pallas_triton
 
 log = logging.getLogger("lmlab.kernels")
+
+# The GPU lowering the Pallas kernels are written for, stated on every pallas_call rather
+# than left to JAX's default: Triton. (JAX 0.10 lowers a pallas_call without
+# compiler_params through Mosaic GPU, where these kernels do not lower; 0.12 through
+# Triton, which it deprecates.) Interpret mode (CPU) ignores it. Warps and stages are
+# Triton's defaults (4 warps; 3 stages on CUDA, 1 on ROCm). tests/test_kernels_lowering.py
+# checks on CPU that the kernels lower for CUDA to Triton custom calls; only a real GPU
+# can check that Triton compiles them and that they run correctly and fast
+# (tests/test_kernels_*.py and benchmarks/kernel_bench.py on the GPU).
+GPU_COMPILER_PARAMS = pallas_triton.CompilerParams(num_warps=4, num_stages=None)
+
 _WARNED: set[tuple[str, str]] = set()
 
 

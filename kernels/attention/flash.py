@@ -22,7 +22,7 @@ from kernels.attention.reference import (
     check_shapes,
     document_layout,
 )
-from kernels.dispatch import resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, resolve
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -213,6 +213,7 @@ def _fwd_call(q, k, v, doc, pos, cfg: _Cfg):
         out_specs=[q_spec, row_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), row, row],
         interpret=cfg.interpret,
+        compiler_params=GPU_COMPILER_PARAMS,
         name="flash_attention_fwd",
     )(q, k, v, doc, pos)
 
@@ -244,6 +245,7 @@ def _flash_bwd(cfg, res, cts):
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=cfg.interpret,
+        compiler_params=GPU_COMPILER_PARAMS,
         name="flash_attention_dq",
     )(*ins)
 
@@ -258,6 +260,7 @@ def _flash_bwd(cfg, res, cts):
         out_specs=[per_head, per_head],
         out_shape=[jax.ShapeDtypeStruct(q.shape, F32)] * 2,
         interpret=cfg.interpret,
+        compiler_params=GPU_COMPILER_PARAMS,
         name="flash_attention_dkv",
     )(*ins)
     n_kv = k.shape[2]

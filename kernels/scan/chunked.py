@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.dispatch import resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, resolve
 from kernels.scan.reference import reset_flags
 
 F32 = jnp.float32
@@ -101,6 +101,7 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
         out_shape=[jax.ShapeDtypeStruct((b, t, h, dv), out_dtype or v.dtype),
                    jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
         interpret=interpret,
+        compiler_params=GPU_COMPILER_PARAMS,
         name="chunked_linear_scan",
     )(q, k, v, a_cum_BHT, r_cum_BT, s0)
 
