@@ -20,8 +20,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_xprof_traceme=true")
 import jax  # noqa: E402
 
 from lm.cli import _load  # noqa: E402
-from lm.data import load_tokenizer, train_iterator  # noqa: E402
-from lm.train.state import build, with_vocab  # noqa: E402
+from lm.data import train_iterator  # noqa: E402
+from lm.train.setup import setup_run  # noqa: E402
 
 
 def op_sources(hlo_text: str) -> dict[str, str]:
@@ -55,10 +55,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     cfg = _load(argparse.Namespace(config=args.config, overrides=args.overrides))
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg = with_vocab(cfg, tokenizer.vocab_size)
-    pieces = build(cfg)
-    data = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
+    run = setup_run(cfg)
+    cfg, pieces = run.cfg, run.pieces
+    data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.seed)
     batches = [pieces.global_batch(next(data)) for _ in range(args.steps + 1)]
     state = pieces.init_state()
     compiled, _ = pieces.compile_train_step()

@@ -20,7 +20,7 @@ BUDGETS = [6e10, 1.2e11, 2.4e11, 4.8e11, 9.6e11]   # FLOPs = 6 N D
 def _params(cfg) -> int:
     from lm.data import load_tokenizer
     from lm.model.transformer import count_params
-    from lm.train.state import with_vocab
+    from lm.train.setup import with_vocab
     return count_params(with_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size).model)["total"]
 
 

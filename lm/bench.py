@@ -1,20 +1,35 @@
-"""`lm bench`: steady-state training throughput of a config (never a test)."""
+"""`lm bench`: steady-state training throughput of a config (never a test).
+
+Two measurements of the same compiled step, interleaved in one process:
+  * the bare step: pre-made device batches, one step at a time, waiting for each;
+    the median step time gives tokens/s and MFU;
+  * the real `lm train` loop (`lm.train.loop.train` into a temporary run dir: prefetch,
+    metrics, logging; evaluation and checkpoints pushed past the measured steps,
+    TensorBoard off), timed by its own step_time records (the first window is warm-up);
+and the loop's overhead over the bare step in %.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import json
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from lm.config import TrainConfig
-from lm.data import load_tokenizer, train_iterator
+from lm.data import train_iterator
 from lm.hostmem import host_malloc_active
 from lm.model import count_params, flops_per_token
-from lm.train.mfu import device_peak_flops
 from lm.parallel.sharding import per_device_bytes
-from lm.train.state import build, with_vocab
+from lm.train.mfu import device_peak_flops, mfu
+from lm.train.setup import RunSetup, setup_run
 
 
 def _minor_faults() -> int:
@@ -22,28 +37,57 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg = with_vocab(cfg, tokenizer.vocab_size)
-    pieces = build(cfg)
-    data = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed)
+def loop_step_times(run: RunSetup, steps: int) -> list[float]:
+    """Step times `lm train` itself records (one per log window of ~steps/4 steps, the
+    first window left out as warm-up) over `steps` steps at `run`'s config."""
+    from lm.train.loop import train
+
+    window = max(1, steps // 4)
+    total = window * (1 + -(-steps // window))
+    far = 10 * total  # evaluation and checkpoints only at the end, after the last window
+    cfg = dataclasses.replace(run.cfg, steps=total, log_every=window, eval_every=far,
+                              checkpoint_every=far, eval_batches=1, tensorboard=False)
+    with tempfile.TemporaryDirectory(prefix="lm-bench-") as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = train(cfg, Path(tmp) / "run", setup=dataclasses.replace(run, cfg=cfg))
+        if code:
+            raise RuntimeError(f"the bench's training loop exited with code {code}")
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl")
+                   .read_text().splitlines()]
+    return [float(r["step_time"]) for r in records if r["kind"] == "train"][1:]
+
+
+def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int = 2) -> dict:
+    run = setup_run(cfg)
+    cfg, pieces = run.cfg, run.pieces
+    data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.seed)
     batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
     t0 = time.perf_counter()
-    compiled, memory = pieces.compile_train_step()
+    compiled, memory = run.compiled_train_step()
     compile_s = time.perf_counter() - t0
-    for b in batches[:warmup]:
-        state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    times = []
-    faults_before = _minor_faults()
-    for b in batches[warmup:]:
-        t0 = time.perf_counter()
-        state, m = compiled(state, b)
+
+    def bare_round() -> tuple[list[float], float]:
+        """Step times and page faults per step of `steps` steps after `warmup`."""
+        nonlocal state
+        for b in batches[:warmup]:
+            state, m = compiled(state, b)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    faults_per_step = (_minor_faults() - faults_before) / steps
-    step_time = float(np.median(times))
+        times, faults_before = [], _minor_faults()
+        for b in batches[warmup:]:
+            t0 = time.perf_counter()
+            state, m = compiled(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        return times, (_minor_faults() - faults_before) / steps
+
+    times, faults_per_step = bare_round()
+    bare, loop = [times], []
+    for r in range(loop_rounds):  # bare, loop, bare, loop, ...: drift hits both alike
+        if r:
+            bare.append(bare_round()[0])
+        loop.append(loop_step_times(run, steps))
+    step_time = float(np.median(np.concatenate(bare)))
     tokens = cfg.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, source = device_peak_flops(measure=True)  # same conditions as the step
@@ -56,15 +100,27 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
         "flops_per_token": fpt, "compile_s": compile_s, "step_time_s": step_time,
         "tokens_per_s": tps, "achieved_tflops": fpt * tps / 1e12,
         "peak_tflops": peak / 1e12, "peak_source": source,
-        "mfu": fpt * tps / (peak * jax.device_count()),
+        "mfu": mfu(fpt, tps, peak, jax.device_count()),
         "state_bytes_per_device": per_device_bytes(pieces.abstract_state()),
         "temp_bytes": memory.get("temp"),
         "page_faults_per_step": faults_per_step,
     }
     print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
           f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "
-          f"(median of {steps}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
+          f"(median of {steps * len(bare)}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
           f"MFU {100 * result['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
+    if loop:
+        loop_time = float(np.median(np.concatenate(loop)))
+        result.update(loop_step_time_s=loop_time, loop_overhead=loop_time / step_time - 1,
+                      rounds=[{"bare_median_s": float(np.median(b)),
+                               "loop_median_s": float(np.median(lp))}
+                              for b, lp in zip(bare, loop)])
+        per_round = ", ".join(f"{1e3 * r['bare_median_s']:.1f}/{1e3 * r['loop_median_s']:.1f}"
+                              for r in result["rounds"])
+        print(f"lm train loop: step {1e3 * loop_time:.1f} ms (median of "
+              f"{sum(map(len, loop))} windows of {max(1, steps // 4)} steps) vs bare step "
+              f"{1e3 * step_time:.1f} ms: overhead {100 * result['loop_overhead']:+.1f}% "
+              f"(bare/loop ms per round: {per_round})")
     if jax.default_backend() == "cpu":
         print("host allocator: " + ("step buffers kept in the heap (glibc.malloc.mmap_max=0, "
                                     "synchronous dispatch)" if host_malloc_active() else

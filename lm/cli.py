@@ -1,18 +1,18 @@
 """`lm train | eval | sample | bench | data prepare | launch {local,tpu,slurm}`.
 
-User-caused errors (bad config, bad data, missing run) print one line and exit 2.
+User-caused errors (bad config, bad data, missing run) print one line and exit 2
+(lm/errors.py holds the exit codes).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from lm.configs import DEFAULT_CONFIG
+from lm.errors import EXIT_USER_ERROR
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -27,32 +27,6 @@ def _load(args):
     return resolve(args.config, args.overrides)
 
 
-def _restore(run_dir: str):
-    """(cfg, tokenizer, pieces, params) of the latest checkpoint in a run dir."""
-    from lm import config as config_lib
-    from lm.config import ConfigError
-    from lm.data import load_tokenizer
-    from lm.train.checkpoint import Checkpointer
-    from lm.train.state import build
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
-    cfg = config_lib.from_json((run / "config.json").read_text())
-    # Evaluate / sample on the devices at hand: the training mesh may have had more.
-    # Orbax reshards the checkpoint onto the data-parallel mesh over these devices.
-    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    pieces = build(cfg)
-    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"--run {run_dir}: no checkpoint yet")
-    state = ckpt.restore_params(step, pieces.abstract_state())
-    ckpt.close()
-    return cfg, tokenizer, pieces, state["params"], step
-
-
 def cmd_train(args) -> int:
     from lm.train.loop import train
     cfg = _load(args)
@@ -62,9 +36,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
-    cfg, tokenizer, pieces, params, step = _restore(args.run)
-    batches = eval_batches(cfg.data, tokenizer, cfg.batch_size, args.batches)
-    result = evaluate(pieces, pieces.eval_step(), params, batches, tokenizer)
+    from lm.train.setup import restore_for_inference
+    run, params, step = restore_for_inference(args.run)
+    batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
+    result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
     print(json.dumps({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
                       "batches": len(batches)}))
     return 0
@@ -72,9 +47,11 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from lm.sample import generate
-    cfg, tokenizer, pieces, params, _ = _restore(args.run)
+    from lm.train.setup import restore_for_inference
+    run, params, _ = restore_for_inference(args.run)
+    cfg, tokenizer = run.cfg, run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
-    outs = generate(pieces.graphdef, params, prompt, args.max_new_tokens,
+    outs = generate(run.pieces.graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,
                     max_seq_len=cfg.model.max_seq_len, eos_id=tokenizer.eos_id)
@@ -87,7 +64,7 @@ def cmd_sample(args) -> int:
 
 def cmd_bench(args) -> int:
     from lm.bench import bench
-    bench(_load(args), steps=args.steps)
+    bench(_load(args), steps=args.steps, loop_rounds=args.loop_rounds)
     return 0
 
 
@@ -145,7 +122,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage errors of `lm launch ...` as one line, exit 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message}\n")
 
 
 def _add_launch(sub) -> None:
@@ -216,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training throughput (tokens/s, MFU) of a config")
     _config_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    p.add_argument("--loop-rounds", type=int, default=2,
+                   help="rounds of (bare step, lm train loop) measuring the loop's overhead "
+                        "(0 = bare step only)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("data", help="data tools")
@@ -270,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.fn(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return code
 
 

@@ -1,12 +1,16 @@
-"""End-to-end training through the real CLI: resume reproduces the uninterrupted run,
-divergence is recorded, metrics/TensorBoard/summary are written, eval and sample work."""
+"""End-to-end training through the real CLI: resume reproduces the uninterrupted run
+(prefetch on), divergence is recorded at the right step and never checkpointed, one
+signalled process stops a whole pod after the same step, metrics/TensorBoard/summary
+are written, eval and sample work."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import jax
 import numpy as np
+import pytest
 from conftest import TINY, lm, sets, train_losses
 
 
@@ -39,15 +43,16 @@ def test_run_dir_has_metrics_tensorboard_summary(tiny_run):
     assert config["model"]["d_model"] == 32 and config["model"]["vocab_size"] == 259
 
 
-def _interrupted_then_resumed(tmp_path, fault: str, expected_code: int):
+def _interrupted_then_resumed(tmp_path, fault: str, expected_code: int, extra=()):
     full = tmp_path / "full"
-    assert lm("train", "--run-dir", str(full), *sets(*TINY, "log_every=1")).returncode == 0
+    assert lm("train", "--run-dir", str(full), *sets(*TINY, "log_every=1", *extra)
+              ).returncode == 0
     run = tmp_path / "resumed"
-    first = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"),
+    first = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1", *extra),
                env={"LMLAB_FAULT": fault})
     assert first.returncode == expected_code, first.stderr[-2000:]
     assert max(train_losses(run)) == 6  # it really stopped at step 6
-    second = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"))
+    second = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1", *extra))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from step" in second.stdout
     a, b = train_losses(full), train_losses(run)
@@ -59,6 +64,14 @@ def _interrupted_then_resumed(tmp_path, fault: str, expected_code: int):
 
 def test_sigterm_checkpoints_and_resume_reproduces_uninterrupted_losses(tmp_path):
     second = _interrupted_then_resumed(tmp_path, "sigterm@6", 128 + 15)
+    assert "resumed from step 6" in second.stdout
+
+
+def test_resume_with_deep_prefetch_and_read_threads_reproduces_uninterrupted_losses(tmp_path):
+    # The prefetcher has read up to 4 batches past step 6 when it stops: the checkpoint
+    # must hold the position after the batch step 6 consumed, not after those.
+    second = _interrupted_then_resumed(tmp_path, "sigterm@6", 128 + 15,
+                                       extra=("data.prefetch=4", "data.read_threads=2"))
     assert "resumed from step 6" in second.stdout
 
 
@@ -89,6 +102,62 @@ def test_divergence_is_recorded_and_last_good_checkpoint_kept(tmp_path):
     bad_step = int(status.rsplit(" ", 1)[1])
     kept = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert kept and max(kept) < bad_step
+
+
+def _checkpoint_steps(run) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# 7: noticed one step late, after step 8 (a checkpoint step) was dispatched; 8: a
+# checkpoint step itself, whose state must be verified before it is saved.
+@pytest.mark.parametrize("at", [7, 8])
+def test_nan_at_a_known_step_is_diverged_there_and_never_checkpointed(tmp_path, at):
+    from lm.train.setup import restore_for_inference
+
+    run = tmp_path / "nan"
+    result = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"),
+                env={"LMLAB_FAULT": f"nan@{at}"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == f"diverged at step {at}"
+    assert summary["steps"] == at - 1
+    assert max(train_losses(run)) == at - 1  # no record of the non-finite step
+    assert _checkpoint_steps(run) == [4]  # checkpoint_every=4: 8 was never written
+    _, params, step = restore_for_inference(run)
+    assert step == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+POD = TINY + ["batch_size=8", "mesh.data=-1", "stop_sync_every=5"]
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def _pod(run, env=None):
+    return lm("launch", "local", "--processes", "2", "--devices-per-process", "4", "--",
+              "train", "--run-dir", str(run), *sets(*POD), env=env, timeout=240)
+
+
+@pytest.mark.slow
+def test_one_signalled_process_stops_the_whole_pod_after_the_same_step(tmp_path):
+    reference = tmp_path / "reference"  # one process, the same 8 devices, uninterrupted
+    result = lm("train", "--run-dir", str(reference), *sets(*POD), env=EIGHT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "pod"
+    # Only process 1 gets SIGTERM, during step 6; the processes agree at step 10.
+    result = _pod(run, env={"LMLAB_FAULT": "sigterm@6", "LMLAB_FAULT_PROCESS": "1"})
+    assert result.returncode == 128 + 15, result.stdout[-2000:] + result.stderr[-3000:]
+    for p in (0, 1):
+        assert f"[p{p}] stopped by signal 15 at step 10; checkpoint saved" in result.stdout
+    assert 10 in _checkpoint_steps(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 10
+    result = _pod(run)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resumed from step 10" in result.stdout
+    got, want = train_losses(run), train_losses(reference)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-5)
 
 
 def test_changed_config_in_existing_run_dir_is_refused(tiny_run):

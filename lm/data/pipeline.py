@@ -33,7 +33,16 @@ import numpy as np
 from lm.data.errors import DataError
 from lm.data.tokenized import TokenDocs, token_docs
 
-ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# The row format, defined once (the table above): key -> dtype. A batch is these keys,
+# each [B, T]; the train step's abstract batch and every consumer take them from here.
+ROW_DTYPES = {
+    "inputs": np.dtype(np.int32),
+    "targets": np.dtype(np.int32),
+    "segment_ids": np.dtype(np.int32),
+    "positions": np.dtype(np.int32),
+    "loss_mask": np.dtype(np.float32),
+}
+ROW_KEYS = tuple(ROW_DTYPES)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,14 +134,8 @@ class PackedRows:
         return len(self.index)
 
     def empty_row(self) -> dict:
-        T = self.seq_len
-        return {
-            "inputs": np.full(T, self.pad_id, np.int32),
-            "targets": np.full(T, self.pad_id, np.int32),
-            "segment_ids": np.zeros(T, np.int32),
-            "positions": np.zeros(T, np.int32),
-            "loss_mask": np.zeros(T, np.float32),
-        }
+        pad = {"inputs": self.pad_id, "targets": self.pad_id}
+        return {k: np.full(self.seq_len, pad.get(k, 0), dtype) for k, dtype in ROW_DTYPES.items()}
 
     def __getitem__(self, r) -> dict:
         r = int(r)
@@ -237,5 +240,5 @@ def target_bytes(batch: dict, tokenizer) -> np.ndarray:
     return np.where(np.asarray(batch["loss_mask"]) > 0, tb, 0).astype(np.int32)
 
 
-__all__ = ["ROW_KEYS", "RowIndex", "PackedRows", "build_row_index", "packed_rows",
+__all__ = ["ROW_DTYPES", "ROW_KEYS", "RowIndex", "PackedRows", "build_row_index", "packed_rows",
            "train_iterator", "eval_batches", "target_bytes"]

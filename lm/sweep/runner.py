@@ -23,9 +23,9 @@ from pathlib import Path
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
+from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.sweep.spec import Sweep, Trial, expand, load_spec
 
-EXIT_DIVERGED = 3
 _FINAL = ("completed", "diverged")
 
 
@@ -165,7 +165,7 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
                 done += 1
                 run_dir = wd / t.name
                 code = p.returncode
-                if code == 0:
+                if code == EXIT_OK:
                     status, key = "completed", "completed"
                 elif code == EXIT_DIVERGED:
                     status, key = read_status(run_dir) or "diverged", "diverged"
@@ -190,5 +190,5 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
           + (f", {not_started} not started" if not_started else "")
           + f" of {len(trials)} trials", flush=True)
     if stop["sig"]:
-        return 128 + stop["sig"]
+        return exit_for_signal(stop["sig"])
     return 1 if tally["failed"] else 0

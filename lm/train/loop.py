@@ -1,11 +1,26 @@
 """The training loop: resume-or-start, step, log, evaluate, checkpoint, summarise.
 
-Exit codes: 0 done; 3 diverged (non-finite loss; the last good checkpoint is kept);
-128 + signal number when stopped by SIGTERM / SIGINT after a final checkpoint.
+The loop never waits on the device between steps. Batches are read, stacked and put on
+the devices ahead of time by a thread (`lm.data.Prefetcher`, `data.prefetch` deep).
+Step N+1 is dispatched before step N's metrics are read ("settled"), so the host
+enqueues the next step while the device runs this one; a non-finite loss, gradient norm
+or parameter (`metrics["finite"]`) is therefore noticed one step late, and the run stops
+with status "diverged at step N", N the step that produced it. The state is donated to
+the next step, so at an evaluation, checkpoint or stop step the loop settles that step
+BEFORE dispatching the next one: a checkpoint only ever holds a state verified finite
+(and the data iterator's position after the last batch a step consumed).
+
+SIGTERM / SIGINT: a single process stops after the current step; the processes of a pod
+agree at every `stop_sync_every` steps (a barrier in the coordination service, no device
+work) and all stop after the same step, with a checkpoint.
+
+Exit codes (lm/errors.py): 0 done; EXIT_DIVERGED (3): diverged, the last good
+checkpoint is kept; 128 + signal number when stopped by a signal after a checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -14,40 +29,21 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lm import config as config_lib
-from lm.config import ConfigError, TrainConfig
-from lm.data import eval_batches, load_tokenizer, target_bytes, train_iterator
+from lm.config import TrainConfig
+from lm.data import Prefetcher, eval_batches, target_bytes, train_iterator
+from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.model import count_params, flops_per_token, logit_layers
+from lm.parallel.sharding import per_device_bytes
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
-from lm.train.mfu import device_peak_flops
-from lm.parallel.sharding import per_device_bytes
-from lm.train.state import build, with_vocab
+from lm.train.mfu import device_peak_flops, mfu
+from lm.train.setup import RunSetup, check_resumable, setup_run
 
-EXIT_DIVERGED = 3
-
-# Fields that may change between a run and its resumption: they steer bookkeeping,
-# not the computation, so the resumed run still reproduces the uninterrupted one.
-OPERATIONAL_FIELDS = {"log_every", "eval_every", "eval_batches", "checkpoint_every",
-                      "keep_checkpoints", "tensorboard", "name"}
-
-
-def prepare_run(cfg: TrainConfig, run_dir: Path):
-    """Everything that can fail on user input, before anything is written."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg = config_lib.validate(with_vocab(cfg, tokenizer.vocab_size))
-    pieces = build(cfg)  # checks the mesh against the devices and the shapes
-    saved = run_dir / "config.json"
-    if saved.exists():
-        previous = config_lib.from_json(saved.read_text())
-        diff = [d for d in config_lib.config_diff(previous, cfg)
-                if d.split(":")[0] not in OPERATIONAL_FIELDS]
-        if diff:
-            raise ConfigError(f"{run_dir} holds a run with a different config "
-                              f"({'; '.join(diff[:3])}); use another --run-dir")
-    return cfg, tokenizer, pieces
+STOP_BARRIER_TIMEOUT_MS = 30 * 60 * 1000  # a pod's processes reach a sync step together
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -69,12 +65,32 @@ def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
             "bpb": nll_sum / math.log(2) / max(nbytes, 1.0)}
 
 
-class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
+def _coordination_client():
+    """The jax.distributed client (host-side key-value store and barriers), or None."""
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
 
-    def __init__(self):
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop.
+
+    One process: after the current step. A pod: every process must stop after the same
+    step (else one checkpoints while the others wait in the next step's collectives), so
+    they agree only at steps that are multiples of `every`: each process that has seen a
+    signal by then writes it into the coordination service's key-value store, all meet
+    at a barrier, and all read the same set of signals. That is host-side RPC, not a
+    device collective: it never waits for the steps in flight."""
+
+    _runs = itertools.count()  # one key space per train() call (the same on every process)
+
+    def __init__(self, every: int):
+        self.every = every
         self.signum = 0
         self._old = {}
+        self._key = f"lmlab/stop/{next(self._runs)}"
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,38 +100,87 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def agree(self) -> None:
-        """All processes must stop after the same step (else one checkpoints while the
-        others wait in the next step's collectives): take the max over processes."""
-        if jax.process_count() > 1:
+    def requested(self, step: int) -> int:
+        """The signal to stop on after `step` (0 = go on); the same on every process."""
+        if jax.process_count() == 1:
+            return self.signum
+        if step % self.every:
+            return 0
+        local = self.signum  # what this process announces; a later signal waits a round
+        client = _coordination_client()
+        if client is None:  # no coordination service: a device all-gather (rare steps)
             from jax.experimental import multihost_utils
-            self.signum = int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
+            return int(np.max(multihost_utils.process_allgather(np.int32(local))))
+        key = f"{self._key}/{step}"
+        if local:
+            client.key_value_set(f"{key}/{jax.process_index()}", str(local))
+        client.wait_at_barrier(key, STOP_BARRIER_TIMEOUT_MS)
+        return max((int(v) for _, v in client.key_value_dir_get(f"{key}/")), default=0)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def _inject_fault(step: int) -> None:
-    """LMLAB_FAULT=sigterm@N | sigkill@N: signal this process after step N (tests use it
-    to kill a run at a known step)."""
-    spec = os.environ.get("LMLAB_FAULT", "")
-    if not spec:
-        return
-    kind, _, at = spec.partition("@")
-    if int(at) == step:
-        os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
+class _Faults:
+    """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N (tests use them):
+    sigterm@N: SIGTERM to this process while step N runs (the run stops after step N);
+    sigkill@N: SIGKILL to this process once step N's metrics are written (and its
+    evaluation / checkpoint, if any, done);
+    nan@N: step N's batch gets a NaN loss mask (a real divergence: NaN loss, gradients
+    and parameters)."""
+
+    def __init__(self):
+        kind, _, at = os.environ.get("LMLAB_FAULT", "").partition("@")
+        self.kind, self.at = kind, int(at) if at else -1
+
+    def batch(self, step: int, batch: dict) -> dict:
+        if self.kind == "nan" and step == self.at:
+            return dict(batch, loss_mask=batch["loss_mask"] * jnp.float32(jnp.nan))
+        return batch
+
+    def dispatched(self, step: int) -> None:
+        if self.kind == "sigterm" and step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def settled(self, step: int) -> None:
+        if self.kind == "sigkill" and step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> int:
+class _StepTimer:
+    """Mean step time over a window, from the number of steps the device has completed.
+    With asynchronous dispatch that is the settled steps; with synchronous dispatch (JAX
+    on CPU under lm/hostmem.py) a dispatch returns once the step ran, so it is the
+    dispatched ones. A window restarts after each log, evaluation and checkpoint."""
+
+    def __init__(self):
+        self.sync = (jax.default_backend() == "cpu"
+                     and not jax.config.values.get("jax_cpu_enable_async_dispatch", True))
+        self.dispatched = self.settled = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.done0 = time.perf_counter(), self._done()
+
+    def _done(self) -> int:
+        return self.dispatched if self.sync else self.settled
+
+    def step_time(self) -> float:
+        return (time.perf_counter() - self.t0) / max(self._done() - self.done0, 1)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) -> int:
+    """Train (or resume) the run in `run_dir`; returns the exit code. `setup`: a prepared
+    setup_run(cfg) (lm bench reuses one, and its compiled step, for several runs)."""
     run_dir = Path(run_dir)
-    cfg, tokenizer, pieces = prepare_run(cfg, run_dir)
-    if cfg.batch_size % jax.process_count():
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the "
-                          f"{jax.process_count()} processes")
+    run = setup if setup is not None else setup_run(cfg)
+    cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
+    check_resumable(cfg, run_dir)
     # Each process reads only its part of every global batch.
-    data_iter = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed,
-                               jax.process_index(), jax.process_count())
+    source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
+                            jax.process_count(), read_threads=cfg.data.read_threads)
+    batches = Prefetcher(source, pieces.global_batch, cfg.data.prefetch)
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +196,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     start = ckpt.latest_step()
     if start is None:
         state, start = pieces.init_state(), 0
-    else:
-        state = ckpt.restore(start, pieces.abstract_state(), data_iter)
+        batches.start_prefetch()
+    else:  # restores the prefetcher's position too (and starts it)
+        state = ckpt.restore(start, pieces.abstract_state(), batches)
         print(f"resumed from step {start} in {run_dir}", flush=True)
 
     summary_path = run_dir / "summary.json"
@@ -154,7 +220,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
           f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)
     t0 = time.perf_counter()
-    train_step, memory = pieces.compile_train_step()
+    train_step, memory = run.compiled_train_step()
     if memory.get("temp") is not None:
         print(f"compiled train step in {time.perf_counter() - t0:.1f}s; per device: arguments "
               f"{memory['argument'] / 2**20:.1f} MiB, temporaries {memory['temp'] / 2**20:.1f} MiB",
@@ -163,6 +229,36 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
     main = jax.process_index() == 0
     sink = MetricsSink(run_dir, cfg.tensorboard, resume_step=start, enabled=main)
     progress = Progress(cfg.steps, enabled=main)
+    faults = _Faults()
+    timer = _StepTimer()
+    layers = logit_layers(cfg.model)  # the others report NaN (no attention logits)
+    outcome = {"status": "completed", "code": EXIT_OK}
+
+    def settle(step: int, metrics: dict) -> bool:
+        """Read step `step`'s metrics (it has finished or is about to); log them on log
+        steps. False: the step diverged, stop."""
+        loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
+        timer.settled += 1
+        if not finite:
+            outcome.update(status=f"diverged at step {step}", code=EXIT_DIVERGED)
+            grad_norm = float(jax.device_get(metrics["grad_norm"]))
+            print(f"non-finite step {step} (loss {float(loss)}, grad norm {grad_norm}): "
+                  "stopping; the last good checkpoint is kept", flush=True)
+            return False
+        summary.update(steps=step, tokens_seen=step * tokens_per_step,
+                       training_flops=fpt * step * tokens_per_step)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            step_time = timer.step_time()
+            tps = tokens_per_step / step_time
+            util = mfu(fpt, tps, peak, n_devices)
+            record = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()
+                      if k != "finite"}
+            record["attn_logit_max"] = {i: record["attn_logit_max"][i] for i in layers}
+            record.update(step_time=step_time, tokens_per_s=tps, mfu=util)
+            sink.write(step, record)
+            progress.line(step, float(loss), tps, util, step_time)
+            timer.restart()
+        return True
 
     def run_eval(step: int) -> None:
         result = evaluate(pieces, eval_step, state["params"], eval_data, tokenizer)
@@ -173,54 +269,45 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> int:
         print(f"  eval @ {step}: val loss {result['loss']:.4f} | {result['bpb']:.4f} bits/byte",
               flush=True)
 
-    exit_code, status = 0, "completed"
-    # Layers that report a max attention logit: attention layers, unless cuDNN runs them
-    # (it does not expose the logits).
-    attention_layers = logit_layers(cfg.model)
-    window_start, window_steps = time.perf_counter(), 0
-    step = start
-    with _StopFlag() as stop:
-        while step < cfg.steps:
-            state, metrics = train_step(state, pieces.global_batch(next(data_iter)))
-            loss = float(metrics["loss"])
-            step += 1
-            window_steps += 1
-            if not math.isfinite(loss):
-                status, exit_code = f"diverged at step {step}", EXIT_DIVERGED
-                print(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
-                      "is kept", flush=True)
-                break
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / max(window_steps, 1)
-                tps = tokens_per_step / step_time
-                mfu = fpt * tps / (peak * n_devices)
-                record = {k: np.asarray(v) for k, v in metrics.items()}
-                # The others report NaN (Mamba-2 / retention have no attention logits).
-                record["attn_logit_max"] = {i: record["attn_logit_max"][i]
-                                            for i in attention_layers}
-                record.update(step_time=step_time, tokens_per_s=tps, mfu=mfu)
-                sink.write(step, record)
-                progress.line(step, loss, tps, mfu, step_time)
-            if step % cfg.log_every == 0:
-                window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                run_eval(step)
-                window_start, window_steps = time.perf_counter(), 0
-            _inject_fault(step)
-            stop.agree()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signum:
-                ckpt.save(step, state, data_iter, force=True)
-            summary.update(steps=step, tokens_seen=step * tokens_per_step,
-                           training_flops=fpt * step * tokens_per_step)
-            if stop.signum:
-                status, exit_code = "interrupted", 128 + stop.signum
-                print(f"stopped by signal {stop.signum} at step {step}; checkpoint saved; "
-                      "rerun the same command to resume", flush=True)
-                break
-
-    ckpt.close()
-    sink.close()
-    summary["status"] = status
-    write_json(summary_path, summary)
-    return exit_code
+    # The handlers stay installed until the summary is written: a pod's launcher sends
+    # SIGTERM to processes that are still shutting down after an agreed stop.
+    with _StopFlag(cfg.stop_sync_every) as stop:
+        try:
+            step, pending = start, None  # pending: the dispatched, unread step
+            while step < cfg.steps:
+                batch = faults.batch(step + 1, next(batches))
+                state, metrics = train_step(state, batch)
+                step += 1
+                timer.dispatched += 1
+                faults.dispatched(step)
+                if pending is not None:
+                    if not settle(*pending):
+                        break
+                    faults.settled(pending[0])
+                pending = (step, metrics)
+                signum = stop.requested(step)
+                evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
+                save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps or signum
+                if evaluate_now or save_now:
+                    # The next step would take (donate) this state: verify it first.
+                    pending = None
+                    if not settle(step, metrics):
+                        break
+                    if evaluate_now:
+                        run_eval(step)
+                    if save_now:
+                        ckpt.save(step, state, batches, force=True)
+                    faults.settled(step)
+                    timer.restart()
+                if signum:
+                    outcome.update(status="interrupted", code=exit_for_signal(signum))
+                    print(f"stopped by signal {signum} at step {step}; checkpoint saved; "
+                          "rerun the same command to resume", flush=True)
+                    break
+        finally:
+            batches.close()
+            ckpt.close()
+            sink.close()
+        summary["status"] = outcome["status"]
+        write_json(summary_path, summary)
+    return outcome["code"]

@@ -86,7 +86,7 @@ def _duration(seconds: float) -> str:
 class Progress:
     """One console line per log interval: step, loss, tokens/s, MFU and ETA."""
 
-    def __init__(self, total_steps: int, stream=sys.stdout, enabled: bool = True):
+    def __init__(self, total_steps: int, stream=None, enabled: bool = True):
         self.total = total_steps
         self.stream = stream
         self.enabled = enabled
@@ -101,4 +101,4 @@ class Progress:
         bar = "#" * done + "." * (width - done)
         msg = (f"[{bar}] step {step}/{self.total} | loss {loss:.4f} | "
                f"{tokens_per_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | eta {_duration(eta)}")
-        print(msg + (f" | {extra}" if extra else ""), file=self.stream, flush=True)
+        print(msg + (f" | {extra}" if extra else ""), file=self.stream or sys.stdout, flush=True)

@@ -1,4 +1,4 @@
-"""Device peak FLOP/s, for model-FLOPs utilisation (MFU).
+"""Model-FLOPs utilisation (MFU): `mfu()` (the one formula) and the device peak FLOP/s.
 
 Accelerators: a table of published dense bf16 peaks per chip. CPU: there is no
 published figure for a shared VM, so the f32 matmul throughput of this machine is
@@ -95,3 +95,9 @@ def device_peak_flops(device=None, measure: bool = False) -> tuple[float, str]:
         if kind.startswith(name) or name in kind:
             return flops, f"{name} bf16 table"
     return float("nan"), f"unknown device kind {kind!r}"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float,
+        n_devices: int) -> float:
+    """Model-FLOPs utilisation: the model FLOP/s achieved over the peak of all devices."""
+    return flops_per_token * tokens_per_s / (peak_flops * n_devices)

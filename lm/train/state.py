@@ -4,7 +4,6 @@ optimizer, shardings, and the train state {"params", "opt_state", "step", "rng"}
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,22 +15,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lm.config import ConfigError, TrainConfig
+from lm.data import ROW_DTYPES
 from lm.model import Transformer, param_axes
 from lm.optim import make_optimizer, schedule
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
-from lm.train.step import BATCH_KEYS, make_eval_step, make_train_step
-
-
-def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
-    """Fill model.vocab_size from the tokenizer (0 = unset)."""
-    if cfg.model.vocab_size == 0:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    if cfg.model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's vocabulary ({vocab_size})")
-    return cfg
+from lm.train.step import make_eval_step, make_train_step
 
 
 @dataclass
@@ -88,8 +78,8 @@ class RunPieces:
 
     def abstract_batch(self) -> dict:
         shape = (self.cfg.batch_size, self.cfg.data.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+                for k, dtype in ROW_DTYPES.items()}
 
     def compile_train_step(self):
         """Ahead-of-time compiled train step and its per-device memory estimate (bytes)."""

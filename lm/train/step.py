@@ -10,8 +10,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 def token_losses(graphdef, params, batch):
     """Per-token negative log-likelihood and log Z, plus the model's diagnostics."""
@@ -40,6 +38,11 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom):
     return ce + z_loss * zl, stats
 
 
+def _all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (no overflow, unlike a norm)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _tree_rms(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
@@ -48,7 +51,11 @@ def _tree_rms(tree) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
                     grad_accum: int):
-    """state = {"params", "opt_state", "step", "rng"} -> (state, metrics)."""
+    """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
+
+    metrics["finite"]: the loss, the gradient norm and every updated parameter are
+    finite; the loop stops a run (diverged) at the first step where it is not, and never
+    checkpoints such a state."""
 
     def grads_and_stats(params, batch):
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -84,12 +91,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = dict(stats)
+        grad_norm = optax.global_norm(grads)
         metrics.update(
             lr=lr_fn(state["step"]),
-            grad_norm=optax.global_norm(grads),
+            grad_norm=grad_norm,
             update_rms=_tree_rms(updates),
             param_norm=optax.global_norm(new_params),
             tokens=jnp.sum(batch["loss_mask"]),
+            finite=jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm) & _all_finite(new_params),
         )
         new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], 1)}
