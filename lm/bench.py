@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ def loop_step_times(run: RunSetup, steps: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="lm-bench-") as tmp:
         with contextlib.redirect_stdout(io.StringIO()):
             code = train(cfg, Path(tmp) / "run", setup=dataclasses.replace(run, cfg=cfg))
-        if code:
-            raise RuntimeError(f"the bench's training loop exited with code {code}")
+        if code:  # diverged, or stopped by a signal
+            print(f"lm bench: the training loop stopped with exit code {code}", file=sys.stderr)
+            raise SystemExit(code)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl")
                    .read_text().splitlines()]
     return [float(r["step_time"]) for r in records if r["kind"] == "train"][1:]
@@ -83,6 +85,8 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
 
     times, faults_per_step = bare_round()
     bare, loop = [times], []
+    if jax.process_count() > 1:  # the loop's run dir would be a different one per process
+        loop_rounds = 0
     for r in range(loop_rounds):  # bare, loop, bare, loop, ...: drift hits both alike
         if r:
             bare.append(bare_round()[0])

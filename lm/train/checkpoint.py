@@ -2,7 +2,10 @@
 
 One async CheckpointManager per run: a step directory holds `state` (params, optimizer
 state, step, RNG) and `data` (each process's grain iterator state), so a restart
-resumes model, optimizer and data stream together.
+resumes model, optimizer and data stream together. The data iterator may be an
+`lm.data.Prefetcher` (a grain DatasetIterator): its state is the position after the last
+batch a step consumed, not the batches its thread has read ahead. The train loop saves
+only states it has verified finite.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ class _StepTimer:
 
     def __init__(self):
         self.sync = (jax.default_backend() == "cpu"
-                     and not jax.config.values.get("jax_cpu_enable_async_dispatch", True))
+                     and not getattr(jax.config, "values", {}).get(
+                         "jax_cpu_enable_async_dispatch", True))
         self.dispatched = self.settled = 0
         self.restart()
 

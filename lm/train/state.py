@@ -36,6 +36,14 @@ class RunPieces:
     state_shardings: dict
     batch_sharding: NamedSharding
     _abstract: dict | None = field(default=None, init=False, repr=False)
+    _jitted: dict = field(default_factory=dict, init=False, repr=False)
+
+    def _jit(self, name: str, make: Callable):
+        """One jitted function per name and pieces (a fresh jax.jit would trace and
+        compile again: lm bench runs the loop several times on one RunPieces)."""
+        if name not in self._jitted:
+            self._jitted[name] = make()
+        return self._jitted[name]
 
     def _init(self) -> dict:
         model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
@@ -45,7 +53,7 @@ class RunPieces:
                 "rng": jax.random.PRNGKey(self.cfg.seed + 1)}
 
     def init_state(self) -> dict:
-        return jax.jit(self._init, out_shardings=self.state_shardings)()
+        return self._jit("init", lambda: jax.jit(self._init, out_shardings=self.state_shardings))()
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (the target of a resharding restore).
@@ -72,9 +80,10 @@ class RunPieces:
                        donate_argnums=0)
 
     def eval_step(self):
-        return jax.jit(self._traced_with_mesh(make_eval_step(self.graphdef)),
-                       in_shardings=(self.state_shardings["params"], self.batch_sharding),
-                       out_shardings=replicated(self.mesh))
+        return self._jit("eval", lambda: jax.jit(
+            self._traced_with_mesh(make_eval_step(self.graphdef)),
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=replicated(self.mesh)))
 
     def abstract_batch(self) -> dict:
         shape = (self.cfg.batch_size, self.cfg.data.seq_len)
