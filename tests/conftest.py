@@ -1,4 +1,5 @@
-"""Shared helpers: run the real `lm` CLI in a subprocess, and a tiny fast config."""
+"""Shared helpers: run the real `lm` CLI in a subprocess (or in this process, for the
+paths that fail before any work), a tiny fast config, and the test-wide XLA settings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Tests run on CPU (also where a TPU/GPU plugin is installed: no backend probing).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU (jaxlib 0.12) turns small while loops, e.g. the threefry loops of parameter
+# init, into kernels whose LLVM compile takes 0.8-2.6 s each: the init of the tiny model
+# compiles in 4.5 s instead of 2.2 s (8 simulated devices: 7.4 s instead of 1.8 s).
+# The suite compiles hundreds of tiny programs, and runs them a few times each, so it
+# turns the pass off, here for this process and, through the environment, for every
+# process it starts (subprocesses that set XLA_FLAGS get these flags too, see `lm`).
+TEST_XLA_FLAGS = "--xla_disable_hlo_passes=small-while-loop-hoisting"
+
+
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
+
+
+def xla_flags(*flags: str) -> str:
+    """This process's XLA_FLAGS (TEST_XLA_FLAGS included) plus `flags`: the value for a
+    subprocess that needs its own, e.g. simulated devices."""
+    return " ".join([os.environ["XLA_FLAGS"], *flags])
+
 # A model small enough that a few training steps take a second or two on CPU.
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
@@ -23,9 +44,32 @@ TINY = [
 def lm(*args: str, env: dict | None = None, cwd: Path | None = None,
        timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
+    if env and "XLA_FLAGS" in env:
+        full_env["XLA_FLAGS"] = xla_flags(env["XLA_FLAGS"])
     full_env.setdefault("JAX_PLATFORMS", "cpu")
     return subprocess.run([sys.executable, "-m", "lm.cli", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture
+def lm_here(capfd, monkeypatch):
+    """`lm ARGS` in this process: lm.cli.main(list) (which does not re-execute itself),
+    from the repository root like `lm`, with what it wrote to file descriptors 1 and 2.
+    For paths that exit before any work (usage, config and data errors, dry runs), where
+    a subprocess adds only seconds of start-up; one subprocess test per kind of error
+    keeps the real command covered."""
+    from lm.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(ROOT)
+        capfd.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse usage errors
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["lm", *args], code, out, err)
+    return run
 
 
 def sets(*overrides: str) -> list[str]:

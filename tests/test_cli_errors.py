@@ -1,4 +1,5 @@
-"""User errors: one line naming the problem, exit 2, nothing written."""
+"""User errors: one line naming the problem, exit 2, nothing written. The cases run `lm`
+in this process (`lm_here`); one case of each kind also runs the real command."""
 
 from __future__ import annotations
 
@@ -29,14 +30,26 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
-def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, overrides, message):
-    run = tmp_path / "run"
-    result = lm("train", "--run-dir", str(run), *sets(*TINY, *overrides))
-    assert result.returncode == 2
+def check_one_line_exit_2(result, run, *words):
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
     assert not run.exists()
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, lm_here, overrides,
+                                                              message):
+    run = tmp_path / "run"
+    check_one_line_exit_2(lm_here("train", "--run-dir", str(run), *sets(*TINY, *overrides)),
+                          run, message)
+
+
+def test_bad_config_through_the_real_command(tmp_path):
+    overrides, message = BAD_CONFIGS[0]
+    run = tmp_path / "run"
+    check_one_line_exit_2(lm("train", "--run-dir", str(run), *sets(*TINY, *overrides)),
+                          run, message)
 
 
 @pytest.mark.parametrize("make_corpus,message", [
@@ -45,18 +58,24 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, overrides
     (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and None or d / "bad.jsonl",
      "line 2"),
 ])
-def test_bad_data_exits_with_one_line_and_writes_nothing(tmp_path, make_corpus, message):
+def test_bad_data_exits_with_one_line_and_writes_nothing(tmp_path, lm_here, make_corpus,
+                                                          message):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
-    result = lm("train", "--run-dir", str(run), *sets(*TINY, f"data.corpus={corpus}"))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "data.corpus" in lines[0], result.stderr
-    assert not run.exists()
+    check_one_line_exit_2(lm_here("train", "--run-dir", str(run),
+                                  *sets(*TINY, f"data.corpus={corpus}")),
+                          run, message, "data.corpus")
 
 
-def test_missing_config_file_and_run_dir(tmp_path):
-    result = lm("train", "--config", str(tmp_path / "nope.py"))
+def test_bad_data_through_the_real_command(tmp_path):
+    run = tmp_path / "run"
+    check_one_line_exit_2(lm("train", "--run-dir", str(run),
+                             *sets(*TINY, f"data.corpus={tmp_path / 'missing.txt'}")),
+                          run, "no such file", "data.corpus")
+
+
+def test_missing_config_file_and_run_dir(tmp_path, lm_here):
+    result = lm_here("train", "--config", str(tmp_path / "nope.py"))
     assert result.returncode == 2 and "config file not found" in result.stderr
-    result = lm("sample", "--run", str(tmp_path))
+    result = lm_here("sample", "--run", str(tmp_path))
     assert result.returncode == 2 and "not a run directory" in result.stderr

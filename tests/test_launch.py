@@ -76,8 +76,8 @@ def test_bad_distributed_env_is_one_line_exit_2():
     (["launch", "tpu", "--name", "x", "--zone", "z", "--accelerator", "v9z-8", "--dry-run",
       "--", "train"], "--runtime-version"),
 ])
-def test_launch_usage_errors_are_one_line(args, words):
-    r = lm(*args)
+def test_launch_usage_errors_are_one_line(lm_here, args, words):
+    r = lm_here(*args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
@@ -86,10 +86,10 @@ def test_launch_usage_errors_are_one_line(args, words):
 # ------------------------------------------------------------------ dry runs
 
 
-def test_tpu_dry_run_prints_the_gcloud_commands_in_order():
-    r = lm("launch", "tpu", "--name", "pod1", "--zone", "us-east5-a", "--accelerator",
-           "v5p-64", "--spot", "--project", "proj", "--dry-run", "--",
-           "train", "--run-dir", "runs/my run", "--set", "model.n_layers=4")
+def test_tpu_dry_run_prints_the_gcloud_commands_in_order(lm_here):
+    r = lm_here("launch", "tpu", "--name", "pod1", "--zone", "us-east5-a", "--accelerator",
+                "v5p-64", "--spot", "--project", "proj", "--dry-run", "--",
+                "train", "--run-dir", "runs/my run", "--set", "model.n_layers=4")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     where = "--zone us-east5-a --project proj"
@@ -116,9 +116,9 @@ def test_tpu_dry_run_prints_the_gcloud_commands_in_order():
         "train", "--run-dir", "runs/my run", "--set", "model.n_layers=4"]
 
 
-def test_tpu_dry_run_without_spot_or_fetch():
-    r = lm("launch", "tpu", "--name", "p", "--zone", "z", "--accelerator", "v4-32",
-           "--runtime-version", "rt", "--fetch", "", "--dry-run", "--", "bench")
+def test_tpu_dry_run_without_spot_or_fetch(lm_here):
+    r = lm_here("launch", "tpu", "--name", "p", "--zone", "z", "--accelerator", "v4-32",
+                "--runtime-version", "rt", "--fetch", "", "--dry-run", "--", "bench")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0] == ("gcloud compute tpus queued-resources create p --node-id p --zone z "
@@ -127,10 +127,10 @@ def test_tpu_dry_run_without_spot_or_fetch():
     assert lines[-1] == "gcloud compute tpus queued-resources delete p --zone z --force --quiet"
 
 
-def test_slurm_dry_run_prints_the_sbatch_script():
-    r = lm("launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "a100",
-           "--time", "04:00:00", "--job-name", "big", "--dry-run", "--",
-           "train", "--config", "configs/default.py", "--set", "steps=100")
+def test_slurm_dry_run_prints_the_sbatch_script(lm_here):
+    r = lm_here("launch", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "a100",
+                "--time", "04:00:00", "--job-name", "big", "--dry-run", "--",
+                "train", "--config", "configs/default.py", "--set", "steps=100")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -143,8 +143,8 @@ def test_slurm_dry_run_prints_the_sbatch_script():
     assert f"cd {ROOT}" in lines
     assert not (ROOT / "slurm" / "big.sbatch").exists()  # a dry run writes nothing
 
-    r = lm("launch", "slurm", "--nodes", "3", "--gpus-per-node", "4", "--per", "node",
-           "--dry-run", "--", "train")
+    r = lm_here("launch", "slurm", "--nodes", "3", "--gpus-per-node", "4", "--per", "node",
+                "--dry-run", "--", "train")
     assert "#SBATCH --ntasks-per-node=1" in r.stdout.splitlines()
     assert "export LMLAB_LOCAL_DEVICES=0,1,2,3" in r.stdout.splitlines()
 

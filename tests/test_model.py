@@ -84,12 +84,28 @@ def test_attention_matches_plain_multihead_reference(n_kv_heads):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_gqa_with_as_many_kv_heads_as_heads_is_multihead():
-    """n_kv_heads == n_heads (GQA code path, group size 1) equals the default MHA config."""
-    mha = make(TINY)
-    gqa = make(dataclasses.replace(TINY, n_kv_heads=TINY.n_heads))
+def test_gqa_equals_multihead_with_each_kv_head_repeated_for_its_group():
+    """A GQA model (4 query heads, 2 KV heads) gives the logits of the multi-head model
+    whose K/V projections are the GQA ones repeated per group (query heads 0, 1 read KV
+    head 0; 2, 3 read KV head 1), every other weight copied. A wrong head-to-group map
+    (tiled instead of repeated KV heads) gives other logits."""
+    gqa = make(dataclasses.replace(TINY, n_kv_heads=2))
+    group = TINY.n_heads // 2
     x = tokens()
-    np.testing.assert_array_equal(np.asarray(mha(x)[0]), np.asarray(gqa(x)[0]))
+
+    def multihead(expand):
+        mha = make(dataclasses.replace(TINY, n_kv_heads=TINY.n_heads), seed=1)
+        state = nnx.state(mha, nnx.Param)
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
+            lambda path, w: expand(w) if getattr(path[-1], "key", None) in ("wk", "wv") else w,
+            nnx.to_pure_dict(nnx.state(gqa, nnx.Param))))
+        nnx.update(mha, state)
+        return np.asarray(jitted(mha)(x)[0])
+
+    logits = np.asarray(jitted(gqa)(x)[0])
+    np.testing.assert_allclose(logits, multihead(lambda w: jnp.repeat(w, group, axis=1)),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits, multihead(lambda w: jnp.tile(w, (1, group, 1))), atol=1e-3)
 
 
 def test_packed_documents_do_not_attend_to_each_other():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from lm.config import ConfigError, MeshConfig
 from lm.parallel.mesh import axis_sizes
@@ -21,7 +22,7 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
 def worker(task: str, args: dict) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, str(WORKER), task, json.dumps(args)],
                             capture_output=True, text=True, env=env, timeout=600)

@@ -1,0 +1,113 @@
+"""The package as users install it: every third-party import is a declared dependency, and
+the wheel, installed with its dependencies into a fresh virtualenv, trains and benchmarks
+from a directory outside the checkout (default config, sizes and corpus in the package)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, sets
+
+PACKAGES = ("lm", "kernels")
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {_normal(re.match(r"[A-Za-z0-9_.-]+", d).group()) for d in project["dependencies"]}
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_top_level_modules() -> dict[str, str]:
+    """{top-level module: a file importing it} over lm/ and kernels/ (absolute imports)."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    found.setdefault(name.partition(".")[0], str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    by_module = importlib.metadata.packages_distributions()
+    declared = _declared()
+    missing = []
+    for module, where in sorted(_imported_top_level_modules().items()):
+        if module in sys.stdlib_module_names or module in PACKAGES or module == "__future__":
+            continue
+        dists = {_normal(d) for d in by_module.get(module, [])}
+        assert dists, f"{module} (imported by {where}) is not installed"
+        if not dists & declared:
+            missing.append(f"{module} ({'/'.join(sorted(dists))}, imported by {where})")
+    assert not missing, "not in pyproject's dependencies: " + ", ".join(missing)
+
+
+def _build_wheel(tmp_path: Path) -> Path:
+    """The wheel of a copy of the checkout (so the build writes nothing into it)."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    dist = tmp_path / "dist"
+    # Without build isolation where setuptools is at hand (no download); else pip gets it.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
+                    "-w", str(dist), str(src)], check=True, timeout=600)
+    [wheel] = dist.glob("lmlab-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
+    wheel = _build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("lm/configs/default.py", "lm/configs/sizes.py", "lm/train/__init__.py",
+                   "lm/train/loop.py", "lm/data/corpora/shakespeare.jsonl.xz",
+                   "kernels/attention/flash.py", "kernels/scan/chunked.py"):
+        assert needed in names, f"{needed} is not in {wheel.name}"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    # Not editable, dependencies resolved by pip from the wheel's metadata (from the pip
+    # cache when the test environment was just installed with the same pins).
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], check=True,
+                   timeout=1200)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    where = subprocess.run([str(python), "-c", "import lm, kernels; print(lm.__file__, kernels.__file__)"],
+                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True)
+    assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout
+
+    lm = str(venv / "bin" / "lm")
+    tiny = sets(*TINY, "steps=2", "eval_every=2", "checkpoint_every=2")
+    result = subprocess.run([lm, "train", *tiny], capture_output=True, text=True,
+                            cwd=elsewhere, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (elsewhere / "runs" / "shakespeare-char" / "summary.json").is_file()
+    result = subprocess.run([lm, "bench", *sets(*TINY), "--steps", "2"], capture_output=True,
+                            text=True, cwd=elsewhere, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
