@@ -6,7 +6,8 @@ Two measurements of the same compiled step, interleaved in one process:
   * the real `lm train` loop (`lm.train.loop.train` into a temporary run dir: prefetch,
     metrics, logging; evaluation and checkpoints pushed past the measured steps,
     TensorBoard off), timed by its own step_time records (the first window is warm-up);
-and the loop's overhead over the bare step in %.
+and the loop's overhead over the bare step in %, both as medians of w-step means (the
+loop's records are means over its log windows). Rounds alternate bare, loop, bare, loop.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def loop_window(steps: int) -> int:
+    """Steps per timing window: the loop's log interval in the bench, and the blocks of
+    bare steps it is compared with."""
+    return max(1, steps // 4)
+
+
 def loop_step_times(run: RunSetup, steps: int) -> list[float]:
-    """Step times `lm train` itself records (one per log window of ~steps/4 steps, the
-    first window left out as warm-up) over `steps` steps at `run`'s config."""
+    """Step times `lm train` itself records (one per log window of loop_window(steps)
+    steps, the first window left out as warm-up) over ~`steps` steps at `run`'s config."""
     from lm.train.loop import train
 
-    window = max(1, steps // 4)
+    window = loop_window(steps)
     total = window * (1 + -(-steps // window))
     far = 10 * total  # evaluation and checkpoints only at the end, after the last window
     cfg = dataclasses.replace(run.cfg, steps=total, log_every=window, eval_every=far,
@@ -114,17 +121,22 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
           f"(median of {steps * len(bare)}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "
           f"MFU {100 * result['mfu']:.1f}% of {peak / 1e9:.1f} GFLOP/s ({source})")
     if loop:
+        # Like with like: the loop's records are mean step times over windows of w steps,
+        # so the bare steps are compared in blocks of w too (medians of block means).
+        w = loop_window(steps)
+        blocks = [[float(np.mean(b[i:i + w])) for i in range(0, len(b) - w + 1, w)]
+                  for b in bare]
+        bare_time = float(np.median(np.concatenate(blocks)))
         loop_time = float(np.median(np.concatenate(loop)))
-        result.update(loop_step_time_s=loop_time, loop_overhead=loop_time / step_time - 1,
-                      rounds=[{"bare_median_s": float(np.median(b)),
-                               "loop_median_s": float(np.median(lp))}
-                              for b, lp in zip(bare, loop)])
-        per_round = ", ".join(f"{1e3 * r['bare_median_s']:.1f}/{1e3 * r['loop_median_s']:.1f}"
+        result.update(bare_window_step_time_s=bare_time, loop_step_time_s=loop_time,
+                      loop_overhead=loop_time / bare_time - 1,
+                      rounds=[{"bare_s": float(np.median(b)), "loop_s": float(np.median(lp))}
+                              for b, lp in zip(blocks, loop)])
+        per_round = ", ".join(f"{1e3 * r['bare_s']:.1f}/{1e3 * r['loop_s']:.1f}"
                               for r in result["rounds"])
-        print(f"lm train loop: step {1e3 * loop_time:.1f} ms (median of "
-              f"{sum(map(len, loop))} windows of {max(1, steps // 4)} steps) vs bare step "
-              f"{1e3 * step_time:.1f} ms: overhead {100 * result['loop_overhead']:+.1f}% "
-              f"(bare/loop ms per round: {per_round})")
+        print(f"lm train loop: step {1e3 * loop_time:.1f} ms vs bare step {1e3 * bare_time:.1f} "
+              f"ms (medians of {w}-step means; {len(loop)} rounds bare, loop, ...): overhead "
+              f"{100 * result['loop_overhead']:+.1f}% (bare/loop ms per round: {per_round})")
     if jax.default_backend() == "cpu":
         print("host allocator: " + ("step buffers kept in the heap (glibc.malloc.mmap_max=0, "
                                     "synchronous dispatch)" if host_malloc_active() else
