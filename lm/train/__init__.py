@@ -1,1 +1,2 @@
-"""Training: train state, the jitted step, the loop, orbax checkpoints, metrics sinks, MFU."""
+"""Training: run setup (once), train state, the jitted step, the asynchronous loop, orbax
+checkpoints, metrics sinks, MFU."""
