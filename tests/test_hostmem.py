@@ -24,6 +24,7 @@ def test_sets_the_tunables_only_where_they_apply():
     assert host_malloc_env({"GLIBC_TUNABLES": ALL}, (2, 36)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif((_glibc_version() or (0,)) < (2, 26), reason="needs glibc >= 2.26")
 def test_lm_command_keeps_step_buffers_in_the_heap():
     r = lm("bench", *sets(*TINY), "--steps", "2", env={"GLIBC_TUNABLES": ""})

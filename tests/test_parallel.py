@@ -45,6 +45,7 @@ def layouts():
     return worker("layouts", {"layouts": LAYOUTS})
 
 
+@pytest.mark.slow
 def test_every_layout_gives_the_single_device_losses(layouts):
     ref = np.array(layouts["single"]["losses"])
     assert ref[-1] < ref[0]
@@ -52,6 +53,7 @@ def test_every_layout_gives_the_single_device_losses(layouts):
         np.testing.assert_allclose(res["losses"], ref, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_per_device_parameter_bytes_shrink_as_the_layout_promises(layouts):
     full = layouts["single"]["param_bytes"]
     assert layouts["data=8"]["param_bytes"] == full  # replicated
@@ -67,6 +69,7 @@ def test_per_device_parameter_bytes_shrink_as_the_layout_promises(layouts):
     assert layouts["data=2,fsdp=2,tensor=2"]["param_bytes"] < full / 3
 
 
+@pytest.mark.slow
 def test_mqa_and_gqa_work_under_tensor_and_sequence_parallelism():
     layouts = {"single": (1, {"data": 1}), "tp_sp": (8, {"data": 1, "tensor": 4, "sequence": 2})}
     for kv in (1, 4):
@@ -74,6 +77,7 @@ def test_mqa_and_gqa_work_under_tensor_and_sequence_parallelism():
         np.testing.assert_allclose(res["tp_sp"]["losses"], res["single"]["losses"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_layers_compile_to_one_all_reduce_each():
     # Megatron: a column-parallel in-projection needs no communication, the row-parallel
     # out-projection ends in one all-reduce; nothing is gathered.
@@ -83,6 +87,7 @@ def test_tensor_parallel_layers_compile_to_one_all_reduce_each():
                                 "all-to-all": 0}, (name, layers[name])
 
 
+@pytest.mark.slow
 def test_scanned_layers_shard_the_same_way():
     layouts = {k: LAYOUTS[k] for k in ("single", "data=2,fsdp=2,tensor=2", "fsdp=2,sequence=4")}
     res = worker("layouts", {"layouts": layouts, "scan_layers": True})
@@ -91,6 +96,7 @@ def test_scanned_layers_shard_the_same_way():
                                    err_msg=name)
 
 
+@pytest.mark.slow
 def test_collectives_in_compiled_steps():
     fsdp = worker("hlo", {"mesh": {"data": 1, "fsdp": 4}, "devices": 4})
     assert fsdp["all-gather"] > 0  # parameters are gathered before use
@@ -98,6 +104,7 @@ def test_collectives_in_compiled_steps():
     assert seq["all-gather"] > 0  # keys/values gathered along the sequence
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_under_fsdp_restores_under_data_tensor(tmp_path):
     res = worker("reshard", {"dir": str(tmp_path / "ckpt")})
     assert "tensor" in res["spec"]  # really resharded onto the new mesh

@@ -62,6 +62,7 @@ class GLU(ChannelMixer):
 '''
 
 
+@pytest.mark.slow
 def test_a_new_mixer_is_one_file_and_trains_end_to_end(tmp_path):
     """Register the GLU file, then train with MLP and GLU layers alternating: its section
     is settable from the command line, validated, saved in config.json and counted."""

@@ -50,26 +50,26 @@ def _spec(tmp_path, body: str):
     return str(path)
 
 
-def test_invalid_trial_exits_2_with_one_line(tmp_path):
+def test_invalid_trial_exits_2_with_one_line(tmp_path, lm_here):
     spec = _spec(tmp_path, """
         from lm.sweep import Grid, Sweep
         def sweep():
             return Sweep(axes=[Grid("model.n_kv_heads", [1, 3])])
     """)
-    result = lm("sweep", spec, "--workdir", str(tmp_path / "w"))
+    result = lm_here("sweep", spec, "--workdir", str(tmp_path / "w"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "trial n_kv_heads=3" in lines[0] and "model.n_kv_heads" in lines[0]
     assert not (tmp_path / "w").exists()
 
 
-def test_dry_run_prints_commands(tmp_path):
+def test_dry_run_prints_commands(tmp_path, lm_here):
     spec = _spec(tmp_path, f"""
         from lm.sweep import Grid, Sweep
         def sweep():
             return Sweep(overrides={TINY!r}, axes=[Grid("optim.lr", [1e-3, 1e-2])])
     """)
-    result = lm("sweep", spec, "--workdir", str(tmp_path / "w"), "--dry-run")
+    result = lm_here("sweep", spec, "--workdir", str(tmp_path / "w"), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "lr=1e-3\n" in result.stdout and "lr=0.01\n" in result.stdout
     assert "-m lm.cli train --config" in result.stdout and "--set optim.lr=0.01" in result.stdout
@@ -95,6 +95,7 @@ def tiny_sweep(tmp_path_factory):
     return spec, work, lm("sweep", spec, "--workdir", str(work), "--parallel", "2")
 
 
+@pytest.mark.slow
 def test_tiny_sweep_records_divergence_and_rerun_skips(tiny_sweep):
     spec, work, result = tiny_sweep
     assert result.returncode == 0, result.stdout + result.stderr
@@ -112,6 +113,7 @@ def test_tiny_sweep_records_divergence_and_rerun_skips(tiny_sweep):
     assert {n: (work / n / "summary.json").stat().st_mtime_ns for n in NAMES} == mtimes
 
 
+@pytest.mark.slow
 def test_results_and_analyze(tiny_sweep):
     _, work, result = tiny_sweep
     assert result.returncode == 0, result.stdout + result.stderr
@@ -126,6 +128,7 @@ def test_results_and_analyze(tiny_sweep):
     assert (work / "analysis" / "lr_sweep.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", ["stability.ipynb", "scaling_curves.ipynb"])
 def test_notebooks_run_on_a_sweep(tiny_sweep, notebook, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
@@ -142,11 +145,12 @@ def test_notebooks_run_on_a_sweep(tiny_sweep, notebook, monkeypatch):
                             resources={"metadata": {"path": str(work)}}).execute()
 
 
-def test_results_of_missing_dir_is_one_line(tmp_path):
-    result = lm("results", str(tmp_path / "nope"))
+def test_results_of_missing_dir_is_one_line(tmp_path, lm_here):
+    result = lm_here("results", str(tmp_path / "nope"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_trials_handed_to_lm_launch(tmp_path):
     """--launch runs each trial as `lm launch <args> -- train ...` (here a one-process
     local pod) and the sweep reads its exit code and summary like a local trial's."""

@@ -14,6 +14,9 @@ import pytest
 from conftest import TINY, lm, sets, train_losses
 
 
+pytestmark = pytest.mark.slow  # every test here runs `lm` end to end
+
+
 def test_run_dir_has_metrics_tensorboard_summary(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["status"] == "completed"
