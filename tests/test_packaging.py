@@ -106,26 +106,29 @@ def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
         assert needed in names, f"{needed} is not in {wheel.name}"
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # The fresh venv's processes see nothing of this one's environment (PYTHONPATH: a
+    # checkout there would count as lmlab installed).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=env)
     python = venv / "bin" / "python"
     # The wheel itself, not editable. Its dependencies come from this test environment
     # (a path entry after the venv's own site-packages: no download, no second copy of
     # JAX); that they are exactly the wheel's pinned requirements is checked below.
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
-                   check=True, timeout=600)
+                   check=True, timeout=600, env=env)
     [site] = [p for p in (venv / "lib").glob("python3.*/site-packages")]
     deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (site / "test_environment.pth").write_text("\n".join(deps) + "\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     check = subprocess.run([str(python), "-c", REQUIREMENTS_MET], capture_output=True,
                            text=True, cwd=elsewhere, env=env, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     where = subprocess.run([str(python), "-c", "import lm, kernels; print(lm.__file__, kernels.__file__)"],
-                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True)
+                           capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
+    assert where.returncode == 0, where.stderr[-3000:]
     assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout
 
     lm = str(venv / "bin" / "lm")
