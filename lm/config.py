@@ -81,7 +81,10 @@ class DataConfig:
     text_field: str = "text"  # JSONL / Parquet column holding the document text
     validation_corpus: str = ""  # "" = split the corpus by document (see lm/data/sources.py)
     validation_fraction: float = 0.1
-    prefetch: int = 2  # batches read and put on the devices ahead of the step (0 = none)
+    # Batches read and put on the devices ahead of the step by a thread (0 = none).
+    # -1 = auto: 2 on GPU/TPU; 0 on CPU, where the "device" is the host's own cores and a
+    # reading thread takes them from the step (see lm/data/prefetch.py: prefetch_depth).
+    prefetch: int = -1
     read_threads: int = 0  # grain threads reading rows ahead (0 = in the prefetch thread)
 
 
@@ -380,9 +383,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
                 "checkpoint_every", "keep_checkpoints", "stop_sync_every"):
         positive(key, getattr(cfg, key))
-    for key in ("prefetch", "read_threads"):
-        if getattr(d, key) < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
+    if d.prefetch < -1:
+        raise ConfigError(f"data.prefetch must be >= 0 (or -1 = auto), got {d.prefetch}")
+    if d.read_threads < 0:
+        raise ConfigError(f"data.read_threads must be >= 0, got {d.read_threads}")
     if cfg.eval_batches < 0:
         raise ConfigError(f"eval_batches must be >= 0, got {cfg.eval_batches}")
     if cfg.batch_size % cfg.grad_accum:

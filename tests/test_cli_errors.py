@@ -23,6 +23,7 @@ BAD_CONFIGS = [
     (["model.channel_pattern=fx"], "model.channel_pattern='fx' must be"),
     (["optim.name=sgd"], "optim.name='sgd': expected one of adamw"),
     (["optim.adamw.b2=1.5"], "optim.adamw.b2 must be in [0, 1)"),
+    (["data.prefetch=-2"], "data.prefetch must be >= 0 (or -1 = auto)"),
     (["model.mixer_pattern=m", "model.n_heads=3", "model.head_dim=8"],
      "model.n_heads=3 must divide the Mamba-2 inner width"),
     (["model"], "not of the form key=value"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lm.config import DataConfig
-from lm.data import Prefetcher, load_tokenizer, train_iterator
+from lm.data import Prefetcher, load_tokenizer, prefetch_depth, train_iterator
 
 BYTE = load_tokenizer("byte")
 
@@ -113,3 +113,10 @@ def test_grain_checkpoint_handler_saves_the_consumed_position(cfg, tmp_path):
     assert_same(take(restored, 3), after)
     it.close()
     restored.close()
+
+
+def test_auto_depth_reads_ahead_on_accelerators_only():
+    # XLA:CPU's step uses the host's cores itself: a reading thread only competes with it.
+    assert prefetch_depth(-1, "cpu") == 0
+    assert prefetch_depth(-1, "tpu") == prefetch_depth(-1, "gpu") == 2
+    assert prefetch_depth(0, "tpu") == 0 and prefetch_depth(3, "cpu") == 3  # explicit wins

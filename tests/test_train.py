@@ -1,5 +1,5 @@
 """End-to-end training through the real CLI: resume reproduces the uninterrupted run
-(prefetch on), divergence is recorded at the right step and never checkpointed, one
+(with and without prefetch), divergence is recorded at the right step and never checkpointed, one
 signalled process stops a whole pod after the same step, metrics/TensorBoard/summary
 are written, eval and sample work."""
 

@@ -10,6 +10,13 @@ moves the source; the thread restarts on the next `next()` (or `start_prefetch()
 `Prefetcher` is a `grain.DatasetIterator`, so `grain.checkpoint.CheckpointSave/Restore`
 (orbax) save and restore it like the grain iterator itself. depth=0: no thread; each
 `next()` reads and transforms in the caller's thread (same batches, same states).
+
+`data.prefetch = -1` (the default) picks the depth by backend (prefetch_depth): on an
+accelerator the host is idle while the step runs, so reading ahead is free; on XLA:CPU
+the step already uses every core (and `lm` dispatches it synchronously, lm/hostmem.py),
+so a reading thread only competes with it. Measured with `lm bench` at the default config
+on 2 cores, interleaved: loop overhead over the bare step +5.8% / +6.3% with depth 2,
+-2.8% / -2.5% (noise) with depth 0.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ from typing import Any, Callable
 import grain
 
 _POLL_S = 0.05  # how often a blocked producer looks at its stop event
+AUTO_DEPTH = {"cpu": 0}  # platforms not listed: ACCELERATOR_DEPTH
+ACCELERATOR_DEPTH = 2
+
+
+def prefetch_depth(configured: int, platform: str) -> int:
+    """The prefetch depth for `data.prefetch = configured` on devices of `platform`."""
+    if configured >= 0:
+        return configured
+    return AUTO_DEPTH.get(platform, ACCELERATOR_DEPTH)
 
 
 class Prefetcher(grain.DatasetIterator):

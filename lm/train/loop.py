@@ -34,7 +34,7 @@ import numpy as np
 
 from lm import config as config_lib
 from lm.config import TrainConfig
-from lm.data import Prefetcher, eval_batches, target_bytes, train_iterator
+from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.model import count_params, flops_per_token, logit_layers
 from lm.parallel.sharding import per_device_bytes
@@ -181,7 +181,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     # Each process reads only its part of every global batch.
     source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
                             jax.process_count(), read_threads=cfg.data.read_threads)
-    batches = Prefetcher(source, pieces.global_batch, cfg.data.prefetch)
+    batches = Prefetcher(source, pieces.global_batch,
+                         prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
 
     run_dir.mkdir(parents=True, exist_ok=True)
