@@ -22,7 +22,7 @@ from kernels.attention.reference import (
     check_shapes,
     document_layout,
 )
-from kernels.dispatch import GPU_COMPILER_PARAMS, resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -276,24 +276,29 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def flash_attention(q, k, v, *, interpret=None, **kw):
+    """See `_flash_attention`. interpret=None: interpret mode iff the target platform is
+    the CPU (kernels/dispatch.py), decided here, outside the jit: its trace cache does not
+    see the target platform."""
+    return _flash_attention(q, k, v, interpret=interpret_default() if interpret is None
+                            else bool(interpret), **kw)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "causal", "window", "sinks", "scale", "block_q", "block_k", "interpret", "return_stats"))
-def flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=0, scale=None,
-                    block_q=64, block_k=64, interpret=None, return_stats=False):
+def _flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=0, scale=None,
+                     block_q=64, block_k=64, interpret=False, return_stats=False):
     """Pallas flash attention with the semantics of `attention_reference`.
 
     Returns out [B, T, H, D] (q.dtype), or (out, lse, row_max) with return_stats=True.
     Differentiable w.r.t. q, k, v via custom_vjp; lse and row_max are treated as
     non-differentiable (their cotangents are ignored). block_q / block_k must be
     powers of two; T is padded up to a multiple of both and D up to a power of two.
-    interpret=None: interpret mode iff the default backend is CPU.
     """
     check_shapes(q, k, v)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 1 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two, got {blk}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     b, t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     # Shrink blocks for short sequences rather than pad them to a full block, but not
@@ -327,7 +332,8 @@ def attention(q, k, v, *, impl="auto", **kw):
     """-> (out, lse, row_max). impl: 'pallas' (flash_attention), 'xla' (the dense
     reference) or 'auto' (see kernels/dispatch.py: pallas on GPU, xla elsewhere).
     Kernel-only options (block sizes, interpret) are ignored by the xla path."""
-    if resolve("flash_attention", impl) == "pallas":
+    # No TPU kernel of ours: this Triton-style kernel does not lower through Mosaic TPU.
+    if resolve("flash_attention", impl, pallas_on=("gpu", "cpu")) == "pallas":
         return flash_attention(q, k, v, **{**kw, "return_stats": True})
     kw = {name: x for name, x in kw.items() if name not in _KERNEL_ONLY}
     return attention_reference(q, k, v, **kw)

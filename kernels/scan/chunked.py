@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.dispatch import GPU_COMPILER_PARAMS, resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve
 from kernels.scan.reference import reset_flags
 
 F32 = jnp.float32
@@ -211,7 +211,7 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
                          f"with G dividing the heads of v {v.shape}")
     if log_decay.shape != (b, t, h):
         raise ValueError(f"linear_scan: log_decay {log_decay.shape} must be {(b, t, h)}")
-    impl = resolve("linear_scan", impl)
+    impl = resolve("linear_scan", impl, pallas_on=("gpu", "cpu"))
     chunk = min(chunk_size, t)
     pad = -t % chunk
     resets = reset_flags(segment_ids, t, b)
@@ -226,7 +226,7 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
           else initial_state.astype(F32))
     if impl == "pallas":
         if interpret is None:
-            interpret = jax.default_backend() == "cpu"
+            interpret = interpret_default()
         o, s_final = _pallas_scan(q, k, v, a_BHT, resets, s0, chunk, interpret)
     else:
         o, s_final = _xla_scan(q, k, v, a_BHT, resets, s0, chunk)

@@ -109,6 +109,36 @@ def is_sharded(name: str, dim: int) -> bool:
     return spec_for((name,), (dim,), mesh, rules) != P(None)
 
 
+def _is_names(n) -> bool:
+    """A tuple of logical names (or None), as opposed to a tuple of such tuples."""
+    return n is None or (isinstance(n, tuple) and all(isinstance(e, str) or e is None
+                                                      for e in n))
+
+
+def shard_local(fn, in_names: tuple, out_names: Any):
+    """`fn` applied per shard (jax.shard_map) over the active mesh, for code the compiler
+    cannot partition itself (Pallas kernels are custom calls: left to GSPMD they run
+    replicated, after an all-gather). `in_names`: one tuple of logical names per
+    positional argument (None for an argument passed whole, e.g. a scalar); `out_names`:
+    the same for the outputs, as a pytree of tuples matching fn's result. Each argument
+    is laid out by the rules, as `constrain` would; fn must be correct on any such shard
+    (e.g. attention over local batch rows and heads). Outside a mesh context, or on a
+    1-device mesh, fn is called directly."""
+    def wrapped(*args):
+        if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+            return fn(*args)
+        mesh, rules = _ACTIVE[-1]
+        out_shapes = jax.eval_shape(fn, *args)  # global shapes: fn is shape-polymorphic
+        in_specs = tuple(P() if n is None else spec_for(n, a.shape, mesh, rules)
+                         for n, a in zip(in_names, args))
+        out_specs = jax.tree.map(lambda n, x: P() if n is None else spec_for(n, x.shape, mesh, rules),
+                                 out_names, out_shapes,
+                                 is_leaf=_is_names)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+    return wrapped
+
+
 def batch_sharding(mesh: Mesh, rules: dict, seq_len: int, batch: int) -> NamedSharding:
     return NamedSharding(mesh, spec_for(("batch", "seq"), (batch, seq_len), mesh, rules))
 

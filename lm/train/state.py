@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
 from lm.model import Transformer, param_axes
@@ -65,8 +66,12 @@ class RunPieces:
         return self._abstract
 
     def _traced_with_mesh(self, fn):
+        """fn traced with the activation constraints of this mesh, and with kernels chosen
+        for its devices' platform (a TPU mesh on a CPU host: `lm compile`)."""
+        platform = self.mesh.devices.flat[0].platform
+
         def wrapped(*args):
-            with activation_sharding(self.mesh, self.rules):
+            with activation_sharding(self.mesh, self.rules), compiling_for(platform):
                 return fn(*args)
         return wrapped
 
