@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
 from kernels.scan.reference import reset_flags
 
 F32 = jnp.float32
@@ -118,7 +118,15 @@ def _scan_fwd(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
 
 
 def _scan_bwd(chunk, interpret, residuals, cotangents):
-    """Every gradient is again a linear recurrence of the same shape:
+    call = functools.partial(_scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
+    return backward_from_forward(call, chunk, residuals, cotangents)
+
+
+def backward_from_forward(call, chunk, residuals, cotangents):
+    """The scan's VJP from three runs of a forward kernel `call(q, k, v, a_cum, r_cum, s0)`
+    (layouts as `_scan_call`'s, outputs in float32); shared with the TPU kernel (tpu.py).
+
+    Every gradient is again a linear recurrence of the same shape:
     - dq_t = do_t S_t^T: the forward scan with (q, k, v) -> (do, v, k), state S^T;
     - G_t = dL/dS_t runs backwards in time: G_t = q_t^T do_t + exp(a_{t+1}) G_{t+1},
       with G_{T-1} seeded by the final state's cotangent. On the time-reversed sequence
@@ -132,7 +140,6 @@ def _scan_bwd(chunk, interpret, residuals, cotangents):
     b, t, g, dk = q.shape
     h = v.shape[2]
     rep = h // g
-    call = functools.partial(_scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
     q_h, k_h = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
     a_cum, r_cum = _cumulate(a_BHT, resets_BT, chunk)
     dq_h, _ = call(do, v, k_h, a_cum, r_cum, jnp.swapaxes(s0, -1, -2))
@@ -194,6 +201,21 @@ def _xla_scan(q, k, v, a_BHT, resets_BT, s0, chunk):
 
 # ---------------------------------------------------------------------------- public
 
+# Where linear_scan has a Pallas kernel: the Triton-style kernel above on GPU (and in
+# generic interpret mode on CPU), the Mosaic kernel of tpu.py on TPU.
+PALLAS_ON = ("gpu", "cpu", "tpu")
+
+
+def scan_impl(impl: str) -> str:
+    """'pallas' or 'xla': what linear_scan(impl=...) runs on the target platform."""
+    return resolve("linear_scan", impl, pallas_on=PALLAS_ON)
+
+
+def pltpu_interpret():
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+
+
 def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
                 chunk_size: int = 64, impl: str = "auto", interpret: bool | None = None):
     """S_t = exp(log_decay_t) S_{t-1} + k_t^T v_t;  o_t = q_t S_t  (see reference.py).
@@ -202,7 +224,10 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
     log_decay: [B, T, H] (<= 0 for a decaying state); segment_ids: [B, T] or None;
     initial_state: [B, H, Dk, Dv] or None. Returns (o [B, T, H, Dv] in v's dtype,
     final state [B, H, Dk, Dv] float32). T need not be a multiple of chunk_size.
-    impl: "pallas" | "xla" | "auto" (see kernels/dispatch.py: pallas on GPU).
+    impl: "pallas" | "xla" | "auto" (see kernels/dispatch.py: pallas on GPU and TPU; on
+    TPU the Mosaic kernel of tpu.py, whose chunk is rounded up to a multiple of 16).
+    interpret: for the Triton-style kernel, generic interpret mode (default: on a CPU
+    target); on a TPU target, True runs the TPU kernel in TPU interpret mode.
     """
     b, t, h, dv = v.shape
     g, dk = q.shape[2], q.shape[3]
@@ -211,8 +236,12 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
                          f"with G dividing the heads of v {v.shape}")
     if log_decay.shape != (b, t, h):
         raise ValueError(f"linear_scan: log_decay {log_decay.shape} must be {(b, t, h)}")
-    impl = resolve("linear_scan", impl, pallas_on=("gpu", "cpu"))
+    impl = scan_impl(impl)
+    on_tpu = impl == "pallas" and target_platform() == "tpu"
     chunk = min(chunk_size, t)
+    if on_tpu:
+        from kernels.scan import tpu  # Mosaic TPU kernel (tpu.py)
+        chunk = tpu.legal_chunk(chunk)  # TPU tiles: rows in multiples of 16
     pad = -t % chunk
     resets = reset_flags(segment_ids, t, b)
     a_BHT = jnp.moveaxis(log_decay.astype(F32), 1, 2)
@@ -224,7 +253,11 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
         a_BHT = jnp.pad(a_BHT, [(0, 0), (0, 0), (0, pad)])
     s0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None
           else initial_state.astype(F32))
-    if impl == "pallas":
+    if on_tpu:
+        # interpret=True here means TPU interpret mode (TPU semantics on CPU, for tests).
+        interp = pltpu_interpret() if interpret else False
+        o, s_final = tpu.tpu_scan(q, k, v, a_BHT, resets, s0, chunk, interp)
+    elif impl == "pallas":
         if interpret is None:
             interpret = interpret_default()
         o, s_final = _pallas_scan(q, k, v, a_BHT, resets, s0, chunk, interpret)

@@ -1,0 +1,160 @@
+"""The chunked linear-recurrence scan as a Mosaic TPU Pallas kernel.
+
+Same math as chunked.py (`_chunk`), arranged for the TPU:
+- grid (batch, head, chunk): batch and head are "parallel" (megacore chips split them
+  between their cores), the chunk axis is "arbitrary" (sequential), and the [Dk, Dv]
+  float32 state lives in a VMEM scratch buffer that persists across the chunk steps of one
+  (batch, head). Each step gets (C, D) tiles of q, k, v by BlockSpec, so Pallas
+  double-buffers the next chunk's DMA behind this chunk's matmuls, and VMEM holds a few
+  chunks, not the whole sequence (the GPU kernel's per-program sequence).
+- TPU tiling: the last two dims of every block are multiples of (8, 128) or the full
+  array dims. A (C, D) tile is legal when C is a multiple of 16 (bf16 packs 16 rows per
+  tile; linear_scan rounds the chunk up, see `legal_chunk`) and D is the whole last dim.
+  So no head dim is padded in HBM: q, k, v, o go in as [B, T, X*D] (a free reshape)
+  when D is a multiple of 128 or there is one head/group, else transposed to
+  [B, X, T, D] (one extra HBM pass each way, done by XLA). Mosaic pads a D < 128 to 128
+  lanes inside VMEM/vregs: D = 64 uses half of each vreg and of the MXU's width, which
+  is a throughput cost only.
+- per-token scalars (the chunk's cumulative log decay and document-start count) are
+  needed both as a column (C, 1), to scale rows of q / k, and as a row (1, C), for the
+  [C, C] decay mask; transposing a vector inside the kernel is a relayout, so the
+  wrapper passes both forms ([.., T, 1] and [.., n, 1, C]: full-dim blocks, legal).
+- the backward pass is the forward kernel three times (chunked.backward_from_forward).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.scan.chunked import _cumulate, backward_from_forward
+
+F32 = jnp.float32
+SUBLANES = 16  # rows of a bf16 (16, 128) tile; a multiple of f32's 8 too
+NT = (((1,), (1,)), ((), ()))  # contract the last dims: x @ y.T
+
+
+def legal_chunk(chunk: int) -> int:
+    """The chunk rounded up to a multiple of 16 rows (a TPU tile of bf16, two of f32).
+    Costs at most 15 padded rows per chunk, computed and thrown away."""
+    return -(-chunk // SUBLANES) * SUBLANES
+
+
+def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, sT_ref,
+            s_scr):
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _():
+        s_scr[...] = s0_ref[...]
+
+    q_CK, k_CK, v_CV = q_ref[...], k_ref[...], v_ref[...]
+    a_C1, a_1C = ac_ref[...], ar_ref[...]  # inclusive cumulative log decay in the chunk
+    r_C1, r_1C = rc_ref[...], rr_ref[...]  # inclusive count of document starts
+    c = q_CK.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    same_doc = (row >= col) & (r_C1 == r_1C)
+    # where() inside exp(): a masked entry may be exp(+large) otherwise.
+    decay_CC = jnp.exp(jnp.where(same_doc, a_C1 - a_1C, -jnp.inf))
+    scores_CC = jax.lax.dot_general(q_CK, k_CK, NT, preferred_element_type=F32) * decay_CC
+    o_CV = jnp.dot(scores_CC.astype(v_CV.dtype), v_CV, preferred_element_type=F32)
+    s_KV = s_scr[...]
+    from_state_C1 = jnp.exp(jnp.where(r_C1 == 0, a_C1, -jnp.inf))
+    o_CV += jnp.dot(q_CK.astype(F32) * from_state_C1, s_KV, preferred_element_type=F32)
+    o_ref[...] = o_CV.astype(o_ref.dtype)
+
+    # The chunk's last entries by lane reductions ((1, 1) arrays: no scalar extraction).
+    is_last = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
+    a_last = jnp.sum(jnp.where(is_last, a_1C, 0.0), axis=1, keepdims=True)
+    r_last = jnp.max(r_1C, axis=1, keepdims=True)
+    carry = jnp.exp(jnp.where(r_last == 0, a_last, -jnp.inf))
+    to_end_C1 = jnp.exp(jnp.where(r_C1 == r_last, a_last - a_C1, -jnp.inf))
+    kw_CK = k_CK.astype(F32) * to_end_C1
+    s_KV = carry * s_KV + jnp.dot(kw_CK.T, v_CV.astype(F32), preferred_element_type=F32)
+    s_scr[...] = s_KV
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        sT_ref[...] = s_KV
+
+
+def _tiles(shape_BTXD, chunk: int):
+    """How an array [B, T, X, D] reaches the kernel as (C, D) tiles at grid point
+    (b, x, i): (to the kernel's layout, its BlockSpec, back to [B, T, X, D])."""
+    b, t, n_x, d = shape_BTXD
+    if d % 128 == 0 or n_x == 1:  # [B, T, X*D]: a (C, D) block is legal, no copy
+        spec = pl.BlockSpec((None, chunk, d), lambda bi, xi, ci: (bi, ci, xi))
+        return (lambda x: x.reshape(b, t, n_x * d)), spec, lambda y: y.reshape(b, t, n_x, d)
+    spec = pl.BlockSpec((None, None, chunk, d), lambda bi, xi, ci: (bi, xi, ci, 0))
+    return (lambda x: jnp.swapaxes(x, 1, 2)), spec, lambda y: jnp.swapaxes(y, 1, 2)
+
+
+def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=None):
+    """The forward kernel on chunk-aligned inputs, the signature of chunked._scan_call:
+    q, k [B, T, G, Dk], v [B, T, H, Dv], s0 [B, H, Dk, Dv] float32 -> (o [B, T, H, Dv],
+    final state float32)."""
+    b, t, g, dk = q.shape
+    h, dv = v.shape[2], v.shape[3]
+    rep, n = h // g, t // chunk
+    out_dtype = out_dtype or v.dtype
+
+    def by_group(spec):  # head j reads q/k group j // rep
+        return pl.BlockSpec(spec.block_shape,
+                            lambda bi, hi, ci: spec.index_map(bi, hi // rep, ci))
+
+    qk_in, qk_spec, _ = _tiles(q.shape, chunk)
+    v_in, v_spec, v_back = _tiles(v.shape, chunk)
+    q_in, k_in, v_in = qk_in(q), qk_in(k), v_in(v)  # o takes v's layout, out_dtype
+    a = a_cum_BHT.astype(F32)
+    r = r_cum_BT.astype(F32)  # small integer counts, exact in f32; compared with ==
+    per_token = [
+        (a[..., None], pl.BlockSpec((None, None, chunk, 1), lambda bi, hi, ci: (bi, hi, ci, 0))),
+        (a.reshape(b, h, n, 1, chunk),
+         pl.BlockSpec((None, None, None, 1, chunk), lambda bi, hi, ci: (bi, hi, ci, 0, 0))),
+        (r[..., None], pl.BlockSpec((None, chunk, 1), lambda bi, hi, ci: (bi, ci, 0))),
+        (r.reshape(b, n, 1, chunk),
+         pl.BlockSpec((None, None, 1, chunk), lambda bi, hi, ci: (bi, ci, 0, 0))),
+    ]
+    state_spec = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ci: (bi, hi, 0, 0))
+    o, s_final = pl.pallas_call(
+        _kernel,
+        grid=(b, h, n),
+        in_specs=[by_group(qk_spec), by_group(qk_spec), v_spec,
+                  *(s for _, s in per_token), state_spec],
+        out_specs=[v_spec, state_spec],
+        out_shape=[jax.ShapeDtypeStruct(v_in.shape, out_dtype),
+                   jax.ShapeDtypeStruct((b, h, dk, dv), F32)],
+        scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="chunked_linear_scan_tpu",
+    )(q_in, k_in, v_in, *(x for x, _ in per_token), s0.astype(F32))
+    return v_back(o), s_final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def tpu_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
+    """linear_scan's pallas path on TPU, on inputs already padded to a multiple of
+    `chunk` (a multiple of 16). `interpret`: False, or pltpu.InterpretParams() to run
+    the kernel on CPU with TPU semantics (tests)."""
+    a_cum, r_cum = _cumulate(a_BHT, resets_BT, chunk)
+    return _scan_call(q, k, v, a_cum, r_cum, s0, chunk=chunk, interpret=interpret)
+
+
+def _fwd(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
+    o, s_final = tpu_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret)
+    return (o, s_final), (q, k, v, a_BHT, resets_BT, s0, s_final)
+
+
+def _bwd(chunk, interpret, residuals, cotangents):
+    call = functools.partial(_scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
+    return backward_from_forward(call, chunk, residuals, cotangents)
+
+
+tpu_scan.defvjp(_fwd, _bwd)
