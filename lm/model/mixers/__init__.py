@@ -138,5 +138,45 @@ def scan_flops_per_token(cfg: "ModelConfig", seq_len: int, chunk: int, heads: in
     return 3 * heads * (2 * c * (dk + dv) + 4 * dk * dv)
 
 
+def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, initial_state,
+                        chunk_size: int, impl: str):
+    """kernels.scan.linear_scan for a mixer inside the model: per shard of the active mesh
+    when it runs the Pallas kernel (a custom call GSPMD would otherwise run replicated,
+    after gathering its inputs), as it is for the XLA path (which GSPMD partitions).
+    Batch rows shard over the batch rules (data, fsdp), heads over the heads rule
+    (tensor); the sequence is kept whole (a per-shard scan over part of it would drop the
+    state carried in from the earlier part). The q/k groups G: one group (Mamba-2) is
+    kept whole; G = H (retention) shards like the heads; otherwise the groups are sharded
+    with the heads when both divide, and both are kept whole when they would not shard
+    alike (a shard must hold the groups of its heads)."""
+    from kernels.scan import linear_scan
+    from kernels.scan.chunked import scan_impl
+    from lm.parallel.sharding import is_sharded, shard_local
+
+    g, h = q_BTGK.shape[2], v_BTHV.shape[2]
+    heads = "heads"
+    if g == 1:
+        groups = None
+    elif g == h or is_sharded("heads", g) == is_sharded("heads", h):
+        groups = "heads"
+    else:
+        groups = heads = None
+
+    def scan(q, k, v, a, seg, *s0):
+        return linear_scan(q, k, v, a, segment_ids=seg, initial_state=s0[0] if s0 else None,
+                           chunk_size=chunk_size, impl=impl)
+
+    args = (q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, segment_ids)
+    state = ("batch", heads, None, None)
+    names = [("batch", None, groups, None)] * 2 + [("batch", None, heads, None),
+                                                   ("batch", None, heads), ("batch", None)]
+    if initial_state is not None:
+        args, names = args + (initial_state,), names + [state]
+    if scan_impl(impl) != "pallas":
+        return scan(*args)
+    out_names = (("batch", None, heads, None), state)
+    return shard_local(scan, tuple(names), out_names)(*args)
+
+
 # The registrations: one import per mixer file.
 from lm.model.mixers import attention, mamba2, mlp, retention  # noqa: E402, F401

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.scan import linear_scan
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param
-from lm.model.mixers import SequenceMixer, register, scan_flops_per_token
+from lm.model.mixers import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
 
 if TYPE_CHECKING:
     from lm.config import ModelConfig
@@ -144,9 +143,10 @@ class Mamba2(SequenceMixer):
         x_BTHP = xs.reshape(b, t, h, p)
         log_decay = dt * -jnp.exp(self.a_log[...].astype(jnp.float32))
         k_BTGN, q_BTGN = bc[..., None, :n], bc[..., None, n:]
-        y, ssm = linear_scan(q_BTGN, k_BTGN, (x_BTHP * dt[..., None]).astype(cdt), log_decay,
-                             segment_ids=segment_ids_BT, initial_state=cache["ssm"],
-                             chunk_size=self.chunk, impl=self.impl)
+        y, ssm = sharded_linear_scan(q_BTGN, k_BTGN, (x_BTHP * dt[..., None]).astype(cdt),
+                                     log_decay, segment_ids=segment_ids_BT,
+                                     initial_state=cache["ssm"], chunk_size=self.chunk,
+                                     impl=self.impl)
         y = y + x_BTHP * self.skip[...].astype(cdt)[:, None]
         y = self.out_norm(y.reshape(b, t, h * p) * jax.nn.silu(z))
         out = y @ self.w_out[...].astype(cdt)

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.scan import linear_scan
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
-from lm.model.mixers import SequenceMixer, register, scan_flops_per_token
+from lm.model.mixers import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
 
 if TYPE_CHECKING:
     from lm.config import ModelConfig
@@ -81,9 +80,10 @@ class Retention(SequenceMixer):
         k = rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len) * (self.dh ** -0.5)
         gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(self.heads, dtype=jnp.float32))
         log_decay = jnp.broadcast_to(jnp.log(gamma), (b, t, self.heads))
-        y, state = linear_scan(q, k, proj(self.wv), log_decay, segment_ids=segment_ids_BT,
-                               initial_state=None if cache is None else cache["state"],
-                               chunk_size=self.chunk, impl=self.impl)
+        y, state = sharded_linear_scan(q, k, proj(self.wv), log_decay,
+                                       segment_ids=segment_ids_BT,
+                                       initial_state=None if cache is None else cache["state"],
+                                       chunk_size=self.chunk, impl=self.impl)
         y = self.head_norm(y) * jax.nn.silu(proj(self.wg))
         out = jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(cdt))
         return out, (None if cache is None else {"state": state}), jnp.float32(NO_LOGIT)
