@@ -22,7 +22,7 @@ from kernels.attention.reference import (
     check_shapes,
     document_layout,
 )
-from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve
+from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -325,15 +325,23 @@ def _flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=
     return (out, lse, row_max) if return_stats else out
 
 
-_KERNEL_ONLY = ("block_q", "block_k", "interpret", "return_stats")
+_KERNEL_ONLY = ("block_q", "block_k", "interpret", "return_stats", "device_kind")
 
 
 def attention(q, k, v, *, impl="auto", **kw):
-    """-> (out, lse, row_max). impl: 'pallas' (flash_attention), 'xla' (the dense
-    reference) or 'auto' (see kernels/dispatch.py: pallas on GPU, xla elsewhere).
-    Kernel-only options (block sizes, interpret) are ignored by the xla path."""
-    # No TPU kernel of ours: this Triton-style kernel does not lower through Mosaic TPU.
-    if resolve("flash_attention", impl, pallas_on=("gpu", "cpu")) == "pallas":
+    """-> (out, lse, row_max). impl: 'pallas', 'xla' (the dense reference) or 'auto'
+    (see kernels/dispatch.py: pallas on GPU and TPU, xla on CPU). 'pallas' is, by the
+    target platform: the Triton-style flash_attention on GPU (interpret mode on CPU),
+    splash attention (kernels/attention/splash.py) on TPU. Kernel-only options (block
+    sizes, interpret, device_kind: the TPU generation for splash's block table) are
+    ignored by the paths they do not apply to."""
+    if resolve("flash_attention", impl, pallas_on=("gpu", "cpu", "tpu")) == "pallas":
+        if target_platform() == "tpu":
+            from kernels.attention.splash import splash_attention
+            kw = {name: x for name, x in kw.items()
+                  if name not in ("block_q", "block_k", "return_stats")}
+            return splash_attention(q, k, v, **kw)
+        kw.pop("device_kind", None)
         return flash_attention(q, k, v, **{**kw, "return_stats": True})
     kw = {name: x for name, x in kw.items() if name not in _KERNEL_ONLY}
     return attention_reference(q, k, v, **kw)

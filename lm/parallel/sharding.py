@@ -109,6 +109,21 @@ def is_sharded(name: str, dim: int) -> bool:
     return spec_for((name,), (dim,), mesh, rules) != P(None)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh `constrain` pins activations to while tracing, or None."""
+    return _ACTIVE[-1][0] if _ACTIVE else None
+
+
+def shard_axes(name: str, dim: int) -> tuple[str, ...]:
+    """The mesh axes `constrain` would split a dimension of this name and size over
+    (empty: replicated, or no mesh)."""
+    if not _ACTIVE:
+        return ()
+    mesh, rules = _ACTIVE[-1]
+    entry = spec_for((name,), (dim,), mesh, rules)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _is_names(n) -> bool:
     """A tuple of logical names (or None), as opposed to a tuple of such tuples."""
     return n is None or (isinstance(n, tuple) and all(isinstance(e, str) or e is None

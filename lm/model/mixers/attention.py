@@ -3,13 +3,23 @@ RoPE, qk-norm, packed-document masking, a sliding window with sink tokens, and a
 cache for decoding.
 
 The `xla` implementation materialises the scores (in causal query blocks), which also
-gives the per-layer maximum attention logit that stability studies track; `pallas` is
-the flash kernel of kernels/attention (which returns the row maxima too); `cudnn` is
-jax.nn.dot_product_attention's cuDNN path.
+gives the per-layer maximum attention logit that stability studies track. `pallas` is,
+by the platform the step is compiled for (kernels/dispatch.py): on GPU the Triton-style
+flash kernel of kernels/attention (which returns the row maxima too), on TPU splash
+attention (kernels/attention/splash.py; the row maxima come from a separate exact XLA
+pass over the visible blocks: one QK^T matmul, 1/9 of splash's training FLOPs), on CPU
+the flash kernel in interpret mode (slow: tests). The kernel runs per shard
+(`shard_local`: batch rows over data/fsdp, heads over tensor; kv heads that do not
+divide by the tensor axis are repeated to the fewest copies that do, so that each shard
+holds the kv heads of its query heads). With the sequence sharded (mesh.sequence > 1)
+the xla path is used instead, logged (ring attention is not built yet). `auto`, the
+default, is pallas on GPU and TPU and xla on CPU, where the XLA path is the fast one.
+`cudnn` is jax.nn.dot_product_attention's cuDNN path.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -21,12 +31,14 @@ from flax import nnx
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.model.mixers import SequenceMixer, register
-from lm.parallel.sharding import constrain, is_sharded
+from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
 
 if TYPE_CHECKING:
     from lm.config import ModelConfig
 
 NEG_INF = -1e30
+log = logging.getLogger("lmlab.model")
+_LOGGED: set[str] = set()
 
 
 @jax.custom_vjp
@@ -76,10 +88,11 @@ def query_blocks(t: int, n_blocks: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    # xla: materialised scores (any backend); pallas: the flash-attention kernel in
-    # kernels/attention (interpret mode on CPU); cudnn: jax.nn.dot_product_attention's
-    # cuDNN path (NVIDIA GPUs only; no sinks, no max-logit diagnostic).
-    impl: Literal["xla", "pallas", "cudnn"] = "xla"
+    # auto: pallas on GPU/TPU, xla on CPU; xla: materialised scores (any backend);
+    # pallas: flash attention on GPU (interpret mode on CPU), splash attention on TPU;
+    # cudnn: jax.nn.dot_product_attention's cuDNN path (NVIDIA GPUs only; no sinks, no
+    # max-logit diagnostic).
+    impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
     # xla training attention: queries in this many blocks, each scoring only the keys
     # causality leaves it (1 = one dense score matrix; 0 = auto: blocks of >= 128
     # queries, at most 8, which measured best on CPU at seq 256).
@@ -183,7 +196,7 @@ class Attention(SequenceMixer):
         k_positions_BT = constrain(positions_BT, ("batch", None))
         k_segment_ids_BT = constrain(segment_ids_BT, ("batch", None))
 
-        if cache is None and self.impl != "xla":
+        if cache is None and self._training_impl(q_BTHD.shape[1]) != "xla":
             y_BTD, max_logit = self._fused(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
             return y_BTD, None, max_logit
         if cache is None:
@@ -247,6 +260,37 @@ class Attention(SequenceMixer):
         out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
         return out_BTHD, jnp.max(jnp.stack(maxes))
 
+    def _training_impl(self, seq_len: int) -> str:
+        """'xla', 'pallas' or 'cudnn' for training attention in the program being traced."""
+        if self.impl == "cudnn":
+            return "cudnn"
+        from kernels.dispatch import resolve
+        impl = resolve("attention", self.impl, pallas_on=("gpu", "cpu", "tpu"))
+        if impl == "pallas" and is_sharded("seq", seq_len):
+            if "seq" not in _LOGGED:
+                _LOGGED.add("seq")
+                log.warning("model.attention: the Pallas kernels do not run with the sequence "
+                            "sharded (mesh.sequence > 1; ring attention is not built yet): "
+                            "using the xla path")
+            return "xla"
+        return impl
+
+    def _kv_for_heads(self, k_BTKD, v_BTKD):
+        """K/V whose kv-head shards line up with the query heads' shards under tensor
+        parallelism: kv heads that do not divide by the heads' mesh axes are repeated to
+        the fewest copies that do (lcm(KV, shards) heads), so that shard s holds exactly
+        the kv heads its query heads read (query head h -> kv head h // (H / KV'))."""
+        h_axes = shard_axes("heads", self.n_heads)
+        if not h_axes or shard_axes("kv_heads", self.n_kv) == h_axes:
+            return k_BTKD, v_BTKD
+        mesh = active_mesh()
+        n = math.prod(mesh.shape[a] for a in h_axes)
+        r = n // math.gcd(self.n_kv, n)
+        if shard_axes("kv_heads", self.n_kv * r) != h_axes:
+            raise ConfigError(f"mesh.rules: kv_heads must be sharded like heads ({h_axes}) "
+                              "for model.attention.impl=pallas")
+        return jnp.repeat(k_BTKD, r, axis=2), jnp.repeat(v_BTKD, r, axis=2)
+
     def _window(self, q_pos, k_pos):
         """Sliding window (with LM-Infinite sink tokens): True where a key is in reach."""
         if not self.window:
@@ -262,12 +306,27 @@ class Attention(SequenceMixer):
         returns each row's max logit) or cuDNN (which does not: the diagnostic is NaN).
         Both derive causality and the window from segment ids (document-relative
         positions), which matches the xla mask for packed rows."""
-        if self.impl == "pallas":
+        if self.impl != "cudnn":
             from kernels.attention import attention
-            # The kernel's own dispatch: a backend it does not serve falls back (logged).
-            out, _, row_max = attention(
-                q_BTHD, k_BTKD, v_BTKD, impl="pallas", segment_ids=segment_ids_BT,
-                causal=True, window=self.window, sinks=self.sinks, scale=self.scale)
+            from kernels.dispatch import target_platform
+            mesh = active_mesh()
+            # The TPU generation picks splash's block sizes (topology devices have it too).
+            kind = (mesh.devices.flat[0].device_kind
+                    if mesh is not None and target_platform() == "tpu" else None)
+
+            def local(q, k, v, seg):
+                out, _, row_max = attention(
+                    q, k, v, impl="pallas", segment_ids=seg, causal=True, window=self.window,
+                    sinks=self.sinks, scale=self.scale, device_kind=kind)
+                return out, row_max
+
+            # Pallas kernels are custom calls: run per shard, not replicated by GSPMD.
+            q_names = ("batch", None, "heads", "head_dim")
+            kv_names = ("batch", None, "kv_heads", "head_dim")
+            out, row_max = shard_local(
+                local, (q_names, kv_names, kv_names, ("batch", None)),
+                (q_names, ("batch", "heads", None)))(
+                    q_BTHD, *self._kv_for_heads(k_BTKD, v_BTKD), segment_ids_BT)
             return self._project_out(out), jnp.max(row_max)
         same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         out = jax.nn.dot_product_attention(
