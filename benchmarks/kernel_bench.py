@@ -5,6 +5,7 @@ cudnn on NVIDIA GPUs) in TFLOP/s and % of the device peak; the chunked scan agai
     python benchmarks/kernel_bench.py                      # seq 1k-16k, bf16, head dim 64/128
     python benchmarks/kernel_bench.py --seqs 256 512 --tokens 2048 --head-dims 32 --dtype float32
                                                       # a CPU-sized run (pallas = interpret)
+    python benchmarks/kernel_bench.py --only scan      # on a TPU: pallas-tpu = kernels/scan/tpu.py
 
 Each case holds `--tokens` tokens (batch = tokens / seq) and `--width` query channels
 (heads = width / head_dim). Attention FLOPs count the two matmuls, 4 B H T^2 D, halved
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention import flash_attention
+from kernels.dispatch import compiling_for
 from kernels.scan import linear_scan, scan_associative, scan_reference
 from lm.train.mfu import device_peak_flops
 
@@ -79,10 +81,19 @@ def bench_attention(args, dtype, peak: float) -> None:
                       f"{100 * rb * 1e12 / peak:>5.1f}%")
 
 
+def tpu_interpreted(chunk: int):
+    def fn(*x):
+        with compiling_for("tpu"):
+            return linear_scan(*x, chunk_size=chunk, impl="pallas", interpret=True)
+    return fn
+
+
 def bench_scan(args, dtype) -> None:
+    pallas_name = {"tpu": "pallas-tpu", "gpu": "pallas-gpu"}.get(jax.default_backend(), "pallas")
     print(f"\nlinear scan ({jnp.dtype(dtype).name}, Dk = Dv = head dim): ms, GB/s, "
-          "speed-up over lax.associative_scan")
-    print(f"{'seq':>6} {'hd':>4} {'impl':>12} {'ms':>9} {'GB/s':>8} {'vs assoc':>9}")
+          "speed-up over lax.associative_scan (forward); fwd+bwd ms")
+    print(f"{'seq':>6} {'hd':>4} {'impl':>12} {'ms':>9} {'GB/s':>8} {'vs assoc':>9} "
+          f"{'f+b ms':>9}")
     for hd in args.head_dims:
         for t in args.seqs:
             b, h = max(1, args.tokens // t), max(1, args.width // hd)
@@ -93,22 +104,30 @@ def bench_scan(args, dtype) -> None:
             a = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h)))
             nbytes = (4 * b * t * h * hd) * jnp.dtype(dtype).itemsize + a.size * 4
             impls = {
-                "pallas": lambda *x: linear_scan(*x, chunk_size=args.chunk, impl="pallas"),
+                # On a TPU this is the Mosaic kernel (kernels/scan/tpu.py), on a GPU the
+                # Triton-style one, on CPU the latter in interpret mode.
+                pallas_name: lambda *x: linear_scan(*x, chunk_size=args.chunk, impl="pallas"),
                 "xla-chunked": lambda *x: linear_scan(*x, chunk_size=args.chunk, impl="xla"),
                 "lax.scan": scan_reference,
                 "associative": scan_associative,
             }
-            times = {}
+            if args.tpu_interpret:  # the TPU kernel's code path on CPU (no timing value)
+                impls["tpu-interp"] = tpu_interpreted(args.chunk)
+            times, backward = {}, {}
             for name, fn in impls.items():
                 try:
                     times[name] = timed(jax.jit(fn), q, k, v, a, repeats=args.repeats)
+                    if args.backward:  # gradients of q, k, v and the decay
+                        grad = jax.jit(jax.grad(lambda *x, fn=fn: jnp.sum(
+                            fn(*x)[0].astype(jnp.float32)), argnums=(0, 1, 2, 3)))
+                        backward[name] = timed(grad, q, k, v, a, repeats=args.repeats)
                 except Exception as e:  # noqa: BLE001 - e.g. associative_scan out of memory
                     print(f"{t:>6} {hd:>4} {name:>12}  failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:100]}")
             for name, sec in times.items():
                 ratio = times.get("associative", float("nan")) / sec
                 print(f"{t:>6} {hd:>4} {name:>12} {sec * 1e3:>9.3f} {nbytes / sec / 1e9:>8.3g} "
-                      f"{ratio:>8.2f}x")
+                      f"{ratio:>8.2f}x {backward.get(name, float('nan')) * 1e3:>9.3f}")
 
 
 def main() -> None:
@@ -122,6 +141,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-backward", dest="backward", action="store_false")
     p.add_argument("--only", choices=["attention", "scan"], default=None)
+    p.add_argument("--tpu-interpret", action="store_true",
+                   help="also run the TPU scan kernel in TPU interpret mode (a CPU check "
+                        "that its path runs; the time measures the interpreter)")
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)
     peak, source = device_peak_flops()

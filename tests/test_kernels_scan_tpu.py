@@ -153,7 +153,9 @@ _COMPILE = textwrap.dedent("""
                               max_seq_len=32, mixer_pattern=pattern),
             data=DataConfig(seq_len=32), mesh=MeshConfig(data=1, fsdp=4), batch_size=8,
             steps=2)
+        # XLA attention in "am": this test is about the scan kernel (splash has its own).
         cfg = apply_overrides(cfg, ["model.mamba2.scan_impl=pallas", "model.mamba2.state=16",
+                                    "model.attention.impl=xla",
                                     "model.retention.scan_impl=pallas"])
         pieces = build(cfg, mesh=make_mesh(cfg.mesh, devices))
         compiled = pieces.train_step().trace(pieces.abstract_state(),
