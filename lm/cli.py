@@ -1,4 +1,4 @@
-"""`lm train | eval | sample | bench | data prepare | launch {local,tpu,slurm}`.
+"""`lm train | eval | sample | bench | compile | data prepare | launch {local,tpu,slurm}`.
 
 User-caused errors (bad config, bad data, missing run) print one line and exit 2
 (lm/errors.py holds the exit codes).
@@ -66,6 +66,12 @@ def cmd_bench(args) -> int:
     from lm.bench import bench
     bench(_load(args), steps=args.steps, loop_rounds=args.loop_rounds)
     return 0
+
+
+def cmd_compile(args) -> int:
+    from lm.compile import run_compile
+    return run_compile(_load(args), args.topology, slices=args.slices, do_suggest=args.suggest,
+                       max_compiles=args.max_compiles, json_out=args.json)
 
 
 def cmd_data_prepare(args) -> int:
@@ -218,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
                         '"local --processes 2" or "slurm --nodes 1 --gpus-per-node 8"')
     p.set_defaults(fn=cmd_sweep)
 
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology (no TPU "
+                       "needed): memory per chip, collectives, FLOPs, estimated step time")
+    _config_args(p)
+    p.add_argument("--topology", required=True,
+                   help="e.g. v5p-64, v5p:4x4x4, v6e-256, v5e:2x2 (libtpu names or accelerator types)")
+    p.add_argument("--slices", type=int, default=1, help="multislice: slices over DCN")
+    p.add_argument("--suggest", action="store_true",
+                   help="enumerate meshes and remat policies, compile the most promising, rank")
+    p.add_argument("--max-compiles", type=int, default=4, help="with --suggest")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the report(s) as JSON")
+    p.set_defaults(fn=cmd_compile)
+
     p = sub.add_parser("results", help="a table of the runs under a sweep workdir")
     p.add_argument("workdir")
     p.set_defaults(fn=cmd_results)
@@ -238,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     argv, remote = _split_remote(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.remote = remote
+    if args.command == "compile":
+        # TPU topologies are compiled for from the host; never claim a local accelerator.
+        # No TPU is touched, so several compiling processes may load libtpu at once (its
+        # lockfile guards a real TPU's devices).
+        import os
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if args.command != "launch":
         from lm.hostmem import configure_jax
         configure_jax()

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Tests run on CPU (also where a TPU/GPU plugin is installed: no backend probing).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TPU compiles (libtpu topologies, no TPU touched) from several xdist workers at once: the
+# libtpu lockfile would let only one process load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # The suite compiles hundreds of tiny programs and runs each a few times, so compile time
 # is most of its time. Two XLA:CPU settings, for this process and, through the
 # environment, every process it starts (subprocesses that set XLA_FLAGS get them too, see

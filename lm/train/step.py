@@ -46,7 +46,8 @@ def _all_finite(tree) -> jax.Array:
 def _tree_rms(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    return jnp.sqrt(total / sum(x.size for x in leaves))
+    # A float count: beyond 2^31 parameters (a 7B model) an int does not fit a jit argument.
+    return jnp.sqrt(total / float(sum(x.size for x in leaves)))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
@@ -91,12 +92,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = dict(stats)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics.update(
             lr=lr_fn(state["step"]),
             grad_norm=grad_norm,
             update_rms=_tree_rms(updates),
-            param_norm=optax.global_norm(new_params),
+            param_norm=optax.tree.norm(new_params),
             tokens=jnp.sum(batch["loss_mask"]),
             finite=jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm) & _all_finite(new_params),
         )

@@ -1,0 +1,133 @@
+"""`lm compile`: topology names, the HLO collective count (with loop trip counts), and
+the real command compiling a small model for v5p:2x2x1 through libtpu on this CPU,
+checked field by field; a mesh that does not match the topology and a model that
+cannot fit give one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import TINY, sets
+
+from lm.compile import CHIPS, collectives_of, parse_topology
+from lm.config import ConfigError
+
+
+@pytest.mark.parametrize("text,name,chips", [
+    ("v5p-8", "v5p:2x2x1", 4),        # accelerator types count TensorCores on v4 / v5p
+    ("v5p-64", "v5p:2x4x4", 32),
+    ("v5p:4x4x4", "v5p:4x4x4", 64),
+    ("v6e-256", "v6e:16x16", 256),    # ... and chips on v5e / v6e
+    ("v5litepod-16", "v5e:4x4", 16),
+    ("v4-16", "v4:2x2x2", 8),
+])
+def test_topology_names(text, name, chips):
+    topo = parse_topology(text)
+    assert (topo.name, topo.chips) == (name, chips)
+    assert parse_topology(text, slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize("text,message", [
+    ("v7x-8", "expected e.g. v5p-64"),
+    ("v5p-6", "no standard v5p slice of 3 chips"),
+    ("v5p:2x2", "v5p topologies have 3 dimensions"),
+    ("v6e-7", "no standard v6e slice of 7 chips"),
+])
+def test_bad_topology_is_one_line(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_topology(text)
+
+
+HLO = """HloModule jit_step
+
+%cond (p: (s32[], f32[1024])) -> pred[] {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]{0}) parameter(0)
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %ar = f32[1024]{0} all-reduce(%x), replica_groups={{0,1,2,3}}, to_apply=%add
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[1024]{0}) tuple(%i, %ar)
+}
+
+ENTRY %main (a: bf16[8,128]) -> f32[1024] {
+  %a = bf16[8,128]{1,0} parameter(0)
+  %ag = bf16[32,128]{1,0} all-gather(%a), replica_groups=[2,4]<=[8], dimensions={0}
+  %init = (s32[], f32[1024]{0}) tuple(%z, %v)
+  %w = (s32[], f32[1024]{0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[1024]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_are_weighted_by_loop_trip_counts():
+    c = collectives_of(HLO, n_devices=8, mesh_sizes={"data": 8})
+    ar, ag = c["all-reduce"], c["all-gather"]
+    assert ar.count == 3 and ar.bytes == 3 * 4096  # inside a 3-trip while loop
+    assert ar.moved == pytest.approx(3 * 2 * 4096 * 3 / 4)  # ring all-reduce over 4
+    assert ag.count == 1 and ag.bytes == 32 * 128 * 2
+    assert ag.moved == pytest.approx(32 * 128 * 2 * 3 / 4)  # groups of 4 (iota form)
+    assert c["reduce-scatter"].count == c["all-to-all"].count == 0
+
+
+def test_compile_v5p_report_field_by_field(tmp_path, lm_here):
+    out = tmp_path / "report.json"
+    r = lm_here("compile", "--topology", "v5p:2x2x1", "--json", str(out),
+                *sets(*TINY, "mesh.fsdp=4", "batch_size=8", "model.attention.impl=xla"))
+    assert r.returncode == 0, r.err if hasattr(r, "err") else r.stderr
+    (rep,) = json.loads(out.read_text())
+    from lm.config import resolve
+    from lm.model import count_params, flops_per_token
+    cfg = resolve("configs/default.py", TINY + ["mesh.fsdp=4", "batch_size=8",
+                                                 "model.vocab_size=259"])
+    n = count_params(cfg.model)["total"]
+    assert rep["topology"] == "v5p:2x2x1" and rep["mesh"] == {"fsdp": 4}
+    assert rep["params"] == n and rep["fits"] and rep["hbm_bytes"] == CHIPS["v5p"].hbm_bytes
+    # f32 parameters: every one sharded 4 ways along embed (d_model=32 divides) or not
+    # at all (norm scales), so per chip between n/4 and n parameters' worth of bytes.
+    assert 4 * n / 4 <= rep["params_bytes"] < 4 * n
+    assert rep["opt_bytes"] >= 2 * rep["params_bytes"]  # Adam's mu and nu
+    assert rep["batch_bytes"] == 5 * 8 * 32 * 4 // 4  # 5 int32/f32 rows, split 4 ways
+    assert 0 < rep["temp_bytes"] < rep["peak_bytes"] < rep["hbm_bytes"]
+    # FSDP: parameters gathered for the layers, gradients reduce-scattered.
+    assert rep["collectives"]["all-gather"]["count"] >= cfg.model.n_layers
+    assert {"all-gather", "reduce-scatter"} <= set(rep["collectives"]) or (
+        rep["collectives"]["all-reduce"]["count"] > 0)
+    tokens = 8 * 32
+    assert rep["model_flops"] == pytest.approx(flops_per_token(cfg.model, 32) * tokens)
+    assert rep["hw_flops_per_chip"] == pytest.approx(rep["model_flops"] / 4)
+    terms = [rep[k] for k in ("t_compute", "t_hbm", "t_ici", "t_dcn")]
+    assert rep["t_overlap"] == max(terms) and rep["t_serial"] >= rep["t_overlap"]
+    assert 0 < rep["mfu_serial"] <= rep["mfu_overlap"] <= 1
+    assert rep["eval_peak_bytes"] and rep["eval_peak_bytes"] < rep["peak_bytes"]
+    text = r.stdout
+    for words in ("on v5p:2x2x1: mesh fsdp=4", "fits", "collectives per step",
+                  "ESTIMATE (roofline, not a measurement)"):
+        assert words in text, text
+    assert math.isfinite(rep["t_overlap"])
+
+
+def test_mesh_that_does_not_match_the_topology_is_one_line(lm_here):
+    r = lm_here("compile", "--topology", "v5p:2x2x1", *sets(*TINY, "mesh.fsdp=8"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "4 devices do not divide by the fixed axes' product 8" in lines[0], r.stderr
+
+
+def test_model_that_cannot_fit_exits_2_with_one_line(lm_here):
+    # 4.1B parameters of embedding with Adam on 4 v5e chips (16 GiB each): the TPU
+    # compiler itself refuses it, quickly (one layer).
+    r = lm_here("compile", "--topology", "v5e:2x2",
+                *sets(*TINY, "mesh.fsdp=4", "model.n_layers=1", "model.d_model=1024",
+                      "model.n_heads=8", "model.vocab_size=4000000", "model.attention.impl=xla"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not fit on v5e:2x2" in lines[0], r.stderr
+    assert "DOES NOT FIT" in r.stdout and "['params']['embed']" in r.stdout
