@@ -104,8 +104,11 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     out_dtype = out_dtype or v.dtype
 
     def by_group(spec):  # head j reads q/k group j // rep
+        # lax.div (truncating; equal for j >= 0), not //: jnp's floor division emits a
+        # sign op whose Mosaic lowering asks for the TPU generation, which an AOT
+        # compile from a CPU host only has under an abstract mesh.
         return pl.BlockSpec(spec.block_shape,
-                            lambda bi, hi, ci: spec.index_map(bi, hi // rep, ci))
+                            lambda bi, hi, ci: spec.index_map(bi, jax.lax.div(hi, rep), ci))
 
     qk_in, qk_spec, _ = _tiles(q.shape, chunk)
     v_in, v_spec, v_back = _tiles(v.shape, chunk)
