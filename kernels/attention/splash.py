@@ -104,8 +104,10 @@ def _kernel(cfg: _Cfg) -> sak.SplashAttentionKernel:
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     make = sa.make_splash_mqa if cfg.kv_heads == 1 else sa.make_splash_mha
-    return make(sa.MultiHeadMask([mask] * cfg.heads), block_sizes=sizes, head_shards=1,
-                q_seq_shards=1, save_residuals=True, interpret=cfg.interpret)
+    # Concrete mask arrays even when first built inside a trace (they are cached).
+    with jax.ensure_compile_time_eval():
+        return make(sa.MultiHeadMask([mask] * cfg.heads), block_sizes=sizes, head_shards=1,
+                    q_seq_shards=1, save_residuals=True, interpret=cfg.interpret)
 
 
 def _rows(fn, cfg: _Cfg, *args):
