@@ -24,7 +24,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from kernels.dispatch import compiling_for
-from kernels.scan import linear_scan, scan_reference
+from kernels.scan import linear_scan, scan_reference, tpu
 from conftest import ROOT
 
 KERNEL = "chunked_linear_scan_tpu"
@@ -53,18 +53,23 @@ def _tpu_scan(seg, chunk):
     return fn
 
 
-@pytest.mark.parametrize("dtype,g,h,t,dk,dv,chunk,boundaries", [
-    # documents start off chunk edges; T = 40 not a multiple of the chunk; q/k of one
-    # group reach the kernel as [B, T, Dk] (free reshape), v transposed (Dv < 128)
-    (jnp.float32, 1, 2, 40, 8, 16, 16, (13, 33)),
+@pytest.mark.parametrize("dtype,g,h,t,dk,dv,chunk,block,boundaries", [
+    # documents start off chunk edges; T = 40 not a multiple of the chunk; one chunk per
+    # grid step (3 steps: the state crosses grid steps in VMEM scratch); q/k of one group
+    # reach the kernel as [B, T, Dk] (free reshape), v transposed (Dv < 128)
+    (jnp.float32, 1, 2, 40, 8, 16, 16, 16, (13, 33)),
     # bf16, 2 heads per group, documents starting exactly at chunk edges; chunk 8 is
-    # rounded up to 16 (one bf16 tile of rows)
-    (jnp.bfloat16, 2, 4, 48, 16, 16, 8, (16, 32)),
-    # Dv = 128 (v and o as [B, T, H*Dv], no transpose), a reset on the last token,
+    # rounded up to 16 (one bf16 tile of rows); 3 chunks in one grid step
+    (jnp.bfloat16, 2, 4, 48, 16, 16, 8, 512, (16, 32)),
+    # Dv = 128 (v and o as [B, T, H*Dv], no transpose); 2 grid steps of 2 chunks; a
+    # reset on the last token
+    (jnp.float32, 2, 2, 60, 8, 128, 16, 32, (5, 59)),
     # T shorter than the chunk
-    (jnp.float32, 2, 2, 24, 8, 128, 64, (5, 23)),
+    (jnp.float32, 1, 1, 10, 8, 8, 64, 512, (4,)),
 ])
-def test_tpu_kernel_matches_reference(dtype, g, h, t, dk, dv, chunk, boundaries):
+def test_tpu_kernel_matches_reference(monkeypatch, dtype, g, h, t, dk, dv, chunk, block,
+                                      boundaries):
+    monkeypatch.setattr(tpu, "BLOCK_TOKENS", block)
     q, k, v, a, s0, seg = _inputs(2, t, g, h, dk, dv, dtype, boundaries)
     ours = _tpu_scan(seg, chunk)
     assert KERNEL in str(jax.make_jaxpr(ours)(q, k, v, a, s0))  # not the XLA fallback
@@ -92,6 +97,13 @@ def test_tpu_kernel_matches_reference(dtype, g, h, t, dk, dv, chunk, boundaries)
         scale = float(jnp.max(jnp.abs(y.astype(jnp.float32)))) + 1.0
         np.testing.assert_allclose(x.astype(np.float32) / scale, y.astype(np.float32) / scale,
                                    rtol=tol, atol=tol, err_msg=name)
+
+
+def test_block_chunks_divides_the_chunks():
+    assert tpu.block_chunks(32, 64) == 8  # 2048 tokens: 4 grid steps of 512
+    assert tpu.block_chunks(12, 64) == 6  # the largest divisor within 512 tokens
+    assert tpu.block_chunks(7, 64) == 7 and tpu.block_chunks(13, 64) == 1
+    assert tpu.block_chunks(3, 16, block_tokens=16) == 1
 
 
 def test_tpu_kernel_lowers_for_tpu_forward_and_backward():

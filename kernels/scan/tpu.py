@@ -1,12 +1,13 @@
 """The chunked linear-recurrence scan as a Mosaic TPU Pallas kernel.
 
 Same math as chunked.py (`_chunk`), arranged for the TPU:
-- grid (batch, head, chunk): batch and head are "parallel" (megacore chips split them
-  between their cores), the chunk axis is "arbitrary" (sequential), and the [Dk, Dv]
-  float32 state lives in a VMEM scratch buffer that persists across the chunk steps of one
-  (batch, head). Each step gets (C, D) tiles of q, k, v by BlockSpec, so Pallas
-  double-buffers the next chunk's DMA behind this chunk's matmuls, and VMEM holds a few
-  chunks, not the whole sequence (the GPU kernel's per-program sequence).
+- grid (batch, head, block of tokens): batch and head are "parallel" (megacore chips
+  split them between their cores), the block axis is "arbitrary" (sequential), and the
+  [Dk, Dv] float32 state lives in a VMEM scratch buffer that persists across the blocks
+  of one (batch, head). A grid step takes a block of up to BLOCK_TOKENS tokens (a whole
+  number of chunks, see `block_chunks`) and loops over its chunks; Pallas
+  double-buffers the next block's DMA behind this block's matmuls, and VMEM holds two
+  blocks, not the whole sequence (as the GPU kernel's per-program sequence does).
 - TPU tiling: the last two dims of every block are multiples of (8, 128) or the full
   array dims. A (C, D) tile is legal when C is a multiple of 16 (bf16 packs 16 rows per
   tile; linear_scan rounds the chunk up, see `legal_chunk`) and D is the whole last dim.
@@ -18,7 +19,7 @@ Same math as chunked.py (`_chunk`), arranged for the TPU:
 - per-token scalars (the chunk's cumulative log decay and document-start count) are
   needed both as a column (C, 1), to scale rows of q / k, and as a row (1, C), for the
   [C, C] decay mask; transposing a vector inside the kernel is a relayout, so the
-  wrapper passes both forms ([.., T, 1] and [.., n, 1, C]: full-dim blocks, legal).
+  wrapper passes both forms ([.., T, 1] and [.., n, n_sub, 1, C]: legal blocks).
 - the backward pass is the forward kernel three times (chunked.backward_from_forward).
 """
 
@@ -44,17 +45,10 @@ def legal_chunk(chunk: int) -> int:
     return -(-chunk // SUBLANES) * SUBLANES
 
 
-def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, sT_ref,
-            s_scr):
-    i = pl.program_id(2)
-
-    @pl.when(i == 0)
-    def _():
-        s_scr[...] = s0_ref[...]
-
-    q_CK, k_CK, v_CV = q_ref[...], k_ref[...], v_ref[...]
-    a_C1, a_1C = ac_ref[...], ar_ref[...]  # inclusive cumulative log decay in the chunk
-    r_C1, r_1C = rc_ref[...], rr_ref[...]  # inclusive count of document starts
+def _chunk_step(s_KV, q_CK, k_CK, v_CV, a_C1, a_1C, r_C1, r_1C):
+    """chunked._chunk with the per-token scalars as columns (C, 1) and rows (1, C):
+    a = inclusive cumulative log decay in the chunk, r = inclusive count of document
+    starts (same document iff equal; a token sees the carried state iff 0)."""
     c = q_CK.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -63,10 +57,8 @@ def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, 
     decay_CC = jnp.exp(jnp.where(same_doc, a_C1 - a_1C, -jnp.inf))
     scores_CC = jax.lax.dot_general(q_CK, k_CK, NT, preferred_element_type=F32) * decay_CC
     o_CV = jnp.dot(scores_CC.astype(v_CV.dtype), v_CV, preferred_element_type=F32)
-    s_KV = s_scr[...]
     from_state_C1 = jnp.exp(jnp.where(r_C1 == 0, a_C1, -jnp.inf))
     o_CV += jnp.dot(q_CK.astype(F32) * from_state_C1, s_KV, preferred_element_type=F32)
-    o_ref[...] = o_CV.astype(o_ref.dtype)
 
     # The chunk's last entries by lane reductions ((1, 1) arrays: no scalar extraction).
     is_last = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
@@ -76,11 +68,51 @@ def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, 
     to_end_C1 = jnp.exp(jnp.where(r_C1 == r_last, a_last - a_C1, -jnp.inf))
     kw_CK = k_CK.astype(F32) * to_end_C1
     s_KV = carry * s_KV + jnp.dot(kw_CK.T, v_CV.astype(F32), preferred_element_type=F32)
-    s_scr[...] = s_KV
+    return o_CV, s_KV
+
+
+def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, sT_ref,
+            s_scr, *, chunk, n_sub):
+    """One grid step: a block of n_sub chunks of one (batch row, head); refs hold
+    (n_sub * C, D) tiles, the row forms (n_sub, 1, C) (chunk j on the leading, untiled
+    axis: a dynamic index there is a plain address offset)."""
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _():
+        s_scr[...] = s0_ref[...]
+
+    def body(j, _):
+        span = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
+        # The state goes through VMEM scratch, not the loop carry: 16 vregs at 128 x 128
+        # f32 would crowd the register file the chunk's [C, C] scores need.
+        o_CV, s_KV = _chunk_step(s_scr[...], q_ref[span, :], k_ref[span, :],
+                                 v_ref[span, :], ac_ref[span, :], ar_ref[j],
+                                 rc_ref[span, :], rr_ref[j])
+        s_scr[...] = s_KV
+        o_ref[span, :] = o_CV.astype(o_ref.dtype)
+        return 0
+
+    jax.lax.fori_loop(0, n_sub, body, 0)
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _():
-        sT_ref[...] = s_KV
+        sT_ref[...] = s_scr[...]
+
+
+def block_chunks(n_chunks: int, chunk: int, block_tokens: int | None = None) -> int:
+    """Chunks per grid step: the largest divisor of n_chunks with at most `block_tokens`
+    tokens (BLOCK_TOKENS by default). A grid step costs ~0.35 us of pipeline overhead on
+    TPU while one 64-token chunk's matmuls take nanoseconds, so one chunk per step would
+    be overhead-bound; a divisor (not padding T) keeps the work exact."""
+    limit = max(1, (block_tokens or BLOCK_TOKENS) // chunk)
+    return max(d for d in range(1, min(n_chunks, limit) + 1) if n_chunks % d == 0)
+
+
+# Tokens per grid step. VMEM per step at 512 tokens, D = 128, bf16: q, k, v, o tiles of
+# 128 KiB each, double-buffered (1 MiB), plus the [Dk, Dv] state: far below any TPU's
+# scoped VMEM (16-32 MiB), and long enough to amortise the step overhead.
+BLOCK_TOKENS = 512
 
 
 def _tiles(shape_BTXD, chunk: int):
@@ -100,7 +132,9 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     final state float32)."""
     b, t, g, dk = q.shape
     h, dv = v.shape[2], v.shape[3]
-    rep, n = h // g, t // chunk
+    rep = h // g
+    n_sub = block_chunks(t // chunk, chunk)
+    block, n = n_sub * chunk, t // (n_sub * chunk)  # tokens per grid step, grid steps
     out_dtype = out_dtype or v.dtype
 
     def by_group(spec):  # head j reads q/k group j // rep
@@ -110,22 +144,24 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
         return pl.BlockSpec(spec.block_shape,
                             lambda bi, hi, ci: spec.index_map(bi, jax.lax.div(hi, rep), ci))
 
-    qk_in, qk_spec, _ = _tiles(q.shape, chunk)
-    v_in, v_spec, v_back = _tiles(v.shape, chunk)
+    qk_in, qk_spec, _ = _tiles(q.shape, block)
+    v_in, v_spec, v_back = _tiles(v.shape, block)
     q_in, k_in, v_in = qk_in(q), qk_in(k), v_in(v)  # o takes v's layout, out_dtype
     a = a_cum_BHT.astype(F32)
     r = r_cum_BT.astype(F32)  # small integer counts, exact in f32; compared with ==
-    per_token = [
-        (a[..., None], pl.BlockSpec((None, None, chunk, 1), lambda bi, hi, ci: (bi, hi, ci, 0))),
-        (a.reshape(b, h, n, 1, chunk),
-         pl.BlockSpec((None, None, None, 1, chunk), lambda bi, hi, ci: (bi, hi, ci, 0, 0))),
-        (r[..., None], pl.BlockSpec((None, chunk, 1), lambda bi, hi, ci: (bi, ci, 0))),
-        (r.reshape(b, n, 1, chunk),
-         pl.BlockSpec((None, None, 1, chunk), lambda bi, hi, ci: (bi, ci, 0, 0))),
+    per_token = [  # columns [.., T, 1] and rows [.., n, n_sub, 1, C]
+        (a[..., None],
+         pl.BlockSpec((None, None, block, 1), lambda bi, hi, ci: (bi, hi, ci, 0))),
+        (a.reshape(b, h, n, n_sub, 1, chunk),
+         pl.BlockSpec((None, None, None, n_sub, 1, chunk),
+                      lambda bi, hi, ci: (bi, hi, ci, 0, 0, 0))),
+        (r[..., None], pl.BlockSpec((None, block, 1), lambda bi, hi, ci: (bi, ci, 0))),
+        (r.reshape(b, n, n_sub, 1, chunk),
+         pl.BlockSpec((None, None, n_sub, 1, chunk), lambda bi, hi, ci: (bi, ci, 0, 0, 0))),
     ]
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ci: (bi, hi, 0, 0))
     o, s_final = pl.pallas_call(
-        _kernel,
+        functools.partial(_kernel, chunk=chunk, n_sub=n_sub),
         grid=(b, h, n),
         in_specs=[by_group(qk_spec), by_group(qk_spec), v_spec,
                   *(s for _, s in per_token), state_spec],
