@@ -147,18 +147,18 @@ def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, i
     (tensor); the sequence is kept whole (a per-shard scan over part of it would drop the
     state carried in from the earlier part). The q/k groups G: one group (Mamba-2) is
     kept whole; G = H (retention) shards like the heads; otherwise the groups are sharded
-    with the heads when both divide, and both are kept whole when they would not shard
-    alike (a shard must hold the groups of its heads)."""
+    with the heads when the same mesh axes split both, and both are kept whole when they
+    would not (a shard must hold the groups of its heads)."""
     from kernels.scan import linear_scan
     from kernels.scan.chunked import scan_impl
-    from lm.parallel.sharding import is_sharded, shard_local
+    from lm.parallel.sharding import shard_axes, shard_local
 
     g, h = q_BTGK.shape[2], v_BTHV.shape[2]
     heads = "heads"
     if g == 1:
         groups = None
-    elif g == h or is_sharded("heads", g) == is_sharded("heads", h):
-        groups = "heads"
+    elif g == h or shard_axes("heads", g) == shard_axes("heads", h):
+        groups = "heads"  # the same mesh axes split both: shard j's heads use its groups
     else:
         groups = heads = None
 
