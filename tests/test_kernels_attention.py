@@ -94,6 +94,25 @@ def test_flash_matches_reference(case):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("window,sinks", [(0, 0), (6, 2)])
+def test_flash_soft_cap_matches_reference(window, sinks):
+    """softcap: logits -> c * tanh(logits / c) in the forward, its derivative in both
+    backward kernels; row_max reports the capped logits."""
+    q, k, v, ct = inputs(jnp.float32, 2, 80, 4, 2, 16)
+    mask_kw = {"segment_ids": SEG_A, "window": window, "sinks": sinks, "softcap": 0.5}
+    got = jax.jit(lambda *a: outputs_and_grads(
+        lambda q, k, v: flash_attention(q, k, v, block_q=32, block_k=16, interpret=True,
+                                        return_stats=True, **mask_kw), *a))(q, k, v, ct)
+    want = jax.jit(lambda *a: outputs_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, **mask_kw), *a))(q, k, v, ct)
+    for name, g, w in zip(("out", "lse", "row_max", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4,
+                                   err_msg=name)
+    assert float(jnp.max(got[2])) < 0.5
+    uncapped = attention_reference(q, k, v, **{**mask_kw, "softcap": 0.0})[0]
+    assert not np.allclose(uncapped, want[0], atol=1e-3)
+
+
 def naive_attention(q, k, v, seg, *, causal, window, sinks, scale):
     """Literal per-(batch, head, query) loop over the visibility rule."""
     b, t, h, d = q.shape

@@ -53,25 +53,26 @@ def _segments(b, t):
 
 
 CASES = [
-    # dtype, T, H, KV, window, sinks, segments
-    pytest.param(jnp.float32, 200, 2, 2, 0, 0, True, id="f32-mha-docs-T200"),
-    pytest.param(jnp.float32, 256, 4, 2, 40, 0, True, id="f32-gqa2-window40"),
-    pytest.param(jnp.bfloat16, 200, 4, 1, 40, 4, True, id="bf16-mqa-window-sinks-T200"),
-    pytest.param(jnp.bfloat16, 256, 4, 4, 0, 0, False, id="bf16-mha-no-segments"),
-    pytest.param(jnp.float32, 256, 4, 1, 24, 3, True, id="f32-mqa-window-sinks",
+    # dtype, T, H, KV, window, sinks, segments, softcap
+    pytest.param(jnp.float32, 200, 2, 2, 0, 0, True, 0.0, id="f32-mha-docs-T200"),
+    pytest.param(jnp.float32, 256, 4, 2, 40, 0, True, 0.0, id="f32-gqa2-window40"),
+    pytest.param(jnp.bfloat16, 200, 4, 1, 40, 4, True, 0.0, id="bf16-mqa-window-sinks-T200"),
+    pytest.param(jnp.bfloat16, 256, 4, 4, 0, 0, False, 0.0, id="bf16-mha-no-segments"),
+    pytest.param(jnp.float32, 200, 4, 2, 40, 4, True, 2.0, id="f32-gqa2-window-sinks-softcap"),
+    pytest.param(jnp.float32, 256, 4, 1, 24, 3, True, 0.0, id="f32-mqa-window-sinks",
                  marks=pytest.mark.slow),
-    pytest.param(jnp.bfloat16, 300, 4, 2, 0, 0, True, id="bf16-gqa2-T300",
+    pytest.param(jnp.bfloat16, 300, 4, 2, 0, 0, True, 0.0, id="bf16-gqa2-T300",
                  marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("dtype,t,h,kv,window,sinks,segmented", CASES)
+@pytest.mark.parametrize("dtype,t,h,kv,window,sinks,segmented,softcap", CASES)
 def test_splash_matches_reference_in_tpu_interpret_mode(dtype, t, h, kv, window, sinks,
-                                                        segmented):
+                                                        segmented, softcap):
     b = 2
     q, k, v = _inputs(b, t, h, kv, dtype)
     seg = _segments(b, t) if segmented else None
-    kw = dict(segment_ids=seg, window=window, sinks=sinks)
+    kw = dict(segment_ids=seg, window=window, sinks=sinks, softcap=softcap)
     interp = pltpu.InterpretParams()
     w = jax.random.normal(jax.random.PRNGKey(9), (b, t, h, D))  # a generic cotangent
 
@@ -103,9 +104,13 @@ def test_splash_matches_reference_in_tpu_interpret_mode(dtype, t, h, kv, window,
         np.testing.assert_allclose(g.astype(np.float32) / scale, r.astype(np.float32) / scale,
                                    atol=tol * 3, rtol=0, err_msg=name)
     if sinks:  # the case really exercises sinks: they change the answer
-        no_sinks = attention_reference(q, k, v, segment_ids=seg, window=window)[0]
+        no_sinks = attention_reference(q, k, v, **{**kw, "sinks": 0})[0]
         assert float(jnp.max(jnp.abs(no_sinks.astype(jnp.float32)
                                      - r_out.astype(jnp.float32)))) > 10 * tol
+    if softcap:  # and the cap bites
+        assert float(jnp.max(row_max)) < softcap
+        uncapped = attention_reference(q, k, v, **{**kw, "softcap": 0.0})[0]
+        assert float(jnp.max(jnp.abs(uncapped - r_out))) > 10 * tol
 
 
 def test_block_table():

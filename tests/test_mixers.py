@@ -94,10 +94,11 @@ def _packed_batch(b=2, t=40, seed=6):
     return x, pos, seg
 
 
-@pytest.mark.parametrize("window,sinks", [(0, 0), (6, 0), (6, 2)])
-def test_pallas_attention_matches_xla_in_the_model(window, sinks):
-    cfg = dataclasses.replace(BASE, n_layers=2, n_kv_heads=2,
-                              attention=AttentionConfig(window=window, sinks=sinks))
+@pytest.mark.parametrize("window,sinks,softcap", [(0, 0, 0.0), (6, 0, 0.0), (6, 2, 0.0),
+                                                  (6, 2, 0.5)])
+def test_pallas_attention_matches_xla_in_the_model(window, sinks, softcap):
+    cfg = dataclasses.replace(BASE, n_layers=2, n_kv_heads=2, attention=AttentionConfig(
+        impl="xla", window=window, sinks=sinks, softcap=softcap))
     x, pos, seg = _packed_batch()
     _, xla = _forward(cfg)
     _, pallas = _forward(_with_impl(cfg, "pallas"))
@@ -105,6 +106,11 @@ def test_pallas_attention_matches_xla_in_the_model(window, sinks):
     got, aux_got = pallas(x, positions_BT=pos, segment_ids_BT=seg)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(aux_got["attn_logit_max"], aux_want["attn_logit_max"], rtol=1e-5)
+    if softcap:  # the cap bites: the logits it reports are capped, the output differs
+        assert np.all(np.asarray(aux_got["attn_logit_max"]) <= softcap)
+        uncapped, _ = _forward(dataclasses.replace(cfg, attention=dataclasses.replace(
+            cfg.attention, softcap=0.0)))[1](x, positions_BT=pos, segment_ids_BT=seg)
+        assert not np.allclose(uncapped, want, rtol=1e-5, atol=1e-5)
 
 
 def _with_impl(cfg, impl):

@@ -38,6 +38,7 @@ class _Cfg(NamedTuple):
     seq_len: int      # real (unpadded) length
     groups: int       # query heads per kv head
     interpret: bool
+    softcap: float = 0.0  # > 0: logits -> softcap * tanh(logits / softcap)
 
 
 def _dot(a, b):
@@ -111,7 +112,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, doc_ref, pos_ref, o_ref, lse_ref, max_ref, 
             acc, m, l = carry
             k = k_ref[pl.ds(kb * bk, bk), :]
             v = v_ref[pl.ds(kb * bk, bk), :]
-            s = _dot(q, k.T) * cfg.scale
+            s = _capped(_dot(q, k.T) * cfg.scale, cfg)[0]
             if mask is not None:
                 s = jnp.where(mask, s, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -134,11 +135,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, doc_ref, pos_ref, o_ref, lse_ref, max_ref, 
     max_ref[...] = m
 
 
+def _capped(s, cfg):
+    """(logits after the soft cap, d capped / d raw or None without a cap)."""
+    if not cfg.softcap:
+        return s, None
+    t = jnp.tanh(s / cfg.softcap)
+    return cfg.softcap * t, 1.0 - t * t
+
+
 def _probs(q, k, lse, mask, cfg):
-    """Recomputed softmax probabilities of one block from the saved row lse. Rows with
-    lse = -inf are fully masked, so the where() also hides their exp(+inf)."""
-    p = jnp.exp(_dot(q, k.T) * cfg.scale - lse[:, None])
-    return p if mask is None else jnp.where(mask, p, 0.0)
+    """Recomputed softmax probabilities of one block from the saved row lse, and the soft
+    cap's derivative (None without one). Rows with lse = -inf are fully masked, so the
+    where() also hides their exp(+inf)."""
+    s, dcap = _capped(_dot(q, k.T) * cfg.scale, cfg)
+    p = jnp.exp(s - lse[:, None])
+    return (p if mask is None else jnp.where(mask, p, 0.0)), dcap
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, doc_ref, pos_ref, do_ref, lse_ref, delta_ref, dq_ref,
@@ -153,8 +164,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, doc_ref, pos_ref, do_ref, lse_ref, delta_ref
         def update(dq):
             k = k_ref[pl.ds(kb * bk, bk), :]
             v = v_ref[pl.ds(kb * bk, bk), :]
-            p = _probs(q, k, lse, mask, cfg)
+            p, dcap = _probs(q, k, lse, mask, cfg)
             ds = p * (_dot(do, v.T) - delta[:, None])
+            ds = ds if dcap is None else ds * dcap
             return dq + _dot(ds.astype(k.dtype), k)
 
         return _if_visible(mask, update, dq)
@@ -176,8 +188,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, doc_ref, pos_ref, do_ref, lse_ref, delta_re
             dk, dv = carry
             q = q_ref[pl.ds(qb * bq, bq), :]
             do = do_ref[pl.ds(qb * bq, bq), :]
-            p = _probs(q, k, lse_ref[pl.ds(qb * bq, bq)], mask, cfg)
+            p, dcap = _probs(q, k, lse_ref[pl.ds(qb * bq, bq)], mask, cfg)
             ds = p * (_dot(do, v.T) - delta_ref[pl.ds(qb * bq, bq)][:, None])
+            ds = ds if dcap is None else ds * dcap
             return dk + _dot(ds.astype(q.dtype).T, q), dv + _dot(p.astype(do.dtype).T, do)
 
         return _if_visible(mask, update, carry)
@@ -285,8 +298,10 @@ def flash_attention(q, k, v, *, interpret=None, **kw):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "causal", "window", "sinks", "scale", "block_q", "block_k", "interpret", "return_stats"))
+    "causal", "window", "sinks", "scale", "softcap", "block_q", "block_k", "interpret",
+    "return_stats"))
 def _flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=0, scale=None,
+                     softcap=0.0,
                      block_q=64, block_k=64, interpret=False, return_stats=False):
     """Pallas flash attention with the semantics of `attention_reference`.
 
@@ -319,7 +334,7 @@ def _flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=
         return jnp.pad(x.astype(q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
 
     cfg = _Cfg(bool(causal), int(window), int(sinks), scale, block_q, block_k, t,
-               h // k.shape[2], bool(interpret))
+               h // k.shape[2], bool(interpret), float(softcap))
     out, lse, row_max = _flash(pad(q), pad(k), pad(v), doc, pos, cfg)
     out, lse, row_max = out[:, :t, :, :d], lse[:, :, :t], row_max[:, :, :t]
     return (out, lse, row_max) if return_stats else out

@@ -51,7 +51,7 @@ def check_shapes(q, k, v):
 
 
 def attention_reference(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=0,
-                        scale=None):
+                        scale=None, softcap=0.0):
     """Dense attention -> (out [B,T,H,D] in q.dtype, lse [B,H,T] f32, row_max [B,H,T] f32).
 
     q [B, T, H, D]; k, v [B, T, KV, D], query head h reads kv head h // (H // KV).
@@ -59,8 +59,9 @@ def attention_reference(q, k, v, *, segment_ids=None, causal=True, window=0, sin
     equal consecutive segment ids; for ids that are distinct per document, as the data
     pipeline produces, this is seg[i] == seg[j]) and (not causal or j <= i) and
     (window == 0 or pos[i] - pos[j] < window or pos[j] < sinks), with pos the index
-    within the document. lse / row_max are the log-sum-exp / max of the scaled visible
-    logits; a row with no visible key gets out 0 and lse = row_max = -inf.
+    within the document. softcap > 0 caps the scaled logits to softcap * tanh(s / softcap)
+    (Gemma 2) before the softmax. lse / row_max are the log-sum-exp / max of the (scaled,
+    capped) visible logits; a row with no visible key gets out 0 and lse = row_max = -inf.
     Everything is computed in f32; gradients flow through `out` only.
     """
     check_shapes(q, k, v)
@@ -73,6 +74,8 @@ def attention_reference(q, k, v, *, segment_ids=None, causal=True, window=0, sin
     f32 = jnp.float32
     q5 = q.astype(f32).reshape(b, t, n_kv, h // n_kv, d)
     s = jnp.einsum("btkgd,bskd->bkgts", q5, k.astype(f32)) * scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     # -inf (not a large finite value) so that exp() of masked logits is exactly 0 and
     # its derivative there is 0 too, instead of 0 * inf = NaN.
     s = jnp.where(mask, s, -jnp.inf)

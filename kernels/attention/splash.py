@@ -12,7 +12,8 @@ tokens, GQA/MQA) and returns (out, lse, row_max). How lmlab's masks map onto spl
 * T is padded up to a multiple of the block; padded positions get document 0, which no
   real token has, so they never see nor are seen by real tokens (and every padded query
   sees itself: no empty softmax rows, which splash does not allow).
-* splash has no `scale` argument: q is multiplied by it first.
+* splash has no `scale` argument: q is multiplied by it first (so its soft cap, like
+  lmlab's, applies to the scaled logits).
 * GQA: splash's MHA kernel maps query head h to kv head h // (H // KV) itself (its
   index maps), so K/V are passed as [KV, T, D] and never repeated; KV == 1 uses the
   MQA kernel ([T, D]). Batch rows are a vmap (a grid axis of the pallas_call).
@@ -88,6 +89,7 @@ class _Cfg(NamedTuple):
     block: int
     segmented: bool
     interpret: object  # False, True or a pltpu.InterpretParams (TPU semantics)
+    softcap: float = 0.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,7 +109,8 @@ def _kernel(cfg: _Cfg) -> sak.SplashAttentionKernel:
     # Concrete mask arrays even when first built inside a trace (they are cached).
     with jax.ensure_compile_time_eval():
         return make(sa.MultiHeadMask([mask] * cfg.heads), block_sizes=sizes, head_shards=1,
-                    q_seq_shards=1, save_residuals=True, interpret=cfg.interpret)
+                    q_seq_shards=1, save_residuals=True, interpret=cfg.interpret,
+                    attn_logits_soft_cap=cfg.softcap or None)
 
 
 def _rows(fn, cfg: _Cfg, *args):
@@ -175,9 +178,14 @@ def _sink_scores(q, k, pos, cfg: _Cfg):
     k_s = jax.vmap(lambda k, i: k[:, i])(k, idx)                                  # [B,KV,T,S,D]
     g = h // cfg.kv_heads
     q5 = q.reshape(b, cfg.kv_heads, g, t, d)
-    s = jnp.einsum("bkgtd,bktsd->bkgts", q5, k_s, preferred_element_type=F32)
+    s = _cap(jnp.einsum("bkgtd,bktsd->bkgts", q5, k_s, preferred_element_type=F32),
+             cfg.softcap)
     s = jnp.where(ok[:, None, None], s, -jnp.inf).reshape(b, h, t, cfg.sinks)
     return s, idx
+
+
+def _cap(s, softcap: float):
+    return softcap * jnp.tanh(s / softcap) if softcap else s
 
 
 def _gather_kv(x, idx):
@@ -249,13 +257,14 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def logit_row_max(q, k, doc, *, causal: bool, window: int, sinks: int, block: int,
-                  pos=None):
+                  pos=None, softcap: float = 0.0):
     """Exact max of the visible (scaled) logits per query row, in XLA, blockwise.
 
     q [B,H,T,D] (already scaled), k [B,KV,T,D], T a multiple of `block`; doc [B,T] (or
     None). Scans only the (query block, key block) pairs the causal / window mask can
     reach, so the work is one causal QK^T (plus the diagonal blocks) and the memory one
-    [B, H, block, block] tile; sink keys outside the window are added densely.
+    [B, H, block, block] tile; sink keys outside the window are added densely. With a
+    soft cap, the maxima of the capped logits (as `attention_reference`).
     -> [B,H,T] f32 (-inf for a row with nothing visible)."""
     b, h, t, d = q.shape
     kv, n = k.shape[1], t // block
@@ -271,7 +280,8 @@ def logit_row_max(q, k, doc, *, causal: bool, window: int, sinks: int, block: in
         i, j = ij[0], ij[1]
         qi = lax.dynamic_slice_in_dim(q5, i * block, block, axis=3)
         kj = lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
-        s = jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=F32)
+        s = _cap(jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=F32),
+                 softcap)
         qpos, kpos = i * block + iota[:, None], j * block + iota[None, :]
         vis = jnp.ones((block, block), bool)
         if causal:
@@ -291,15 +301,15 @@ def logit_row_max(q, k, doc, *, causal: bool, window: int, sinks: int, block: in
 
     row_max, _ = lax.scan(step, jnp.full((b, h, t), -jnp.inf, F32), jnp.asarray(pairs))
     if sinks and window:
-        cfg = _Cfg(t, h, kv, causal, window, sinks, block, doc is not None, False)
+        cfg = _Cfg(t, h, kv, causal, window, sinks, block, doc is not None, False, softcap)
         s, _ = _sink_scores(q, k, pos, cfg)
         row_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
     return row_max
 
 
 def splash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=0,
-                     scale=None, device_kind=None, block=None, interpret=False,
-                     row_max=True):
+                     scale=None, softcap=0.0, device_kind=None, block=None,
+                     interpret=False, row_max=True):
     """Splash attention with the semantics of `attention_reference`.
 
     q [B,T,H,D]; k, v [B,T,KV,D] -> (out [B,T,H,D] q.dtype, lse [B,H,T] f32,
@@ -332,7 +342,7 @@ def splash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=
     q_ = heads_major((q.astype(F32) * scale).astype(q.dtype))
     k_, v_ = heads_major(k.astype(q.dtype)), heads_major(v.astype(q.dtype))
     cfg = _Cfg(tp, h, kv, bool(causal), int(window), int(sinks), block, doc is not None,
-               interpret)
+               interpret, float(softcap))
     out, lse = _attend(cfg, q_, k_, v_, doc, pos)
     out = out[:, :, :t].transpose(0, 2, 1, 3)
     lse = lax.stop_gradient(lse[:, :, :t])
@@ -340,5 +350,5 @@ def splash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sinks=
     if row_max:
         rmax = logit_row_max(lax.stop_gradient(q_), lax.stop_gradient(k_), doc,
                              causal=bool(causal), window=int(window), sinks=int(sinks),
-                             block=block, pos=pos)[:, :, :t]
+                             block=block, pos=pos, softcap=float(softcap))[:, :, :t]
     return out, lse, rmax

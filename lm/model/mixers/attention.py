@@ -99,6 +99,9 @@ class AttentionConfig:
     q_blocks: int = 0
     window: int = 0  # 0 = full causal attention; w = see the last w tokens
     sinks: int = 0  # with a window: the first s tokens of a document stay visible
+    # > 0: attention logits -> softcap * tanh(logits / softcap) (Gemma 2); the max-logit
+    # diagnostic then reports the capped logits, the ones the softmax sees. Not with cudnn.
+    softcap: float = 0.0
 
     legacy: ClassVar[dict[str, str]] = {
         "attention_impl": "impl", "attention_q_blocks": "q_blocks",
@@ -123,6 +126,11 @@ class Attention(SequenceMixer):
         for key in ("window", "sinks", "q_blocks"):
             if getattr(a, key) < 0:
                 raise ConfigError(f"model.attention.{key} must be >= 0, got {getattr(a, key)}")
+        if a.softcap < 0:
+            raise ConfigError(f"model.attention.softcap must be >= 0, got {a.softcap}")
+        if a.impl == "cudnn" and a.softcap:
+            raise ConfigError("model.attention.impl=cudnn does not support softcap "
+                              "(use auto, pallas or xla)")
         if a.sinks and not a.window:
             raise ConfigError("model.attention.sinks needs model.attention.window > 0")
         if a.impl == "cudnn" and a.sinks:
@@ -150,6 +158,7 @@ class Attention(SequenceMixer):
         self.rope_theta, self.max_len = cfg.rope_theta, cfg.max_seq_len
         a = cfg.attention
         self.impl, self.window, self.sinks, self.q_blocks = a.impl, a.window, a.sinks, a.q_blocks
+        self.softcap = float(a.softcap)
         if self.impl == "cudnn" and jax.default_backend() != "gpu":
             raise ConfigError("model.attention.impl=cudnn needs an NVIDIA GPU; this backend "
                               f"is {jax.default_backend()} (use xla or pallas)")
@@ -216,8 +225,8 @@ class Attention(SequenceMixer):
             positions_BT[:, :, None], slots)
         b, t, h, dh = q_BTHD.shape
         q_BTKGD = q_BTHD.reshape(b, t, self.n_kv, h // self.n_kv, dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD,
-                            preferred_element_type=jnp.float32) * self.scale
+        scores = self._cap(jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD,
+                                      preferred_element_type=jnp.float32) * self.scale)
         probs, max_logit = masked_softmax(scores, mask_BTS[:, None, None])
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cdt), v_BTKD)
         return self._project_out(out_BTKGD.reshape(b, t, h, dh)), new_cache, max_logit
@@ -250,9 +259,9 @@ class Attention(SequenceMixer):
                 segment_ids_BT[:, lo:hi, None] == k_segment_ids_BT[:, None, k_lo:hi])
             mask_BTS &= self._window(positions_BT[:, lo:hi, None],
                                      k_positions_BT[:, None, k_lo:hi])
-            scores = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, lo:hi],
-                                k_BKSD[:, :, k_lo:hi],
-                                preferred_element_type=jnp.float32) * self.scale
+            scores = self._cap(jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, lo:hi],
+                                          k_BKSD[:, :, k_lo:hi],
+                                          preferred_element_type=jnp.float32) * self.scale)
             probs, max_logit = masked_softmax(scores, mask_BTS[:, None, None])
             outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs.astype(cdt), v_BKSD[:, :, k_lo:hi]))
             maxes.append(max_logit)
@@ -291,6 +300,12 @@ class Attention(SequenceMixer):
                               "for model.attention.impl=pallas")
         return jnp.repeat(k_BTKD, r, axis=2), jnp.repeat(v_BTKD, r, axis=2)
 
+    def _cap(self, scores):
+        """The logit soft cap (identity without one)."""
+        if not self.softcap:
+            return scores
+        return self.softcap * jnp.tanh(scores / self.softcap)
+
     def _window(self, q_pos, k_pos):
         """Sliding window (with LM-Infinite sink tokens): True where a key is in reach."""
         if not self.window:
@@ -317,7 +332,7 @@ class Attention(SequenceMixer):
             def local(q, k, v, seg):
                 out, _, row_max = attention(
                     q, k, v, impl="pallas", segment_ids=seg, causal=True, window=self.window,
-                    sinks=self.sinks, scale=self.scale, device_kind=kind)
+                    sinks=self.sinks, scale=self.scale, softcap=self.softcap, device_kind=kind)
                 return out, row_max
 
             # Pallas kernels are custom calls: run per shard, not replicated by GSPMD.
