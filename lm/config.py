@@ -159,6 +159,10 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     batch_size: int = 32  # global batch, in sequences
+    # Cross-entropy over chunks of this many positions, so the [batch, seq, vocab] f32
+    # logits never exist at once (lm/train/step.py). -1 = auto: 512 from a 32k vocabulary
+    # up, else whole; 0 = whole.
+    loss_chunk: int = -1
     grad_accum: int = 1  # microbatches per step (batch_size must divide)
     log_every: int = 10
     eval_every: int = 200
@@ -192,10 +196,21 @@ def exec_python_file(path: str | Path, what: str):
 
 
 def load_config_file(path: str | Path) -> TrainConfig:
-    module = exec_python_file(path, "config file")
+    """`FILE` -> FILE's config(); `FILE:ARG` -> config("ARG") (one file for a family of
+    configs, e.g. configs/pod.py:7b)."""
+    arg = None
+    text = str(path)
+    if not Path(text).is_file() and ":" in text:
+        text, arg = text.rsplit(":", 1)
+    module = exec_python_file(text, "config file")
     if not hasattr(module, "config"):
-        raise ConfigError(f"config file {path} defines no config() function")
-    cfg = module.config()
+        raise ConfigError(f"config file {text} defines no config() function")
+    try:
+        cfg = module.config() if arg is None else module.config(arg)
+    except TypeError as e:
+        if arg is not None and "positional argument" in str(e):
+            raise ConfigError(f"config() in {text} takes no argument (got {arg!r})") from None
+        raise
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"config() in {path} must return a TrainConfig")
     return cfg
@@ -387,6 +402,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.prefetch must be >= 0 (or -1 = auto), got {d.prefetch}")
     if d.read_threads < 0:
         raise ConfigError(f"data.read_threads must be >= 0, got {d.read_threads}")
+    if cfg.loss_chunk < -1:
+        raise ConfigError(f"loss_chunk must be >= 0 (or -1 = auto), got {cfg.loss_chunk}")
     if cfg.eval_batches < 0:
         raise ConfigError(f"eval_batches must be >= 0, got {cfg.eval_batches}")
     if cfg.batch_size % cfg.grad_accum:

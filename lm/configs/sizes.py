@@ -1,9 +1,12 @@
-"""Named model sizes. Parameter counts are for the byte vocabulary (259 tokens), tied
-embeddings; `lm train --set model.d_model=...` overrides any of them."""
+"""Named model sizes. `1m` ... `350m`: GPT-2-style shapes (d_model, layers, heads) for the
+byte vocabulary (259 tokens), tied embeddings, GELU MLP. `1b` and `7b`: LLaMA-family
+shapes (GQA, SwiGLU, RoPE theta and vocabulary of Llama-3.2-1B and Mistral-7B-v0.3), the
+sizes `lm compile` tables cover. `lm train --set model.d_model=...` overrides any knob."""
 
 import dataclasses
 
 from lm.config import ModelConfig
+from lm.model.mixers.mlp import MLPConfig
 
 SIZES = {
     #        d_model, n_layers, n_heads
@@ -13,10 +16,20 @@ SIZES = {
     "50m": (512, 14, 8),
     "125m": (768, 12, 12),
     "350m": (1024, 24, 16),
+    "1b": (2048, 16, 32),
+    "7b": (4096, 32, 32),
+}
+
+# Knobs beyond the shape: real vocabularies (so the logits' size is what it is at scale).
+LLAMA = {
+    "1b": dict(n_kv_heads=8, vocab_size=128_256, rope_theta=500_000.0, tie_embeddings=True,
+               mlp=MLPConfig(activation="swiglu", ratio=4.0)),  # Llama-3.2-1B: 1.24B
+    "7b": dict(n_kv_heads=8, vocab_size=32_768, rope_theta=1_000_000.0, tie_embeddings=False,
+               mlp=MLPConfig(activation="swiglu", ratio=3.5)),  # Mistral-7B-v0.3: 7.25B
 }
 
 
 def sized(name: str, **overrides) -> ModelConfig:
     d, layers, heads = SIZES[name]
-    return dataclasses.replace(ModelConfig(d_model=d, n_layers=layers, n_heads=heads),
-                               **overrides)
+    base = ModelConfig(d_model=d, n_layers=layers, n_heads=heads)
+    return dataclasses.replace(base, **{**LLAMA.get(name, {}), **overrides})

@@ -110,7 +110,34 @@ class Transformer(nnx.Module):
                  cache_index=None):
         """Returns (logits_BTV in float32, aux). aux["attn_logit_max"] (largest attention
         logit) and aux["resid_rms"] (RMS of the residual stream after the block) are
-        [n_layers];         with a cache, aux["cache"] is the updated cache."""
+        [n_layers]; with a cache, aux["cache"] is the updated cache."""
+        x, aux = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, cache_index)
+        return self.readout(x), aux
+
+    def readout_weight(self) -> jax.Array:
+        """The output projection as [d_model, vocab] (the embedding, transposed, if tied)."""
+        if self.cfg.tie_embeddings:
+            return self.embed[...].T
+        return self.unembed[...]
+
+    def readout(self, x_BTD, weight_DV=None) -> jax.Array:
+        """Final hidden states -> logits in float32 (muP output scaling and the soft-cap
+        applied). `weight_DV`: readout_weight(), passed in by a caller that maps over
+        chunks of positions (lm.train.step's chunked cross-entropy)."""
+        cfg = self.cfg
+        w = self.readout_weight() if weight_DV is None else weight_DV
+        logits = jnp.einsum("btd,dv->btv", x_BTD, w.astype(DTYPES[cfg.compute_dtype]),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        if cfg.init == "mup":
+            logits = logits * (cfg.mup_base_width / cfg.d_model)
+        if cfg.logit_softcap:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        return logits
+
+    def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
+                      cache_index=None):
+        """The final (normalised) hidden states [B, T, d_model] and aux (see __call__)."""
         cfg = self.cfg
         cdt = DTYPES[cfg.compute_dtype]
         b, t = tokens_BT.shape
@@ -153,21 +180,10 @@ class Transformer(nnx.Module):
 
         if cfg.norm_position != "post":
             x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(cdt),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(cdt),
-                                preferred_element_type=jnp.float32)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
-        if cfg.init == "mup":
-            logits = logits * (cfg.mup_base_width / cfg.d_model)
-        if cfg.logit_softcap:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         aux = {"attn_logit_max": max_logits, "resid_rms": resid_rms}
         if cache is not None:
             aux["cache"] = cache
-        return logits, aux
+        return x, aux
 
     def init_cache(self, batch: int, length: int):
         """Decoding state: per layer, a KV cache of `length` slots (attention) or the

@@ -22,7 +22,7 @@ from lm.optim import make_optimizer, schedule
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
-from lm.train.step import make_eval_step, make_train_step
+from lm.train.step import loss_chunk_for, make_eval_step, make_train_step
 
 
 @dataclass
@@ -45,6 +45,11 @@ class RunPieces:
         if name not in self._jitted:
             self._jitted[name] = make()
         return self._jitted[name]
+
+    @property
+    def loss_chunk(self) -> int:
+        return loss_chunk_for(self.cfg.loss_chunk, self.cfg.model.vocab_size,
+                              self.cfg.data.seq_len)
 
     def _init(self) -> dict:
         model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
@@ -78,7 +83,7 @@ class RunPieces:
     def train_step(self):
         """The jitted, state-donating train step with explicit in/out shardings."""
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
-                               self.cfg.grad_accum)
+                               self.cfg.grad_accum, self.loss_chunk)
         return jax.jit(self._traced_with_mesh(step),
                        in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
@@ -86,7 +91,7 @@ class RunPieces:
 
     def eval_step(self):
         return self._jit("eval", lambda: jax.jit(
-            self._traced_with_mesh(make_eval_step(self.graphdef)),
+            self._traced_with_mesh(make_eval_step(self.graphdef, self.loss_chunk)),
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=replicated(self.mesh)))
 

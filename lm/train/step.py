@@ -11,19 +11,60 @@ import optax
 from flax import nnx
 
 
-def token_losses(graphdef, params, batch):
-    """Per-token negative log-likelihood and log Z, plus the model's diagnostics."""
-    model = nnx.merge(graphdef, params)
-    logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+AUTO_CHUNK_VOCAB = 32_768  # loss_chunk=-1: chunk the cross-entropy from this vocabulary up
+AUTO_CHUNK = 512  # positions per chunk then: [B, 512, V] f32 logits live at a time
+
+
+def loss_chunk_for(loss_chunk: int, vocab: int, seq_len: int) -> int:
+    """Positions per cross-entropy chunk (0 = the whole sequence at once) for the
+    `loss_chunk` knob: -1 = auto. The chunk is the largest divisor of seq_len not above it."""
+    chunk = (AUTO_CHUNK if vocab >= AUTO_CHUNK_VOCAB else 0) if loss_chunk < 0 else loss_chunk
+    if not chunk or chunk >= seq_len:
+        return 0
+    return max(d for d in range(1, chunk + 1) if seq_len % d == 0)
+
+
+def _per_token(logits_BTV, targets_BT):
+    """(nll, log Z, mean logit) per token, all float32."""
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], -1)[..., 0]
-    return logz_BT - target_logit_BT, logz_BT, logits_BTV, aux
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+    return logz_BT - target_logit_BT, logz_BT, jnp.mean(logits_BTV, -1)
 
 
-def loss_sums(graphdef, params, batch, z_loss: float, denom):
+def token_losses(graphdef, params, batch, loss_chunk: int = 0):
+    """Per-token negative log-likelihood, log Z and mean logit, plus the model's
+    diagnostics.
+
+    loss_chunk > 0: the readout and the cross-entropy run over chunks of that many
+    positions under rematerialisation, so the [batch, seq, vocab] float32 logits never
+    exist at once (at a 128k vocabulary and seq 2048 they alone are 1 GiB per sequence);
+    the backward recomputes each chunk's logits (one more readout matmul: 2 * d_model *
+    vocab FLOPs per token)."""
+    model = nnx.merge(graphdef, params)
+    if not loss_chunk:
+        logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return (*_per_token(logits_BTV, batch["targets"]), aux)
+    x_BTD, aux = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    b, t, d = x_BTD.shape
+    n = t // loss_chunk
+
+    @jax.checkpoint
+    def chunk(weight_DV, x_BCD, targets_BC):
+        return _per_token(model.readout(x_BCD, weight_DV), targets_BC)
+
+    # Chunks as the leading axis of a sequential map: one chunk's logits live at a time.
+    x_NBCD = x_BTD.reshape(b, n, loss_chunk, d).swapaxes(0, 1)
+    t_NBC = batch["targets"].reshape(b, n, loss_chunk).swapaxes(0, 1)
+    weight = model.readout_weight()
+    outs = jax.lax.map(lambda xt: chunk(weight, *xt), (x_NBCD, t_NBC))
+    nll, logz, mean_logit = (o.swapaxes(0, 1).reshape(b, t) for o in outs)
+    return nll, logz, mean_logit, aux
+
+
+def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0):
     """Loss normalised by `denom` (the token count of the whole step's batch, so that
     summing microbatch gradients gives exactly the full-batch gradient)."""
-    nll, logz, logits, aux = token_losses(graphdef, params, batch)
+    nll, logz, mean_logit, aux = token_losses(graphdef, params, batch, loss_chunk)
     mask = batch["loss_mask"]
     ce = jnp.sum(nll * mask) / denom
     zl = jnp.sum(jnp.square(logz) * mask) / denom
@@ -31,7 +72,7 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom):
         "loss": ce,
         "z_loss": zl,
         "logz_mean": jnp.sum(logz * mask) / denom,
-        "logit_mean": jnp.sum(jnp.mean(logits, -1) * mask) / denom,
+        "logit_mean": jnp.sum(mean_logit * mask) / denom,
         "attn_logit_max": aux["attn_logit_max"],
         "resid_rms": aux["resid_rms"],
     }
@@ -51,7 +92,7 @@ def _tree_rms(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
-                    grad_accum: int):
+                    grad_accum: int, loss_chunk: int = 0):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
 
     metrics["finite"]: the loss, the gradient norm and every updated parameter are
@@ -62,7 +103,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         grad_fn = jax.grad(loss_sums, argnums=1, has_aux=True)
         if grad_accum == 1:
-            return grad_fn(graphdef, params, batch, z_loss, denom)
+            return grad_fn(graphdef, params, batch, z_loss, denom, loss_chunk)
 
         # Microbatch i takes rows i, i + accum, ...: the sharded batch dimension stays
         # the (sharded) microbatch dimension, so splitting needs no communication.
@@ -71,7 +112,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             batch)
 
         def body(acc, mb):
-            g, s = grad_fn(graphdef, params, mb, z_loss, denom)
+            g, s = grad_fn(graphdef, params, mb, z_loss, denom, loss_chunk)
             acc_g, acc_s = acc
             # Token-weighted sums add up to full-batch values; maxima stay maxima.
             merged = {k: (jnp.maximum if k == "attn_logit_max" else jnp.add)(acc_s[k], s[k])
@@ -79,7 +120,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             return (jax.tree.map(jnp.add, acc_g, g), merged), None
 
         g0, s0 = jax.eval_shape(
-            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom)
+            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom,
+            loss_chunk)
         init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
         init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
         (grads, stats), _ = jax.lax.scan(body, init, micro)
@@ -108,11 +150,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk: int = 0):
     """batch -> (sum of nll over real targets, number of real targets)."""
 
     def eval_step(params, batch):
-        nll, _, _, _ = token_losses(graphdef, params, batch)
+        nll, _, _, _ = token_losses(graphdef, params, batch, loss_chunk)
         return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
     return eval_step
