@@ -121,6 +121,8 @@ def test_dispatch_by_backend(monkeypatch, caplog):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dispatch.resolve("k", "auto") == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with caplog.at_level("WARNING", logger="lmlab.kernels"):
-        assert dispatch.resolve("k", "pallas") == "xla"
-    assert "untested on tpu" in caplog.text
+    with caplog.at_level("WARNING", logger="lmlab.kernels"):  # a kernel without a TPU path
+        assert dispatch.resolve("k", "pallas", pallas_on=("gpu", "cpu")) == "xla"
+    assert "no Pallas kernel for tpu" in caplog.text
+    from kernels.scan.chunked import scan_impl
+    assert scan_impl("pallas") == scan_impl("auto") == "pallas"  # the scan has one (tpu.py)
