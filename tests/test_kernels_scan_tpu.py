@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from kernels.dispatch import compiling_for
@@ -45,11 +46,17 @@ def _inputs(b, t, g, h, dk, dv, dtype, boundaries, seed=0):
     return q, k, v, a, s0, seg
 
 
+# TPU interpret mode as a megacore chip: two cores splitting the parallel (batch, head)
+# axes, in a shuffled order, each with its own VMEM scratch (uninitialised = NaN, so a
+# state read before it is set shows), with the race detector on.
+INTERPRET = pltpu.InterpretParams(num_cores_or_threads=2, random_seed=3, detect_races=True)
+
+
 def _tpu_scan(seg, chunk):
     def fn(q, k, v, a, s0):
         with compiling_for("tpu"):  # the TPU kernel, in TPU interpret mode
             return linear_scan(q, k, v, a, segment_ids=seg, initial_state=s0,
-                               chunk_size=chunk, impl="pallas", interpret=True)
+                               chunk_size=chunk, impl="pallas", interpret=INTERPRET)
     return fn
 
 

@@ -217,7 +217,7 @@ def pltpu_interpret():
 
 
 def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
-                chunk_size: int = 64, impl: str = "auto", interpret: bool | None = None):
+                chunk_size: int = 64, impl: str = "auto", interpret=None):
     """S_t = exp(log_decay_t) S_{t-1} + k_t^T v_t;  o_t = q_t S_t  (see reference.py).
 
     q, k: [B, T, G, Dk] (G divides H: a group of heads shares q and k); v: [B, T, H, Dv];
@@ -227,7 +227,8 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
     impl: "pallas" | "xla" | "auto" (see kernels/dispatch.py: pallas on GPU and TPU; on
     TPU the Mosaic kernel of tpu.py, whose chunk is rounded up to a multiple of 16).
     interpret: for the Triton-style kernel, generic interpret mode (default: on a CPU
-    target); on a TPU target, True runs the TPU kernel in TPU interpret mode.
+    target); on a TPU target, True (or a pltpu.InterpretParams) runs the TPU kernel in
+    TPU interpret mode.
     """
     b, t, h, dv = v.shape
     g, dk = q.shape[2], q.shape[3]
@@ -254,8 +255,9 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
     s0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None
           else initial_state.astype(F32))
     if on_tpu:
-        # interpret=True here means TPU interpret mode (TPU semantics on CPU, for tests).
-        interp = pltpu_interpret() if interpret else False
+        # interpret=True here means TPU interpret mode (TPU semantics on CPU, for tests);
+        # a pltpu.InterpretParams is passed on as it is.
+        interp = pltpu_interpret() if interpret is True else (interpret or False)
         o, s_final = tpu.tpu_scan(q, k, v, a_BHT, resets, s0, chunk, interp)
     elif impl == "pallas":
         if interpret is None:
