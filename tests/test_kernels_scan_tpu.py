@@ -60,23 +60,23 @@ def _tpu_scan(seg, chunk):
     return fn
 
 
-@pytest.mark.parametrize("dtype,g,h,t,dk,dv,chunk,block,boundaries", [
-    # documents start off chunk edges; T = 40 not a multiple of the chunk; one chunk per
-    # grid step (3 steps: the state crosses grid steps in VMEM scratch); q/k of one group
-    # reach the kernel as [B, T, Dk] (free reshape), v transposed (Dv < 128)
-    (jnp.float32, 1, 2, 40, 8, 16, 16, 16, (13, 33)),
+@pytest.mark.parametrize("dtype,g,h,t,dk,dv,chunk,boundaries", [
+    # documents start off chunk edges; T = 40 not a multiple of the chunk; 3 chunks in
+    # one grid step; q/k of one group reach the kernel as [B, T, Dk] (free reshape), v
+    # transposed (Dv < 128)
+    (jnp.float32, 1, 2, 40, 8, 16, 16, (13, 33)),
     # bf16, 2 heads per group, documents starting exactly at chunk edges; chunk 8 is
-    # rounded up to 16 (one bf16 tile of rows); 3 chunks in one grid step
-    (jnp.bfloat16, 2, 4, 48, 16, 16, 8, 512, (16, 32)),
-    # Dv = 128 (v and o as [B, T, H*Dv], no transpose); 2 grid steps of 2 chunks; a
-    # reset on the last token
-    (jnp.float32, 2, 2, 60, 8, 128, 16, 32, (5, 59)),
+    # rounded up to 16 (one bf16 tile of rows)
+    (jnp.bfloat16, 2, 4, 48, 16, 16, 8, (16, 32)),
+    # 10 chunks: 2 grid steps of 8 (the state crosses grid steps in VMEM scratch), the
+    # sequence padded by 6 chunks (BLOCK_TOKENS = 128 here); Dv = 128 (v and o as [B, T, H*Dv], no transpose);
+    # a reset on the last token
+    (jnp.float32, 2, 2, 150, 8, 128, 16, (5, 80, 149)),
     # T shorter than the chunk
-    (jnp.float32, 1, 1, 10, 8, 8, 64, 512, (4,)),
+    (jnp.float32, 1, 1, 10, 8, 8, 64, (4,)),
 ])
-def test_tpu_kernel_matches_reference(monkeypatch, dtype, g, h, t, dk, dv, chunk, block,
-                                      boundaries):
-    monkeypatch.setattr(tpu, "BLOCK_TOKENS", block)
+def test_tpu_kernel_matches_reference(monkeypatch, dtype, g, h, t, dk, dv, chunk, boundaries):
+    monkeypatch.setattr(tpu, "BLOCK_TOKENS", 128)  # 8 chunks of 16 a step: short tests
     q, k, v, a, s0, seg = _inputs(2, t, g, h, dk, dv, dtype, boundaries)
     ours = _tpu_scan(seg, chunk)
     assert KERNEL in str(jax.make_jaxpr(ours)(q, k, v, a, s0))  # not the XLA fallback
@@ -106,11 +106,13 @@ def test_tpu_kernel_matches_reference(monkeypatch, dtype, g, h, t, dk, dv, chunk
                                    rtol=tol, atol=tol, err_msg=name)
 
 
-def test_block_chunks_divides_the_chunks():
+def test_block_chunks():
+    assert tpu.BLOCK_TOKENS == 512
     assert tpu.block_chunks(32, 64) == 8  # 2048 tokens: 4 grid steps of 512
-    assert tpu.block_chunks(12, 64) == 6  # the largest divisor within 512 tokens
-    assert tpu.block_chunks(7, 64) == 7 and tpu.block_chunks(13, 64) == 1
-    assert tpu.block_chunks(3, 16, block_tokens=16) == 1
+    assert tpu.block_chunks(7, 64) == 7  # all chunks when they fit
+    assert tpu.block_chunks(48, 16) == 24 and tpu.block_chunks(40, 16) == 8  # divisors
+    assert tpu.block_chunks(10, 16) == 10 and tpu.block_chunks(13, 64) == 8  # pad 3 chunks
+    assert tpu.block_chunks(16, 256) == 8  # at least 8 chunks a step (2048 tokens)
 
 
 def test_tpu_kernel_lowers_for_tpu_forward_and_backward():

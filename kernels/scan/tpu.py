@@ -4,7 +4,7 @@ Same math as chunked.py (`_chunk`), arranged for the TPU:
 - grid (batch, head, block of tokens): batch and head are "parallel" (megacore chips
   split them between their cores), the block axis is "arbitrary" (sequential), and the
   [Dk, Dv] float32 state lives in a VMEM scratch buffer that persists across the blocks
-  of one (batch, head). A grid step takes a block of up to BLOCK_TOKENS tokens (a whole
+  of one (batch, head). A grid step takes a block of about BLOCK_TOKENS tokens (a whole
   number of chunks, see `block_chunks`) and loops over its chunks; Pallas
   double-buffers the next block's DMA behind this block's matmuls, and VMEM holds two
   blocks, not the whole sequence (as the GPU kernel's per-program sequence does).
@@ -17,9 +17,8 @@ Same math as chunked.py (`_chunk`), arranged for the TPU:
   lanes inside VMEM/vregs: D = 64 uses half of each vreg and of the MXU's width, which
   is a throughput cost only.
 - per-token scalars (the chunk's cumulative log decay and document-start count) are
-  needed both as a column (C, 1), to scale rows of q / k, and as a row (1, C), for the
-  [C, C] decay mask; transposing a vector inside the kernel is a relayout, so the
-  wrapper passes both forms ([.., T, 1] and [.., n, n_sub, 1, C]: legal blocks).
+  passed as rows of chunks ([.., T / C, C]: C lanes a row in HBM), and turned into the
+  columns the kernel also needs inside it (see `_chunk_step`).
 - the backward pass is the forward kernel three times (chunked.backward_from_forward).
 """
 
@@ -45,13 +44,20 @@ def legal_chunk(chunk: int) -> int:
     return -(-chunk // SUBLANES) * SUBLANES
 
 
-def _chunk_step(s_KV, q_CK, k_CK, v_CV, a_C1, a_1C, r_C1, r_1C):
-    """chunked._chunk with the per-token scalars as columns (C, 1) and rows (1, C):
-    a = inclusive cumulative log decay in the chunk, r = inclusive count of document
-    starts (same document iff equal; a token sees the carried state iff 0)."""
+def _chunk_step(s_KV, q_CK, k_CK, v_CV, a_1C, r_1C):
+    """chunked._chunk with the per-token scalars as rows (1, C): a = inclusive cumulative
+    log decay in the chunk, r = inclusive count of document starts (same document iff
+    equal; a token sees the carried state iff 0)."""
     c = q_CK.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    # The same scalars as columns (C, 1), to scale rows of q and k: the diagonal of the
+    # broadcast row, summed along lanes (a (C, C) select and a lane reduction, cheap
+    # beside the chunk's matmuls). Passing columns in instead would cost HBM: an
+    # [.., T, 1] f32 array is tiled (8, 128) there, 128 times its size.
+    diag = row == col
+    a_C1 = jnp.sum(jnp.where(diag, a_1C, 0.0), axis=1, keepdims=True)
+    r_C1 = jnp.sum(jnp.where(diag, r_1C, 0.0), axis=1, keepdims=True)
     same_doc = (row >= col) & (r_C1 == r_1C)
     # where() inside exp(): a masked entry may be exp(+large) otherwise.
     decay_CC = jnp.exp(jnp.where(same_doc, a_C1 - a_1C, -jnp.inf))
@@ -71,11 +77,10 @@ def _chunk_step(s_KV, q_CK, k_CK, v_CV, a_C1, a_1C, r_C1, r_1C):
     return o_CV, s_KV
 
 
-def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, sT_ref,
-            s_scr, *, chunk, n_sub):
-    """One grid step: a block of n_sub chunks of one (batch row, head); refs hold
-    (n_sub * C, D) tiles, the row forms (n_sub, 1, C) (chunk j on the leading, untiled
-    axis: a dynamic index there is a plain address offset)."""
+def _kernel(q_ref, k_ref, v_ref, a_ref, r_ref, s0_ref, o_ref, sT_ref, s_scr, *, chunk,
+            n_sub):
+    """One grid step: a block of n_sub chunks of one (batch row, head); q/k/v/o refs
+    hold (n_sub * C, D) tiles, a and r (n_sub, C): chunk j's scalars are row j."""
     i = pl.program_id(2)
 
     @pl.when(i == 0)
@@ -87,8 +92,8 @@ def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, 
         # The state goes through VMEM scratch, not the loop carry: 16 vregs at 128 x 128
         # f32 would crowd the register file the chunk's [C, C] scores need.
         o_CV, s_KV = _chunk_step(s_scr[...], q_ref[span, :], k_ref[span, :],
-                                 v_ref[span, :], ac_ref[span, :], ar_ref[j],
-                                 rc_ref[span, :], rr_ref[j])
+                                 v_ref[span, :], a_ref[pl.ds(j, 1), :],
+                                 r_ref[pl.ds(j, 1), :])
         s_scr[...] = s_KV
         o_ref[span, :] = o_CV.astype(o_ref.dtype)
         return 0
@@ -100,18 +105,23 @@ def _kernel(q_ref, k_ref, v_ref, ac_ref, ar_ref, rc_ref, rr_ref, s0_ref, o_ref, 
         sT_ref[...] = s_scr[...]
 
 
-def block_chunks(n_chunks: int, chunk: int, block_tokens: int | None = None) -> int:
-    """Chunks per grid step: the largest divisor of n_chunks with at most `block_tokens`
-    tokens (BLOCK_TOKENS by default). A grid step costs ~0.35 us of pipeline overhead on
-    TPU while one 64-token chunk's matmuls take nanoseconds, so one chunk per step would
-    be overhead-bound; a divisor (not padding T) keeps the work exact."""
-    limit = max(1, (block_tokens or BLOCK_TOKENS) // chunk)
-    return max(d for d in range(1, min(n_chunks, limit) + 1) if n_chunks % d == 0)
+def block_chunks(n_chunks: int, chunk: int) -> int:
+    """Chunks per grid step. A grid step costs ~0.35 us of pipeline overhead on TPU while
+    one 64-token chunk's matmuls take nanoseconds, so a step takes about BLOCK_TOKENS
+    tokens. The per-token scalars reach the kernel as (chunks, C) blocks, whose row
+    count must be a multiple of 8 or all the chunks: so all of them when they fit
+    (or there are at most 8), else the largest multiple of 8 within BLOCK_TOKENS (at
+    least 8) that divides the chunk count, else that multiple with the sequence padded
+    up to a whole number of blocks (at most n_sub - 1 chunks of zeros, computed)."""
+    limit = max(8, BLOCK_TOKENS // chunk // 8 * 8)
+    if n_chunks <= limit:
+        return n_chunks
+    return next((d for d in range(limit, 0, -8) if n_chunks % d == 0), limit)
 
 
-# Tokens per grid step. VMEM per step at 512 tokens, D = 128, bf16: q, k, v, o tiles of
-# 128 KiB each, double-buffered (1 MiB), plus the [Dk, Dv] state: far below any TPU's
-# scoped VMEM (16-32 MiB), and long enough to amortise the step overhead.
+# Tokens per grid step (at least 8 chunks). VMEM per step at 512 tokens, D = 128, bf16:
+# q, k, v, o tiles of 128 KiB each, double-buffered (1 MiB), plus the [Dk, Dv] state:
+# far below any TPU's scoped VMEM (16-32 MiB), and long enough to amortise the step.
 BLOCK_TOKENS = 512
 
 
@@ -134,7 +144,15 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     h, dv = v.shape[2], v.shape[3]
     rep = h // g
     n_sub = block_chunks(t // chunk, chunk)
-    block, n = n_sub * chunk, t // (n_sub * chunk)  # tokens per grid step, grid steps
+    block = n_sub * chunk  # tokens per grid step
+    pad = -t % block
+    if pad:  # whole chunks of zeros: no input, no decay, no reset (the state passes)
+        def padded(x, axis):
+            return jnp.pad(x, [(0, pad) if d == axis else (0, 0) for d in range(x.ndim)])
+        q, k, v = padded(q, 1), padded(k, 1), padded(v, 1)
+        a_cum_BHT, r_cum_BT = padded(a_cum_BHT, 2), padded(r_cum_BT, 1)
+    tp = t + pad
+    n = tp // block  # grid steps along the sequence
     out_dtype = out_dtype or v.dtype
 
     def by_group(spec):  # head j reads q/k group j // rep
@@ -149,16 +167,12 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     q_in, k_in, v_in = qk_in(q), qk_in(k), v_in(v)  # o takes v's layout, out_dtype
     a = a_cum_BHT.astype(F32)
     r = r_cum_BT.astype(F32)  # small integer counts, exact in f32; compared with ==
-    per_token = [  # columns [.., T, 1] and rows [.., n, n_sub, 1, C]
-        (a[..., None],
-         pl.BlockSpec((None, None, block, 1), lambda bi, hi, ci: (bi, hi, ci, 0))),
-        (a.reshape(b, h, n, n_sub, 1, chunk),
-         pl.BlockSpec((None, None, None, n_sub, 1, chunk),
-                      lambda bi, hi, ci: (bi, hi, ci, 0, 0, 0))),
-        (r[..., None], pl.BlockSpec((None, block, 1), lambda bi, hi, ci: (bi, ci, 0))),
-        (r.reshape(b, n, n_sub, 1, chunk),
-         pl.BlockSpec((None, None, n_sub, 1, chunk), lambda bi, hi, ci: (bi, ci, 0, 0, 0))),
-    ]
+    # Per-token scalars as rows of chunks: [B, H, T / C, C] and [B, T / C, C].
+    a = a_cum_BHT.astype(F32).reshape(b, h, tp // chunk, chunk)
+    r = r_cum_BT.astype(F32).reshape(b, tp // chunk, chunk)  # small counts: exact in f32
+    per_token = [
+        (a, pl.BlockSpec((None, None, n_sub, chunk), lambda bi, hi, ci: (bi, hi, ci, 0))),
+        (r, pl.BlockSpec((None, n_sub, chunk), lambda bi, hi, ci: (bi, ci, 0)))]
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda bi, hi, ci: (bi, hi, 0, 0))
     o, s_final = pl.pallas_call(
         functools.partial(_kernel, chunk=chunk, n_sub=n_sub),
@@ -174,7 +188,7 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
         interpret=interpret,
         name="chunked_linear_scan_tpu",
     )(q_in, k_in, v_in, *(x for x, _ in per_token), s0.astype(F32))
-    return v_back(o), s_final
+    return v_back(o)[:, :t], s_final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
