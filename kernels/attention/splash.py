@@ -20,8 +20,9 @@ tokens, GQA/MQA) and returns (out, lse, row_max). How lmlab's masks map onto spl
 * Sinks with a window cannot be a static mask (document starts are data). The keys a
   query sees split into two disjoint sets: the window (splash: LocalMask + segment
   ids) and the sink keys outside it (at most `sinks` per query: the first tokens of its
-  document further back than the window), which are scored densely ([B, H, T, sinks],
-  cheap). The two parts are merged by their log-sum-exps. The backward of flash
+  document further back than the window), which are scored densely ([B, H, T, sinks]
+  scores, 4 B H T sinks D FLOPs; the gathered sink keys and values are `sinks` times
+  the size of K and V). The two parts are merged by their log-sum-exps. The backward of flash
   attention decomposes over disjoint key sets given the GLOBAL output and lse (dS =
   P * (dP - rowsum(dO * O)) with P = exp(s - lse)), so splash's own backward kernels
   are called with the combined output and lse as residuals (`_splash_attention_bwd`, a
@@ -35,6 +36,8 @@ tokens, GQA/MQA) and returns (out, lse, row_max). How lmlab's masks map onto spl
   pass over the visible (query block, key block) pairs only: one QK^T matmul's worth
   of FLOPs, i.e. 1/9 of splash's training FLOPs for attention (forward 2 matmuls,
   backward 7: dq recomputes QK^T, dO V^T, dS K; dkv QK^T, dO V^T, P^T dO, dS^T Q).
+  It runs on every step: the model has no logging-step flag to gate it with (a
+  lax.cond on such a flag would make it free on the other steps).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ F32 = jnp.float32
 # *_compute, *_dkv, *_dq) on v4, v5e, v5p and v6e alike, which amortises the per-grid-step
 # overhead (~0.35 us) and keeps the MXU fed; at head dim 128 a 512x512 f32 score tile
 # plus q/k/v/o tiles is ~2 MiB of VMEM, well inside every generation's scoped VMEM
-# (16 MiB on v4/v5, 32 MiB on v6e). None of this was measured here (no TPU): the table
+# (default scoped limits: 16 MiB on v4/v5, 32 MiB on v6e). None of this was measured here (no TPU): the table
 # is the place to change it once it is.
 BLOCKS = {"TPU v4": 512, "TPU v5 lite": 512, "TPU v5p": 512, "TPU v5": 512,
           "TPU v6 lite": 512, "TPU v6": 512}
