@@ -71,7 +71,8 @@ def cmd_bench(args) -> int:
 def cmd_compile(args) -> int:
     from lm.compile import run_compile
     return run_compile(_load(args), args.topology, slices=args.slices, do_suggest=args.suggest,
-                       max_compiles=args.max_compiles, json_out=args.json)
+                       max_compiles=args.max_compiles, json_out=args.json,
+                       eval_step=not args.train_only)
 
 
 def cmd_data_prepare(args) -> int:
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enumerate meshes and remat policies, compile the most promising, rank")
     p.add_argument("--max-compiles", type=int, default=4, help="with --suggest")
     p.add_argument("--json", default="", metavar="PATH", help="also write the report(s) as JSON")
+    p.add_argument("--train-only", action="store_true", help="skip the eval step's compile")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("results", help="a table of the runs under a sweep workdir")
@@ -257,12 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.remote = remote
     if args.command == "compile":
-        # TPU topologies are compiled for from the host; never claim a local accelerator.
-        # No TPU is touched, so several compiling processes may load libtpu at once (its
-        # lockfile guards a real TPU's devices).
+        # TPU topologies are compiled for from the host; never claim a local accelerator
+        # (lm.compile.topology_devices then tells libtpu there is no TPU pod here).
         import os
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if args.command != "launch":
         from lm.hostmem import configure_jax
         configure_jax()

@@ -120,9 +120,21 @@ def parse_topology(text: str, slices: int = 1) -> Topology:
     return Topology(chip, f"{gen}:{'x'.join(map(str, shape))}", shape, slices)
 
 
+# libtpu on a host without TPUs looks for the TPU VM's environment and, missing it,
+# prints a dozen lines of warnings. These values describe "no pod here" to it; the
+# compile target comes from the topology name alone (device kinds follow it: checked).
+HOST_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
+                   "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
 def topology_devices(topo: Topology):
     """TPU devices of the topology (libtpu; no TPU needed, JAX_PLATFORMS=cpu is enough)."""
+    import os
+
     from jax.experimental import topologies
+    if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU of ours to describe wrongly
+        for key, value in HOST_LIBTPU_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name="default",
@@ -156,24 +168,38 @@ def _shape_bytes(type_text: str) -> int:
     return total
 
 
-def _group_size(attrs: str, n_devices: int, mesh_sizes: dict[str, int]) -> int:
-    """Devices per replica group, from the forms XLA prints: {{0,1,2,3},...},
-    [G,S]<=[N] (iota), mesh['a'=2,'b'=4] {'b'}, or absent (all devices)."""
-    m = re.search(r"replica_groups=\{\{([\d,]+)\}", attrs)
+def _groups(attrs: str, n_devices: int, mesh_sizes: dict[str, int],
+            dcn_axes: frozenset = frozenset()) -> tuple[int, list[list[int]] | None, bool | None]:
+    """(devices per replica group, the groups as device ids where XLA prints them, whether
+    a group crosses slices when that follows from the mesh axes named). Forms:
+    {{0,1,2,3},...}, [G,S]<=[dims]T(perm) (iota), mesh['a'=2,'b'=4] {'b'}, source-target
+    pairs (collective-permute), or none (all devices)."""
+    m = re.search(r"replica_groups=\{(\{[\d,]+\}(?:,\{[\d,]+\})*)\}", attrs)
     if m:
-        return len(m.group(1).split(","))
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+        groups = [[int(x) for x in g.split(",")] for g in re.findall(r"\{([\d,]+)\}", m.group(1))]
+        return len(groups[0]), groups, None
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
     if m:
-        return int(m.group(2))
+        import numpy as np
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+        groups = ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+        return int(m.group(2)), groups, None
     m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attrs)
     if m:
-        sizes = dict((k.strip("'"), int(v)) for k, v in
+        sizes = dict((k.strip().strip("'"), int(v)) for k, v in
                      (kv.split("=") for kv in m.group(1).split(",")))
-        return math.prod(sizes[a.strip().strip("'")] for a in m.group(2).split(",") if a.strip())
+        axes = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
+        known = all(a in mesh_sizes for a in axes)
+        return math.prod(sizes[a] for a in axes), None, (bool(set(axes) & dcn_axes) if known
+                                                          else None)
     m = re.search(r"source_target_pairs=\{([^}]*)\}", attrs)
     if m:
-        return 2
-    return n_devices
+        pairs = [[int(x) for x in p.split(",")] for p in re.findall(r"\{(\d+,\d+)\}", m.group(0))]
+        return 2, pairs or None, None
+    return n_devices, [list(range(n_devices))], None
 
 
 def _algorithm_bytes(kind: str, size: int, n: int) -> float:
@@ -237,8 +263,10 @@ def _trip_count(cond: list) -> int:
 
 
 def collectives_of(text: str, n_devices: int, mesh_sizes: dict[str, int],
-                   slice_of: dict[int, int] | None = None) -> dict[str, Collective]:
-    """Collectives in a compiled module, each weighted by the loops around it."""
+                   slice_of: dict[int, int] | None = None,
+                   dcn_axes: frozenset = frozenset()) -> dict[str, Collective]:
+    """Collectives in a compiled module, each weighted by the loops around it. `slice_of`:
+    device id -> slice; `dcn_axes`: mesh axes that span slices."""
     comps, entry = parse_hlo(text)
     out = {k: Collective(k) for k in COLLECTIVES}
     multislice = slice_of is not None and len(set(slice_of.values())) > 1
@@ -257,14 +285,34 @@ def collectives_of(text: str, n_devices: int, mesh_sizes: dict[str, int],
                 size = _shape_bytes(typ)
                 if op.endswith("-start") and base == "all-gather":
                     size = _shape_bytes(typ.split("), ")[-1]) or size  # (operand, result)
-                n = _group_size(rest, n_devices, mesh_sizes)
+                n, groups, crosses = _groups(rest, n_devices, mesh_sizes, dcn_axes)
                 c = out[kind]
                 c.count += mult
                 c.bytes += mult * size
                 moved = mult * _algorithm_bytes(kind, size, n)
                 c.moved += moved
-                if multislice and n > per_slice:
+                if multislice:
+                    if crosses is None and groups is not None:
+                        crosses = any(len({slice_of.get(d, 0) for d in g}) > 1 for g in groups)
+                    if crosses is None:  # axes XLA named itself: by the group's size
+                        crosses = n > per_slice
+                    if crosses:
+                        c.dcn_moved += moved
+            if op == "send" and "_xla_megascale_transfer_type" in rest:
+                # Multislice: cross-slice (DCN) collectives leave the per-slice program
+                # as host sends to the MegaScale runtime, tagged with the collective.
+                kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', rest).group(1)
+                kind = kind.lower().replace("_", "-")
+                if kind in out:
+                    size = _shape_bytes(typ.split("]")[0] + "]")  # the payload, not the token
+                    slices = len(set(slice_of.values())) if slice_of else 1
+                    moved = mult * _algorithm_bytes(kind, size, slices)
+                    c = out[kind]
+                    c.count += mult
+                    c.bytes += mult * size
+                    c.moved += moved
                     c.dcn_moved += moved
+                continue
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
@@ -391,7 +439,9 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     text = compiled.as_text()
     report.custom_calls = text.count("custom_call_target=\"tpu_custom_call\"")
     slice_of = {d.id: getattr(d, "slice_index", 0) for d in devices}
-    colls = collectives_of(text, n, dict(mesh.shape), slice_of)
+    dcn_axes = frozenset(a for a in ("data", "fsdp", "sequence", "tensor")
+                         if getattr(cfg.mesh, f"dcn_{a}") > 1)
+    colls = collectives_of(text, n, dict(mesh.shape), slice_of, dcn_axes)
     report.collectives = {k: dataclasses.asdict(c) for k, c in colls.items() if c.count}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else (cost or {})
@@ -554,9 +604,13 @@ def format_suggestions(reports: list[Report], considered: int) -> str:
 
 
 def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bool = False,
-                max_compiles: int = 4, json_out: str = "") -> int:
+                max_compiles: int = 4, json_out: str = "", eval_step: bool = True) -> int:
+    from lm import config as config_lib
+    from lm.data import load_tokenizer
     from lm.errors import EXIT_USER_ERROR
+    from lm.train.setup import with_vocab
     topo = parse_topology(topology, slices)
+    cfg = config_lib.validate(with_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size))
     if do_suggest:
         reports = suggest(cfg, topo, max_compiles)
         print(format_suggestions(reports, len(candidate_meshes(cfg, topo.chips))))
@@ -570,7 +624,7 @@ def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bo
             flags += f" --set model.remat={best.remat}"
             print(f"best: lm compile --topology {topology} {flags}")
     else:
-        reports = [compile_report(cfg, topo)]
+        reports = [compile_report(cfg, topo, eval_step=eval_step)]
         print(format_report(reports[0]))
     if json_out:
         import json

@@ -131,3 +131,31 @@ def test_model_that_cannot_fit_exits_2_with_one_line(lm_here):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not fit on v5e:2x2" in lines[0], r.stderr
     assert "DOES NOT FIT" in r.stdout and "['params']['embed']" in r.stdout
+
+
+@pytest.mark.slow
+def test_multislice_gradient_sync_crosses_dcn(tmp_path, lm_here):
+    out = tmp_path / "r.json"
+    r = lm_here("compile", "--topology", "v5p:2x2x1", "--slices", "2", "--train-only",
+                "--json", str(out), *sets(*TINY, "mesh.fsdp=4", "mesh.dcn_data=2",
+                                          "batch_size=8", "model.attention.impl=xla"))
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(out.read_text())
+    assert rep["topology"] == "v5p:2x2x1 x 2 slices" and rep["mesh"] == {"data": 2, "fsdp": 4}
+    dcn = sum(c["dcn_moved"] for c in rep["collectives"].values())
+    ici = sum(c["moved"] - c["dcn_moved"] for c in rep["collectives"].values())
+    assert dcn > 0 and ici > 0 and rep["t_dcn"] > 0  # data parallelism over DCN, FSDP inside
+
+
+@pytest.mark.slow
+def test_suggest_ranks_compiled_layouts(lm_here):
+    r = lm_here("compile", "--topology", "v5p:2x2x1", "--suggest", "--max-compiles", "2",
+                *sets(*TINY, "batch_size=8", "model.attention.impl=xla"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("rank"))
+    rows = lines[head + 1:head + 3]
+    assert [row.split()[0] for row in rows] == ["1", "2"]
+    assert all(" yes " in row for row in rows)  # a tiny model fits any layout
+    assert "compiled 2 of" in lines[head - 1]
+    assert lines[-1].startswith("best: lm compile --topology v5p:2x2x1 --set mesh.data=")

@@ -70,11 +70,15 @@ def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float,
          max_len: int | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half form) at the given integer positions.
 
-    With `max_len` (positions are below it), sin and cos are gathered from a table
-    computed once on the host: computed in the graph, XLA:CPU fuses them into every
-    consumer and recomputes them for each head and element, forward and backward."""
+    With `max_len` (positions are below it) and a CPU target, sin and cos are gathered
+    from a table computed once on the host: computed in the graph, XLA:CPU fuses them into
+    every consumer and recomputes them for each head and element, forward and backward.
+    On accelerators they are computed (cheap there); a table gather also trips libtpu
+    0.0.50's SparseCore lowering on v5p / v6e (RET_CHECK "Could not find buffer")."""
+    from kernels.dispatch import target_platform
+
     d = x_BTHD.shape[-1]
-    if max_len is None:
+    if max_len is None or target_platform() != "cpu":
         freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
         angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
         sin_BTF, cos_BTF = jnp.sin(angle_BTF), jnp.cos(angle_BTF)

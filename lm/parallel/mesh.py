@@ -55,7 +55,12 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     elif devices[0].platform in ("tpu", "gpu", "cuda", "rocm"):
         from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices)
+        except NotImplementedError:
+            # A logical axis that is no product of whole torus axes (tensor=4 on a 16x16
+            # v6e slice): split a physical axis; the tensor axis stays on neighbours.
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES)
