@@ -77,3 +77,24 @@ def test_linear_scan_lowers_to_triton_forward_and_backward():
     hlo = cuda_hlo(jax.grad(loss, argnums=(0, 1, 2, 3)), qk, qk, v, decay, seg)
     assert len(triton_calls(hlo)) >= 2  # the backward reuses the forward kernel
     check(hlo, len(triton_calls(hlo)))
+
+
+def test_hybrid_train_step_lowers_for_cuda_with_both_kernels():
+    # The whole train step of an attention + Mamba-2 model, kernels chosen for a GPU: the
+    # flash kernel (forward, dq, dk/dv) and the scan kernel (forward and its reuse in the
+    # backward) in one CUDA module.
+    from conftest import TINY
+
+    from lm.config import resolve
+    from lm.train.state import build
+
+    cfg = resolve("configs/default.py", TINY + [
+        "model.vocab_size=259", "model.mixer_pattern=am", "model.attention.impl=pallas",
+        "model.mamba2.scan_impl=pallas", "model.d_model=64", "model.n_heads=4"])
+    pieces = build(cfg)
+    pieces.target_platform = "gpu"
+    with use_abstract_mesh(H100):  # Triton's lowering asks it for the GPU model
+        hlo = pieces.train_step().trace(pieces.abstract_state(), pieces.abstract_batch()
+                                        ).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(triton_calls(hlo)) >= 3 + 2, hlo[:2000]
+    assert "mosaic_gpu" not in hlo and "tpu_custom_call" not in hlo

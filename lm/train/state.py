@@ -36,6 +36,9 @@ class RunPieces:
     lr_fn: Callable
     state_shardings: dict
     batch_sharding: NamedSharding
+    # The platform kernels are chosen for, when not the mesh's (a CUDA lowering of a CPU
+    # mesh's step in tests/test_kernels_lowering.py).
+    target_platform: str | None = field(default=None, repr=False)
     _abstract: dict | None = field(default=None, init=False, repr=False)
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -73,7 +76,7 @@ class RunPieces:
     def _traced_with_mesh(self, fn):
         """fn traced with the activation constraints of this mesh, and with kernels chosen
         for its devices' platform (a TPU mesh on a CPU host: `lm compile`)."""
-        platform = self.mesh.devices.flat[0].platform
+        platform = self.target_platform or self.mesh.devices.flat[0].platform
 
         def wrapped(*args):
             with activation_sharding(self.mesh, self.rules), compiling_for(platform):
