@@ -431,6 +431,10 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
             raise
         report.compile_s = time.perf_counter() - t0
         report.fits, report.error = False, msg.splitlines()[0][:300]
+        need = re.search(r"required for HLO temporaries \(([\d.]+)G\)", msg)
+        if need:  # what it would take: the compiler's temporaries on top of the inputs
+            report.temp_bytes = int(float(need.group(1)) * GiB)
+            report.peak_bytes = report.state_bytes + report.batch_bytes + report.temp_bytes
         report.largest = _oom_lines("\n".join(msg.splitlines()[1:])) + _largest_state(state)
         return report
     report.compile_s = time.perf_counter() - t0
@@ -638,6 +642,8 @@ def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bo
     if not any(r.fits for r in reports):
         r = reports[0]
         why = r.error or f"peak {_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM per chip"
+        if r.error and r.peak_bytes:
+            why = f"it needs about {_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM per chip ({r.error})"
         print(f"error: {r.config} does not fit on {r.topology}: {why} (try more fsdp or "
               "tensor, remat, a smaller batch; or lm compile --suggest)", file=sys.stderr)
         return EXIT_USER_ERROR
