@@ -29,7 +29,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 from kernels.attention import attention, attention_reference
 from kernels.attention.splash import block_for, splash_attention
 from kernels.dispatch import compiling_for
-from tests.conftest import ROOT
+from conftest import ROOT
 
 D = 128  # the head dim splash is tuned for on TPU (a lane-width multiple)
 
@@ -252,7 +252,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_mixer_runs_the_kernel_per_shard_and_matches_xla():
-    from tests.conftest import xla_flags
+    from conftest import xla_flags
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
     proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env,

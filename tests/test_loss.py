@@ -67,3 +67,19 @@ def test_chunked_loss_keeps_the_logits_out_of_memory():
         temps[chunk] = memory["temp"]
     logits_bytes = 4 * 256 * 32768 * 4
     assert temps[0] - temps[32] > logits_bytes, temps
+
+
+def test_chunked_loss_with_gradient_accumulation_matches_one_batch():
+    # The chunk size is bound in the step (not traced): accumulation's eval_shape once
+    # traced it and failed.
+    losses = {}
+    for accum in (1, 2):
+        cfg = resolve("configs/default.py", TINY + ["model.vocab_size=300", "loss_chunk=8",
+                                                    f"grad_accum={accum}"])
+        pieces = build(cfg)
+        _, _, _, batch = _setup()
+        state = pieces.init_state()
+        state, metrics = pieces.train_step()(state, pieces.global_batch(
+            {k: np.asarray(v) for k, v in batch.items()}))
+        losses[accum] = (float(metrics["loss"]), float(metrics["grad_norm"]))
+    np.testing.assert_allclose(losses[1], losses[2], rtol=1e-5)

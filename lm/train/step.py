@@ -3,6 +3,7 @@ as a lax.scan over microbatches) and evaluation step."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -101,9 +102,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
 
     def grads_and_stats(params, batch):
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        grad_fn = jax.grad(loss_sums, argnums=1, has_aux=True)
+        # loss_chunk is a shape decision, bound here: eval_shape below would trace it.
+        grad_fn = jax.grad(functools.partial(loss_sums, loss_chunk=loss_chunk), argnums=1,
+                           has_aux=True)
         if grad_accum == 1:
-            return grad_fn(graphdef, params, batch, z_loss, denom, loss_chunk)
+            return grad_fn(graphdef, params, batch, z_loss, denom)
 
         # Microbatch i takes rows i, i + accum, ...: the sharded batch dimension stays
         # the (sharded) microbatch dimension, so splitting needs no communication.
@@ -112,7 +115,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             batch)
 
         def body(acc, mb):
-            g, s = grad_fn(graphdef, params, mb, z_loss, denom, loss_chunk)
+            g, s = grad_fn(graphdef, params, mb, z_loss, denom)
             acc_g, acc_s = acc
             # Token-weighted sums add up to full-batch values; maxima stay maxima.
             merged = {k: (jnp.maximum if k == "attn_logit_max" else jnp.add)(acc_s[k], s[k])
@@ -120,8 +123,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             return (jax.tree.map(jnp.add, acc_g, g), merged), None
 
         g0, s0 = jax.eval_shape(
-            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom,
-            loss_chunk)
+            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom)
         init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
         init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
         (grads, stats), _ = jax.lax.scan(body, init, micro)
