@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args.command != "launch":
+        from lm.compile import quiet_libtpu
+        quiet_libtpu()  # libtpu (lmlab[tpu] or [test]) on a machine without TPUs: no noise
         from lm.hostmem import configure_jax
         configure_jax()
     from lm.config import ConfigError

@@ -130,6 +130,19 @@ HOST_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "loc
                    "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
+def quiet_libtpu(environ=None) -> None:
+    """On a host without TPU chips (no /dev/accel*, no /dev/vfio), tell an installed libtpu
+    that there is no pod here, before JAX starts: it then stays silent and JAX picks the
+    CPU (or GPU) as it would without libtpu. A TPU VM's environment is left alone."""
+    import glob
+    import os
+    environ = os.environ if environ is None else environ
+    if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+        return
+    for key, value in HOST_LIBTPU_ENV.items():
+        environ.setdefault(key, value)
+
+
 def topology_devices(topo: Topology):
     """TPU devices of the topology (libtpu; no TPU needed, JAX_PLATFORMS=cpu is enough)."""
     import os

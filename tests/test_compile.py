@@ -159,3 +159,20 @@ def test_suggest_ranks_compiled_layouts(lm_here):
     assert all(" yes " in row for row in rows)  # a tiny model fits any layout
     assert "compiled 2 of" in lines[head - 1]
     assert lines[-1].startswith("best: lm compile --topology v5p:2x2x1 --set mesh.data=")
+
+
+def test_libtpu_is_quiet_on_a_host_without_tpus():
+    # `lm` tells an installed libtpu there is no pod here before JAX starts; without it,
+    # JAX's backend probe makes libtpu print a dozen lines of warnings on every command.
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+                        "TPU_SKIP_MDS_QUERY")}
+    code = ("from lm.compile import quiet_libtpu; quiet_libtpu(); import jax; "
+            "print(jax.devices()[0].platform)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr
+    assert "TPU_WORKER_HOSTNAMES" not in r.stderr and "libtpu" not in r.stderr, r.stderr
