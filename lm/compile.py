@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from lm.config import ConfigError, MeshConfig, TrainConfig
+from lm.config import ConfigError, TrainConfig
 
 GiB = 2**30
 
@@ -137,8 +137,11 @@ def quiet_libtpu(environ=None) -> None:
     import glob
     import os
     environ = os.environ if environ is None else environ
-    if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
-        return
+    if not (glob.glob("/dev/accel*") or os.path.exists("/dev/vfio")):
+        _describe_no_pod(environ)
+
+
+def _describe_no_pod(environ) -> None:
     for key, value in HOST_LIBTPU_ENV.items():
         environ.setdefault(key, value)
 
@@ -149,8 +152,7 @@ def topology_devices(topo: Topology):
 
     from jax.experimental import topologies
     if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU of ours to describe wrongly
-        for key, value in HOST_LIBTPU_ENV.items():
-            os.environ.setdefault(key, value)
+        _describe_no_pod(os.environ)
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name="default",
@@ -416,7 +418,6 @@ def _largest_state(abstract_state, k: int = 5) -> list[str]:
 
 def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bool = True) -> Report:
     """Compile cfg's train step (and eval step) for the topology and measure it."""
-    import jax
     from lm.model import count_params, flops_per_token
     from lm.parallel.sharding import per_device_bytes
     from lm.train.setup import setup_run
@@ -485,7 +486,6 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     if eval_step:
         e = pieces.eval_step().trace(state["params"], pieces.abstract_batch()).lower().compile()
         report.eval_peak_bytes = _peak(_memory(e))
-    del jax
     return report
 
 
@@ -664,4 +664,4 @@ def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bo
 
 
 __all__ = ["CHIPS", "Topology", "parse_topology", "topology_devices", "collectives_of",
-           "compile_report", "format_report", "suggest", "run_compile", "MeshConfig"]
+           "compile_report", "format_report", "suggest", "run_compile", "quiet_libtpu"]

@@ -91,6 +91,18 @@ def lm_here(capfd, monkeypatch):
     return run
 
 
+def simulated_devices_result(script: str, devices: int = 4, timeout: int = 600):
+    """Run `script` in a fresh Python with `devices` simulated CPU devices (XLA_FLAGS must
+    be set before JAX starts) and return the JSON it printed on its last `RESULT ` line."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def sets(*overrides: str) -> list[str]:
     out = []
     for o in overrides:

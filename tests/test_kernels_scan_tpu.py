@@ -250,12 +250,6 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_mixer_scan_runs_per_shard_and_matches():
-    from conftest import xla_flags
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    for case in json.loads(lines[-1][len("RESULT "):]):
+    from conftest import simulated_devices_result
+    for case in simulated_devices_result(_SHARDED, devices=4):
         assert case["shard_map"] and case["err"] < 1e-4, case

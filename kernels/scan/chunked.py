@@ -9,7 +9,7 @@ T) and an associative scan (materialises T states) on accelerators.
 Two implementations share the per-chunk math (`_chunk`):
 - `pallas`: one Pallas program per (batch row, head) loops over the chunks with the
   state in registers/VMEM; the backward pass reuses the same forward kernel three times
-  (see `_scan_bwd`), so there is one kernel to get right.
+  (see `differentiable_scan`), so there is one kernel to get right.
 - `xla`: the same chunk step under `lax.scan`, differentiated by JAX; the CPU default.
 """
 
@@ -106,20 +106,28 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     )(q, k, v, a_cum_BHT, r_cum_BT, s0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _pallas_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
-    a_cum, r_cum = _cumulate(a_BHT, resets_BT, chunk)
-    return _scan_call(q, k, v, a_cum, r_cum, s0, chunk=chunk, interpret=interpret)
+def differentiable_scan(scan_call):
+    """The scan as a custom_vjp function `(q, k, v, a_BHT, resets_BT, s0, chunk,
+    interpret) -> (o, final state)` from one forward kernel `scan_call(q, k, v, a_cum,
+    r_cum, s0, *, chunk, interpret, out_dtype=None)`: the backward runs the same kernel
+    three times (backward_from_forward). Built once per kernel: here (Triton style) and
+    in tpu.py (Mosaic TPU)."""
 
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
+        a_cum, r_cum = _cumulate(a_BHT, resets_BT, chunk)
+        return scan_call(q, k, v, a_cum, r_cum, s0, chunk=chunk, interpret=interpret)
 
-def _scan_fwd(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
-    o, s_final = _pallas_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret)
-    return (o, s_final), (q, k, v, a_BHT, resets_BT, s0, s_final)
+    def fwd(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
+        o, s_final = scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret)
+        return (o, s_final), (q, k, v, a_BHT, resets_BT, s0, s_final)
 
+    def bwd(chunk, interpret, residuals, cotangents):
+        call = functools.partial(scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
+        return backward_from_forward(call, chunk, residuals, cotangents)
 
-def _scan_bwd(chunk, interpret, residuals, cotangents):
-    call = functools.partial(_scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
-    return backward_from_forward(call, chunk, residuals, cotangents)
+    scan.defvjp(fwd, bwd)
+    return scan
 
 
 def backward_from_forward(call, chunk, residuals, cotangents):
@@ -167,7 +175,7 @@ def backward_from_forward(call, chunk, residuals, cotangents):
             dv.astype(v.dtype), da.astype(a_BHT.dtype), None, ds0.astype(s0.dtype))
 
 
-_pallas_scan.defvjp(_scan_fwd, _scan_bwd)
+_pallas_scan = differentiable_scan(_scan_call)
 
 
 # --------------------------------------------------------------------------------- xla

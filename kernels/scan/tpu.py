@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.scan.chunked import _cumulate, backward_from_forward
+from kernels.scan.chunked import differentiable_scan
 
 F32 = jnp.float32
 SUBLANES = 16  # rows of a bf16 (16, 128) tile; a multiple of f32's 8 too
@@ -191,23 +191,7 @@ def _scan_call(q, k, v, a_cum_BHT, r_cum_BT, s0, *, chunk, interpret, out_dtype=
     return v_back(o)[:, :t], s_final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def tpu_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
-    """linear_scan's pallas path on TPU, on inputs already padded to a multiple of
-    `chunk` (a multiple of 16). `interpret`: False, or pltpu.InterpretParams() to run
-    the kernel on CPU with TPU semantics (tests)."""
-    a_cum, r_cum = _cumulate(a_BHT, resets_BT, chunk)
-    return _scan_call(q, k, v, a_cum, r_cum, s0, chunk=chunk, interpret=interpret)
-
-
-def _fwd(q, k, v, a_BHT, resets_BT, s0, chunk, interpret):
-    o, s_final = tpu_scan(q, k, v, a_BHT, resets_BT, s0, chunk, interpret)
-    return (o, s_final), (q, k, v, a_BHT, resets_BT, s0, s_final)
-
-
-def _bwd(chunk, interpret, residuals, cotangents):
-    call = functools.partial(_scan_call, chunk=chunk, interpret=interpret, out_dtype=F32)
-    return backward_from_forward(call, chunk, residuals, cotangents)
-
-
-tpu_scan.defvjp(_fwd, _bwd)
+# linear_scan's pallas path on TPU: (q, k, v, a_BHT, resets_BT, s0, chunk, interpret) on
+# inputs already padded to a multiple of `chunk` (a multiple of 16). `interpret`: False,
+# or pltpu.InterpretParams() to run the kernel on CPU with TPU semantics (tests).
+tpu_scan = differentiable_scan(_scan_call)
