@@ -125,14 +125,17 @@ class _StopFlag:
 class _Faults:
     """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N (tests use them):
     sigterm@N: SIGTERM to this process while step N runs (the run stops after step N);
-    sigkill@N: SIGKILL to this process once step N's metrics are written (and its
-    evaluation / checkpoint, if any, done);
+    sigkill@N: SIGKILL to this process once step N's metrics are written, its
+    evaluation (if any) done and every checkpoint save started so far committed (so the
+    test knows which checkpoint a rerun finds: a kill during an async save could
+    otherwise leave step N's predecessor uncommitted on a loaded machine);
     nan@N: step N's batch gets a NaN loss mask (a real divergence: NaN loss, gradients
     and parameters)."""
 
-    def __init__(self):
+    def __init__(self, checkpointer):
         kind, _, at = os.environ.get("LMLAB_FAULT", "").partition("@")
         self.kind, self.at = kind, int(at) if at else -1
+        self.checkpointer = checkpointer
 
     def batch(self, step: int, batch: dict) -> dict:
         if self.kind == "nan" and step == self.at:
@@ -145,6 +148,7 @@ class _Faults:
 
     def settled(self, step: int) -> None:
         if self.kind == "sigkill" and step == self.at:
+            self.checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -231,7 +235,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     main = jax.process_index() == 0
     sink = MetricsSink(run_dir, cfg.tensorboard, resume_step=start, enabled=main)
     progress = Progress(cfg.steps, enabled=main)
-    faults = _Faults()
+    faults = _Faults(ckpt)
     timer = _StepTimer()
     layers = logit_layers(cfg.model)  # the others report NaN (no attention logits)
     outcome = {"status": "completed", "code": EXIT_OK}
