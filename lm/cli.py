@@ -122,7 +122,8 @@ def cmd_results(args) -> int:
 
 def cmd_analyze(args) -> int:
     from lm.sweep.report import analyze
-    return analyze(args.workdir, full_grid=args.full_grid, n_boot=args.n_boot)
+    return analyze(args.workdir, full_grid=args.full_grid, n_boot=args.n_boot,
+                   params=args.params)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-grid", action="store_true",
                    help="fit the parametric law from Chinchilla's 4500 starts (default: 243)")
     p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples (0 = none)")
+    p.add_argument("--params", choices=("total", "active"), default="total",
+                   help="scaling laws in total or active (MoE: routed) parameters")
     p.set_defaults(fn=cmd_analyze)
     return parser
 

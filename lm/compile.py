@@ -460,7 +460,7 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     text = compiled.as_text()
     report.custom_calls = text.count("custom_call_target=\"tpu_custom_call\"")
     slice_of = {d.id: getattr(d, "slice_index", 0) for d in devices}
-    dcn_axes = frozenset(a for a in ("data", "fsdp", "sequence", "tensor")
+    dcn_axes = frozenset(a for a in MESH_AXES
                          if getattr(cfg.mesh, f"dcn_{a}") > 1)
     colls = collectives_of(text, n, dict(mesh.shape), slice_of, dcn_axes)
     report.collectives = {k: dataclasses.asdict(c) for k, c in colls.items() if c.count}
@@ -606,7 +606,7 @@ def suggest(cfg: TrainConfig, topo: Topology, max_compiles: int = 4, devices=Non
 def _mesh_label(cfg: TrainConfig) -> str:
     m = cfg.mesh
     return " x ".join(f"{a}={getattr(m, a) * getattr(m, 'dcn_' + a)}"
-                      for a in ("data", "fsdp", "sequence", "tensor")
+                      for a in MESH_AXES
                       if getattr(m, a) * getattr(m, "dcn_" + a) > 1) or "data=1"
 
 

@@ -58,7 +58,8 @@ class ModelConfig:
     # m = Mamba-2 (SSD), r = RetNet retention. "a" = a transformer; "mmma" = attention
     # every 4th layer.
     mixer_pattern: str = "a"
-    # Channel mixer per layer, cycled likewise: f = the MLP.
+    # Channel mixer per layer, cycled likewise: f = the MLP, e = mixture of experts
+    # ("fe" = MoE every 2nd layer).
     channel_pattern: str = "f"
 
     @property
@@ -113,10 +114,12 @@ class MeshConfig:
     remaining devices), times sizes across slices (DCN, multislice TPU pods)."""
     data: int = -1
     fsdp: int = 1
+    expert: int = 1  # expert parallelism (MoE layers); elsewhere it splits the batch
     sequence: int = 1
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_expert: int = 1
     dcn_sequence: int = 1
     dcn_tensor: int = 1
     # Overrides of the logical-axis rules, e.g. "embed=fsdp+tensor,vocab=" (see

@@ -27,7 +27,7 @@ _SKIP_DIRS = frozenset({"checkpoints", "tensorboard"})
 
 #: Summary fields in the order `lm train` writes them (columns come first in this order).
 SUMMARY_FIELDS = ("status", "steps", "tokens_seen", "params", "non_embedding_params",
-                  "flops_per_token", "training_flops", "final_val_loss", "best_val_loss",
+                  "active_params", "active_non_embedding_params", "flops_per_token", "training_flops", "final_val_loss", "best_val_loss",
                   "final_val_bpb")
 
 _DIVERGED = re.compile(r"diverged at step (\d+)")

@@ -44,21 +44,31 @@ class Block(nnx.Module):
             self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
 
     def __call__(self, x, positions, segment_ids, layer_index, cache=None, cache_index=None):
-        """layer_index counts from 0; LayerNorm scaling multiplies norm outputs by
-        1/sqrt(layer_index + 1) (Sun et al. 2025, 'The Curse of Depth')."""
+        """-> (x, cache, max attention logit, the channel mixer's aux dict). layer_index
+        counts from 0; LayerNorm scaling multiplies norm outputs by 1/sqrt(layer_index + 1)
+        (Sun et al. 2025, 'The Curse of Depth')."""
         ls = jax.lax.rsqrt(layer_index + 1.0) if self.layernorm_scaling else 1.0
+        channel_aux = {}
 
         def mix(h):
             return self.mixer(h, positions, segment_ids, cache, cache_index)
 
+        def channel(h):
+            out = self.channel(h)
+            if isinstance(out, tuple):  # (y, aux): a mixer with diagnostics / a loss
+                out, aux = out
+                channel_aux.update({k if k == "loss" else f"{self.channel.name}_{k}": v
+                                    for k, v in aux.items()})
+            return out
+
         if self.position == "post":
             a, cache, max_logit = mix(x)
             if self.parallel:
-                x = self.norm1(x + a + self.channel(x)) * ls
+                x = self.norm1(x + a + channel(x)) * ls
             else:
                 x = self.norm1(x + a) * ls
-                x = self.norm2(x + self.channel(x)) * ls
-            return x, cache, max_logit
+                x = self.norm2(x + channel(x)) * ls
+            return x, cache, max_logit, channel_aux
 
         peri = self.position == "peri"
         h = self.norm1(x) * ls
@@ -66,13 +76,13 @@ class Block(nnx.Module):
         if peri:
             a = self.attn_out_norm(a)
         if self.parallel:
-            m = self.channel(h)
+            m = channel(h)
             x = x + a + (self.mlp_out_norm(m) if peri else m)
         else:
             x = x + a
-            m = self.channel(self.norm2(x) * ls)
+            m = channel(self.norm2(x) * ls)
             x = x + (self.mlp_out_norm(m) if peri else m)
-        return x, cache, max_logit
+        return x, cache, max_logit, channel_aux
 
 
 def _rms(x) -> jax.Array:
@@ -110,7 +120,8 @@ class Transformer(nnx.Module):
                  cache_index=None):
         """Returns (logits_BTV in float32, aux). aux["attn_logit_max"] (largest attention
         logit) and aux["resid_rms"] (RMS of the residual stream after the block) are
-        [n_layers]; with a cache, aux["cache"] is the updated cache."""
+        [n_layers]; aux["channel"] maps the index of each layer whose channel mixer
+        reports aux (MoE) to that dict; with a cache, aux["cache"] is the updated cache."""
         x, aux = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, cache_index)
         return self.readout(x), aux
 
@@ -160,27 +171,31 @@ class Transformer(nnx.Module):
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
             def run(x, block, layer_index, layer_cache):
-                x, layer_cache, max_logit = apply_block(block, x, layer_index, layer_cache)
-                return constrain(x, ACT), layer_cache, (max_logit, _rms(x))
+                x, layer_cache, max_logit, ch = apply_block(block, x, layer_index, layer_cache)
+                return constrain(x, ACT), layer_cache, (max_logit, _rms(x), ch)
 
             layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
-            x, cache, (max_logits, resid_rms) = run(x, self.blocks, layer_ids, cache)
+            x, cache, (max_logits, resid_rms, stacked) = run(x, self.blocks, layer_ids, cache)
+            channel_aux = {i: jax.tree.map(lambda v, i=i: v[i], stacked)
+                           for i in range(cfg.n_layers)} if stacked else {}
         else:
-            max_logits, resid_rms, new_cache = [], [], []
+            max_logits, resid_rms, new_cache, channel_aux = [], [], [], {}
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else cache[i]
-                x, layer_cache, m = apply_block(block, x, jnp.float32(i), layer_cache)
+                x, layer_cache, m, ch = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
                 max_logits.append(m)
                 resid_rms.append(_rms(x))
                 new_cache.append(layer_cache)
+                if ch:
+                    channel_aux[i] = ch
             max_logits, resid_rms = jnp.stack(max_logits), jnp.stack(resid_rms)
             if cache is not None:
                 cache = new_cache
 
         if cfg.norm_position != "post":
             x = self.final_norm(x)
-        aux = {"attn_logit_max": max_logits, "resid_rms": resid_rms}
+        aux = {"attn_logit_max": max_logits, "resid_rms": resid_rms, "channel": channel_aux}
         if cache is not None:
             aux["cache"] = cache
         return x, aux
@@ -197,21 +212,52 @@ class Transformer(nnx.Module):
 
 def count_params(cfg: ModelConfig) -> dict:
     """Total and non-embedding parameter counts (the embedding table, and an untied
-    readout, are the 'embedding' parameters)."""
+    readout, are the 'embedding' parameters), and the active ones: what one token uses
+    (all but the experts it is not routed to; equal to the totals for dense models)."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     total = sum(math.prod(x.shape) for x in leaves)
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    return {"total": total, "non_embedding": total - embedding}
+    inactive = mixers.inactive_params(cfg)
+    return {"total": total, "non_embedding": total - embedding,
+            "active": total - inactive, "active_non_embedding": total - embedding - inactive}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (non-embedding params + readout matmul) for the
-    matmuls (PaLM appendix B convention), plus what each layer's mixers compute beyond
-    their parameters (attention scores and values over the causally visible keys, the
-    scan mixers' chunk products; see each mixer's extra_flops_per_token)."""
-    n = count_params(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model
+    """Training FLOPs per token: 6 * (active non-embedding params + readout matmul) for
+    the matmuls (PaLM appendix B convention; an MoE layer counts the experts a token is
+    routed to), plus what each layer's mixers compute beyond their parameters (attention
+    scores and values over the causally visible keys, the scan mixers' chunk products;
+    see each mixer's extra_flops_per_token)."""
+    n = count_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.d_model
     return 6 * n + mixers.extra_flops_per_token(cfg, seq_len)
+
+
+def update_outside_gradient(cfg: ModelConfig, old: dict, new: dict, channel_aux: dict) -> dict:
+    """Params after the optimizer step -> with each channel mixer's rule-based updates
+    applied (ChannelMixer.update_outside_gradient; only mixers that report aux have
+    any). `channel_aux`: the model's aux["channel"], per layer."""
+    if not channel_aux:
+        return new
+    blocks = dict(new["blocks"])
+    if cfg.scan_layers:  # one mixer type, parameters and aux stacked over the layers
+        stacked = jax.tree.map(lambda *v: jnp.stack(v),
+                               *(channel_aux[i] for i in range(cfg.n_layers)))
+        mixer = mixers.channel_mixer(cfg, 0)
+        prefix = mixer.name + "_"
+        own = {k[len(prefix):]: v for k, v in stacked.items() if k.startswith(prefix)}
+        blocks["channel"] = mixer.update_outside_gradient(
+            cfg, old["blocks"]["channel"], new["blocks"]["channel"], own)
+    else:
+        for i, aux in channel_aux.items():
+            mixer = mixers.channel_mixer(cfg, i)
+            prefix = mixer.name + "_"
+            own = {k[len(prefix):]: v for k, v in aux.items() if k.startswith(prefix)}
+            block = dict(blocks[i])
+            block["channel"] = mixer.update_outside_gradient(
+                cfg, old["blocks"][i]["channel"], new["blocks"][i]["channel"], own)
+            blocks[i] = block
+    return dict(new, blocks=blocks)
 
 
 def param_axes(model: nnx.Module) -> dict:

@@ -1,7 +1,8 @@
 """Building the device mesh from a MeshConfig.
 
-Mesh axes, outermost to innermost: data, fsdp, sequence, tensor. Tensor parallelism
-talks most (every layer), so it gets the innermost, best-connected devices; data
+Mesh axes, outermost to innermost: data, fsdp, expert, sequence, tensor. Tensor
+parallelism talks most (every layer), so it gets the innermost, best-connected devices;
+expert parallelism's all-to-alls (twice per MoE layer) sit between it and FSDP; data
 parallelism talks least (once per step), so it spans slices over DCN on multislice pods.
 """
 
@@ -14,8 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lm.config import ConfigError, MeshConfig
-
-AXES = ("data", "fsdp", "sequence", "tensor")
+from lm.parallel.sharding import MESH_AXES as AXES
 
 
 def axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:

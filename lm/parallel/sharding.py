@@ -18,12 +18,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm.errors import ConfigError
 
+# Mesh axes, outermost to innermost (lm/parallel/mesh.py builds the mesh in this order).
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+
 # Default rules. FSDP shards the parameters' embed dimension (and the batch); tensor
 # parallelism splits heads and the MLP hidden dimension Megatron-style (column-parallel
 # in-projections, row-parallel out-projections) and the vocabulary; sequence
 # parallelism shards activations along the sequence.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # outside MoE layers, experts split the batch
     "seq": ("sequence",),
     "act_embed": (),
     "embed": ("fsdp",),
@@ -34,6 +37,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "layers": (),
     "conv": (),  # the taps of a causal convolution (Mamba-2)
+    "experts": ("expert",),  # MoE experts (expert parallelism)
+    "expert_mlp": ("tensor",),  # an expert's hidden dimension
 }
 
 
@@ -47,7 +52,7 @@ def parse_rules(text: str) -> dict[str, tuple[str, ...]]:
                               f"{', '.join(DEFAULT_RULES)})")
         mesh_axes = tuple(a for a in axes.split("+") if a)
         for a in mesh_axes:
-            if a not in ("data", "fsdp", "sequence", "tensor"):
+            if a not in MESH_AXES:
                 raise ConfigError(f"mesh.rules: unknown mesh axis {a!r} in {item!r}")
         rules[name] = mesh_axes
     return rules
@@ -107,6 +112,15 @@ def is_sharded(name: str, dim: int) -> bool:
         return False
     mesh, rules = _ACTIVE[-1]
     return spec_for((name,), (dim,), mesh, rules) != P(None)
+
+
+def spec_for_names(names: tuple[str | None, ...], shape: tuple[int, ...]) -> P:
+    """The PartitionSpec `constrain` would give (replicated without a mesh): the specs of
+    a jax.shard_map written by hand inside the model."""
+    if not _ACTIVE:
+        return P()
+    mesh, rules = _ACTIVE[-1]
+    return spec_for(names, shape, mesh, rules)
 
 
 def active_mesh() -> Mesh | None:

@@ -98,7 +98,10 @@ def _say_warnings(caught) -> None:
         print(f"  note: {w.message}")
 
 
-def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
+def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
+            params: str = "total") -> int:
+    """`params`: fit scaling laws on total parameters or on active ones (what a token
+    uses: an MoE model's routed experts only; runs without the column are dense)."""
     import numpy as np
 
     from lm.analysis import scaling, stability
@@ -154,6 +157,8 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100) -> int:
     if has_budget or "size" in {k for t in tags.values() for k in t}:
         did = True
         n = done["params"].to_numpy(float)
+        if params == "active" and "active_params" in done:
+            n = done["active_params"].fillna(done["params"]).to_numpy(float)
         d = done["tokens_seen"].to_numpy(float)
         loss = done["final_val_loss"].to_numpy(float)
         compute = (np.array([np.nan if b is None else float(b) for b in budget])

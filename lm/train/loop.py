@@ -212,13 +212,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     summary = {
         "status": "running", "steps": start, "tokens_seen": start * tokens_per_step,
         "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"],
+        "active_non_embedding_params": counts["active_non_embedding"],
         "flops_per_token": fpt, "training_flops": fpt * start * tokens_per_step,
         "final_val_loss": previous.get("final_val_loss"),
         "best_val_loss": previous.get("best_val_loss"),
         "final_val_bpb": previous.get("final_val_bpb"),
     }
     write_json(summary_path, summary)
-    print(f"{cfg.name}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), "
+    active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
+    print(f"{cfg.name}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding"
+          f"{active}), "
           f"{fpt / 1e6:.2f} MFLOP/token, {n_devices} {jax.devices()[0].platform} device(s), "
           f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})", flush=True)
 
@@ -257,7 +261,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
             step_time = timer.step_time()
             tps = tokens_per_step / step_time
             util = mfu(fpt, tps, peak, n_devices)
-            record = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()
+            record = {k: jax.tree.map(np.asarray, v) for k, v in jax.device_get(metrics).items()
                       if k != "finite"}
             record["attn_logit_max"] = {i: record["attn_logit_max"][i] for i in layers}
             record.update(step_time=step_time, tokens_per_s=tps, mfu=util)

@@ -16,11 +16,12 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 def _scalars(metrics: dict) -> dict[str, float]:
     """Flatten to scalars: a per-layer vector m, or a {layer: value} dict of some
-    layers, becomes m/0, m/1, ..."""
+    layers, becomes m/0, m/1, ...; a {layer: vector} dict (e.g. per-expert load)
+    m/<layer>/0, m/<layer>/1, ..."""
     out = {}
     for k, v in metrics.items():
         if isinstance(v, dict):
-            out.update({f"{k}/{i}": float(x) for i, x in v.items()})
+            out.update(_scalars({f"{k}/{i}": x for i, x in v.items()}))
             continue
         arr = np.asarray(v)
         if arr.ndim == 0:

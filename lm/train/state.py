@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
-from lm.model import Transformer, param_axes
+from lm.model import Transformer, mixers, param_axes
 from lm.optim import make_optimizer, schedule
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
@@ -86,7 +86,7 @@ class RunPieces:
     def train_step(self):
         """The jitted, state-donating train step with explicit in/out shardings."""
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
-                               self.cfg.grad_accum, self.loss_chunk)
+                               self.cfg.grad_accum, self.loss_chunk, self.cfg.model)
         return jax.jit(self._traced_with_mesh(step),
                        in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
@@ -137,6 +137,7 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
         # along the batch axes; sequence and tensor axes stay within a process.
         raise ConfigError(f"the batch mesh axes ({' x '.join(batch_axes) or 'none'} = {ways}) "
                           f"must be a multiple of the {jax.process_count()} processes")
+    mixers.validate_mesh(cfg.model, dict(mesh.shape))
     seq_ways = mesh.shape["sequence"]
     if cfg.data.seq_len % seq_ways:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must divide by mesh.sequence={seq_ways}")

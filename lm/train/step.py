@@ -64,11 +64,16 @@ def token_losses(graphdef, params, batch, loss_chunk: int = 0):
 
 def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0):
     """Loss normalised by `denom` (the token count of the whole step's batch, so that
-    summing microbatch gradients gives exactly the full-batch gradient)."""
+    summing microbatch gradients gives exactly the full-batch gradient), plus the channel
+    mixers' auxiliary losses (MoE load balancing, router z-loss) weighted by this
+    batch's share of those tokens. stats["channel"]: the mixers' aux per layer."""
     nll, logz, mean_logit, aux = token_losses(graphdef, params, batch, loss_chunk)
     mask = batch["loss_mask"]
     ce = jnp.sum(nll * mask) / denom
     zl = jnp.sum(jnp.square(logz) * mask) / denom
+    share = jnp.sum(mask) / denom  # 1 without gradient accumulation
+    channel = aux["channel"]
+    aux_loss = sum((a["loss"] for a in channel.values() if "loss" in a), jnp.float32(0)) * share
     stats = {
         "loss": ce,
         "z_loss": zl,
@@ -76,8 +81,10 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
         "logit_mean": jnp.sum(mean_logit * mask) / denom,
         "attn_logit_max": aux["attn_logit_max"],
         "resid_rms": aux["resid_rms"],
+        "aux_loss": aux_loss,
+        "channel": channel,
     }
-    return ce + z_loss * zl, stats
+    return ce + z_loss * zl + aux_loss, stats
 
 
 def _all_finite(tree) -> jax.Array:
@@ -93,8 +100,12 @@ def _tree_rms(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
-                    grad_accum: int, loss_chunk: int = 0):
+                    grad_accum: int, loss_chunk: int = 0, model_cfg=None):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
+
+    metrics["channel"]: per layer, the channel mixers' diagnostics (MoE load, ...; means
+    over microbatches); `model_cfg` applies their rule-based parameter updates (MoE's
+    balancing bias) after the optimizer's.
 
     metrics["finite"]: the loss, the gradient norm and every updated parameter are
     finite; the loop stops a run (diverged) at the first step where it is not, and never
@@ -118,8 +129,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             g, s = grad_fn(graphdef, params, mb, z_loss, denom)
             acc_g, acc_s = acc
             # Token-weighted sums add up to full-batch values; maxima stay maxima.
-            merged = {k: (jnp.maximum if k == "attn_logit_max" else jnp.add)(acc_s[k], s[k])
-                      for k in s}
+            merged = {k: jax.tree.map(jnp.maximum if k == "attn_logit_max" else jnp.add,
+                                      acc_s[k], s[k]) for k in s}
             return (jax.tree.map(jnp.add, acc_g, g), merged), None
 
         g0, s0 = jax.eval_shape(
@@ -127,7 +138,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
         init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
         (grads, stats), _ = jax.lax.scan(body, init, micro)
-        stats["resid_rms"] = stats["resid_rms"] / grad_accum  # mean over microbatches
+        # Means over microbatches.
+        stats["resid_rms"] = stats["resid_rms"] / grad_accum
+        stats["channel"] = jax.tree.map(lambda v: v / grad_accum, stats["channel"])
         return grads, stats
 
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
@@ -135,7 +148,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         grads, stats = grads_and_stats(params, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if model_cfg is not None:
+            from lm.model.transformer import update_outside_gradient
+            new_params = update_outside_gradient(model_cfg, params, new_params, stats["channel"])
         metrics = dict(stats)
+        # Per-layer diagnostics as metrics name -> {layer: value} (logged as name/layer).
+        for layer, aux in metrics.pop("channel").items():
+            for key, value in aux.items():
+                if key != "loss":  # its weighted sum over layers is metrics["aux_loss"]
+                    metrics.setdefault(key, {})[layer] = value
         grad_norm = optax.tree.norm(grads)
         metrics.update(
             lr=lr_fn(state["step"]),

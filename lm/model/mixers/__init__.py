@@ -41,10 +41,21 @@ class _Mixer(nnx.Module):
         """Raise ConfigError (one line naming the key) for settings this mixer refuses."""
 
     @classmethod
+    def validate_mesh(cls, cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
+        """Raise ConfigError for a mesh this mixer cannot be split over (e.g. an expert
+        axis that does not divide the experts)."""
+
+    @classmethod
     def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward) beyond 6 x its parameters, e.g.
-        attention scores, the scan's chunk products."""
+        """Training FLOPs per token (forward + backward) beyond 6 x its active parameters,
+        e.g. attention scores, the scan's chunk products."""
         return 0.0
+
+    @classmethod
+    def inactive_params(cls, cfg: "ModelConfig") -> int:
+        """Parameters of one layer's mixer that a token does not use (the experts it is not
+        routed to): total minus these is the active count FLOPs and MFU are based on."""
+        return 0
 
 
 class SequenceMixer(_Mixer):
@@ -64,7 +75,19 @@ class SequenceMixer(_Mixer):
 
 
 class ChannelMixer(_Mixer):
-    """Mixes along the feature dimension, token by token: `__call__(x_BTD) -> y_BTD`."""
+    """Mixes along the feature dimension, token by token: `__call__(x_BTD) -> y_BTD`, or
+    `(y_BTD, aux)` for a mixer with diagnostics: aux is a dict of arrays (logged per layer
+    as `<name>_<key>/<layer>`), and its entry "loss", when present, is a scalar added to
+    the training objective (e.g. MoE's weighted load-balancing loss)."""
+
+    @classmethod
+    def update_outside_gradient(cls, cfg: "ModelConfig", old: dict, new: dict,
+                                aux: dict) -> dict:
+        """After the optimizer step: this mixer's parameters (pure dicts, before and after
+        the step; leading layer axis when scanned) -> the ones to keep, for state moved by
+        a rule rather than a gradient (MoE's balancing bias). `aux`: this layer's aux
+        (stacked over layers when scanned)."""
+        return new
 
 
 SEQUENCE_MIXERS: dict[str, type[SequenceMixer]] = {}  # by code
@@ -115,6 +138,16 @@ def validate(cfg: "ModelConfig") -> None:
     _check_pattern("model.channel_pattern", cfg.channel_pattern, CHANNEL_MIXERS)
     for mixer in used_mixers(cfg):
         mixer.validate(cfg)
+
+
+def validate_mesh(cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
+    for mixer in used_mixers(cfg):
+        mixer.validate_mesh(cfg, mesh_shape)
+
+
+def inactive_params(cfg: "ModelConfig") -> int:
+    return sum(sequence_mixer(cfg, i).inactive_params(cfg)
+               + channel_mixer(cfg, i).inactive_params(cfg) for i in range(cfg.n_layers))
 
 
 def extra_flops_per_token(cfg: "ModelConfig", seq_len: int) -> float:
@@ -179,4 +212,4 @@ def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, i
 
 
 # The registrations: one import per mixer file.
-from lm.model.mixers import attention, mamba2, mlp, retention  # noqa: E402, F401
+from lm.model.mixers import attention, mamba2, mlp, moe, retention  # noqa: E402, F401
