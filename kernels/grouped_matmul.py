@@ -13,7 +13,9 @@ Two implementations, chosen for the platform being compiled for (kernels/dispatc
   * "megablox": the Pallas TPU grouped matmul from JAX (`jax.experimental.pallas.ops.
     tpu.megablox`, with its custom VJP), on TPU. Off a TPU it runs in Pallas interpret
     mode (tests). Rows are padded to its row tile here, and the padding (and any rows
-    beyond the groups, which the kernel leaves unwritten) are zeroed.
+    beyond the groups, which the kernel leaves unwritten) are zeroed. The K and N tiles
+    are 128 for every shape: the backward pass reuses the tiling with K and N swapped,
+    and Mosaic takes a 128-multiple block for any dimension (it masks the remainder).
 "auto" is megablox on TPU, ragged elsewhere.
 """
 
@@ -52,9 +54,11 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
     n = w_GKN.shape[-1]
     tm = _tile(m)
     pad = -m % tm
+    # The kernel leaves rows outside the groups unwritten, forward and in the input's
+    # gradient: both are masked (the second through the masked input's VJP).
+    covered = (jnp.arange(m + pad) < jnp.sum(group_sizes_G))[:, None]
     x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
-    out = megablox.gmm(x_pad, w_GKN, group_sizes_G.astype(jnp.int32), jnp.float32,
-                       (tm, _tile(k), _tile(n)), None, None, False,
-                       target_platform() != "tpu")[:m]
-    covered = jnp.arange(m) < jnp.sum(group_sizes_G)
-    return jnp.where(covered[:, None], out, 0.0).astype(x_MK.dtype)
+    out = megablox.gmm(jnp.where(covered, x_pad, 0), w_GKN, group_sizes_G.astype(jnp.int32),
+                       jnp.float32, (tm, 128, 128), None, None, False,
+                       target_platform() != "tpu")
+    return jnp.where(covered, out, 0.0)[:m].astype(x_MK.dtype)

@@ -77,6 +77,18 @@ def test_collectives_are_weighted_by_loop_trip_counts():
     assert c["reduce-scatter"].count == c["all-to-all"].count == 0
 
 
+def test_collectives_after_a_kernel_with_multiline_attributes_are_counted():
+    # A Pallas TPU kernel's custom call carries its metadata over several lines, one of
+    # which starts with "}}": that is not the end of the computation.
+    kernel = ('  %k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", '
+              'frontend_attributes={kernel_metadata={\n"xprof_metadata":"{}"\n}}, '
+              'metadata={op_name="splash"}\n')
+    text = HLO.replace("  %ag = ", kernel + "  %ag = ")
+    assert '\n}}, metadata' in text
+    c = collectives_of(text, n_devices=8, mesh_sizes={"data": 8})
+    assert c["all-gather"].count == 1 and c["all-reduce"].count == 3
+
+
 def test_compile_v5p_report_field_by_field(tmp_path, lm_here):
     out = tmp_path / "report.json"
     r = lm_here("compile", "--topology", "v5p:2x2x1", "--json", str(out),

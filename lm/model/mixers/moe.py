@@ -83,67 +83,62 @@ def capacity(cfg: MoEConfig, tokens: int) -> int:
 
 @dataclass(frozen=True)
 class _Axes:
-    """Mesh axes the per-shard computation talks over (empty: no such split)."""
-    tokens: tuple[str, ...] = ()  # that split the tokens (routing statistics are summed)
+    """Mesh axes the per-shard dispatch talks over (empty: no such split)."""
+    tokens: tuple[str, ...] = ()  # that split the tokens (the dropped count is summed)
     experts: tuple[str, ...] = ()  # that split the experts (the all-to-alls)
-    hidden: tuple[str, ...] = ()  # that split the expert hidden dim (outputs are summed)
 
 
-def _psum(x, axes):
-    return jax.lax.psum(x, axes) if axes else x
-
-
-def route(cfg: MoEConfig, x_ND, w_router, bias, axes: _Axes):
-    """Top-k experts and gate weights per token, and the routing statistics (summed over
-    the token shards). Returns (experts_NK, gates_NK, stats)."""
-    logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), w_router.astype(jnp.float32))
-    scores_NE = (jax.nn.softmax(logits_NE, -1) if cfg.router == "softmax"
-                 else jax.nn.sigmoid(logits_NE))
-    choose_NE = scores_NE if bias is None else scores_NE + jax.lax.stop_gradient(bias)
-    _, experts_NK = jax.lax.top_k(choose_NE, cfg.top_k)
-    gates_NK = jnp.take_along_axis(scores_NE, experts_NK, -1)
+def route(cfg: MoEConfig, x_LD, w_router, bias):
+    """Top-k experts and gate weights per token (any leading dims L), and the routing
+    statistics over all of them. Plain jnp over the global batch: under a mesh the
+    compiler partitions it (per-token work; the statistics are means), so they, the
+    auxiliary losses and their gradients are the single-device ones. Returns
+    (experts_LK, gates_LK, stats)."""
+    logits = jnp.einsum("...d,de->...e", x_LD.astype(jnp.float32), w_router.astype(jnp.float32))
+    scores = jax.nn.softmax(logits, -1) if cfg.router == "softmax" else jax.nn.sigmoid(logits)
+    choose = scores if bias is None else scores + jax.lax.stop_gradient(bias)
+    _, experts = jax.lax.top_k(choose, cfg.top_k)
+    gates = jnp.take_along_axis(scores, experts, -1)
     if cfg.renormalize:
-        gates_NK = gates_NK / jnp.sum(gates_NK, -1, keepdims=True)
+        gates = gates / jnp.sum(gates, -1, keepdims=True)
 
-    n, e = logits_NE.shape
-    tokens = _psum(jnp.float32(n), axes.tokens)
-    counts_E = jnp.zeros((e,), jnp.float32).at[experts_NK.reshape(-1)].add(1.0)
-    load_E = _psum(counts_E, axes.tokens) / (tokens * cfg.top_k)
-    probs_NE = scores_NE / jnp.sum(scores_NE, -1, keepdims=True)  # = scores for softmax
-    mean_prob_E = _psum(jnp.sum(probs_NE, 0), axes.tokens) / tokens
-    entropy = -jnp.sum(probs_NE * jnp.log(jnp.maximum(probs_NE, 1e-20)))
-    z = jnp.sum(jnp.square(jax.nn.logsumexp(logits_NE, -1)))
+    e = logits.shape[-1]
+    lead = tuple(range(logits.ndim - 1))
+    load_E = jnp.mean(jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), -2), lead) / cfg.top_k
+    probs = scores / jnp.sum(scores, -1, keepdims=True)  # = scores for softmax
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), -1)
     stats = {
         # Switch Transformer: E * sum_e (fraction routed to e) * (mean probability of e);
         # 1 at perfect balance. The fraction carries no gradient, the probability does.
-        "aux_loss": e * jnp.sum(jax.lax.stop_gradient(load_E) * mean_prob_E),
-        "z_loss": _psum(z, axes.tokens) / tokens,
-        "router_entropy": jax.lax.stop_gradient(_psum(entropy, axes.tokens) / tokens),
+        "aux_loss": e * jnp.sum(jax.lax.stop_gradient(load_E) * jnp.mean(probs, lead)),
+        "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, -1))),
+        "router_entropy": jax.lax.stop_gradient(jnp.mean(entropy)),
         "load": jax.lax.stop_gradient(load_E),
         "load_ratio": jax.lax.stop_gradient(jnp.max(load_E) / jnp.min(load_E)),
     }
-    return experts_NK, gates_NK, stats
+    return experts, gates, stats
 
 
-def _expert_ffn(cfg: MoEConfig, rows_MD, ids_M, n_local: int, w_ins, w_out, axes: _Axes):
+def _expert_ffn(cfg: MoEConfig, rows_MD, ids_M, n_local: int, w_ins, w_out):
     """Rows tagged with a local expert id (n_local = padding) through their experts."""
     order = jnp.argsort(ids_M, stable=True)
     sizes = jnp.zeros((n_local + 1,), jnp.int32).at[ids_M].add(1)[:n_local]
     x = rows_MD[order]
     pre = tuple(grouped_matmul(x, w, sizes, cfg.impl) for w in w_ins)
     y = grouped_matmul(activation(cfg.activation, pre), w_out, sizes, cfg.impl)
-    y = _psum(y, axes.hidden)  # the hidden dimension's shards each gave a partial sum
     return jnp.zeros_like(y).at[order].set(y)
 
 
-def moe_local(cfg: MoEConfig, x_ND, w_router, bias, w_ins, w_out, axes: _Axes,
-              expert_ways: int):
-    """One shard's tokens through the routed experts: (y_ND, stats). The shard holds
-    n_experts / expert_ways experts (w_ins / w_out lead with that many)."""
+def dispatch(cfg: MoEConfig, x_ND, experts_NK, w_ins, w_out, axes: _Axes, expert_ways: int):
+    """One shard's tokens through their experts: (y_NKD, each assignment's expert output
+    (zero if dropped), and the number of dropped assignments over all shards). The
+    shard holds n_experts / expert_ways experts (w_ins / w_out lead with that many); with
+    the expert hidden dim split, y is this shard's partial sum (the caller adds them).
+    No collective here but the all-to-alls, which are linear: the same code is right
+    under jax.shard_map without replication checks (which the Pallas kernel needs)."""
     n, d = x_ND.shape
     k, e = cfg.top_k, cfg.n_experts
     n_local = e // expert_ways
-    experts_NK, gates_NK, stats = route(cfg, x_ND, w_router, bias, axes)
 
     # Assignments sorted by expert (token order within one): each destination shard's
     # are contiguous, and an assignment's rank within its expert decides capacity.
@@ -161,8 +156,8 @@ def moe_local(cfg: MoEConfig, x_ND, w_router, bias, w_ins, w_out, axes: _Axes,
     else:
         keep_S = jnp.ones((a,), bool)
         slots = a
-    dropped = _psum(jnp.sum(~keep_S).astype(jnp.float32), axes.tokens)
-    stats["dropped"] = dropped / _psum(jnp.float32(a), axes.tokens)
+    dropped = jnp.sum(~keep_S).astype(jnp.float32)
+    dropped = jax.lax.psum(dropped, axes.tokens) if axes.tokens else dropped
 
     # Send buffer: destination shard x slot. Dropped assignments go nowhere (index past
     # the end, dropped by the scatter); empty slots carry the padding id.
@@ -180,16 +175,15 @@ def moe_local(cfg: MoEConfig, x_ND, w_router, bias, w_ins, w_out, axes: _Axes,
                                   tiled=True).reshape(expert_ways * slots, d)
         send_ids = jax.lax.all_to_all(send_ids.reshape(expert_ways, slots), axes.experts,
                                       0, 0, tiled=True).reshape(-1)
-    out = _expert_ffn(cfg, send, send_ids, n_local, w_ins, w_out, axes)
+    out = _expert_ffn(cfg, send, send_ids, n_local, w_ins, w_out)
     if axes.experts:
         out = jax.lax.all_to_all(out.reshape(expert_ways, slots, d), axes.experts, 0, 0,
                                  tiled=True).reshape(expert_ways * slots, d)
 
-    # Back to (token, k) order, weighted by the gates and summed over the k.
+    # Back to (token, k) order.
     y_S = jnp.where(keep_S[:, None], out.at[index_S].get(mode="fill", fill_value=0), 0)
     y_A = jnp.zeros((a, d), y_S.dtype).at[order].set(y_S)
-    y_ND = jnp.einsum("nkd,nk->nd", y_A.reshape(n, k, d).astype(jnp.float32), gates_NK)
-    return y_ND.astype(x_ND.dtype), stats
+    return y_A.reshape(n, k, d), dropped
 
 
 @register
@@ -269,34 +263,39 @@ class MoE(ChannelMixer):
         bias = self.router_bias[...] if m.bias_rate else None
         router = self.router[...]
 
+        experts_BTK, gates_BTK, stats = route(m, x_BTD, router, bias)
         mesh = active_mesh()
         if mesh is None or mesh.size == 1:
-            y, stats = moe_local(m, x_BTD.reshape(b * t, d), router, bias, w_ins, w_out,
-                                 _Axes(), 1)
-            y = y.reshape(b, t, d)
+            y_NKD, dropped = dispatch(m, x_BTD.reshape(b * t, d), experts_BTK.reshape(b * t, -1),
+                                      w_ins, w_out, _Axes(), 1)
+            y_BTKD = y_NKD.reshape(b, t, m.top_k, d)
         else:
             f = w_out.shape[1]
             axes = _Axes(tokens=shard_axes("batch", b) + shard_axes("seq", t),
-                         experts=shard_axes("experts", m.n_experts),
-                         hidden=shard_axes("expert_mlp", f))
+                         experts=shard_axes("experts", m.n_experts))
+            hidden = shard_axes("expert_mlp", f)
             ways = math.prod(mesh.shape[a] for a in axes.experts)
 
-            def per_shard(x, router, bias, w_ins, w_out):
+            def per_shard(x, experts, w_ins, w_out):
                 bl, tl, _ = x.shape
-                y, stats = moe_local(m, x.reshape(bl * tl, d), router, bias, w_ins, w_out,
-                                     axes, ways)
-                return y.reshape(bl, tl, d), stats
+                y, dropped = dispatch(m, x.reshape(bl * tl, d), experts.reshape(bl * tl, -1),
+                                      w_ins, w_out, axes, ways)
+                return y.reshape(1, bl, tl, m.top_k, d), dropped
 
             x_spec = spec_for_names(("batch", "seq", None), x_BTD.shape)
-            w_in_spec = spec_for_names(("experts", None, "expert_mlp"), w_out.shape[:1] + (d, f))
+            w_in_spec = spec_for_names(("experts", None, "expert_mlp"), (m.n_experts, d, f))
             w_out_spec = spec_for_names(("experts", "expert_mlp", None), w_out.shape)
-            stats_spec = {k: P() for k in ("aux_loss", "z_loss", "router_entropy", "load",
-                                           "load_ratio", "dropped")}
-            y, stats = jax.shard_map(
+            # Partial sums over the hidden dim's shards come out stacked on a leading axis
+            # and are added outside (the compiler's reduction, with its correct gradient).
+            partial_spec = P(hidden or None, *x_spec[:2], None, None)
+            partials, dropped = jax.shard_map(
                 per_shard, mesh=mesh,
-                in_specs=(x_spec, P(), None if bias is None else P(),
-                          tuple(w_in_spec for _ in w_ins), w_out_spec),
-                out_specs=(x_spec, stats_spec))(x_BTD, router, bias, w_ins, w_out)
+                in_specs=(x_spec, x_spec, tuple(w_in_spec for _ in w_ins), w_out_spec),
+                out_specs=(partial_spec, P()), check_vma=False,
+            )(x_BTD, experts_BTK, w_ins, w_out)
+            y_BTKD = jnp.sum(partials, 0)
+        y = jnp.einsum("btkd,btk->btd", y_BTKD.astype(jnp.float32), gates_BTK).astype(x_BTD.dtype)
+        stats["dropped"] = dropped / (b * t * m.top_k)
 
         if m.n_shared_experts:
             ins = (self.shared_in[...].astype(cdt),)
