@@ -277,3 +277,21 @@ def test_moe_train_step_compiles_for_a_tpu_topology_with_expert_parallelism(tmp_
     assert report["fits"]
     assert report["collectives"].get("all-to-all", {}).get("count", 0) > 0
     assert report["custom_calls"] > 0  # the megablox kernel, compiled by Mosaic
+
+
+def test_load_imbalance_from_logged_loads():
+    import pandas as pd
+
+    from lm.analysis.moe import load_imbalance
+    m = pd.DataFrame([
+        {"step": 1, "kind": "train", "moe_load/1/0": 0.25, "moe_load/1/1": 0.75,
+         "moe_load/3/0": 0.5, "moe_load/3/1": 0.5},
+        {"step": 1, "kind": "eval", "loss": 3.0},
+        {"step": 2, "kind": "train", "moe_load/1/0": 1.0, "moe_load/1/1": 0.0,
+         "moe_load/3/0": 0.5, "moe_load/3/1": 0.5},
+    ])
+    imb = load_imbalance(m)
+    assert imb["step"].tolist() == [1, 2]
+    # n_experts x max load, averaged over layers 1 and 3: (1.5 + 1) / 2, (2 + 1) / 2
+    np.testing.assert_allclose(imb["max_load"], [1.25, 1.5])
+    assert load_imbalance(pd.DataFrame([{"step": 1, "kind": "train", "loss": 1.0}])).empty

@@ -207,7 +207,19 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
             except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
                 print(f"  bootstrap failed (too few / degenerate runs?): {e}")
 
+    from lm.analysis import moe
+    if moe.is_moe(df).any() and not finished.empty:
+        did = True
+        by = group_columns(df, [c for c in vary if c != "steps"]) or ["run"]
+        table = moe.moe_table(finished, by)
+        print("\nMixture of experts: loss at active compute, load imbalance (n_experts x max "
+              "expert load, mean over MoE layers; 1 = balanced):")
+        import pandas as pd
+        with pd.option_context("display.width", 250, "display.max_columns", None):
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(f"  plot: {moe.plot_moe(finished, out / 'moe.png', label=by)}")
+
     if not did:
         print("nothing to analyze: the sweep varies neither optim.lr nor a size ladder / "
-              "compute budget")
+              "compute budget, and has no MoE runs")
     return 0
