@@ -150,6 +150,24 @@ def test_balancing_bias_moves_a_skewed_router_toward_uniform_load():
     assert nnx.merge(graphdef, state).router_bias[...][0] < 0  # expert 0 pushed down
 
 
+@pytest.mark.parametrize("m, sizes", [(40, [10, 0, 23]), (300, [7, 130, 0, 160]), (3, [1, 2])])
+def test_blocked_grouped_matmul_matches_ragged_dot(m, sizes):
+    from kernels.grouped_matmul import grouped_matmul
+    g = len(sizes)
+    x = jax.random.normal(jax.random.PRNGKey(6), (m, 24))
+    w = jax.random.normal(jax.random.PRNGKey(7), (g, 24, 16))
+    sizes = jnp.array(sizes, jnp.int32)  # rows after the groups are padding
+    for fn in (lambda x, w: grouped_matmul(x, w, sizes, "blocked"),
+               jax.grad(lambda x, w: jnp.sum(jnp.sin(grouped_matmul(x, w, sizes, "blocked"))),
+                        argnums=(0, 1))):
+        got = fn(x, w)
+        want = (grouped_matmul(x, w, sizes, "ragged") if not isinstance(got, tuple) else
+                jax.grad(lambda x, w: jnp.sum(jnp.sin(grouped_matmul(x, w, sizes, "ragged"))),
+                         argnums=(0, 1))(x, w))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_megablox_kernel_matches_ragged_dot_in_interpret_mode():
     from jax.experimental.pallas import tpu as pltpu
 

@@ -9,7 +9,7 @@ top-k, optionally renormalised over the chosen k; the auxiliary-loss-free balanc
 
 Computation is dropless by default: assignments (token, expert) are sorted by expert and
 each expert's rows are one group of a grouped matmul (kernels/grouped_matmul.py:
-`lax.ragged_dot`, megablox on TPU). `capacity_factor` > 0 keeps at most
+megablox on TPU, blocks of rows per expert on CPU, `lax.ragged_dot` on GPU). `capacity_factor` > 0 keeps at most
 C = ceil(capacity_factor * tokens * top_k / n_experts) assignments per expert and group
 of tokens (in token order; GShard's rule); a dropped assignment contributes nothing, so a
 token whose every assignment is dropped passes through the residual unchanged.
@@ -70,7 +70,7 @@ class MoEConfig:
     # gradient (DeepSeek-V3 uses 0.001). 0 = off.
     bias_rate: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
-    impl: Literal["auto", "ragged", "megablox"] = "auto"  # the grouped matmul
+    impl: Literal["auto", "ragged", "blocked", "megablox"] = "auto"  # the grouped matmul
 
     def d_expert(self, d_model: int) -> int:
         return int(self.ratio * d_model)
@@ -119,14 +119,16 @@ def route(cfg: MoEConfig, x_LD, w_router, bias):
     return experts, gates, stats
 
 
-def _expert_ffn(cfg: MoEConfig, rows_MD, ids_M, n_local: int, w_ins, w_out):
-    """Rows tagged with a local expert id (n_local = padding) through their experts."""
-    order = jnp.argsort(ids_M, stable=True)
+def _expert_ffn(cfg: MoEConfig, rows_MD, ids_M, n_local: int, w_ins, w_out, presorted: bool):
+    """Rows tagged with a local expert id (n_local = padding) through their experts.
+    `presorted`: the rows are in expert order already, padding last (no all-to-all
+    interleaved them by source shard)."""
     sizes = jnp.zeros((n_local + 1,), jnp.int32).at[ids_M].add(1)[:n_local]
-    x = rows_MD[order]
+    order = None if presorted else jnp.argsort(ids_M, stable=True)
+    x = rows_MD if presorted else rows_MD[order]
     pre = tuple(grouped_matmul(x, w, sizes, cfg.impl) for w in w_ins)
     y = grouped_matmul(activation(cfg.activation, pre), w_out, sizes, cfg.impl)
-    return jnp.zeros_like(y).at[order].set(y)
+    return y if presorted else jnp.zeros_like(y).at[order].set(y)
 
 
 def dispatch(cfg: MoEConfig, x_ND, experts_NK, w_ins, w_out, axes: _Axes, expert_ways: int):
@@ -175,7 +177,7 @@ def dispatch(cfg: MoEConfig, x_ND, experts_NK, w_ins, w_out, axes: _Axes, expert
                                   tiled=True).reshape(expert_ways * slots, d)
         send_ids = jax.lax.all_to_all(send_ids.reshape(expert_ways, slots), axes.experts,
                                       0, 0, tiled=True).reshape(-1)
-    out = _expert_ffn(cfg, send, send_ids, n_local, w_ins, w_out)
+    out = _expert_ffn(cfg, send, send_ids, n_local, w_ins, w_out, presorted=not axes.experts)
     if axes.experts:
         out = jax.lax.all_to_all(out.reshape(expert_ways, slots, d), axes.experts, 0, 0,
                                  tiled=True).reshape(expert_ways * slots, d)
