@@ -8,6 +8,9 @@ interleaved (round-robin, median of rounds) so machine noise hits both alike.
 
     python benchmarks/moe_layer.py                              # d_model 256, 8192 tokens
     python benchmarks/moe_layer.py --experts 4 8 16 --top-k 2 --d-model 512
+    python benchmarks/moe_layer.py --grouped --experts 4 8 16   # the grouped matmul alone:
+        # each implementation (kernels/grouped_matmul.py) against one dense matmul of the
+        # same rows, [16384, 256] x [256, 512], groups of random sizes
 """
 
 from __future__ import annotations
@@ -36,6 +39,41 @@ def step_fn(layer):
     return lambda x: grad(state, x)
 
 
+def interleaved(fns: dict, args, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each (warmed-up) fn, timed round-robin."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(ts)[rounds // 2] for k, ts in times.items()}
+
+
+def grouped(args) -> None:
+    import numpy as np
+
+    from kernels.grouped_matmul import grouped_matmul
+    m, k, n = 16384, 256, 512
+    x = jax.random.normal(jax.random.PRNGKey(0), (m, k))
+    w1 = jax.random.normal(jax.random.PRNGKey(1), (k, n))
+    dense = jax.jit(lambda x, w: x @ w)
+    fns = {"dense": lambda: dense(x, w1)}
+    for g in args.experts:
+        w = jax.random.normal(jax.random.PRNGKey(1), (g, k, n))
+        sizes = jnp.asarray(np.random.RandomState(g).multinomial(m, [1 / g] * g), jnp.int32)
+        for impl in ("ragged", "blocked"):
+            f = jax.jit(lambda x, w, s, impl=impl: grouped_matmul(x, w, s, impl))
+            fns[f"{impl} {g} groups"] = lambda f=f, w=w, s=sizes: f(x, w, s)
+    t = interleaved(fns, args, args.rounds)
+    print(f"{jax.devices()[0].platform}: [{m}, {k}] x [{k}, {n}], median of {args.rounds} "
+          "interleaved rounds")
+    for name, s in t.items():
+        print(f"{name:<20}{1e3 * s:>9.1f} ms{s / t['dense']:>8.2f}x dense")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-model", type=int, default=256)
@@ -44,7 +82,10 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--grouped", action="store_true", help="time the grouped matmul alone")
     args = p.parse_args()
+    if args.grouped:
+        return grouped(args)
     d = args.d_model
     x = jax.random.normal(jax.random.PRNGKey(0), (args.tokens // 512, 512, d))
     base = ModelConfig(d_model=d, n_layers=2, n_heads=4, vocab_size=256,

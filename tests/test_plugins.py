@@ -157,15 +157,16 @@ def test_an_old_config_json_loads_into_the_sections():
 def test_an_unknown_logical_axis_is_refused_not_replicated():
     mesh = Mesh(jax.devices()[:1], ("data",))
     rules = {**DEFAULT_RULES}
-    with pytest.raises(ValueError, match="logical axis 'experts' has no sharding rule"):
-        spec_for(("experts", "embed"), (4, 8), mesh, rules)
+    with pytest.raises(ValueError, match="logical axis 'widgets' has no sharding rule"):
+        spec_for(("widgets", "embed"), (4, 8), mesh, rules)
 
 
 def test_every_parameter_of_every_mixer_has_a_sharding_rule():
     from flax import nnx
 
     from lm.model import Transformer, param_axes
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, mixer_pattern="amr")
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, mixer_pattern="amr",
+                      channel_pattern="fe")
     axes = jax.tree.leaves(param_axes(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))),
                            is_leaf=lambda x: isinstance(x, tuple))
     assert {name for names in axes for name in names} <= set(DEFAULT_RULES)

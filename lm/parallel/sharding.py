@@ -69,7 +69,7 @@ def spec_for(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
             raise ValueError(f"logical axis {name!r} has no sharding rule (add one to "
                              "DEFAULT_RULES in lm/parallel/sharding.py)")
         axes = tuple(a for a in rules.get(name, ()) if name is not None
-                     and a not in used and mesh.shape[a] > 1)
+                     and a not in used and mesh.shape.get(a, 1) > 1)
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]  # drop inner axes until the dimension divides
         used.update(axes)
