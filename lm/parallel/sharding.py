@@ -38,6 +38,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "conv": (),  # the taps of a causal convolution (Mamba-2)
     "experts": ("expert",),  # MoE experts (expert parallelism)
+    "router": (),  # the router's expert scores: every token needs all of them
     "expert_mlp": ("tensor",),  # an expert's hidden dimension
 }
 

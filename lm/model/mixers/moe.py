@@ -236,9 +236,9 @@ class MoE(ChannelMixer):
         pdt = DTYPES[cfg.param_dtype]
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         d, f, e = cfg.d_model, m.d_expert(cfg.d_model), m.n_experts
-        self.router = param(rngs, (d, e), ("embed", None), hidden_std(cfg, d), pdt)
+        self.router = param(rngs, (d, e), ("embed", "router"), hidden_std(cfg, d), pdt)
         if m.bias_rate:
-            self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+            self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=("router",))
         w_axes = ("experts", "embed", "expert_mlp")
         self.w_in = param(rngs, (e, d, f), w_axes, hidden_std(cfg, d), pdt)
         if m.activation == "swiglu":
