@@ -10,11 +10,12 @@ group_sizes[g] rows; rows after the last group (padding) come out as zeros. `w_G
 Three implementations, chosen for the platform being compiled for (kernels/dispatch.py):
   * "ragged": `jax.lax.ragged_dot` (XLA lowers it per platform). It is the reference the
     others are tested against. XLA:CPU computes every row against every group's matrix
-    and masks (measured: 4.1x / 7.6x / 15.6x a dense matmul of the same rows at 4 / 8 /
-    16 groups), so it is not the CPU default.
+    and masks (3.6x / 6.8x / 13x the time of one dense matmul of the same rows at 4 / 8 /
+    16 groups, `python benchmarks/moe_layer.py --grouped`), so it is not the CPU default.
   * "blocked": each group's rows padded to whole blocks, each block multiplied by its
     group's matrix in one batched matmul (what megablox does in a kernel, in XLA ops):
-    at most groups x block rows of padding, and every block's matrix gathered once.
+    at most groups x block rows of padding, and every block's matrix gathered once
+    (1.6x / 1.7x / 2.0x the dense matmul in the same run).
   * "megablox": the Pallas TPU grouped matmul from JAX (`jax.experimental.pallas.ops.
     tpu.megablox`, with its custom VJP), on TPU. Off a TPU it runs in Pallas interpret
     mode (tests). Rows are padded to its row tile here, and the padding (and any rows
