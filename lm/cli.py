@@ -45,9 +45,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_sampling_flags(args) -> None:
+    """Refuse values that would sample nonsense (a negative temperature flips the
+    distribution, top-p > 1 or top-k < 0 silently mean "off") before a run is read."""
+    from lm.config import ConfigError
+    for flag, value, ok, want in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")):
+        if not ok:  # (NaN fails every comparison)
+            raise ConfigError(f"lm sample {flag} must be {want}, got {value}")
+
+
 def cmd_sample(args) -> int:
     from lm.sample import generate
     from lm.train.setup import restore_for_inference
+    _check_sampling_flags(args)
     run, params, _ = restore_for_inference(args.run)
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))

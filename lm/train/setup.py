@@ -63,7 +63,7 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
         return
-    previous = config_lib.from_json(saved.read_text())
+    previous = config_lib.load_run_config(saved)
     diff = [d for d in config_lib.config_diff(previous, cfg)
             if d.split(":")[0] not in OPERATIONAL_FIELDS]
     if diff:
@@ -80,7 +80,7 @@ def restore_for_inference(run_dir: str | Path) -> tuple[RunSetup, Any, int]:
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
-    cfg = config_lib.from_json((run / "config.json").read_text())
+    cfg = config_lib.load_run_config(run / "config.json")
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
     setup = setup_run(cfg)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
