@@ -63,7 +63,8 @@ def cmd_sample(args) -> int:
     from lm.sample import generate
     from lm.train.setup import restore_for_inference
     _check_sampling_flags(args)
-    run, params, _ = restore_for_inference(args.run)
+    run, params, step = restore_for_inference(args.run)
+    print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
     outs = generate(run.pieces.graphdef, params, prompt, args.max_new_tokens,

@@ -117,6 +117,15 @@ def detect(environ: Mapping[str, str]) -> dict | None:
     return None
 
 
+def coordination_client():
+    """The jax.distributed client (host-side key-value store and barriers), or None."""
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
 def _apply_fault_target(process_id: int) -> None:
     target = os.environ.get("LMLAB_FAULT_PROCESS", "").strip()
     if not target:

@@ -10,20 +10,146 @@ only states it has verified finite.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from lm.errors import ConfigError
+
+# A committed step directory that does not restore is renamed `<step>.corrupt-<n>`: kept
+# for inspection (rename it back to retry it), and a name orbax does not list as a step.
+CORRUPT = ".corrupt-"
+
+
+class _LoopToleratingLateReads(asyncio.SelectorEventLoop):
+    """When one read of an unreadable checkpoint fails, orbax ends the restore's event
+    loop while tensorstore's other reads are in flight; each of those, completing, calls
+    back into the closed loop from a C++ thread, which prints a RuntimeError traceback
+    (dozens per restore). Such a late result has nobody waiting for it: drop it."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _RestorePolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _LoopToleratingLateReads()
+
+
+@contextlib.contextmanager
+def _quiet_late_reads():
+    """The event loops orbax makes for a restore (asyncio.new_event_loop) drop late reads."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_RestorePolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+class CheckpointUnreadable(Exception):
+    """A committed checkpoint restored to something no train loop saved."""
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for why a checkpoint did not restore: tensorstore's messages run to
+    kilobytes (specs in brackets) and name the root cause last."""
+    text = str(e).split(" [tensorstore_spec", 1)[0].strip()
+    text = (text.splitlines() or [""])[0]
+    if len(text) > 200:  # the status code (e.g. DATA_LOSS) and the root cause
+        head = text.split(":", 1)[0]
+        text = (head[:40] + ": ..." if head != text else "...") + text[-160:]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def check_finite(state, step: int) -> None:
+    """The loop saves only states it verified finite (lm/train/loop.py), so a non-finite
+    value read back is damage on disk that the file format did not catch."""
+    if not bool(_all_finite(state)):
+        raise CheckpointUnreadable(f"step {step} holds non-finite values")
 
 
 class Checkpointer:
     def __init__(self, directory: Path, every: int, keep: int):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def set_aside(self) -> list[Path]:
+        """The unreadable checkpoints renamed aside by earlier runs."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if CORRUPT in p.name)
+
+    def _rename_aside(self, step: int) -> Path:
+        src = self.directory / str(step)
+        n = 1
+        while (dst := self.directory / f"{step}{CORRUPT}{n}").exists():
+            n += 1
+        src.rename(dst)
+        self.manager.reload()
+        return dst
+
+    def restore_newest_intact(self, read: Callable[[int], Any], *, rename: bool,
+                              log=None) -> tuple[int, Any] | None:
+        """(step, read(step)) of the newest checkpoint that restores, newest first; None
+        when there is none at all. A checkpoint that does not restore (garbled or cut
+        short on disk, non-finite values) is reported in one line and, with `rename`,
+        renamed aside (`<step>.corrupt-<n>`) so that no later start trips on it again.
+        None intact (or only ones set aside before): ConfigError, one line."""
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        failed, warnings = [], []  # the warnings are printed only if one restores
+        earlier = self.set_aside()
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                with _quiet_late_reads():
+                    value = read(step)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 (any failure to read it back)
+                reason = _reason(e)
+            else:
+                for line in warnings:
+                    log(f"{line}; using step {step}")
+                return step, value
+            aside = ""
+            if rename and jax.process_index() == 0:
+                aside = f" (renamed to {self._rename_aside(step).name})"
+            failed.append(f"{step}{aside}: {reason}")
+            warnings.append(f"warning: checkpoint {self.directory / str(step)} is unreadable"
+                            f"{aside}: {reason}")
+        if failed or earlier:
+            names = ", ".join(p.name for p in earlier) or "none"
+            raise ConfigError(
+                f"no intact checkpoint in {self.directory}: unreadable "
+                f"{'; '.join(failed) or 'none new'}; set aside before: {names}; rename one "
+                f"back to retry it, or move the checkpoints away to start the run afresh")
+        return None
 
     def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
         """Starts an async save when `step` is on the interval (or `force`)."""
@@ -36,12 +162,14 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        check_finite(restored["state"], step)
         return restored["state"]
 
     def restore_params(self, step: int, abstract_state):
         """Only the train state (for eval and sampling, which need no data iterator)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
+        check_finite(restored["state"], step)
         return restored["state"]
 
     def wait(self) -> None:

@@ -36,7 +36,9 @@ from lm import config as config_lib
 from lm.config import TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
+from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
+from lm.parallel.distributed import coordination_client
 from lm.parallel.sharding import per_device_bytes
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
@@ -63,15 +65,6 @@ def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
         nbytes += float(np.sum(target_bytes(batch, tokenizer)))
     return {"loss": nll_sum / max(count, 1.0),
             "bpb": nll_sum / math.log(2) / max(nbytes, 1.0)}
-
-
-def _coordination_client():
-    """The jax.distributed client (host-side key-value store and barriers), or None."""
-    try:
-        from jax._src import distributed
-        return distributed.global_state.client
-    except (ImportError, AttributeError):
-        return None
 
 
 class _StopFlag:
@@ -107,7 +100,7 @@ class _StopFlag:
         if step % self.every:
             return 0
         local = self.signum  # what this process announces; a later signal waits a round
-        client = _coordination_client()
+        client = coordination_client()
         if client is None:  # no coordination service: a device all-gather (rare steps)
             from jax.experimental import multihost_utils
             return int(np.max(multihost_utils.process_allgather(np.int32(local))))
@@ -181,15 +174,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     run_dir = Path(run_dir)
     run = setup if setup is not None else setup_run(cfg)
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
-    check_resumable(cfg, run_dir)
     # Each process reads only its part of every global batch.
     source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
                             jax.process_count(), read_threads=cfg.data.read_threads)
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+    # Bad config and data are refused above, before the run dir exists; from here on
+    # this process (this pod) is the run dir's one writer, or exits 2 naming the holder.
+    with hold_for_pod(run_dir, "lm train"):
+        return _train_holding_run_dir(run, run_dir, batches, eval_data)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
+                           eval_data: list) -> int:
+    cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
+    check_resumable(cfg, run_dir)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     counts = count_params(cfg.model)
@@ -199,12 +199,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
+    # The newest checkpoint that restores; unreadable ones are renamed aside (this
+    # process owns the run dir). Restores the prefetcher's position too (and starts it).
+    restored = ckpt.restore_newest_intact(
+        lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
+    if restored is None:
         state, start = pieces.init_state(), 0
         batches.start_prefetch()
-    else:  # restores the prefetcher's position too (and starts it)
-        state = ckpt.restore(start, pieces.abstract_state(), batches)
+    else:
+        start, state = restored
         print(f"resumed from step {start} in {run_dir}", flush=True)
 
     summary_path = run_dir / "summary.json"

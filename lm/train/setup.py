@@ -85,10 +85,13 @@ def restore_for_inference(run_dir: str | Path) -> tuple[RunSetup, Any, int]:
     setup = setup_run(cfg)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        # A reader does not own the run dir (a trainer may be writing it): an unreadable
+        # checkpoint is reported and skipped, never renamed.
+        restored = ckpt.restore_newest_intact(
+            lambda step: ckpt.restore_params(step, setup.pieces.abstract_state()), rename=False)
+        if restored is None:
             raise ConfigError(f"--run {run_dir}: no checkpoint yet")
-        state = ckpt.restore_params(step, setup.pieces.abstract_state())
+        step, state = restored
     finally:
         ckpt.close()
     return setup, state["params"], step

@@ -1,0 +1,162 @@
+"""What survives which failure, through the real CLI: a corrupt checkpoint, a full disk,
+two writers on one run directory, a pod that loses a process. Each ends in one line, a
+documented exit code (lm/errors.py) and, where it can be written, summary.json saying
+what happened; nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, lm, sets, train_losses
+
+pytestmark = pytest.mark.slow  # `lm` end to end
+
+KEEP3 = [*TINY, "log_every=1", "keep_checkpoints=3"]  # checkpoints 4, 8 and 12 all kept
+
+
+def _steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def garble(step_dir: Path, how: str) -> None:
+    """Damage a committed checkpoint as a disk or a copy would: `sectors` overwrites the
+    array store's files with random bytes, `cut` truncates every file to half."""
+    for f in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        if how == "sectors" and f.parent.name == "d":
+            f.write_bytes(os.urandom(size))
+        elif how == "cut":
+            os.truncate(f, size // 2)
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- corrupt checkpoints
+
+
+def test_corrupt_latest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+        tmp_path, lm_here):
+    run = tmp_path / "run"
+    first = lm("train", "--run-dir", str(run), *sets(*KEEP3))
+    assert first.returncode == 0, first.stderr[-2000:]
+    uninterrupted = train_losses(run)
+    assert _steps(run) == ["12", "4", "8"]
+    garble(run / "checkpoints" / "12", "sectors")
+
+    # A reader reports it, uses step 8, and leaves the run dir as it is.
+    ev = lm("eval", "--run", str(run), "--batches", "1")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout)["step"] == 8
+    warning = one_line(ev.stderr)
+    assert warning.startswith(f"warning: checkpoint {run / 'checkpoints' / '12'} is unreadable: ")
+    assert warning.endswith("; using step 8") and "renamed" not in warning
+    assert _steps(run) == ["12", "4", "8"]
+
+    # The trainer owns the run dir: it renames the bad one aside and re-trains 9..12,
+    # reproducing the uninterrupted losses exactly.
+    second = lm("train", "--run-dir", str(run), *sets(*KEEP3))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from step 8" in second.stdout
+    warning = one_line(second.stderr)
+    assert "checkpoints/12 is unreadable (renamed to 12.corrupt-1): " in warning, warning
+    assert train_losses(run) == uninterrupted
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert _steps(run) == ["12", "12.corrupt-1", "4", "8"]  # kept for inspection
+
+    # None intact: one line, exit 2, from each command; nothing trained from scratch.
+    for step in ("12", "8", "4"):
+        garble(run / "checkpoints" / step, "cut")
+    for args in (["eval", "--run", str(run)], ["sample", "--run", str(run)]):
+        result = lm_here(*args)
+        assert result.returncode == 2, result.stderr
+        line = one_line(result.stderr)
+        assert line.startswith(f"error: no intact checkpoint in {run / 'checkpoints'}: "
+                               "unreadable 12: "), line
+        assert "set aside before: 12.corrupt-1" in line
+    metrics = (run / "metrics.jsonl").read_text()
+    for _ in range(2):  # the second start finds only checkpoints set aside
+        result = lm_here("train", "--run-dir", str(run), *sets(*KEEP3))
+        assert result.returncode == 2, result.stderr
+        assert one_line(result.stderr).startswith("error: no intact checkpoint in ")
+    assert _steps(run) == ["12.corrupt-1", "12.corrupt-2", "4.corrupt-1", "8.corrupt-1"]
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+# ---------------------------------------------------------------- two writers
+
+
+def _start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "lm.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_holder(directory: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        lock = directory / ".lock"
+        if lock.exists() and lock.read_text().strip():
+            return lock.read_text().strip()
+        time.sleep(0.1)
+    raise AssertionError(f"{directory} was never locked")
+
+
+def test_second_trainer_on_a_run_dir_exits_2_naming_the_holder_and_a_crash_leaves_no_lock(
+        tmp_path, lm_here):
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), *sets(*TINY, "steps=100000", "checkpoint_every=50")]
+    first = _start(*args)
+    try:
+        holder = _wait_for_holder(run, first)
+        assert holder == f"pid {first.pid} on host {socket.gethostname()} (lm train)"
+        second = lm(*args)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert one_line(second.stderr) == (
+            f"error: {run} is in use by {holder}; one lm train at a time per directory: "
+            "wait for it to end or use another directory")
+        assert first.poll() is None  # the holder is untouched
+    finally:
+        first.kill()  # a crash: the kernel drops the lock with the process
+        first.wait()
+    # No stale lock: the next trainer gets past it (to the config check after it).
+    result = lm_here("train", "--run-dir", str(run),
+                     *sets(*TINY, "steps=100000", "checkpoint_every=50", "model.n_layers=3"))
+    assert result.returncode == 2
+    assert "holds a run with a different config" in one_line(result.stderr)
+
+
+def test_second_sweep_on_a_workdir_exits_2_and_runs_no_trial(tmp_path):
+    spec = tmp_path / "spec.py"
+    spec.write_text(textwrap.dedent(f"""
+        from lm.sweep import Grid, Sweep
+        from lm.config import TrainConfig, apply_overrides
+        def sweep():
+            base = apply_overrides(TrainConfig(), {[*TINY, 'steps=100000']!r})
+            return Sweep(base=base, axes=[Grid("seed", [1, 2])])
+    """))
+    workdir = tmp_path / "sweep"
+    first = _start("sweep", str(spec), "--workdir", str(workdir))
+    try:
+        holder = _wait_for_holder(workdir, first)
+        assert holder.startswith(f"pid {first.pid} on host ") and holder.endswith("(lm sweep)")
+        second = lm("sweep", str(spec), "--workdir", str(workdir))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert one_line(second.stderr).startswith(f"error: {workdir} is in use by {holder};")
+        assert second.stdout == ""  # it started nothing
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
