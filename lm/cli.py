@@ -1,7 +1,8 @@
 """`lm train | eval | sample | bench | compile | data prepare | launch {local,tpu,slurm}`.
 
-User-caused errors (bad config, bad data, missing run) print one line and exit 2
-(lm/errors.py holds the exit codes).
+User-caused errors (bad config, bad data, missing run) print one line and exit 2; a full
+disk anywhere prints one line naming the path and exits 4 (lm/errors.py holds the exit
+codes, README "When things go wrong" what each means).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shlex
 import sys
 
 from lm.configs import DEFAULT_CONFIG
-from lm.errors import EXIT_USER_ERROR
+from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -294,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        full = find_disk_full(e)  # wherever it was written: one line, not a traceback
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_DISK_FULL
     return code
 
 

@@ -160,3 +160,68 @@ def test_second_sweep_on_a_workdir_exits_2_and_runs_no_trial(tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def _assert_stopped_by_full_disk(result, run: Path, path: Path, intact: list[str]):
+    assert result.returncode == 4, result.stdout[-1000:] + result.stderr[-3000:]
+    assert one_line(result.stderr) == (
+        f"error: no space left on device writing {path}; checkpoints up to step "
+        f"{max(map(int, intact))} are intact: free space and rerun the same command to resume")
+    assert json.loads((run / "summary.json").read_text())["status"] == (
+        f"failed: no space left on device ({path})")
+    assert _steps(run) == intact  # nothing half-written left to be taken for a checkpoint
+
+
+@pytest.mark.parametrize("fault, what", [("enospc@12", "checkpoint"),
+                                         ("enospc-metrics@10", "metrics")])
+def test_injected_full_disk_is_one_line_exit_4_and_the_rerun_resumes(tmp_path, fault, what):
+    run = tmp_path / "run"
+    result = lm("train", "--run-dir", str(run), *sets(*TINY), env={"LMLAB_FAULT": fault})
+    path = run / "checkpoints" / "12" if what == "checkpoint" else run / "metrics.jsonl"
+    _assert_stopped_by_full_disk(result, run, path, ["4", "8"])
+    again = lm("train", "--run-dir", str(run), *sets(*TINY))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 8" in again.stdout
+    assert sorted(train_losses(run)) == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real size-limited filesystem: a tmpfs mounted in tmp_path (root only);
+    yields (mount point, resize(kib))."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    where = tmp_path / "fs"
+    where.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+
+    def resize(kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(where)], check=True)
+
+    try:
+        yield where, resize
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_disk_filling_up_during_an_async_checkpoint_save(small_filesystem):
+    where, resize = small_filesystem
+    run = where / "run"
+    first = lm("train", "--run-dir", str(run), *sets(*TINY), env={"LMLAB_FAULT": "sigterm@8"})
+    assert first.returncode == 128 + 15, first.stderr[-2000:]
+    # Room left for the log lines and the evaluation, not for a third checkpoint (~0.5 MB).
+    used_kib = os.statvfs(where).f_frsize * (os.statvfs(where).f_blocks
+                                             - os.statvfs(where).f_bfree) // 1024
+    resize(used_kib + 150)
+    full = lm("train", "--run-dir", str(run), *sets(*TINY))
+    _assert_stopped_by_full_disk(full, run, run / "checkpoints" / "12", ["4", "8"])
+    resize(16 * 1024)
+    again = lm("train", "--run-dir", str(run), *sets(*TINY))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 8" in again.stdout

@@ -75,8 +75,8 @@ def _mark_failed(run_dir: Path, code: int, status_text: str | None = None) -> st
     path = run_dir / "summary.json"
     summary = _read_summary(run_dir)
     status = summary.get("status")
-    if isinstance(status, str) and status.startswith(_FINAL):
-        return status
+    if isinstance(status, str) and status.startswith((*_FINAL, "failed: no space")):
+        return status  # the trainer's own account (a full disk: exit 4) says more
     if status_text == "interrupted" and status is None:
         return f"interrupted (exit {code}, nothing written yet)"
     summary["status"] = status_text or f"failed: exit {code}"

@@ -11,7 +11,7 @@ only states it has verified finite.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,18 +22,47 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, find_disk_full
 
 # A committed step directory that does not restore is renamed `<step>.corrupt-<n>`: kept
 # for inspection (rename it back to retry it), and a name orbax does not list as a step.
 CORRUPT = ".corrupt-"
 
 
-class _LoopToleratingLateReads(asyncio.SelectorEventLoop):
-    """When one read of an unreadable checkpoint fails, orbax ends the restore's event
-    loop while tensorstore's other reads are in flight; each of those, completing, calls
-    back into the closed loop from a C++ thread, which prints a RuntimeError traceback
-    (dozens per restore). Such a late result has nobody waiting for it: drop it."""
+class _DropOrbaxBackgroundTracebacks(logging.Filter):
+    """Orbax logs a failed background save with its traceback from each thread the
+    error passes through (a full disk: 17 tracebacks), then raises it again where the
+    loop waits for the save, which reports it in one line (lm/train/loop.py) or raises
+    it: the logged copies add nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = "orbax" in record.pathname.replace("\\", "/").split("/")
+        carries_traceback = record.exc_info is not None or "raised an exception" in str(record.msg)
+        return not (from_orbax and record.levelno >= logging.ERROR and carries_traceback)
+
+
+logging.getLogger("absl").addFilter(_DropOrbaxBackgroundTracebacks())
+
+
+class _DropUnretrievedDiskFull(logging.Filter):
+    """The same full-disk error also reaches asyncio's "exception was never retrieved"
+    log, once per array orbax was writing, when its futures are collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or find_disk_full(exc) is None
+
+
+logging.getLogger("asyncio").addFilter(_DropUnretrievedDiskFull())
+
+
+class _LoopToleratingLateResults(asyncio.SelectorEventLoop):
+    """When one tensorstore operation of a restore or save fails (an unreadable
+    checkpoint, a full disk), orbax ends that operation's event loop while the others
+    are in flight; each of those, completing, calls back into the closed loop from a
+    C++ thread, which prints a RuntimeError traceback (dozens per checkpoint). Such a
+    late result has nobody waiting for it: drop it. Only a closed loop behaves
+    differently from asyncio's own."""
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         try:
@@ -44,20 +73,16 @@ class _LoopToleratingLateReads(asyncio.SelectorEventLoop):
             raise
 
 
-class _RestorePolicy(asyncio.DefaultEventLoopPolicy):
+class _OrbaxLoopPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self):
-        return _LoopToleratingLateReads()
+        return _LoopToleratingLateResults()
 
 
-@contextlib.contextmanager
-def _quiet_late_reads():
-    """The event loops orbax makes for a restore (asyncio.new_event_loop) drop late reads."""
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_RestorePolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(previous)
+# Orbax makes a fresh loop (asyncio.new_event_loop) for every restore and in each of
+# its background save threads: the policy is what reaches them. Set for the process
+# (asyncio's policy is process-wide), unless someone chose another one.
+if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+    asyncio.set_event_loop_policy(_OrbaxLoopPolicy())
 
 
 class CheckpointUnreadable(Exception):
@@ -99,6 +124,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def committed_steps(self) -> list[int]:
+        """The steps committed on disk, read afresh (orbax's own list is its cache)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and p.is_dir())
+
     def set_aside(self) -> list[Path]:
         """The unreadable checkpoints renamed aside by earlier runs."""
         if not self.directory.is_dir():
@@ -127,8 +159,7 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                with _quiet_late_reads():
-                    value = read(step)
+                value = read(step)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # noqa: BLE001 (any failure to read it back)

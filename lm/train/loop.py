@@ -20,12 +20,15 @@ checkpoint is kept; 128 + signal number when stopped by a signal after a checkpo
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -35,7 +38,7 @@ import numpy as np
 from lm import config as config_lib
 from lm.config import TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
-from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
+from lm.errors import EXIT_DIVERGED, EXIT_OK, DiskFull, exit_for_signal, find_disk_full
 from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
 from lm.parallel.distributed import coordination_client
@@ -116,14 +119,18 @@ class _StopFlag:
 
 
 class _Faults:
-    """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N (tests use them):
+    """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N | enospc@N | enospc-metrics@N (tests
+    use them):
     sigterm@N: SIGTERM to this process while step N runs (the run stops after step N);
     sigkill@N: SIGKILL to this process once step N's metrics are written, its
     evaluation (if any) done and every checkpoint save started so far committed (so the
     test knows which checkpoint a rerun finds: a kill during an async save could
     otherwise leave step N's predecessor uncommitted on a loaded machine);
     nan@N: step N's batch gets a NaN loss mask (a real divergence: NaN loss, gradients
-    and parameters)."""
+    and parameters);
+    enospc@N: the checkpoint write of step N fails with ENOSPC (no space left on
+    device), as the save would on a full disk;
+    enospc-metrics@N: the metrics write of step N fails likewise."""
 
     def __init__(self, checkpointer):
         kind, _, at = os.environ.get("LMLAB_FAULT", "").partition("@")
@@ -143,6 +150,12 @@ class _Faults:
         if self.kind == "sigkill" and step == self.at:
             self.checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def writing(self, what: str, step: int, path: Path) -> None:
+        """Before the `what` ("checkpoint" | "metrics") write of `step` to `path`."""
+        if step == self.at and self.kind == {"checkpoint": "enospc",
+                                             "metrics": "enospc-metrics"}[what]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 class _StepTimer:
@@ -264,6 +277,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                       if k != "finite"}
             record["attn_logit_max"] = {i: record["attn_logit_max"][i] for i in layers}
             record.update(step_time=step_time, tokens_per_s=tps, mfu=util)
+            faults.writing("metrics", step, sink.path)
             sink.write(step, record)
             progress.line(step, float(loss), tps, util, step_time)
             timer.restart()
@@ -305,6 +319,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                     if evaluate_now:
                         run_eval(step)
                     if save_now:
+                        faults.writing("checkpoint", step, ckpt.directory / str(step))
                         ckpt.save(step, state, batches, force=True)
                     faults.settled(step)
                     timer.restart()
@@ -313,10 +328,48 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                     print(f"stopped by signal {signum} at step {step}; checkpoint saved; "
                           "rerun the same command to resume", flush=True)
                     break
-        finally:
-            batches.close()
-            ckpt.close()
-            sink.close()
+        except Exception as e:  # noqa: BLE001 (re-raised below unless the disk is full)
+            failure = e
+        else:
+            failure = None
+        for close in (batches.close, ckpt.close, sink.close):  # all of them, whatever fails
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
+                failure = failure or e
+        if failure is not None:
+            full = find_disk_full(failure, str(run_dir))
+            if full is None:
+                raise failure
+            raise _stopped_by_full_disk(full, ckpt, summary, summary_path)
         summary["status"] = outcome["status"]
         write_json(summary_path, summary)
     return outcome["code"]
+
+
+def _stopped_by_full_disk(full: DiskFull, ckpt: Checkpointer, summary: dict,
+                          summary_path: Path) -> DiskFull:
+    """A write failed for want of space: the checkpoint being written when it did
+    (orbax's `<step>.orbax-checkpoint-tmp*` directory, never committed, never listed as
+    a step) is removed, which gives its space back; summary.json says what happened
+    where it can still be written; the committed checkpoints are untouched."""
+    # The failed save's writes that were never started are dropped with it; Python
+    # would list each at exit ("coroutine ... was never awaited").
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+    if jax.process_index() == 0:
+        for partial in ckpt.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    inside = Path(full.path)
+    if ckpt.directory in inside.parents:  # name the step, not a file of its removed copy
+        step = inside.relative_to(ckpt.directory).parts[0].split(".")[0]
+        full = DiskFull(str(ckpt.directory / step))
+    committed = ckpt.committed_steps()
+    summary["status"] = f"failed: no space left on device ({full.path})"
+    try:
+        write_json(summary_path, summary)
+        recorded = ""
+    except OSError:
+        recorded = f"; {summary_path} could not be updated"
+    resume = (f"checkpoints up to step {max(committed)} are intact: free space and rerun "
+              "the same command to resume" if committed else "no checkpoint was written yet")
+    return DiskFull(full.path, resume + recorded)
