@@ -268,13 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _in_a_pod() -> bool:
+    """This process is one of a pod's and not yet the guarded child (lm/parallel/guard.py)."""
+    import os
+
+    from lm.config import ConfigError
+    from lm.parallel.distributed import detect
+    from lm.parallel.guard import GUARDED
+    if os.environ.get(GUARDED):
+        from lm.parallel.guard import die_with_parent
+        die_with_parent()
+        return False
+    try:
+        return detect(os.environ) is not None
+    except ConfigError:
+        return False  # reported by the command's own start-up, one line
+
+
 def main(argv: list[str] | None = None) -> int:
+    full_argv = None if argv is None else list(argv)
     if argv is None:  # run as a program (not called from Python): host malloc first
         from lm.hostmem import reexec_with_host_malloc
         reexec_with_host_malloc(sys.argv[1:])
     argv, remote = _split_remote(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.remote = remote
+    if args.command != "launch" and _in_a_pod():  # run it in a child that is watched
+        from lm.parallel.guard import run_guarded
+        return run_guarded(sys.argv[1:] if full_argv is None else full_argv)
     if args.command == "compile":
         # TPU topologies are compiled for from the host; never claim a local accelerator
         # (lm.compile.topology_devices then tells libtpu there is no TPU pod here).
@@ -285,13 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libtpu()  # libtpu (lmlab[tpu] or [test]) on a machine without TPUs: no noise
         from lm.hostmem import configure_jax
         configure_jax()
+    from lm.parallel.distributed import exiting
+    code = _run(args)
+    exiting(code)  # peers of a pod that leave as well are no news now
+    return code
+
+
+def _run(args) -> int:
     from lm.config import ConfigError
     from lm.data import DataError
     try:
         if args.command != "launch":  # join the pod, if the environment describes one
             from lm.parallel.distributed import initialize_from_env
             initialize_from_env()
-        code = args.fn(args)
+        return args.fn(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -301,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {full}", file=sys.stderr)
         return EXIT_DISK_FULL
-    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, lm, sets, train_losses
+from conftest import ROOT, TINY, lm, sets, train_losses, xla_flags
 
 pytestmark = pytest.mark.slow  # `lm` end to end
 
@@ -225,3 +225,59 @@ def test_disk_filling_up_during_an_async_checkpoint_save(small_filesystem):
     again = lm("train", "--run-dir", str(run), *sets(*TINY))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step 8" in again.stdout
+
+
+# ---------------------------------------------------------------- a pod loses a process
+
+
+def _committed(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_pod_started_by_hand_that_loses_a_process_says_which_and_where_to_resume(
+        tmp_path, killed):
+    """Two processes started as SLURM or TPU workers are (the LMLAB_* variables, no `lm
+    launch`); one is killed with kill -9 after checkpoint 4. The survivor exits 5 with
+    one line, instead of a gloo traceback and an abort with a native stack dump."""
+    from lm.launch.local import free_port
+
+    run, port = tmp_path / "run", free_port()
+    procs, logs = [], []
+    for i in (0, 1):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                   XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
+                   LMLAB_COORDINATOR=f"127.0.0.1:{port}", LMLAB_NUM_PROCESSES="2",
+                   LMLAB_PROCESS_ID=str(i))
+        out, err = (open(tmp_path / f"p{i}.{s}", "w") for s in ("out", "err"))
+        logs.append((out, err))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "lm.cli", "train", "--run-dir", str(run),
+             *sets(*TINY, "steps=100000", "batch_size=8", "mesh.data=-1", "eval_every=1000")],
+            cwd=ROOT, env=env, stdout=out, stderr=err))
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "4").is_dir():
+            assert all(p.poll() is None for p in procs), (tmp_path / "p0.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "checkpoint 4 never committed"
+            time.sleep(0.2)
+        procs[killed].kill()
+        survivor = procs[1 - killed]
+        code = survivor.wait(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for out, err in logs:
+            out.close()
+            err.close()
+    err = (tmp_path / f"p{1 - killed}.err").read_text()
+    out = (tmp_path / f"p{1 - killed}.out").read_text()
+    assert code == 5, err[-3000:]
+    lost = "process 0 (the coordinator)" if killed == 0 else "process 1"
+    assert one_line(err) == (f"error: the pod lost {lost}; rerun resumes from step "
+                             f"{max(_committed(run))}")
+    assert "Traceback" not in out + err and "Check failure" not in out + err
+    if killed == 1:  # process 0, which writes the summary, survived
+        assert json.loads((run / "summary.json").read_text())["status"] == (
+            "failed: the pod lost process 1")

@@ -41,7 +41,9 @@ from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, trai
 from lm.errors import EXIT_DIVERGED, EXIT_OK, DiskFull, exit_for_signal, find_disk_full
 from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
-from lm.parallel.distributed import coordination_client
+from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lost_peer,
+                                     on_peer_lost)
+from lm.parallel.guard import resume_hint, tell
 from lm.parallel.sharding import per_device_bytes
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
@@ -292,6 +294,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         print(f"  eval @ {step}: val loss {result['loss']:.4f} | {result['bpb']:.4f} bits/byte",
               flush=True)
 
+    def record_lost_peer(lost: str) -> str:
+        """A pod process is gone (lm/parallel/distributed.py leaves with one line)."""
+        summary["status"] = f"failed: the pod lost {lost}"
+        if jax.process_index() == 0:
+            write_json(summary_path, summary)
+        return resume_hint(str(run_dir))
+
+    if jax.process_count() > 1:
+        on_peer_lost(record_lost_peer)
+        tell(run_dir=str(run_dir.absolute()))  # for the guard, if this process aborts
     # The handlers stay installed until the summary is written: a pod's launcher sends
     # SIGTERM to processes that are still shutting down after an agreed stop.
     with _StopFlag(cfg.stop_sync_every) as stop:
@@ -329,6 +341,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                           "rerun the same command to resume", flush=True)
                     break
         except Exception as e:  # noqa: BLE001 (re-raised below unless the disk is full)
+            if is_lost_peer_error(e):  # leaves now: closing would wait for the dead peer
+                lost_peer(str(e))
             failure = e
         else:
             failure = None
@@ -344,6 +358,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
             raise _stopped_by_full_disk(full, ckpt, summary, summary_path)
         summary["status"] = outcome["status"]
         write_json(summary_path, summary)
+        on_peer_lost(None)  # the run's account is written: a peer leaving now changes nothing
     return outcome["code"]
 
 
