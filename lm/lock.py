@@ -95,7 +95,8 @@ def hold_for_pod(directory: str | Path, command: str) -> Iterator[None]:
             client.key_value_set(key, "")
             published = True
             yield
-    except ConfigError as e:
+    except BaseException as e:  # the others must not wait for a lock never taken
         if not published:
-            client.key_value_set(key, str(e))
+            client.key_value_set(key, str(e) if isinstance(e, ConfigError) else
+                                 f"process 0 could not lock {directory}: {e}")
         raise

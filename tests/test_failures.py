@@ -281,3 +281,26 @@ def test_a_pod_started_by_hand_that_loses_a_process_says_which_and_where_to_resu
     if killed == 1:  # process 0, which writes the summary, survived
         assert json.loads((run / "summary.json").read_text())["status"] == (
             "failed: the pod lost process 1")
+
+
+def test_a_pod_on_a_held_run_dir_exits_2_on_every_process(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(  # holds the run dir as a trainer does, until killed
+        [sys.executable, "-c", "import sys, time\nfrom lm.lock import hold\n"
+         "with hold(sys.argv[1], 'lm train'):\n    print('held', flush=True)\n"
+         "    time.sleep(600)\n", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = lm("launch", "local", "--processes", "2", "--devices-per-process", "4", "--",
+                    "train", "--run-dir", str(run), *sets(*TINY, "batch_size=8", "mesh.data=-1"),
+                    timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    refusal = (f"error: {run} is in use by pid {holder.pid} on host {socket.gethostname()} "
+               "(lm train); one lm train at a time per directory")
+    for p in (0, 1):
+        assert any(line.startswith(f"[p{p}] {refusal}") for line in result.stderr.splitlines()), (
+            result.stderr[-3000:])
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written

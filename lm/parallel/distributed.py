@@ -184,12 +184,17 @@ def lost_peer(detail: str) -> NoReturn:
 
 
 def is_lost_peer_error(e: BaseException) -> bool:
-    """A failed collective because a peer process is gone (gloo: the connection reset or
-    closed by the peer)."""
+    """A failed collective or coordination call because a peer process is gone: gloo's
+    connection to it reset or closed, or the coordination service's verdict (a task
+    stopped sending heartbeats) reaching a barrier."""
+    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return False
     text = str(e)
-    return (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-            and bool(re.search(r"gloo", text, re.I))
-            and bool(re.search(r"connection (reset|closed|refused)|peer|broken pipe", text, re.I)))
+    gloo = re.search(r"gloo", text, re.I) and re.search(
+        r"connection (reset|closed|refused)|peer|broken pipe", text, re.I)
+    service = re.search(r"heartbeat timeout|stopped sending heartbeats|tasks have crashed",
+                        text, re.I)
+    return bool(gloo or service)
 
 
 def initialize_from_env() -> None:

@@ -69,9 +69,11 @@ def tell(**context) -> None:
 
 
 def which_lost(detail: str, me: int | None, n: int | None) -> str:
-    task = re.search(r"task:(\d+)", detail)
-    if task and (me is None or int(task.group(1)) != me):
-        k = int(task.group(1))
+    task = re.search(r"task:(\d+)|[Tt]ask (\d+) heartbeat|stopped sending heartbeats\):\s*(\d+)",
+                     detail)
+    named = int(next(g for g in task.groups() if g is not None)) if task else None
+    if named is not None and named != me:
+        k = named
     elif me not in (None, 0) and re.search(r"UNAVAILABLE|Socket closed|coordination", detail):
         k = 0  # the coordination service lives in process 0: it is gone
     elif me is not None and n == 2:
