@@ -2,8 +2,11 @@
 
 `ConfigError` (a bad config key, value or run directory) and `lm.data.DataError`
 (missing, empty or unreadable data) carry ONE line naming what is at fault; the CLI
-prints it and exits EXIT_USER_ERROR before anything is written. Bugs in lmlab itself
-raise other exceptions.
+prints it and exits EXIT_USER_ERROR before anything is written. A full disk anywhere
+(`find_disk_full` recognises it however it was raised) is one line and EXIT_DISK_FULL;
+a pod's lost peer is one line and EXIT_POD_PEER_LOST (lm/parallel/distributed.py,
+lm/parallel/guard.py). Bugs in lmlab itself raise other exceptions. The README's "When
+things go wrong" says what each code means to a user.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ resumes model, optimizer and data stream together. The data iterator may be an
 `lm.data.Prefetcher` (a grain DatasetIterator): its state is the position after the last
 batch a step consumed, not the batches its thread has read ahead. The train loop saves
 only states it has verified finite.
+
+A committed checkpoint can still be damaged on disk (a bad sector, a partial copy):
+`restore_newest_intact` tries the steps newest first and takes the first that restores
+and holds only finite values; the trainer renames the others `<step>.corrupt-<n>`
+(kept, and no longer a step to orbax), eval and sampling only skip them.
 """
 
 from __future__ import annotations

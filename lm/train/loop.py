@@ -15,7 +15,11 @@ agree at every `stop_sync_every` steps (a barrier in the coordination service, n
 work) and all stop after the same step, with a checkpoint.
 
 Exit codes (lm/errors.py): 0 done; EXIT_DIVERGED (3): diverged, the last good
-checkpoint is kept; 128 + signal number when stopped by a signal after a checkpoint.
+checkpoint is kept; 128 + signal number when stopped by a signal after a checkpoint;
+EXIT_DISK_FULL (4): a write found no space (the half-written checkpoint is removed, the
+committed ones kept); EXIT_POD_PEER_LOST (5): a pod process is gone; EXIT_USER_ERROR (2)
+also when another process holds the run dir (lm/lock.py) or no checkpoint in it is
+intact (unreadable ones are renamed aside: lm/train/checkpoint.py).
 """
 
 from __future__ import annotations
