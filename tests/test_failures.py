@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, TINY, lm, sets, train_losses, xla_flags
 
@@ -93,6 +94,25 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_training_resumes_from_the_on
         assert one_line(result.stderr).startswith("error: no intact checkpoint in ")
     assert _steps(run) == ["12.corrupt-1", "12.corrupt-2", "4.corrupt-1", "8.corrupt-1"]
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+
+def test_a_pod_resumes_past_a_corrupt_checkpoint(tmp_path):
+    run = tmp_path / "pod"
+    args = ["launch", "local", "--processes", "2", "--devices-per-process", "2", "--",
+            "train", "--run-dir", str(run), *sets(*KEEP3, "batch_size=8", "mesh.data=-1")]
+    first = lm(*args, timeout=240)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    uninterrupted = train_losses(run)
+    garble(run / "checkpoints" / "12", "sectors")
+    second = lm(*args, timeout=240)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "[p0] resumed from step 8" in second.stdout and "[p1] resumed from step 8" in second.stdout
+    got = train_losses(run)
+    assert sorted(got) == sorted(uninterrupted)
+    np.testing.assert_allclose([got[k] for k in sorted(got)],
+                               [uninterrupted[k] for k in sorted(uninterrupted)], rtol=1e-6)
+    assert _steps(run) == ["12", "12.corrupt-1", "4", "8"]
 
 
 # ---------------------------------------------------------------- two writers

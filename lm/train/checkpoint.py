@@ -172,6 +172,12 @@ class Checkpointer:
             else:
                 for line in warnings:
                     log(f"{line}; using step {step}")
+                if failed and rename and jax.process_count() > 1:
+                    # Process 0 renamed them: every process forgets them (orbax would
+                    # refuse to save those steps again as "already existing").
+                    from jax.experimental import multihost_utils
+                    multihost_utils.sync_global_devices("lmlab: unreadable checkpoints set aside")
+                    self.manager.reload()
                 return step, value
             aside = ""
             if rename and jax.process_index() == 0:
