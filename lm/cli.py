@@ -272,7 +272,7 @@ def _in_a_pod() -> bool:
     """This process is one of a pod's and not yet the guarded child (lm/parallel/guard.py)."""
     import os
 
-    from lm.config import ConfigError
+    from lm.errors import ConfigError  # (lm.config would import JAX into the guard)
     from lm.parallel.distributed import detect
     from lm.parallel.guard import GUARDED
     if os.environ.get(GUARDED):

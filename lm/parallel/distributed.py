@@ -37,7 +37,7 @@ import re
 import sys
 from typing import Callable, Mapping, NoReturn
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.errors import EXIT_POD_PEER_LOST
 
 EXPLICIT = ("LMLAB_COORDINATOR", "LMLAB_NUM_PROCESSES", "LMLAB_PROCESS_ID")
