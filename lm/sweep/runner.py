@@ -81,9 +81,13 @@ def _mark_failed(run_dir: Path, code: int, status_text: str | None = None) -> st
         return f"interrupted (exit {code}, nothing written yet)"
     summary["status"] = status_text or f"failed: exit {code}"
     if run_dir.is_dir():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(path)
+        try:  # the run dir's one writer for the moment: never over another's summary
+            with hold(run_dir, "lm sweep"):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(summary, indent=2))
+                tmp.replace(path)
+        except ConfigError:  # e.g. an `lm train` started by hand on the trial's run dir
+            return f"{summary['status']} (its run dir is held by another process)"
     return summary["status"]
 
 
