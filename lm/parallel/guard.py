@@ -137,7 +137,7 @@ class _Relay:
                 except ValueError:
                     pass
                 continue
-            if self.fatal:
+            if self.fatal and not line.startswith(_LOST):
                 self.fatal += line  # the stack dump: dropped
                 continue
             if _FATAL.search(line):
@@ -152,8 +152,9 @@ class _Relay:
                                                                  "warning: ")):
                 self.held.append(line)  # a continuation of a held message
                 continue
-            if line.startswith(_LOST):
+            if line.startswith(_LOST):  # the child's own account won the race to exit
                 self.said_lost = True
+                self.held = []
             self._emit([*self.held, line])
             self.held = []
         self.stream.close()
@@ -188,7 +189,9 @@ def run_guarded(argv: list[str]) -> int:
             signal.signal(s, h)
     aborted = code == -signal.SIGABRT
     relay.finish(aborted)
-    if aborted and relay.fatal and not relay.said_lost:
+    if relay.said_lost and code in (EXIT_POD_PEER_LOST, -signal.SIGABRT):
+        return EXIT_POD_PEER_LOST  # the child said it (then its abort may have won the race)
+    if aborted and relay.fatal:
         ctx = relay.context
         lost = which_lost(relay.fatal, ctx.get("process"), ctx.get("processes"))
         if ctx.get("process") == 0:
