@@ -1,7 +1,8 @@
 """`lm train | eval | sample | bench | compile | data prepare | launch {local,tpu,slurm}`.
 
-User-caused errors (bad config, bad data, missing run) print one line and exit 2
-(lm/errors.py holds the exit codes).
+User-caused errors (bad config, bad data, missing run) print one line and exit 2; a full
+disk anywhere prints one line naming the path and exits 4 (lm/errors.py holds the exit
+codes, README "When things go wrong" what each means).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shlex
 import sys
 
 from lm.configs import DEFAULT_CONFIG
-from lm.errors import EXIT_USER_ERROR
+from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -45,10 +46,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_sampling_flags(args) -> None:
+    """Refuse values that would sample nonsense (a negative temperature flips the
+    distribution, top-p > 1 or top-k < 0 silently mean "off") before a run is read."""
+    from lm.config import ConfigError
+    for flag, value, ok, want in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")):
+        if not ok:  # (NaN fails every comparison)
+            raise ConfigError(f"lm sample {flag} must be {want}, got {value}")
+
+
 def cmd_sample(args) -> int:
     from lm.sample import generate
     from lm.train.setup import restore_for_inference
-    run, params, _ = restore_for_inference(args.run)
+    _check_sampling_flags(args)
+    run, params, step = restore_for_inference(args.run)
+    print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
     cfg, tokenizer = run.cfg, run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
     outs = generate(run.pieces.graphdef, params, prompt, args.max_new_tokens,
@@ -254,13 +271,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _in_a_pod() -> bool:
+    """This process is one of a pod's and not yet the guarded child (lm/parallel/guard.py)."""
+    import os
+
+    from lm.errors import ConfigError  # (lm.config would import JAX into the guard)
+    from lm.parallel.distributed import detect
+    from lm.parallel.guard import GUARDED
+    if os.environ.get(GUARDED):
+        from lm.parallel.guard import die_with_parent
+        die_with_parent()
+        return False
+    try:
+        return detect(os.environ) is not None
+    except ConfigError:
+        return False  # reported by the command's own start-up, one line
+
+
 def main(argv: list[str] | None = None) -> int:
+    full_argv = None if argv is None else list(argv)
     if argv is None:  # run as a program (not called from Python): host malloc first
         from lm.hostmem import reexec_with_host_malloc
         reexec_with_host_malloc(sys.argv[1:])
     argv, remote = _split_remote(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.remote = remote
+    if args.command != "launch" and _in_a_pod():  # run it in a child that is watched
+        from lm.parallel.guard import run_guarded
+        return run_guarded(sys.argv[1:] if full_argv is None else full_argv)
     if args.command == "compile":
         # TPU topologies are compiled for from the host; never claim a local accelerator
         # (lm.compile.topology_devices then tells libtpu there is no TPU pod here).
@@ -271,17 +309,29 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libtpu()  # libtpu (lmlab[tpu] or [test]) on a machine without TPUs: no noise
         from lm.hostmem import configure_jax
         configure_jax()
+    from lm.parallel.distributed import exiting
+    code = _run(args)
+    exiting(code)  # peers of a pod that leave as well are no news now
+    return code
+
+
+def _run(args) -> int:
     from lm.config import ConfigError
     from lm.data import DataError
     try:
         if args.command != "launch":  # join the pod, if the environment describes one
             from lm.parallel.distributed import initialize_from_env
             initialize_from_env()
-        code = args.fn(args)
+        return args.fn(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return code
+    except Exception as e:
+        full = find_disk_full(e)  # wherever it was written: one line, not a traceback
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

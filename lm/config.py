@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,9 +194,29 @@ def exec_python_file(path: str | Path, what: str):
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
+    except ConfigError:
+        raise  # already one line (e.g. an unknown size asked of lm.configs.sizes)
+    except Exception as e:  # the user's file is at fault: one line, not a traceback
+        raise ConfigError(describe_file_error(e, path, what)) from None
     finally:
         sys.path.pop(0)
     return module
+
+
+def describe_file_error(e: BaseException, path: Path, what: str) -> str:
+    """'<what> FILE, line N: Error: message' for an exception raised while running a
+    user's Python file: the syntax error's own line, else the deepest frame in FILE."""
+    line = None
+    if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path.resolve():
+        line, message = e.lineno, e.msg
+    else:
+        message = str(e)
+        for frame in traceback.extract_tb(e.__traceback__):
+            if Path(frame.filename).resolve() == path.resolve():
+                line = frame.lineno
+    where = f"{what} {path}" + (f", line {line}" if line else "")
+    first = (message.strip().splitlines() or [""])[0]
+    return f"{where}: {type(e).__name__}: {first}" if first else f"{where}: {type(e).__name__}"
 
 
 def load_config_file(path: str | Path) -> TrainConfig:
@@ -210,10 +231,12 @@ def load_config_file(path: str | Path) -> TrainConfig:
         raise ConfigError(f"config file {text} defines no config() function")
     try:
         cfg = module.config() if arg is None else module.config(arg)
-    except TypeError as e:
-        if arg is not None and "positional argument" in str(e):
-            raise ConfigError(f"config() in {text} takes no argument (got {arg!r})") from None
+    except ConfigError:
         raise
+    except Exception as e:
+        if isinstance(e, TypeError) and arg is not None and "positional argument" in str(e):
+            raise ConfigError(f"config() in {text} takes no argument (got {arg!r})") from None
+        raise ConfigError(describe_file_error(e, Path(text), "config file")) from None
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"config() in {path} must return a TrainConfig")
     return cfg
@@ -351,6 +374,19 @@ def from_json(text: str) -> TrainConfig:
     return from_dict(json.loads(text))
 
 
+def load_run_config(path: str | Path) -> TrainConfig:
+    """A run directory's config.json; a damaged one (cut short, garbled, edited into
+    nonsense) is a ConfigError naming the file, never a traceback."""
+    path = Path(path)
+    try:
+        return from_json(path.read_text())
+    except ConfigError as e:
+        raise ConfigError(f"{path} is not a valid run config ({e})") from None
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # JSON, UTF-8, shape
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path} is damaged, not a readable run config ({reason})") from None
+
+
 # ----------------------------------------------------------------------------- validate
 
 
@@ -441,5 +477,6 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
 __all__ = [
     "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "MeshConfig", "TrainConfig",
     "load_config_file", "apply_overrides", "validate", "resolve", "to_json", "from_json",
+    "load_run_config",
     "from_dict", "to_dict", "config_diff",
 ]

@@ -80,3 +80,97 @@ def test_missing_config_file_and_run_dir(tmp_path, lm_here):
     assert result.returncode == 2 and "config file not found" in result.stderr
     result = lm_here("sample", "--run", str(tmp_path))
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+# ------------------------------------------------------------ a config file that fails
+
+
+@pytest.mark.parametrize("source, words", [
+    ("from lm.config import TrainConfig\n\ndef config(:\n    return TrainConfig()\n",
+     [", line 3: SyntaxError: "]),
+    ("from lm.config import TrainConfig\nX = undefined_name\n",
+     [", line 2: NameError: name 'undefined_name' is not defined"]),
+    ("def config():\n    return {}['model']\n", [", line 2: KeyError: 'model'"]),
+])
+def test_config_file_that_fails_to_run_is_one_line_with_file_and_line(tmp_path, lm_here,
+                                                                       source, words):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    run = tmp_path / "run"
+    check_one_line_exit_2(lm_here("train", "--config", str(path), "--run-dir", str(run)),
+                          run, f"config file {path}", *words)
+
+
+def test_config_file_syntax_error_through_the_real_command(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def config(:\n    pass\n")
+    run = tmp_path / "run"
+    check_one_line_exit_2(lm("train", "--config", str(path), "--run-dir", str(run)),
+                          run, f"config file {path}, line 1: SyntaxError")
+
+
+# ------------------------------------------------------------ a damaged run directory
+
+DAMAGED_CONFIGS = [
+    ('{"model": {"d_mod', "is damaged"),  # cut short (a partial copy)
+    ("\x00\x13garbage\xff", "is damaged"),
+    ("[1, 2]", "is damaged"),
+    ('{"model": {"d_model": "wide"}}', "model.d_model: expected int"),
+]
+
+
+@pytest.mark.parametrize("text, words", DAMAGED_CONFIGS)
+@pytest.mark.parametrize("command", ["eval", "sample", "train"])
+def test_damaged_config_json_in_a_run_dir_is_one_line_naming_it(tmp_path, lm_here, command,
+                                                                text, words):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text, errors="surrogateescape")
+    before = sorted(p.name for p in run.iterdir())
+    args = ["--run-dir", str(run), *sets(*TINY)] if command == "train" else ["--run", str(run)]
+    result = lm_here(command, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{run / 'config.json'}" in lines[0] and words in lines[0], lines
+    # Nothing written (the trainer checks the run dir once it holds its lock file).
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == before
+
+
+def test_damaged_config_json_through_the_real_command(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": {"d_mod')
+    result = lm("eval", "--run", str(run))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run / "config.json") in lines[0], result.stderr
+
+
+# ------------------------------------------------------------ sampling flags
+
+BAD_SAMPLING = [
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_SAMPLING)
+def test_bad_sampling_flag_exits_2_naming_it(tmp_path, lm_here, flags, message):
+    # Checked before the run is read: the run dir need not exist.
+    result = lm_here("sample", "--run", str(tmp_path / "run"), *flags)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: lm sample {message}"), lines
+
+
+def test_bad_sampling_flag_through_the_real_command(tiny_run):
+    result = lm("sample", "--run", str(tiny_run), "--top-p", "1.5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: lm sample --top-p must be in (0, 1] (1 = off), got 1.5"]

@@ -20,14 +20,25 @@ how soon a dead peer is noticed), `LMLAB_INIT_TIMEOUT` (s, default 120: how long
 for every process to join), `LMLAB_SHUTDOWN_TIMEOUT` (s, default 60), and
 `LMLAB_FAULT_PROCESS=K`: `LMLAB_FAULT` (fault injection, lm/train/loop.py) applies only
 to process K; the others drop it.
+
+A process of a pod that loses another (killed, its host gone; with or without `lm launch`)
+exits EXIT_POD_PEER_LOST (5) with one line naming the lost process and where a rerun
+resumes, whichever notices first: a failed cross-process collective (gloo on CPU:
+"Connection reset by peer"), caught by the train loop (`lost_peer`, which leaves with
+os._exit: an orderly exit would wait for the dead peer at JAX's shutdown barrier), or
+the coordination client's error poll, whose abort the process's guard turns into the
+same line (lm/parallel/guard.py).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import re
+import sys
+from typing import Callable, Mapping, NoReturn
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
+from lm.errors import EXIT_POD_PEER_LOST
 
 EXPLICIT = ("LMLAB_COORDINATOR", "LMLAB_NUM_PROCESSES", "LMLAB_PROCESS_ID")
 
@@ -117,12 +128,73 @@ def detect(environ: Mapping[str, str]) -> dict | None:
     return None
 
 
+def coordination_client():
+    """The jax.distributed client (host-side key-value store and barriers), or None."""
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
 def _apply_fault_target(process_id: int) -> None:
     target = os.environ.get("LMLAB_FAULT_PROCESS", "").strip()
     if not target:
         return
     if _int(os.environ, "LMLAB_FAULT_PROCESS") != process_id:
         os.environ.pop("LMLAB_FAULT", None)
+
+
+# What the pod's loss of a process should say and record, set while a command runs
+# (lm/train/loop.py: where a rerun resumes, summary.json); and the code of an exit under
+# way (a process leaving on its own is not a peer lost).
+_loss: dict = {"report": None, "exiting": None}
+
+
+def on_peer_lost(report: Callable[[str], str] | None) -> None:
+    """`report(lost)` (lost: e.g. "process 1") records the failure and returns what to
+    add to the one line, e.g. "rerun resumes from step 8"; None: nothing to add."""
+    _loss["report"] = report
+
+
+def exiting(code: int) -> None:
+    """This process is leaving with `code`: a peer that leaves too is no news."""
+    _loss["exiting"] = code
+
+
+def lost_peer(detail: str) -> NoReturn:
+    """Leave now, with one line: which process the pod lost, and where a rerun resumes."""
+    code = _loss["exiting"]
+    if code is not None:
+        os._exit(code)
+    import jax
+
+    from lm.parallel.guard import which_lost
+    lost = which_lost(detail, jax.process_index(), jax.process_count())
+    extra = ""
+    if _loss["report"] is not None:
+        try:
+            extra = _loss["report"](lost)
+        except Exception:  # noqa: BLE001 (the line matters more than the record)
+            extra = ""
+    sys.stdout.flush()
+    print(f"error: the pod lost {lost}" + (f"; {extra}" if extra else ""), file=sys.stderr,
+          flush=True)
+    os._exit(EXIT_POD_PEER_LOST)
+
+
+def is_lost_peer_error(e: BaseException) -> bool:
+    """A failed collective or coordination call because a peer process is gone: gloo's
+    connection to it reset or closed, or the coordination service's verdict (a task
+    stopped sending heartbeats) reaching a barrier."""
+    if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return False
+    text = str(e)
+    gloo = re.search(r"gloo", text, re.I) and re.search(
+        r"connection (reset|closed|refused)|peer|broken pipe", text, re.I)
+    service = re.search(r"heartbeat timeout|stopped sending heartbeats|tasks have crashed",
+                        text, re.I)
+    return bool(gloo or service)
 
 
 def initialize_from_env() -> None:
@@ -140,4 +212,6 @@ def initialize_from_env() -> None:
         # Cross-process collectives on CPU devices need a collectives backend.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
+    from lm.parallel.guard import tell
+    tell(process=jax.process_index(), processes=jax.process_count())
     _apply_fault_target(jax.process_index())

@@ -24,6 +24,7 @@ from pathlib import Path
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
+from lm.lock import hold
 from lm.sweep.spec import Sweep, Trial, expand, load_spec
 
 _FINAL = ("completed", "diverged")
@@ -74,15 +75,19 @@ def _mark_failed(run_dir: Path, code: int, status_text: str | None = None) -> st
     path = run_dir / "summary.json"
     summary = _read_summary(run_dir)
     status = summary.get("status")
-    if isinstance(status, str) and status.startswith(_FINAL):
-        return status
+    if isinstance(status, str) and status.startswith((*_FINAL, "failed: no space")):
+        return status  # the trainer's own account (a full disk: exit 4) says more
     if status_text == "interrupted" and status is None:
         return f"interrupted (exit {code}, nothing written yet)"
     summary["status"] = status_text or f"failed: exit {code}"
     if run_dir.is_dir():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(path)
+        try:  # the run dir's one writer for the moment: never over another's summary
+            with hold(run_dir, "lm sweep"):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(summary, indent=2))
+                tmp.replace(path)
+        except ConfigError:  # e.g. an `lm train` started by hand on the trial's run dir
+            return f"{summary['status']} (its run dir is held by another process)"
     return summary["status"]
 
 
@@ -106,89 +111,91 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
         print(f"{len(trials)} trials (dry run: nothing written)")
         return 0
 
-    wd.mkdir(parents=True, exist_ok=True)
-    _write_base(sweep, wd.resolve())
-    (wd / "sweep.json").write_text(json.dumps({
-        "spec": str(Path(spec_path).resolve()), "smoke": smoke, "base_config": str(base),
-        "trials": [{**t.to_dict(), "command": command(t, base, wd / t.name, launch)}
-                   for t in trials],
-    }, indent=2, default=str))
+    # One sweep per workdir at a time: a second would start the same trials again
+    # (each trial's run dir is locked by its trainer too, so it would fail them).
+    with hold(wd, "lm sweep"):
+        _write_base(sweep, wd.resolve())
+        (wd / "sweep.json").write_text(json.dumps({
+            "spec": str(Path(spec_path).resolve()), "smoke": smoke, "base_config": str(base),
+            "trials": [{**t.to_dict(), "command": command(t, base, wd / t.name, launch)}
+                       for t in trials],
+        }, indent=2, default=str))
 
-    todo, tally = [], {"completed": 0, "diverged": 0, "failed": 0, "interrupted": 0,
-                       "skipped": 0}
-    for t in trials:
-        status = read_status(wd / t.name)
-        if status is not None and status.startswith(_FINAL):
-            print(f"skip {t.name}: {status}", flush=True)
-            tally["skipped"] += 1
-        else:
-            todo.append(t)
-    print(f"{len(trials)} trials: {len(todo)} to run, {tally['skipped']} already done; "
-          f"{parallel} at a time; logs in {wd}/<trial>/train.log", flush=True)
+        todo, tally = [], {"completed": 0, "diverged": 0, "failed": 0, "interrupted": 0,
+                           "skipped": 0}
+        for t in trials:
+            status = read_status(wd / t.name)
+            if status is not None and status.startswith(_FINAL):
+                print(f"skip {t.name}: {status}", flush=True)
+                tally["skipped"] += 1
+            else:
+                todo.append(t)
+        print(f"{len(trials)} trials: {len(todo)} to run, {tally['skipped']} already done; "
+              f"{parallel} at a time; logs in {wd}/<trial>/train.log", flush=True)
 
-    stop = {"sig": 0}
-    running: dict[subprocess.Popen, tuple[Trial, float, object]] = {}
+        stop = {"sig": 0}
+        running: dict[subprocess.Popen, tuple[Trial, float, object]] = {}
 
-    def handle(signum, frame):
-        if not stop["sig"]:
-            print(f"\nsignal {signum}: stopping running trials (they checkpoint), starting "
-                  "no new ones", flush=True)
-        stop["sig"] = signum
-        for p in list(running):
-            if p.poll() is None:
-                try:
-                    p.send_signal(signum)
-                except ProcessLookupError:
-                    pass
+        def handle(signum, frame):
+            if not stop["sig"]:
+                print(f"\nsignal {signum}: stopping running trials (they checkpoint), starting "
+                      "no new ones", flush=True)
+            stop["sig"] = signum
+            for p in list(running):
+                if p.poll() is None:
+                    try:
+                        p.send_signal(signum)
+                    except ProcessLookupError:
+                        pass
 
-    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    done = 0
-    try:
-        queue = list(todo)
-        while queue or running:
-            while queue and len(running) < parallel and not stop["sig"]:
-                t = queue.pop(0)
-                run_dir = wd / t.name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the trial ends)
-                p = subprocess.Popen(command(t, base, run_dir, launch), stdout=log,
-                                     stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-                running[p] = (t, time.perf_counter(), log)
-            if stop["sig"] and not running:
-                break
-            time.sleep(0.2)
-            for p in [p for p in running if p.poll() is not None]:
-                t, t0, log = running.pop(p)
-                log.close()
-                done += 1
-                run_dir = wd / t.name
-                code = p.returncode
-                if code == EXIT_OK:
-                    status, key = "completed", "completed"
-                elif code == EXIT_DIVERGED:
-                    status, key = read_status(run_dir) or "diverged", "diverged"
-                elif code > 128 or code < 0 or stop["sig"]:
-                    # signalled (by us or from outside), possibly before the trainer had
-                    # installed its handler: a trial to resume, not a failure
-                    status, key = read_status(run_dir), "interrupted"
-                    if status is None or not status.startswith(("interrupted", *_FINAL)):
-                        status = _mark_failed(run_dir, code, "interrupted")
-                else:
-                    status, key = _mark_failed(run_dir, code), "failed"
-                    status += f" (see {run_dir / 'train.log'})"
-                tally[key] += 1
-                print(f"[{done}/{len(todo)}] {t.name}: {status}"
-                      f"{_final_loss(run_dir) if key == 'completed' else ''} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    not_started = len(todo) - done
-    print("sweep: " + ", ".join(f"{v} {k}" for k, v in tally.items() if v)
-          + (f", {not_started} not started" if not_started else "")
-          + f" of {len(trials)} trials", flush=True)
-    if stop["sig"]:
-        return exit_for_signal(stop["sig"])
-    return 1 if tally["failed"] else 0
+        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        done = 0
+        try:
+            queue = list(todo)
+            while queue or running:
+                while queue and len(running) < parallel and not stop["sig"]:
+                    t = queue.pop(0)
+                    run_dir = wd / t.name
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the trial ends)
+                    p = subprocess.Popen(command(t, base, run_dir, launch), stdout=log,
+                                         stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+                    running[p] = (t, time.perf_counter(), log)
+                if stop["sig"] and not running:
+                    break
+                time.sleep(0.2)
+                for p in [p for p in running if p.poll() is not None]:
+                    t, t0, log = running.pop(p)
+                    log.close()
+                    done += 1
+                    run_dir = wd / t.name
+                    code = p.returncode
+                    if code == EXIT_OK:
+                        status, key = "completed", "completed"
+                    elif code == EXIT_DIVERGED:
+                        status, key = read_status(run_dir) or "diverged", "diverged"
+                    elif code > 128 or code < 0 or stop["sig"]:
+                        # signalled (by us or from outside), possibly before the trainer had
+                        # installed its handler: a trial to resume, not a failure
+                        status, key = read_status(run_dir), "interrupted"
+                        if status is None or not status.startswith(("interrupted", *_FINAL)):
+                            status = _mark_failed(run_dir, code, "interrupted")
+                    else:
+                        status, key = _mark_failed(run_dir, code), "failed"
+                        status += f" (see {run_dir / 'train.log'})"
+                    tally[key] += 1
+                    print(f"[{done}/{len(todo)}] {t.name}: {status}"
+                          f"{_final_loss(run_dir) if key == 'completed' else ''} "
+                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        not_started = len(todo) - done
+        print("sweep: " + ", ".join(f"{v} {k}" for k, v in tally.items() if v)
+              + (f", {not_started} not started" if not_started else "")
+              + f" of {len(trials)} trials", flush=True)
+        if stop["sig"]:
+            return exit_for_signal(stop["sig"])
+        return 1 if tally["failed"] else 0

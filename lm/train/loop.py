@@ -15,17 +15,24 @@ agree at every `stop_sync_every` steps (a barrier in the coordination service, n
 work) and all stop after the same step, with a checkpoint.
 
 Exit codes (lm/errors.py): 0 done; EXIT_DIVERGED (3): diverged, the last good
-checkpoint is kept; 128 + signal number when stopped by a signal after a checkpoint.
+checkpoint is kept; 128 + signal number when stopped by a signal after a checkpoint;
+EXIT_DISK_FULL (4): a write found no space (the half-written checkpoint is removed, the
+committed ones kept); EXIT_POD_PEER_LOST (5): a pod process is gone; EXIT_USER_ERROR (2)
+also when another process holds the run dir (lm/lock.py) or no checkpoint in it is
+intact (unreadable ones are renamed aside: lm/train/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -35,8 +42,12 @@ import numpy as np
 from lm import config as config_lib
 from lm.config import TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
-from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
+from lm.errors import EXIT_DIVERGED, EXIT_OK, DiskFull, exit_for_signal, find_disk_full
+from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
+from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lost_peer,
+                                     on_peer_lost)
+from lm.parallel.guard import resume_hint, tell
 from lm.parallel.sharding import per_device_bytes
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
@@ -63,15 +74,6 @@ def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
         nbytes += float(np.sum(target_bytes(batch, tokenizer)))
     return {"loss": nll_sum / max(count, 1.0),
             "bpb": nll_sum / math.log(2) / max(nbytes, 1.0)}
-
-
-def _coordination_client():
-    """The jax.distributed client (host-side key-value store and barriers), or None."""
-    try:
-        from jax._src import distributed
-        return distributed.global_state.client
-    except (ImportError, AttributeError):
-        return None
 
 
 class _StopFlag:
@@ -107,7 +109,7 @@ class _StopFlag:
         if step % self.every:
             return 0
         local = self.signum  # what this process announces; a later signal waits a round
-        client = _coordination_client()
+        client = coordination_client()
         if client is None:  # no coordination service: a device all-gather (rare steps)
             from jax.experimental import multihost_utils
             return int(np.max(multihost_utils.process_allgather(np.int32(local))))
@@ -123,14 +125,18 @@ class _StopFlag:
 
 
 class _Faults:
-    """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N (tests use them):
+    """LMLAB_FAULT=sigterm@N | sigkill@N | nan@N | enospc@N | enospc-metrics@N (tests
+    use them):
     sigterm@N: SIGTERM to this process while step N runs (the run stops after step N);
     sigkill@N: SIGKILL to this process once step N's metrics are written, its
     evaluation (if any) done and every checkpoint save started so far committed (so the
     test knows which checkpoint a rerun finds: a kill during an async save could
     otherwise leave step N's predecessor uncommitted on a loaded machine);
     nan@N: step N's batch gets a NaN loss mask (a real divergence: NaN loss, gradients
-    and parameters)."""
+    and parameters);
+    enospc@N: the checkpoint write of step N fails with ENOSPC (no space left on
+    device), as the save would on a full disk;
+    enospc-metrics@N: the metrics write of step N fails likewise."""
 
     def __init__(self, checkpointer):
         kind, _, at = os.environ.get("LMLAB_FAULT", "").partition("@")
@@ -150,6 +156,12 @@ class _Faults:
         if self.kind == "sigkill" and step == self.at:
             self.checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def writing(self, what: str, step: int, path: Path) -> None:
+        """Before the `what` ("checkpoint" | "metrics") write of `step` to `path`."""
+        if step == self.at and self.kind == {"checkpoint": "enospc",
+                                             "metrics": "enospc-metrics"}[what]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 class _StepTimer:
@@ -181,15 +193,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     run_dir = Path(run_dir)
     run = setup if setup is not None else setup_run(cfg)
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
-    check_resumable(cfg, run_dir)
     # Each process reads only its part of every global batch.
     source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
                             jax.process_count(), read_threads=cfg.data.read_threads)
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+    # Bad config and data are refused above, before the run dir exists; from here on
+    # this process (this pod) is the run dir's one writer, or exits 2 naming the holder.
+    with hold_for_pod(run_dir, "lm train"):
+        return _train_holding_run_dir(run, run_dir, batches, eval_data)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
+                           eval_data: list) -> int:
+    cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
+    check_resumable(cfg, run_dir)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     counts = count_params(cfg.model)
@@ -199,12 +218,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
+    # The newest checkpoint that restores; unreadable ones are renamed aside (this
+    # process owns the run dir). Restores the prefetcher's position too (and starts it).
+    restored = ckpt.restore_newest_intact(
+        lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
+    if restored is None:
         state, start = pieces.init_state(), 0
         batches.start_prefetch()
-    else:  # restores the prefetcher's position too (and starts it)
-        state = ckpt.restore(start, pieces.abstract_state(), batches)
+    else:
+        start, state = restored
         print(f"resumed from step {start} in {run_dir}", flush=True)
 
     summary_path = run_dir / "summary.json"
@@ -265,6 +287,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
                       if k != "finite"}
             record["attn_logit_max"] = {i: record["attn_logit_max"][i] for i in layers}
             record.update(step_time=step_time, tokens_per_s=tps, mfu=util)
+            faults.writing("metrics", step, sink.path)
             sink.write(step, record)
             progress.line(step, float(loss), tps, util, step_time)
             timer.restart()
@@ -279,6 +302,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
         print(f"  eval @ {step}: val loss {result['loss']:.4f} | {result['bpb']:.4f} bits/byte",
               flush=True)
 
+    def record_lost_peer(lost: str) -> str:
+        """A pod process is gone (lm/parallel/distributed.py leaves with one line)."""
+        summary["status"] = f"failed: the pod lost {lost}"
+        if jax.process_index() == 0:
+            write_json(summary_path, summary)
+        return resume_hint(str(run_dir))
+
+    if jax.process_count() > 1:
+        on_peer_lost(record_lost_peer)
+        tell(run_dir=str(run_dir.absolute()))  # for the guard, if this process aborts
     # The handlers stay installed until the summary is written: a pod's launcher sends
     # SIGTERM to processes that are still shutting down after an agreed stop.
     with _StopFlag(cfg.stop_sync_every) as stop:
@@ -306,6 +339,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
                     if evaluate_now:
                         run_eval(step)
                     if save_now:
+                        faults.writing("checkpoint", step, ckpt.directory / str(step))
                         ckpt.save(step, state, batches, force=True)
                     faults.settled(step)
                     timer.restart()
@@ -314,10 +348,51 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
                     print(f"stopped by signal {signum} at step {step}; checkpoint saved; "
                           "rerun the same command to resume", flush=True)
                     break
-        finally:
-            batches.close()
-            ckpt.close()
-            sink.close()
+        except Exception as e:  # noqa: BLE001 (re-raised below unless the disk is full)
+            if is_lost_peer_error(e):  # leaves now: closing would wait for the dead peer
+                lost_peer(str(e))
+            failure = e
+        else:
+            failure = None
+        for close in (batches.close, ckpt.close, sink.close):  # all of them, whatever fails
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
+                failure = failure or e
+        if failure is not None:
+            full = find_disk_full(failure, str(run_dir))
+            if full is None:
+                raise failure
+            raise _stopped_by_full_disk(full, ckpt, summary, summary_path)
         summary["status"] = outcome["status"]
         write_json(summary_path, summary)
+        on_peer_lost(None)  # the run's account is written: a peer leaving now changes nothing
     return outcome["code"]
+
+
+def _stopped_by_full_disk(full: DiskFull, ckpt: Checkpointer, summary: dict,
+                          summary_path: Path) -> DiskFull:
+    """A write failed for want of space: the checkpoint being written when it did
+    (orbax's `<step>.orbax-checkpoint-tmp*` directory, never committed, never listed as
+    a step) is removed, which gives its space back; summary.json says what happened
+    where it can still be written; the committed checkpoints are untouched."""
+    # The failed save's writes that were never started are dropped with it; Python
+    # would list each at exit ("coroutine ... was never awaited").
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+    if jax.process_index() == 0:
+        for partial in ckpt.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    inside = Path(full.path)
+    if ckpt.directory in inside.parents:  # name the step, not a file of its removed copy
+        step = inside.relative_to(ckpt.directory).parts[0].split(".")[0]
+        full = DiskFull(str(ckpt.directory / step))
+    committed = ckpt.committed_steps()
+    summary["status"] = f"failed: no space left on device ({full.path})"
+    try:
+        write_json(summary_path, summary)
+        recorded = ""
+    except OSError:
+        recorded = f"; {summary_path} could not be updated"
+    resume = (f"checkpoints up to step {max(committed)} are intact: free space and rerun "
+              "the same command to resume" if committed else "no checkpoint was written yet")
+    return DiskFull(full.path, resume + recorded)

@@ -37,9 +37,9 @@ class MetricsSink:
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int = 0,
                  enabled: bool = True):
         self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
         if not enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
         self.tb = EventFileWriter(str(run_dir / "tensorboard")) if tensorboard else None

@@ -63,7 +63,7 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
         return
-    previous = config_lib.from_json(saved.read_text())
+    previous = config_lib.load_run_config(saved)
     diff = [d for d in config_lib.config_diff(previous, cfg)
             if d.split(":")[0] not in OPERATIONAL_FIELDS]
     if diff:
@@ -80,15 +80,18 @@ def restore_for_inference(run_dir: str | Path) -> tuple[RunSetup, Any, int]:
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
-    cfg = config_lib.from_json((run / "config.json").read_text())
+    cfg = config_lib.load_run_config(run / "config.json")
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
     setup = setup_run(cfg)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        # A reader does not own the run dir (a trainer may be writing it): an unreadable
+        # checkpoint is reported and skipped, never renamed.
+        restored = ckpt.restore_newest_intact(
+            lambda step: ckpt.restore_params(step, setup.pieces.abstract_state()), rename=False)
+        if restored is None:
             raise ConfigError(f"--run {run_dir}: no checkpoint yet")
-        state = ckpt.restore_params(step, setup.pieces.abstract_state())
+        step, state = restored
     finally:
         ckpt.close()
     return setup, state["params"], step
