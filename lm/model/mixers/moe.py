@@ -9,23 +9,25 @@ top-k, optionally renormalised over the chosen k; the auxiliary-loss-free balanc
 
 Computation is dropless by default: assignments (token, expert) are sorted by expert and
 each expert's rows are one group of a grouped matmul (kernels/grouped_matmul.py:
-megablox on TPU, blocks of rows per expert on CPU, `lax.ragged_dot` on GPU). `capacity_factor` > 0 keeps at most
-C = ceil(capacity_factor * tokens * top_k / n_experts) assignments per expert and group
-of tokens (in token order; GShard's rule); a dropped assignment contributes nothing, so a
-token whose every assignment is dropped passes through the residual unchanged.
+megablox on TPU, blocks of rows per expert on CPU, `lax.ragged_dot` on GPU).
+`capacity_factor` > 0 keeps at most C = ceil(capacity_factor * tokens * top_k /
+n_experts) assignments per expert and group of tokens (in token order; GShard's rule);
+a dropped assignment contributes nothing, so a token whose every assignment is dropped
+passes through the residual unchanged.
 
-Parallelism. Under a mesh the layer runs per shard (jax.shard_map): a shard routes its own
-tokens (batch and sequence shards are the token groups above). Expert weights are split
-over the `expert` mesh axis (logical name "experts") and their hidden dimension over
-`tensor` ("expert_mlp"); FSDP-sharded weights are gathered on entry as any weight is.
-With an expert axis, a shard sends each assignment to the shard holding its expert in an
-all-to-all, that shard runs its experts over what it received, and a second all-to-all
-brings the outputs back. The send buffers have a fixed size (XLA:CPU has no
+Parallelism. Routing (scores, top-k, gates) and its statistics (expert load, the
+auxiliary loss, the router z-loss) are plain jnp over the global batch, which the
+compiler partitions: they, the losses and their gradients equal the single-device
+values. The dispatch runs per shard (jax.shard_map): a shard sends its own tokens'
+assignments (batch and sequence shards are the token groups above). Expert weights are
+split over the `expert` mesh axis (logical name "experts") and their hidden dimension
+over `tensor` ("expert_mlp"); FSDP-sharded weights are gathered on entry as any weight
+is. With an expert axis, a shard sends each assignment to the shard holding its expert in
+an all-to-all, that shard runs its experts over what it received, and a second
+all-to-all brings the outputs back. The send buffers have a fixed size (XLA:CPU has no
 ragged_all_to_all): dropless, room for all of a shard's assignments to each destination
 (exact, but the all-to-all moves `expert` times the bytes of an average routing);
-capacity mode, room for n_experts / expert x C assignments. Routing statistics (expert
-load, the auxiliary loss, the router z-loss) are summed over all shards, so they, and the
-losses, equal the single-device values.
+capacity mode, room for n_experts / expert x C assignments.
 
 The layer returns diagnostics per layer (logged as moe_*/<layer>): load (fraction of
 assignments per expert), load_ratio (max / min load), dropped (fraction of assignments
