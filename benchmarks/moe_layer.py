@@ -39,7 +39,7 @@ def step_fn(layer):
     return lambda x: grad(state, x)
 
 
-def interleaved(fns: dict, args, rounds: int) -> dict[str, float]:
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
     """Median seconds per call of each (warmed-up) fn, timed round-robin."""
     for fn in fns.values():
         jax.block_until_ready(fn())
@@ -67,7 +67,7 @@ def grouped(args) -> None:
         for impl in ("ragged", "blocked"):
             f = jax.jit(lambda x, w, s, impl=impl: grouped_matmul(x, w, s, impl))
             fns[f"{impl} {g} groups"] = lambda f=f, w=w, s=sizes: f(x, w, s)
-    t = interleaved(fns, args, args.rounds)
+    t = interleaved(fns, args.rounds)
     print(f"{jax.devices()[0].platform}: [{m}, {k}] x [{k}, {n}], median of {args.rounds} "
           "interleaved rounds")
     for name, s in t.items():
@@ -96,23 +96,14 @@ def main() -> None:
                           moe=MoEConfig(n_experts=e, top_k=args.top_k,
                                         ratio=args.ratio / args.top_k))
         fns[f"MoE {e} experts top-{args.top_k}"] = step_fn(MoE(cfg, nnx.Rngs(0)))
-    for fn in fns.values():
-        jax.block_until_ready(fn(x))
-    times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times[k].append(time.perf_counter() - t0)
-    dense = sorted(times["dense MLP"])[args.rounds // 2]
+    t = interleaved({k: lambda f=f: f(x) for k, f in fns.items()}, args.rounds)
     flops = 6 * 2 * d * args.ratio * d * args.tokens  # fwd + bwd of the two matmuls
     print(f"{jax.devices()[0].platform}, d_model {d}, {args.tokens} tokens, dense width "
           f"{args.ratio:g} x d_model; fwd+bwd, median of {args.rounds} interleaved rounds")
     print(f"{'layer':<28}{'ms':>9}{'tokens/s':>12}{'GFLOP/s':>10}{'vs dense':>10}")
-    for k, ts in times.items():
-        t = sorted(ts)[args.rounds // 2]
-        print(f"{k:<28}{1e3 * t:>9.1f}{args.tokens / t:>12,.0f}{flops / t / 1e9:>10.1f}"
-              f"{dense / t:>9.2f}x")
+    for k, s in t.items():
+        print(f"{k:<28}{1e3 * s:>9.1f}{args.tokens / s:>12,.0f}{flops / s / 1e9:>10.1f}"
+              f"{t['dense MLP'] / s:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -413,9 +413,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
     _mixers.validate(m)  # the layer patterns, then each mixer in use
     # The mesh axes fixed in the config (a -1 axis is checked once devices fill it).
-    _mixers.validate_mesh(m, {f.name: getattr(cfg.mesh, f.name) * getattr(cfg.mesh, "dcn_" + f.name)
-                              for f in dataclasses.fields(cfg.mesh)
-                              if hasattr(cfg.mesh, "dcn_" + f.name) and getattr(cfg.mesh, f.name) > 0})
+    from lm.parallel.sharding import MESH_AXES
+    _mixers.validate_mesh(m, {a: getattr(cfg.mesh, a) * getattr(cfg.mesh, f"dcn_{a}")
+                              for a in MESH_AXES if getattr(cfg.mesh, a) > 0})
     if m.scan_layers and (len(set(m.mixer_pattern)) > 1 or len(set(m.channel_pattern)) > 1):
         raise ConfigError(f"model.scan_layers needs one mixer type per kind; mixer_pattern="
                           f"{m.mixer_pattern!r}, channel_pattern={m.channel_pattern!r} "

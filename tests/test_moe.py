@@ -44,9 +44,9 @@ def reference(layer: MoE, cfg: MoEConfig, x_BTD):
             h = act(pre) if act else jax.nn.silu(x[n] @ layer.w_gate[...][e]) * pre
             y = y + gates[j] * (h @ layer.w_out[...][e])
         if cfg.n_shared_experts:
-            pre = x[n] @ layer.shared_in[...]
-            h = act(pre) if act else jax.nn.silu(x[n] @ layer.shared_gate[...]) * pre
-            y = y + h @ layer.shared_out[...].T
+            pre = x[n] @ layer.shared.w_in[...]
+            h = act(pre) if act else jax.nn.silu(x[n] @ layer.shared.w_gate[...]) * pre
+            y = y + h @ layer.shared.w_out[...].T
         rows.append(y)
     return jnp.stack(rows).reshape(x_BTD.shape)
 

@@ -239,24 +239,22 @@ def update_outside_gradient(cfg: ModelConfig, old: dict, new: dict, channel_aux:
     any). `channel_aux`: the model's aux["channel"], per layer."""
     if not channel_aux:
         return new
+    def own(mixer, aux: dict) -> dict:  # Block prefixed the keys with the mixer's name
+        prefix = mixer.name + "_"
+        return {k[len(prefix):]: v for k, v in aux.items() if k.startswith(prefix)}
+
     blocks = dict(new["blocks"])
     if cfg.scan_layers:  # one mixer type, parameters and aux stacked over the layers
         stacked = jax.tree.map(lambda *v: jnp.stack(v),
                                *(channel_aux[i] for i in range(cfg.n_layers)))
         mixer = mixers.channel_mixer(cfg, 0)
-        prefix = mixer.name + "_"
-        own = {k[len(prefix):]: v for k, v in stacked.items() if k.startswith(prefix)}
         blocks["channel"] = mixer.update_outside_gradient(
-            cfg, old["blocks"]["channel"], new["blocks"]["channel"], own)
+            cfg, old["blocks"]["channel"], new["blocks"]["channel"], own(mixer, stacked))
     else:
         for i, aux in channel_aux.items():
             mixer = mixers.channel_mixer(cfg, i)
-            prefix = mixer.name + "_"
-            own = {k[len(prefix):]: v for k, v in aux.items() if k.startswith(prefix)}
-            block = dict(blocks[i])
-            block["channel"] = mixer.update_outside_gradient(
-                cfg, old["blocks"][i]["channel"], new["blocks"][i]["channel"], own)
-            blocks[i] = block
+            blocks[i] = dict(blocks[i], channel=mixer.update_outside_gradient(
+                cfg, old["blocks"][i]["channel"], new["blocks"][i]["channel"], own(mixer, aux)))
     return dict(new, blocks=blocks)
 
 

@@ -37,6 +37,7 @@ balancing bias; and "loss", the weighted auxiliary losses added to the objective
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -50,7 +51,7 @@ from kernels.grouped_matmul import grouped_matmul
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
 from lm.model.mixers import ChannelMixer, register
-from lm.model.mixers.mlp import activation, mlp_core
+from lm.model.mixers.mlp import MLP, MLPConfig, activation
 
 if TYPE_CHECKING:
     from lm.config import ModelConfig
@@ -247,13 +248,9 @@ class MoE(ChannelMixer):
             self.w_gate = param(rngs, (e, d, f), w_axes, hidden_std(cfg, d), pdt)
         out_std = hidden_std(cfg, f) / math.sqrt(2 * cfg.n_layers)
         self.w_out = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), out_std, pdt)
-        if m.n_shared_experts:
-            fs = m.n_shared_experts * f
-            self.shared_in = param(rngs, (d, fs), ("embed", "mlp"), hidden_std(cfg, d), pdt)
-            if m.activation == "swiglu":
-                self.shared_gate = param(rngs, (d, fs), ("embed", "mlp"), hidden_std(cfg, d), pdt)
-            self.shared_out = param(rngs, (d, fs), ("embed", "mlp"),
-                                    hidden_std(cfg, fs) / math.sqrt(2 * cfg.n_layers), pdt)
+        if m.n_shared_experts:  # the dense MLP, n_shared x the expert width
+            shared = MLPConfig(activation=m.activation, ratio=m.n_shared_experts * m.ratio)
+            self.shared = MLP(dataclasses.replace(cfg, mlp=shared), rngs)
 
     def __call__(self, x_BTD: jax.Array):
         from lm.parallel.sharding import active_mesh, shard_axes, spec_for_names
@@ -302,10 +299,7 @@ class MoE(ChannelMixer):
         stats["dropped"] = dropped / (b * t * m.top_k)
 
         if m.n_shared_experts:
-            ins = (self.shared_in[...].astype(cdt),)
-            if m.activation == "swiglu":
-                ins = (self.shared_gate[...].astype(cdt),) + ins
-            y = y + mlp_core(m.activation, x_BTD, ins, self.shared_out[...].astype(cdt))
+            y = y + self.shared(x_BTD)
         stats["loss"] = m.aux_loss * stats["aux_loss"] + m.router_z_loss * stats["z_loss"]
         if bias is not None:
             stats["bias"] = jax.lax.stop_gradient(bias)
