@@ -69,7 +69,7 @@ def loop_step_times(run: RunSetup, steps: int) -> list[float]:
 def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int = 2) -> dict:
     run = setup_run(cfg)
     cfg, pieces = run.cfg, run.pieces
-    data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.seed)
+    data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.data_seed)
     batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
     t0 = time.perf_counter()

@@ -88,6 +88,10 @@ class DataConfig:
     # reading thread takes them from the step (see lm/data/prefetch.py: prefetch_depth).
     prefetch: int = -1
     read_threads: int = 0  # grain threads reading rows ahead (0 = in the prefetch thread)
+    # Seed of the training data order; -1 = the run's `seed`. Fixing it while `seed`
+    # varies separates init noise from data-order noise in a seed study (and lets
+    # batched trials share one data stream: lm/train/trials.py).
+    seed: int = -1
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,10 @@ class TrainConfig:
     # Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host barrier,
     # no device sync) and all stop after the same step; one process stops at once.
     stop_sync_every: int = 10
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed < 0 else self.data.seed
 
 
 # ----------------------------------------------------------------------------- load

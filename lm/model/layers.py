@@ -20,9 +20,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
           dtype) -> nnx.Param:
     """A normal(0, std) parameter tagged with logical axis names (see lm/parallel for the
-    mapping to mesh axes). std == 0 gives zeros."""
+    mapping to mesh axes). std == 0 gives zeros (and draws nothing from `rngs`). A traced
+    std (batched trials' init scale: lm/train/trials.py) always draws."""
     assert len(shape) == len(axes), (shape, axes)
-    if std == 0:
+    if isinstance(std, (int, float)) and std == 0:
         value = jnp.zeros(shape, dtype)
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)

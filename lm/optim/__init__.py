@@ -73,11 +73,13 @@ def schedule(cfg: "OptimConfig", total_steps: int) -> Callable[[jax.Array], jax.
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     warmup = cfg.warmup_steps
     last = total_steps - 1  # the final step trains at the floor LR
-    decay_steps = max(last - warmup, 1)
+    # jnp, not Python, arithmetic on the knobs: batched trials pass them traced
+    # (lm/train/trials.py).
+    decay_steps = jnp.maximum(last - warmup, 1)
 
     def lr(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = peak * jnp.minimum((step + 1) / max(warmup, 1), 1.0)
+        warm = peak * jnp.minimum((step + 1) / jnp.maximum(warmup, 1), 1.0)
         frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
         if cfg.schedule == "cosine":
             after = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * frac))

@@ -40,6 +40,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),  # MoE experts (expert parallelism)
     "router": (),  # the router's expert scores: every token needs all of them
     "expert_mlp": ("tensor",),  # an expert's hidden dimension
+    # Batched trials (lm/train/trials.py): K trials spread over the data axis (when K
+    # divides by it), each trial's batch then over the remaining batch axes.
+    "trials": ("data",),
 }
 
 

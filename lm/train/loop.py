@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     run = setup if setup is not None else setup_run(cfg)
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
     # Each process reads only its part of every global batch.
-    source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.seed, jax.process_index(),
+    source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed, jax.process_index(),
                             jax.process_count(), read_threads=cfg.data.read_threads)
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))

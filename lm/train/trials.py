@@ -1,0 +1,571 @@
+"""Trials batched into one program: K runs that share every shape train as one jitted,
+vmapped step.
+
+A study of small models is many tiny runs, and one tiny run uses a 2-core CPU (or a TPU
+chip) badly: its matmuls are small and the host's per-step work is a large share of the
+step. K trials that differ only in scalars (`TRACED_FIELDS`: learning rate, seed,
+warmup, weight decay, z-loss coefficient, init scale, Adam's betas; and `data.seed`)
+stack their parameters and optimizer states along a leading trial axis. Their scalars
+are traced values of the step, not constants of its program: the train step of
+lm/train/step.py and the optimizer of lm/optim run unchanged for one trial, built from
+the trial's config with those fields replaced by tracers, under `jax.vmap`. So one
+program, compiled once, trains every trial, each with its own LR schedule and, when
+their data seeds differ, its own data order (one grain iterator per trial, batches
+stacked); trials with one data seed read one stream.
+
+Each trial keeps its own run directory, exactly as if it had run alone: config.json
+(its own config), metrics.jsonl, TensorBoard scalars, summary.json and orbax
+checkpoints of its slice of the state and of its data iterator. `lm results`, `lm
+analyze`, `lm eval` and `lm sample` see no difference, and `lm train` on a trial's
+directory resumes that trial alone from the group's checkpoint.
+
+A trial whose step is non-finite is masked: from then on its state is the last finite
+one (the step selects, per trial, the old or the new state), its status is "diverged at
+step N" and it writes nothing more, while the others go on. A group resumes from the
+newest checkpoint step all its unfinished trials have.
+
+On a mesh, the trial axis is the logical axis "trials" (lm/parallel/sharding.py;
+default: the `data` mesh axis when K divides by it), so K trials spread over the chips of
+a slice, each chip training K / data of them with the batch split over the other batch
+axes. Training a group is single-process (`lm compile` compiles a group's step for any
+topology: `compile_group_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lm import config as config_lib
+from lm.config import ConfigError, TrainConfig
+from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
+from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
+from lm.lock import hold
+from lm.model import Transformer, count_params, flops_per_token, logit_layers
+from lm.optim import make_optimizer, schedule
+from lm.parallel.sharding import activation_sharding
+from lm.train.checkpoint import Checkpointer
+from lm.train.metrics import MetricsSink, Progress
+from lm.train.mfu import device_peak_flops, mfu
+from lm.train.setup import check_resumable, setup_run, with_vocab
+from lm.train.step import make_eval_step, make_train_step
+
+# Fields that may differ between the trials of a group and enter the step as traced
+# scalars (int ones as int32). The code behind them must not branch on their values in
+# Python (lm/optim, lm/model and lm/train/step.py do not).
+TRACED_FIELDS = ("seed", "optim.lr", "optim.warmup_steps", "optim.weight_decay",
+                 "optim.min_lr_ratio", "optim.z_loss", "model.init_std",
+                 "optim.adamw.b1", "optim.adamw.b2", "optim.adamw.eps")
+INT_FIELDS = {"seed", "optim.warmup_steps"}
+# Read on the host: the data order (one iterator per distinct value).
+HOST_FIELDS = ("data.seed",)
+BATCHABLE_FIELDS = (*TRACED_FIELDS, *HOST_FIELDS, "name")
+
+
+def get_field(cfg: Any, path: str) -> Any:
+    return functools.reduce(getattr, path.split("."), cfg)
+
+
+def replace_field(cfg: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_field(getattr(cfg, head), rest, value)})
+
+
+def _has_field(cfg: Any, path: str) -> bool:
+    try:
+        get_field(cfg, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def group_key(cfg: TrainConfig) -> str:
+    """Configs with equal keys can train as one batched group: equal up to the
+    batchable fields (which are reset to their defaults here)."""
+    default = TrainConfig()
+    for path in BATCHABLE_FIELDS:
+        if _has_field(cfg, path):
+            cfg = replace_field(cfg, path, get_field(default, path))
+    return config_lib.to_json(cfg)
+
+
+def group_configs(cfgs: list[TrainConfig], limit: int) -> list[list[int]]:
+    """Indices of `cfgs` in groups of at most `limit` that share a group key, in order
+    of first appearance (so the groups are deterministic)."""
+    by_key: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        by_key.setdefault(group_key(cfg), []).append(i)
+    return [idx[j:j + limit] for idx in by_key.values() for j in range(0, len(idx), limit)]
+
+
+def _traced_values(cfgs: list[TrainConfig]) -> dict[str, np.ndarray]:
+    """The traced fields that exist in these configs, stacked over the trials."""
+    return {path: np.asarray([get_field(c, path) for c in cfgs],
+                             np.int32 if path in INT_FIELDS else np.float32)
+            for path in TRACED_FIELDS if _has_field(cfgs[0], path)}
+
+
+def _with_values(cfg: TrainConfig, values: dict) -> TrainConfig:
+    for path, v in values.items():
+        cfg = replace_field(cfg, path, v)
+    return cfg
+
+
+def trial_axes(mesh, rules: dict, k: int) -> tuple[str, ...]:
+    """Mesh axes of the trial dimension: the "trials" rule's axes, as far as K divides
+    by their product (outermost first)."""
+    axes, ways = [], 1
+    for a in rules.get("trials", ()):
+        n = mesh.shape.get(a, 1)
+        if n > 1 and k % (ways * n) == 0:
+            axes.append(a)
+            ways *= n
+    return tuple(axes)
+
+
+def _prepend(sharding: NamedSharding, axes: tuple[str, ...]) -> NamedSharding:
+    """The sharding of a stack of arrays sharded like `sharding`, stacked on axis 0."""
+    inner = tuple(None if s is None else
+                  (tuple(a for a in (s if isinstance(s, tuple) else (s,)) if a not in axes)
+                   or None) for s in sharding.spec)
+    return NamedSharding(sharding.mesh, P(axes or None, *inner))
+
+
+class _StackedIterator(grain.DatasetIterator):
+    """One grain iterator per trial; yields their batches stacked on a leading axis."""
+
+    def __init__(self, sources: list):
+        super().__init__()
+        self._sources = sources
+
+    def __next__(self):
+        items = [next(s) for s in self._sources]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+    def get_state(self) -> dict:
+        return {"trials": [s.get_state() for s in self._sources]}
+
+    def set_state(self, state: dict) -> None:
+        for s, st in zip(self._sources, state["trials"]):
+            s.set_state(st)
+
+
+class _TrialData:
+    """What a trial's checkpoint holds of the group's data stream: its own iterator's
+    position (a grain checkpoint item: get_state/set_state as JSON bytes)."""
+
+    def __init__(self, batches: Prefetcher, index: int | None):
+        self.batches, self.index, self.restored = batches, index, None
+
+    def get_state(self) -> bytes:
+        state = self.batches.get_state()
+        return json.dumps(state if self.index is None else state["trials"][self.index]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.restored = json.loads(state)
+
+    def start_prefetch(self) -> None:  # grain's restore calls it; the group starts its own
+        pass
+
+
+@dataclasses.dataclass
+class Group:
+    """K trials as one program (see the module docstring)."""
+    cfgs: list[TrainConfig]
+    run_dirs: list[Path]
+    setup: Any  # RunSetup of the first trial's config with the group's rules
+    shared_data: bool
+    axes: tuple[str, ...]  # mesh axes of the trial dimension
+    values: dict  # traced field -> [K] array
+
+    @property
+    def k(self) -> int:
+        return len(self.cfgs)
+
+    @property
+    def pieces(self):
+        return self.setup.pieces
+
+    # ------------------------------------------------------------------ shardings
+
+    def state_shardings(self) -> dict:
+        stacked = jax.tree.map(lambda s: _prepend(s, self.axes), self.pieces.state_shardings)
+        return {"trials": stacked, "alive": self._trial_sharding()}
+
+    def _trial_sharding(self) -> NamedSharding:
+        return NamedSharding(self.pieces.mesh, P(self.axes or None))
+
+    def batch_sharding(self) -> NamedSharding:
+        single = self.pieces.batch_sharding
+        return single if self.shared_data else _prepend(single, self.axes)
+
+    def values_sharding(self) -> dict:
+        return {p: self._trial_sharding() for p in self.values}
+
+    # ------------------------------------------------------------------ programs
+
+    def _one(self, values: dict):
+        """A trial's (config, optimizer, LR schedule) with its traced values."""
+        cfg = _with_values(self.setup.cfg, values)
+        return (cfg, make_optimizer(cfg.optim, cfg.model, self.pieces.axes, cfg.steps),
+                schedule(cfg.optim, cfg.steps))
+
+    def _traced(self, fn):
+        mesh, rules = self.pieces.mesh, self.pieces.rules
+
+        def wrapped(*args):
+            with activation_sharding(mesh, rules):
+                return fn(*args)
+        return wrapped
+
+    def _vmap(self, fn, in_axes):
+        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=self.axes or None)
+
+    def init_fn(self):
+        def init_one(values):
+            cfg, tx, _ = self._one(values)
+            # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key already.
+            model = Transformer(cfg.model, nnx.Rngs(params=jax.random.key(cfg.seed)))
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return {"params": params, "opt_state": tx.init(params),
+                    "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
+
+        def init(values):
+            return {"trials": self._vmap(init_one, 0)(values),
+                    "alive": jnp.ones([self.k], bool)}
+        return jax.jit(self._traced(init), in_shardings=(self.values_sharding(),),
+                       out_shardings=self.state_shardings())
+
+    def step_fn(self):
+        """(group state, values, batch) -> (group state, metrics stacked over trials)."""
+        pieces = self.pieces
+
+        def step_one(values, state, batch):
+            cfg, tx, lr_fn = self._one(values)
+            step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
+                                   cfg.grad_accum, pieces.loss_chunk, cfg.model)
+            return step(state, batch)
+
+        def step(group, values, batch):
+            new, metrics = self._vmap(step_one, (0, 0, None if self.shared_data else 0))(
+                values, group["trials"], batch)
+            keep = group["alive"] & metrics["finite"]
+            trials = jax.tree.map(
+                lambda n, o: jnp.where(keep.reshape(-1, *[1] * (n.ndim - 1)), n, o),
+                new, group["trials"])
+            return {"trials": trials, "alive": keep}, metrics
+
+        return jax.jit(self._traced(step),
+                       in_shardings=(self.state_shardings(), self.values_sharding(),
+                                     self.batch_sharding()),
+                       out_shardings=(self.state_shardings(), NamedSharding(pieces.mesh, P())),
+                       donate_argnums=0)
+
+    def eval_fn(self):
+        single = make_eval_step(self.pieces.graphdef, self.pieces.loss_chunk)
+        return jax.jit(self._traced(self._vmap(single, (0, None))),
+                       in_shardings=(self.state_shardings()["trials"]["params"],
+                                     self.pieces.batch_sharding))
+
+    def abstract_state(self) -> dict:
+        shapes = jax.eval_shape(self.init_fn(), self.abstract_values())
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings())
+
+    def abstract_values(self) -> dict:
+        return {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._trial_sharding())
+                for p, v in self.values.items()}
+
+    def abstract_batch(self) -> dict:
+        single = self.pieces.abstract_batch()
+        lead = () if self.shared_data else (self.k,)
+        return {n: jax.ShapeDtypeStruct(lead + s.shape, s.dtype, sharding=self.batch_sharding())
+                for n, s in single.items()}
+
+    def compile_step(self):
+        """The AOT-compiled group step and its per-device memory (bytes)."""
+        compiled = self.step_fn().lower(self.abstract_state(), self.abstract_values(),
+                                        self.abstract_batch()).compile()
+        mem = compiled.memory_analysis()
+        return compiled, ({k: getattr(mem, f"{k}_size_in_bytes", None)
+                           for k in ("argument", "output", "temp", "alias")} if mem else {})
+
+
+def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
+               mesh=None) -> Group:
+    """Validate that `cfgs` can train as one group and build its pieces."""
+    if not cfgs:
+        raise ConfigError("a trial group needs at least one trial")
+    keys = {group_key(c) for c in cfgs}
+    if len(keys) > 1:
+        fields = sorted({d.split(":")[0] for c in cfgs[1:]
+                         for d in config_lib.config_diff(cfgs[0], c)} - set(BATCHABLE_FIELDS))
+        raise ConfigError(f"trials of one group may differ only in {', '.join(BATCHABLE_FIELDS)}; "
+                          f"these differ in {', '.join(fields[:4])}")
+    if jax.process_count() > 1:
+        raise ConfigError("batched trials train in one process (run a pod job per trial)")
+    k = len(cfgs)
+    first = cfgs[0]
+    rules_text = first.mesh.rules
+    probe = setup_run(first, mesh)  # validates, fills the vocabulary, builds the mesh
+    t_axes = trial_axes(probe.pieces.mesh, probe.pieces.rules, k)
+    if t_axes:  # the batch inside a trial leaves the trial axes to the trials
+        batch = "+".join(a for a in probe.pieces.rules["batch"] if a not in t_axes)
+        rules_text = ",".join(filter(None, [rules_text, f"batch={batch}"]))
+        mesh_cfg = dataclasses.replace(first.mesh, rules=rules_text)
+        probe = setup_run(dataclasses.replace(first, mesh=mesh_cfg), probe.pieces.mesh)
+    # Each trial's own config (its config.json), validated, with the vocabulary filled.
+    cfgs = [config_lib.validate(with_vocab(c, probe.tokenizer.vocab_size)) for c in cfgs]
+    shared = len({c.data_seed for c in cfgs}) == 1
+    return Group(cfgs, [Path(d) for d in (run_dirs or [])], probe, shared, t_axes,
+                 _traced_values(cfgs))
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _slice(tree, k: int):
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def _summary(cfg: TrainConfig, start: int, previous: dict, group: list[str]) -> dict:
+    counts = count_params(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens = cfg.batch_size * cfg.data.seq_len
+    return {
+        "status": "running", "steps": start, "tokens_seen": start * tokens,
+        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"],
+        "active_non_embedding_params": counts["active_non_embedding"],
+        "flops_per_token": fpt, "training_flops": fpt * start * tokens,
+        "final_val_loss": previous.get("final_val_loss"),
+        "best_val_loss": previous.get("best_val_loss"),
+        "final_val_bpb": previous.get("final_val_bpb"),
+        "batched_with": group,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) -> list[int]:
+    """Train (or resume) K trials as one program; returns each trial's exit code (0
+    done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
+    from contextlib import ExitStack
+
+    from lm.train.loop import _StopFlag
+
+    group = make_group(cfgs, [Path(d) for d in run_dirs], mesh)
+    cfgs, dirs, k = group.cfgs, group.run_dirs, group.k
+    if len(dirs) != k or len(set(dirs)) != k:
+        raise ConfigError("a trial group needs one distinct run directory per trial")
+    first, pieces, tokenizer = group.setup.cfg, group.pieces, group.setup.tokenizer
+    seeds = sorted({c.data_seed for c in cfgs})
+    sources = [train_iterator(first.data, tokenizer, first.batch_size, s,
+                              read_threads=first.data.read_threads) for s in seeds]
+    if group.shared_data:
+        source, index = sources[0], [None] * k
+    else:
+        by_seed = dict(zip(seeds, sources))
+        source = _StackedIterator([by_seed[c.data_seed] for c in cfgs])
+        index = list(range(k))
+    b_sh = group.batch_sharding()
+    batches = Prefetcher(source, lambda b: {n: jax.device_put(v, b_sh) for n, v in b.items()},
+                         prefetch_depth(first.data.prefetch, jax.devices()[0].platform))
+    eval_data = eval_batches(first.data, tokenizer, first.batch_size, first.eval_batches)
+    with ExitStack() as held:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold(d, "lm train (batched trials)"))
+        for c, d in zip(cfgs, dirs):
+            check_resumable(c, d)
+            (d / "config.json").write_text(config_lib.to_json(c))
+        return _train(group, batches, index, eval_data, _StopFlag)
+
+
+def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index: list):
+    """(start step, group state) from the newest step every trial has committed, or
+    (0, None)."""
+    common = set.intersection(*(set(c.committed_steps()) for c in ckpts))
+    abstract = group.pieces.abstract_state()
+    for step in sorted(common, reverse=True):
+        views = [_TrialData(batches, i) for i in index]
+        try:
+            states = [c.restore(step, abstract, v) for c, v in zip(ckpts, views)]
+        except Exception as e:  # noqa: BLE001 (an unreadable one: try an older common step)
+            print(f"warning: checkpoint step {step} of the group does not restore ({e}); "
+                  "trying an older one", flush=True)
+            continue
+        data = views[0].restored if index[0] is None else {"trials": [v.restored for v in views]}
+        batches.set_state(data)
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
+        trials = jax.device_put(stacked, group.state_shardings()["trials"])
+        alive = jax.device_put(np.ones([group.k], bool), group.state_shardings()["alive"])
+        return step, {"trials": trials, "alive": alive}
+    newer = [c.directory for c in ckpts if c.committed_steps()]
+    if newer:
+        print(f"warning: the trials share no checkpoint step ({len(newer)} of {len(ckpts)} "
+              "have one): the group starts from step 0", flush=True)
+    return 0, None
+
+
+def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag) -> list[int]:
+    cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
+    first = group.setup.cfg
+    names = [c.name for c in cfgs]
+    ckpts = [Checkpointer(d / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
+             for c, d in zip(cfgs, dirs)]
+    start, state = _restore(group, ckpts, batches, index)
+    values = jax.device_put(group.values, group.values_sharding())
+    if state is None:
+        state = group.init_fn()(values)
+    else:
+        print(f"resumed {k} trials from step {start}", flush=True)
+    batches.start_prefetch()
+
+    summaries, sinks = [], []
+    for c, d in zip(cfgs, dirs):
+        path = d / "summary.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        summaries.append(_summary(c, start, previous, names))
+        _write_json(path, summaries[-1])
+        sinks.append(MetricsSink(d, c.tensorboard, resume_step=start))
+    fpt = flops_per_token(first.model, first.data.seq_len)
+    peak, _ = device_peak_flops()
+    tokens_per_step = first.batch_size * first.data.seq_len
+    print(f"{k} trials batched as one program ({'one shared' if group.shared_data else 'own'} "
+          f"data order{'s' if not group.shared_data else ''}; trial axis on "
+          f"{'+'.join(group.axes) or 'no mesh axis'}): {', '.join(names)}", flush=True)
+    t0 = time.perf_counter()
+    step_fn, memory = group.compile_step()
+    if memory.get("temp") is not None:
+        print(f"compiled the group step in {time.perf_counter() - t0:.1f}s; per device: "
+              f"arguments {memory['argument'] / 2**20:.1f} MiB, temporaries "
+              f"{memory['temp'] / 2**20:.1f} MiB", flush=True)
+    eval_fn = group.eval_fn()
+    layers = logit_layers(first.model)
+    progress = Progress(first.steps)
+    status = [None] * k  # final status per trial once it diverged
+    codes = [EXIT_OK] * k
+    alive = np.ones([k], bool)
+
+    window = {"t": time.perf_counter(), "step": start}  # step time since the last log
+
+    def restart_window(step: int) -> None:
+        window.update(t=time.perf_counter(), step=step)
+
+    def settle(step: int, metrics) -> None:
+        host = jax.tree.map(np.asarray, jax.device_get(metrics))
+        for i in range(k):
+            if status[i] is not None:
+                continue
+            if not host["finite"][i]:
+                status[i] = f"diverged at step {step}"
+                codes[i] = EXIT_DIVERGED
+                alive[i] = False
+                print(f"trial {names[i]}: non-finite step {step} (loss {host['loss'][i]}): "
+                      "masked; its last good checkpoint is kept", flush=True)
+                continue
+            summaries[i].update(steps=step, tokens_seen=step * tokens_per_step,
+                                training_flops=fpt * step * tokens_per_step)
+        if step % first.log_every and step != first.steps:
+            return
+        step_time = (time.perf_counter() - window["t"]) / max(step - window["step"], 1)
+        restart_window(step)
+        tps = tokens_per_step / step_time  # per trial: each trial's own tokens
+        for i in range(k):
+            if status[i] is not None:
+                continue
+            record = {n: v for n, v in _slice(host, i).items() if n != "finite"}
+            record["attn_logit_max"] = {j: record["attn_logit_max"][j] for j in layers}
+            record.update(step_time=step_time, tokens_per_s=tps,
+                          mfu=mfu(fpt, tps, peak, jax.device_count()),
+                          group_tokens_per_s=tps * k)
+            sinks[i].write(step, record)
+        live = host["loss"][alive] if alive.any() else np.asarray([np.nan])
+        progress.line(step, float(np.mean(live)), tps * k, mfu(fpt, tps * k, peak,
+                      jax.device_count()), step_time,
+                      extra=f"{int(alive.sum())}/{k} trials, loss {np.min(live):.3f}..{np.max(live):.3f}")
+
+    def run_eval(step: int, params) -> None:
+        sums, counts, nbytes = np.zeros([k]), np.zeros([k]), 0.0
+        for batch in eval_data:
+            s, c = eval_fn(params, pieces.replicated_batch(batch))
+            sums += np.asarray(s)
+            counts += np.asarray(c)
+            nbytes += float(np.sum(target_bytes(batch, group.setup.tokenizer)))
+        for i in range(k):
+            if status[i] is not None:
+                continue
+            loss = sums[i] / max(counts[i], 1.0)
+            result = {"loss": loss, "bpb": sums[i] / math.log(2) / max(nbytes, 1.0)}
+            sinks[i].write(step, result, kind="eval")
+            best = summaries[i]["best_val_loss"]
+            summaries[i].update(final_val_loss=loss, final_val_bpb=result["bpb"],
+                                best_val_loss=loss if best is None else min(best, loss))
+        live = [sums[i] / max(counts[i], 1.0) for i in range(k) if status[i] is None]
+        if live:
+            print(f"  eval @ {step}: val loss {min(live):.4f}..{max(live):.4f} over "
+                  f"{len(live)} trials", flush=True)
+
+    def save(step: int) -> None:
+        for i in range(k):
+            if status[i] is None:
+                ckpts[i].save(step, _slice(state["trials"], i), _TrialData(batches, index[i]),
+                              force=True)
+
+    with StopFlag(first.stop_sync_every) as stop:
+        try:
+            step, pending = start, None
+            restart_window(start)
+            while step < first.steps and alive.any():
+                batch = next(batches)
+                state, metrics = step_fn(state, values, batch)
+                step += 1
+                if pending is not None:
+                    settle(*pending)
+                pending = (step, metrics)
+                signum = stop.requested(step)
+                evaluate_now = step % first.eval_every == 0 or step == first.steps
+                save_now = step % first.checkpoint_every == 0 or step == first.steps or signum
+                if evaluate_now or save_now:
+                    pending = None
+                    settle(step, metrics)
+                    if evaluate_now:
+                        run_eval(step, state["trials"]["params"])
+                    if save_now:
+                        save(step)
+                    restart_window(step)
+                if signum:
+                    for i in range(k):
+                        if status[i] is None:
+                            status[i], codes[i] = "interrupted", exit_for_signal(signum)
+                    print(f"stopped by signal {signum} at step {step}; checkpoints saved; "
+                          "rerun the same command to resume", flush=True)
+                    break
+            if pending is not None:
+                settle(*pending)
+        finally:
+            for close in [batches.close, *(c.close for c in ckpts), *(s.close for s in sinks)]:
+                close()
+        for i in range(k):
+            summaries[i]["status"] = status[i] or "completed"
+            _write_json(dirs[i] / "summary.json", summaries[i])
+    return codes
