@@ -34,6 +34,25 @@ def cmd_train(args) -> int:
     return train(cfg, args.run_dir or f"runs/{cfg.name}")
 
 
+def cmd_train_group(args) -> int:
+    """Trials batched as one program (`lm sweep --batch` writes the group file)."""
+    from pathlib import Path
+
+    from lm.config import ConfigError, apply_overrides, load_config_file
+    from lm.train.trials import train_group
+    try:
+        spec = json.loads(Path(args.group).read_text())
+        base = load_config_file(spec["base_config"])
+        trials = spec["trials"]
+        cfgs = [apply_overrides(base, t["overrides"]) for t in trials]
+        dirs = [t["run_dir"] for t in trials]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"train-group {args.group}: not a group file ({e})") from None
+    codes = train_group(cfgs, dirs)
+    signalled = [c for c in codes if c > 128]
+    return signalled[0] if signalled else max(codes)
+
+
 def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
@@ -128,7 +147,7 @@ def cmd_launch(args) -> int:
 def cmd_sweep(args) -> int:
     from lm.sweep.runner import run_sweep
     return run_sweep(args.spec, args.workdir, parallel=args.parallel, dry_run=args.dry_run,
-                     smoke=args.smoke, launch=shlex.split(args.launch))
+                     smoke=args.smoke, launch=shlex.split(args.launch), batch=args.batch)
 
 
 def cmd_results(args) -> int:
@@ -241,7 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", default="", metavar="ARGS",
                    help='run each trial through `lm launch ARGS -- train ...`, e.g. '
                         '"local --processes 2" or "slurm --nodes 1 --gpus-per-node 8"')
+    p.add_argument("--batch", type=int, default=None, metavar="K",
+                   help="train up to K trials that differ only in scalars (LR, seed, warmup, "
+                        "weight decay, z-loss, init scale) as one vmapped program "
+                        "(default: the spec's Sweep.batch, else 1 = each alone)")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("train-group", help="train the trials of a group file as one "
+                       "program (written by lm sweep --batch)")
+    p.add_argument("group", help="<workdir>/groups/<group>.json")
+    p.set_defaults(fn=cmd_train_group)
 
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (no TPU "
                        "needed): memory per chip, collectives, FLOPs, estimated step time")

@@ -7,6 +7,12 @@ train` resumes from its checkpoint by itself). A crash (exit not 0/3/128+sig) is
 into the trial's summary.json as "failed: exit N" unless the trainer left a final status.
 SIGINT/SIGTERM: forwarded to running trials (they checkpoint and stop), no new trials
 start, the sweep exits 128+signal. Trial output goes to `<workdir>/<trial>/train.log`.
+
+Batched trials (`--batch K` or `Sweep.batch`): the trials still to run are grouped, in
+order, into groups of at most K that may train as one program (lm/train/trials.py:
+equal but for the scalars it batches); a group runs as one `lm train-group` process,
+its output in `<workdir>/groups/<group>.log`, and each of its trials is accounted for
+by its own summary.json as if it had run alone. A trial that fits no group runs alone.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
-from lm.sweep.spec import Sweep, Trial, expand, load_spec
+from lm.sweep.spec import Sweep, Trial, base_config, expand, load_spec
 
 _FINAL = ("completed", "diverged")
 
@@ -56,6 +62,40 @@ def command(trial: Trial, base: Path, run_dir: Path, launch: Sequence[str] = ())
     for o in [*trial.overrides, f"name={trial.name}"]:
         cmd += ["--set", o]
     return cmd
+
+
+def plan_groups(trials: list[Trial], sweep: Sweep, batch: int) -> list[list[Trial]]:
+    """The trials in units that run as one process: groups of up to `batch` compatible
+    trials (lm.train.trials.group_configs), in the sweep's order of first members."""
+    if batch <= 1 or len(trials) <= 1:
+        return [[t] for t in trials]
+    from lm.train.trials import group_configs  # (imports JAX: only when batching)
+    base = base_config(sweep)
+    cfgs = [config_lib.apply_overrides(base, [*t.overrides, f"name={t.name}"]) for t in trials]
+    return [[trials[i] for i in idx] for idx in group_configs(cfgs, batch)]
+
+
+def group_command(group_file: Path) -> list[str]:
+    return [sys.executable, "-m", "lm.cli", "train-group", str(group_file)]
+
+
+def _write_group(wd: Path, gid: str, unit: list[Trial], base: Path) -> Path:
+    path = wd / "groups" / f"{gid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base_config": str(base), "trials": [
+        {"name": t.name, "overrides": [*t.overrides, f"name={t.name}"],
+         "run_dir": str((wd / t.name).resolve())} for t in unit]}, indent=2))
+    return path
+
+
+def _trial_code(code: int, unit: list[Trial], run_dir: Path) -> int:
+    """A trial's exit code: a group's process exits 0 only when all its trials
+    completed, so within a group each trial's own summary.json tells."""
+    if len(unit) == 1 or code not in (EXIT_OK, EXIT_DIVERGED):
+        return code
+    status = read_status(run_dir) or ""
+    return EXIT_DIVERGED if status.startswith("diverged") else (
+        EXIT_OK if status == "completed" else code)
 
 
 def _read_summary(run_dir: Path) -> dict:
@@ -97,18 +137,31 @@ def _final_loss(run_dir: Path) -> str:
 
 
 def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool = False,
-              smoke: bool = False, launch: Sequence[str] = ()) -> int:
+              smoke: bool = False, launch: Sequence[str] = (), batch: int | None = None) -> int:
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
     sweep = load_spec(spec_path, smoke=smoke)
+    batch = sweep.batch if batch is None else batch
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1 (1 = each trial alone), got {batch}")
+    if batch > 1 and launch:
+        raise ConfigError("--batch with --launch: a batched group trains in one process; "
+                          "use --batch 1 to launch each trial as a pod job")
     trials = expand(sweep, smoke=smoke)   # validates every trial before anything runs
     wd = Path(workdir)
     base = _base_path(sweep, wd.resolve())
     if dry_run:
-        for t in trials:
-            print(t.name)
-            print("  " + shlex.join(command(t, base, wd / t.name, launch)))
-        print(f"{len(trials)} trials (dry run: nothing written)")
+        units = plan_groups(trials, sweep, batch)
+        for n, unit in enumerate(units):
+            if len(unit) == 1:
+                print(unit[0].name)
+                print("  " + shlex.join(command(unit[0], base, wd / unit[0].name, launch)))
+            else:
+                print(f"group g{n:03d}: {len(unit)} trials as one program: "
+                      + ", ".join(t.name for t in unit))
+        groups = sum(len(u) > 1 for u in units)
+        print(f"{len(trials)} trials in {len(units)} processes ({groups} batched groups; "
+              f"--batch {batch}) (dry run: nothing written)")
         return 0
 
     # One sweep per workdir at a time: a second would start the same trials again
@@ -133,8 +186,12 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
         print(f"{len(trials)} trials: {len(todo)} to run, {tally['skipped']} already done; "
               f"{parallel} at a time; logs in {wd}/<trial>/train.log", flush=True)
 
+        units = plan_groups(todo, sweep, batch)
+        if any(len(u) > 1 for u in units):
+            print(f"batched: {len(todo)} trials in {len(units)} processes (groups of up to "
+                  f"{batch}; logs of groups in {wd}/groups/)", flush=True)
         stop = {"sig": 0}
-        running: dict[subprocess.Popen, tuple[Trial, float, object]] = {}
+        running: dict[subprocess.Popen, tuple[list[Trial], float, object, Path]] = {}
 
         def handle(signum, frame):
             if not stop["sig"]:
@@ -152,43 +209,54 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         done = 0
         try:
-            queue = list(todo)
+            queue = list(enumerate(units))
             while queue or running:
                 while queue and len(running) < parallel and not stop["sig"]:
-                    t = queue.pop(0)
-                    run_dir = wd / t.name
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the trial ends)
-                    p = subprocess.Popen(command(t, base, run_dir, launch), stdout=log,
-                                         stderr=subprocess.STDOUT, env=env,
+                    n, unit = queue.pop(0)
+                    for t in unit:
+                        (wd / t.name).mkdir(parents=True, exist_ok=True)
+                    if len(unit) == 1:
+                        log_path = wd / unit[0].name / "train.log"
+                        cmd = command(unit[0], base, wd / unit[0].name, launch)
+                    else:
+                        gid = f"g{n:03d}"
+                        log_path = wd / "groups" / f"{gid}.log"
+                        cmd = group_command(_write_group(wd, gid, unit, base))
+                        for t in unit:
+                            with open(wd / t.name / "train.log", "a") as f:
+                                f.write(f"batched with {len(unit) - 1} other trial(s): "
+                                        f"see {log_path}\n")
+                    log = open(log_path, "a")  # noqa: SIM115 (closed when the unit ends)
+                    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
-                    running[p] = (t, time.perf_counter(), log)
+                    running[p] = (unit, time.perf_counter(), log, log_path)
                 if stop["sig"] and not running:
                     break
                 time.sleep(0.2)
                 for p in [p for p in running if p.poll() is not None]:
-                    t, t0, log = running.pop(p)
+                    unit, t0, log, log_path = running.pop(p)
                     log.close()
-                    done += 1
-                    run_dir = wd / t.name
-                    code = p.returncode
-                    if code == EXIT_OK:
-                        status, key = "completed", "completed"
-                    elif code == EXIT_DIVERGED:
-                        status, key = read_status(run_dir) or "diverged", "diverged"
-                    elif code > 128 or code < 0 or stop["sig"]:
-                        # signalled (by us or from outside), possibly before the trainer had
-                        # installed its handler: a trial to resume, not a failure
-                        status, key = read_status(run_dir), "interrupted"
-                        if status is None or not status.startswith(("interrupted", *_FINAL)):
-                            status = _mark_failed(run_dir, code, "interrupted")
-                    else:
-                        status, key = _mark_failed(run_dir, code), "failed"
-                        status += f" (see {run_dir / 'train.log'})"
-                    tally[key] += 1
-                    print(f"[{done}/{len(todo)}] {t.name}: {status}"
-                          f"{_final_loss(run_dir) if key == 'completed' else ''} "
-                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                    for t in unit:
+                        done += 1
+                        run_dir = wd / t.name
+                        code = _trial_code(p.returncode, unit, run_dir)
+                        if code == EXIT_OK:
+                            status, key = "completed", "completed"
+                        elif code == EXIT_DIVERGED:
+                            status, key = read_status(run_dir) or "diverged", "diverged"
+                        elif code > 128 or code < 0 or stop["sig"]:
+                            # signalled (by us or from outside), possibly before the trainer
+                            # had installed its handler: a trial to resume, not a failure
+                            status, key = read_status(run_dir), "interrupted"
+                            if status is None or not status.startswith(("interrupted", *_FINAL)):
+                                status = _mark_failed(run_dir, code, "interrupted")
+                        else:
+                            status, key = _mark_failed(run_dir, code), "failed"
+                            status += f" (see {log_path})"
+                        tally[key] += 1
+                        print(f"[{done}/{len(todo)}] {t.name}: {status}"
+                              f"{_final_loss(run_dir) if key == 'completed' else ''} "
+                              f"({time.perf_counter() - t0:.0f}s)", flush=True)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -93,7 +93,11 @@ class Sweep:
     `axes`: Grid / Zip / LogUniform, crossed. `arms`: {name: overrides}, crossed.
     `sizes`: {name: model overrides} or [(name, overrides)], crossed (the size ladder).
     `smoke`: overrides applied with --smoke. `derive(cfg, tags) -> overrides`: per-trial
-    overrides computed from the trial's config and its "@" tags."""
+    overrides computed from the trial's config and its "@" tags.
+    `seeds`: repeat every trial over these seeds (an int n: seeds 0..n-1), as the last
+    axis (tag "seed"); `lm results` / `lm analyze` then report means with 95% intervals.
+    `batch`: train up to this many compatible trials as one program (lm/train/trials.py;
+    `lm sweep --batch` overrides it; 1 = each trial alone)."""
     base: TrainConfig | str | Path = str(DEFAULT_CONFIG)
     axes: list = field(default_factory=list)
     arms: Mapping[str, Mapping[str, Any]] | None = None
@@ -101,6 +105,15 @@ class Sweep:
     overrides: Sequence[str] | Mapping[str, Any] = ()
     smoke: Sequence[str] | Mapping[str, Any] = ()
     derive: Callable[[TrainConfig, dict], Mapping[str, Any]] | None = None
+    seeds: int | Sequence[int] = ()
+    batch: int = 1
+
+    def seed_values(self) -> list[int]:
+        if isinstance(self.seeds, int):
+            if self.seeds < 0:
+                raise ConfigError(f"Sweep.seeds must be >= 0, got {self.seeds}")
+            return list(range(self.seeds))
+        return [int(s) for s in self.seeds]
 
 
 @dataclass
@@ -176,8 +189,13 @@ def expand(sweep: Sweep, *, smoke: bool = False) -> list[Trial]:
         common += _as_overrides(sweep.smoke, "Sweep.smoke")
     sizes = _sizes(sweep.sizes)
     arms = list((sweep.arms or {}).items())
-    axis_points = [ax.points() for ax in sweep.axes]
-    for ax, pts in zip(sweep.axes, axis_points):
+    axes = list(sweep.axes)
+    if sweep.seed_values():
+        if any("seed" in p for ax in axes for p in ax.points()):
+            raise ConfigError("Sweep.seeds and an axis over seed: use one of them")
+        axes.append(Grid("seed", sweep.seed_values()))
+    axis_points = [ax.points() for ax in axes]
+    for ax, pts in zip(axes, axis_points):
         if not pts:
             raise ConfigError(f"sweep axis {ax!r} has no values")
     axis_keys = list(dict.fromkeys(k for pts in axis_points for p in pts for k in p))
