@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kernels.dispatch import compiling_for
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
@@ -225,10 +226,13 @@ class Group:
                 schedule(cfg.optim, cfg.steps))
 
     def _traced(self, fn):
+        """fn with the mesh's activation constraints and the kernels of its platform
+        (a TPU topology's when compiling for one from this host)."""
         mesh, rules = self.pieces.mesh, self.pieces.rules
+        platform = self.pieces.target_platform or mesh.devices.flat[0].platform
 
         def wrapped(*args):
-            with activation_sharding(mesh, rules):
+            with activation_sharding(mesh, rules), compiling_for(platform):
                 return fn(*args)
         return wrapped
 
@@ -370,7 +374,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
     from contextlib import ExitStack
 
-    from lm.train.loop import _StopFlag
+    from lm.train.loop import _Faults, _StopFlag
 
     group = make_group(cfgs, [Path(d) for d in run_dirs], mesh)
     cfgs, dirs, k = group.cfgs, group.run_dirs, group.k
@@ -397,7 +401,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
         for c, d in zip(cfgs, dirs):
             check_resumable(c, d)
             (d / "config.json").write_text(config_lib.to_json(c))
-        return _train(group, batches, index, eval_data, _StopFlag)
+        return _train(group, batches, index, eval_data, _StopFlag, _Faults)
 
 
 def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index: list):
@@ -426,7 +430,17 @@ def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index
     return 0, None
 
 
-def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag) -> list[int]:
+class _AllCheckpointers:
+    def __init__(self, ckpts: list[Checkpointer]):
+        self.ckpts = ckpts
+
+    def wait(self) -> None:
+        for c in self.ckpts:
+            c.wait()
+
+
+def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag,
+           Faults) -> list[int]:
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
     first = group.setup.cfg
     names = [c.name for c in cfgs]
@@ -462,6 +476,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
     eval_fn = group.eval_fn()
     layers = logit_layers(first.model)
     progress = Progress(first.steps)
+    faults = Faults(_AllCheckpointers(ckpts))  # LMLAB_FAULT, as in lm/train/loop.py
     status = [None] * k  # final status per trial once it diverged
     codes = [EXIT_OK] * k
     alive = np.ones([k], bool)
@@ -536,11 +551,13 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
             step, pending = start, None
             restart_window(start)
             while step < first.steps and alive.any():
-                batch = next(batches)
+                batch = faults.batch(step + 1, next(batches))
                 state, metrics = step_fn(state, values, batch)
                 step += 1
+                faults.dispatched(step)
                 if pending is not None:
                     settle(*pending)
+                    faults.settled(pending[0])
                 pending = (step, metrics)
                 signum = stop.requested(step)
                 evaluate_now = step % first.eval_every == 0 or step == first.steps
@@ -552,6 +569,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                         run_eval(step, state["trials"]["params"])
                     if save_now:
                         save(step)
+                    faults.settled(step)
                     restart_window(step)
                 if signum:
                     for i in range(k):
