@@ -170,14 +170,70 @@ def plot_residual_growth(table: pd.DataFrame, path, *, label: Sequence[str]) -> 
     return save_figure(fig, plt, path)
 
 
+def _capped(g: pd.DataFrame, loss: str, loss_init: float) -> np.ndarray:
+    """Final losses with diverged / non-finite runs charged L_init and all capped there."""
+    diverged = g["status"].astype(str).str.startswith("diverged").to_numpy()
+    vals = g[loss].to_numpy(float)
+    bad = diverged | ~np.isfinite(vals)
+    return np.where(bad, loss_init, np.minimum(vals, loss_init)), bad
+
+
+def lr_sensitivity_over_seeds(runs: pd.DataFrame, by: Sequence[str] | str, seed: str, *,
+                              lr: str = "optim.lr", loss: str = "final_val_loss",
+                              loss_init: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """LR sensitivity per group and seed, and its mean with a 95% interval over seeds.
+
+    Returns (per_seed, summary): per_seed is `lr_sensitivity_table` of each seed's runs
+    with a `seed` column; summary has per group the mean LR sensitivity, ci_lo, ci_hi,
+    std (the seed-to-seed spread), n seeds, and the mean best loss and best LR."""
+    from lm.analysis.seeds import seed_table
+    by = [by] if isinstance(by, str) else list(by)
+    parts = []
+    for s, g in runs.groupby(seed, sort=True):
+        t = lr_sensitivity_table(g, by, lr=lr, loss=loss, loss_init=loss_init)
+        t.insert(len(by), "seed", s)
+        parts.append(t)
+    per_seed = pd.concat(parts, ignore_index=True)
+    summary = seed_table(per_seed, "lr_sensitivity", by).rename(columns={"mean": "lr_sensitivity"})
+    extra = per_seed.groupby(by, sort=True, dropna=False).agg(
+        best_loss=("best_loss", "mean"), best_lr=("best_lr", "median"),
+        n_diverged=("n_diverged", "sum")).reset_index()
+    return per_seed, summary.merge(extra, on=by, how="left").drop(columns=["n_nonfinite"])
+
+
+def precursors(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the largest attention logit and the mean log Z of the output softmax at
+    its last finite train record (the instability precursors of Wortsman et al.), and
+    how far log Z drifted from its first record (logit divergence)."""
+    rows = []
+    for path in runs["path"]:
+        c = stability_curves(path)
+        ok = c[np.isfinite(c["logz_mean"].astype(float))]
+        last = ok.iloc[-1] if len(ok) else None
+        rows.append({"path": path,
+                     "attn_logit_max": float(last["attn_logit_max"]) if last is not None else math.nan,
+                     "logz_mean": float(last["logz_mean"]) if last is not None else math.nan,
+                     "logz_drift": (float(last["logz_mean"] - ok["logz_mean"].iloc[0])
+                                    if last is not None else math.nan)})
+    return runs.merge(pd.DataFrame(rows, columns=["path", "attn_logit_max", "logz_mean",
+                                                  "logz_drift"]), on="path", how="left")
+
+
+def _mean_and_half(values: np.ndarray) -> tuple[float, float]:
+    from lm.analysis.seeds import interval
+    iv = interval(values)
+    return iv.mean, (iv.half if iv.n > 1 else 0.0)
+
+
 def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
                   lr: str = "optim.lr", loss: str = "final_val_loss",
                   loss_init: float | None = None, title: str = "final loss vs LR",
                   table: pd.DataFrame | None = None) -> Path:
     """Final loss vs LR (log x), one line per size/arm (`by`), diverged runs drawn as
-    crosses at L_init (the value LR sensitivity charges them); the legend gives each
-    group's LR sensitivity. `table`: `lr_sensitivity_table(runs, by, ...)` if already
-    computed. Writes a PNG; returns its path."""
+    crosses at L_init (the value LR sensitivity charges them); with several seeds per LR
+    the mean and its 95% interval (error bars). The legend gives each group's LR
+    sensitivity. `table`: `lr_sensitivity_table(runs, by, ...)` if already computed.
+    Writes a PNG; returns its path."""
     plt = _pyplot()
     by = [by] if isinstance(by, str) else list(by)
     if table is None:
@@ -187,18 +243,42 @@ def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
     for i, ((key, g), (_, row)) in enumerate(zip(done.groupby(by, sort=True, dropna=False),
                                                  table.iterrows())):
         key = key if isinstance(key, tuple) else (key,)
-        g = g.sort_values(lr)
-        diverged = g["status"].astype(str).str.startswith("diverged").to_numpy()
-        vals = g[loss].to_numpy(float)
-        bad = diverged | ~np.isfinite(vals)
-        shown = np.where(bad, row["loss_init"], np.minimum(vals, row["loss_init"]))
+        shown, bad = _capped(g, loss, row["loss_init"])
+        lrs = g[lr].to_numpy(float)
+        grid = np.unique(lrs)
+        stats = [_mean_and_half(shown[lrs == x]) for x in grid]
         label = ", ".join(f"{b}={k}" for b, k in zip(by, key))
         color = f"C{i % 10}"
-        ax.plot(g[lr], shown, "-o", color=color, ms=4,
-                label=f"{label} (sens. {row['lr_sensitivity']:.3g})")
+        ax.errorbar(grid, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o",
+                    color=color, ms=4, capsize=2,
+                    label=f"{label} (sens. {row['lr_sensitivity']:.3g})")
         if bad.any():
-            ax.scatter(g[lr].to_numpy()[bad], shown[bad], marker="x", s=60, color=color,
-                       zorder=3)
+            ax.scatter(lrs[bad], shown[bad], marker="x", s=60, color=color, zorder=3)
     ax.set(xscale="log", xlabel=lr, ylabel=f"{loss} (capped at L_init)", title=title)
     ax.legend(fontsize=7)
+    return save_figure(fig, plt, path)
+
+
+def plot_precursors(table: pd.DataFrame, path, *, by: Sequence[str] | str,
+                    lr: str = "optim.lr") -> Path:
+    """Max attention logit and log Z drift at the end of training vs LR, one line per
+    group (`by`), mean and 95% interval over seeds. `table`: `precursors(runs)`."""
+    plt = _pyplot()
+    by = [by] if isinstance(by, str) else list(by)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (key, g) in enumerate(table.groupby(by, sort=True, dropna=False)):
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{b}={k}" for b, k in zip(by, key))
+        lrs = g[lr].to_numpy(float)
+        grid = np.unique(lrs)
+        for ax, col in zip(axes, ("attn_logit_max", "logz_drift")):
+            vals = g[col].to_numpy(float)
+            stats = [_mean_and_half(vals[lrs == x]) for x in grid]
+            ax.errorbar(grid, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o",
+                        ms=3, capsize=2, color=f"C{i % 10}", label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel=lr, ylabel="max attention logit (end)",
+                title="attention-logit growth")
+    axes[1].set(xscale="log", xlabel=lr, ylabel="mean log Z: end - start",
+                title="output-logit drift")
+    axes[0].legend(fontsize=6)
     return save_figure(fig, plt, path)

@@ -82,7 +82,57 @@ def results_table(workdir: str) -> str:
         text = table.to_string(index=False)
     counts = df["status"].astype(str).str.replace(r" at step \d+", "", regex=True) \
         .str.replace(r": exit \d+", "", regex=True).value_counts()
-    return text + "\n" + f"{len(df)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    text += "\n" + f"{len(df)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    return text + seeds_report(df, vary)
+
+
+def _config_columns(df, vary: list[str]) -> list[str]:
+    """What names a configuration when seeds repeat it: the varying columns (and the
+    arm/size tags) but the seeds."""
+    from lm.analysis.seeds import SEED_COLUMNS
+    return group_columns(df, [c for c in vary if c not in (*SEED_COLUMNS, "steps")])
+
+
+def seeds_report(df, vary: list[str], metric: str = "final_val_loss") -> str:
+    """With several seeds: the metric's mean and 95% interval per configuration, the
+    noise floor, and each arm against the first paired by seed. "" otherwise."""
+    import pandas as pd
+
+    from lm.analysis import seeds
+    seed = seeds.seed_column(df)
+    if seed is None:
+        return ""
+    done = df[df["status"] == "completed"].copy()
+    if done.empty:
+        return ""
+    by = _config_columns(df, vary)
+    if not by:
+        by = ["model.d_model"]
+    table = seeds.seed_table(done, metric, by)
+    floor = seeds.noise_floor(done, metric, by)
+    shown = pd.DataFrame({**{short: table[c] for c, short in short_names(by).items()}})
+    shown[f"{metric} (mean ± 95% CI)"] = [
+        f"{m:.4f} ± {(hi - lo) / 2:.4f}" if n > 1 else f"{m:.4f} (n=1)"
+        for m, lo, hi, n in zip(table["mean"], table["ci_lo"], table["ci_hi"], table["n"])]
+    shown["seeds"] = table["n"]
+    with pd.option_context("display.max_rows", None, "display.width", 250):
+        out = (f"\n\nover seeds ({seed}), completed runs: {metric} per configuration\n"
+               + shown.to_string(index=False)
+               + f"\nnoise floor (seed-to-seed std of {metric}, pooled): {floor:.4f}")
+    if "arm" in by and done["arm"].nunique() > 1:
+        arms = list(dict.fromkeys(done["arm"]))
+        rest = [c for c in by if c != "arm"]
+        lines = []
+        for other in arms[1:]:
+            d = seeds.paired_difference(done, metric, "arm", other, arms[0], rest, pair=seed)
+            for _, r in d.iterrows():
+                where = ", ".join(f"{short_names(rest)[c]}={r[c]}" for c in rest)
+                lines.append(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
+                             f"{r['diff']:+.4f} [{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}] "
+                             f"({r['pairs']} pairs)")
+        out += (f"\npaired by {seed} (difference of {metric}, 95% CI; noise floor "
+                f"{floor:.4f}):\n" + "\n".join(lines))
+    return out
 
 
 def _tags(workdir: Path) -> dict[str, dict]:
@@ -96,6 +146,50 @@ def _tags(workdir: Path) -> dict[str, dict]:
 def _say_warnings(caught) -> None:
     for w in caught:
         print(f"  note: {w.message}")
+
+
+def _lr_sensitivity_over_seeds(finished, by: list[str], seed: str) -> None:
+    """LR sensitivity per seed, its mean and 95% interval, and the arms paired by seed."""
+    import pandas as pd
+
+    from lm.analysis import seeds, stability
+    per_seed, summary = stability.lr_sensitivity_over_seeds(finished, by, seed)
+    floor = seeds.noise_floor(per_seed, "lr_sensitivity", by)
+    print(f"\nLR sensitivity over seeds ({seed}): mean and 95% interval "
+          f"(noise floor: seed-to-seed std {floor:.4g}):")
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "arm" in by and per_seed["arm"].nunique() > 1:
+        arms = list(dict.fromkeys(finished["arm"]))
+        rest = [c for c in by if c != "arm"]
+        print(f"paired by {seed}: LR sensitivity of each arm minus {arms[0]} "
+              f"(95% CI; noise floor {floor:.4g}):")
+        for other in arms[1:]:
+            d = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", other, arms[0],
+                                        rest, pair="seed")
+            for _, r in d.iterrows():
+                where = ", ".join(f"{c}={r[c]}" for c in rest)
+                print(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
+                      f"{r['diff']:+.4g} [{r['ci_lo']:+.4g}, {r['ci_hi']:+.4g}]")
+
+
+def _precursors(finished, by: list[str], out: Path) -> None:
+    """Max attention logit and log Z drift at the end of training, per group and LR."""
+    import pandas as pd
+
+    from lm.analysis import stability
+    table = stability.precursors(finished)
+    if table["attn_logit_max"].isna().all() and table["logz_mean"].isna().all():
+        return
+    agg = (table.groupby([*by, "optim.lr"], sort=True, dropna=False)
+           [["attn_logit_max", "logz_mean", "logz_drift"]].mean().reset_index())
+    print("\nInstability precursors at the end of training (mean over seeds): max attention "
+          "logit, mean log Z and its drift since the first record:")
+    wide = agg.pivot_table(index="optim.lr", columns=by,
+                           values=["attn_logit_max", "logz_drift"], dropna=False)
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(wide.to_string(float_format=lambda v: f"{v:.3g}"))
+    print(f"  plot: {stability.plot_precursors(table, out / 'precursors.png', by=by)}")
 
 
 def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
@@ -113,9 +207,11 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
     print(f"{len(df)} runs ({len(finished)} finished); varying: {', '.join(vary) or 'nothing'}")
     did = False
 
+    from lm.analysis.seeds import SEED_COLUMNS, seed_column
+    seed = seed_column(df)
     if "optim.lr" in vary:
         did = True
-        by = group_columns(df, [c for c in vary if c not in ("optim.lr", "steps")])
+        by = group_columns(df, [c for c in vary if c not in ("optim.lr", "steps", *SEED_COLUMNS)])
         by = by or ["model.d_model"]
         print(f"\nLR sensitivity (Wortsman et al. 2023) per {', '.join(by)}:")
         if finished.empty:
@@ -132,6 +228,9 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
                     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
                 _say_warnings(caught)
                 print(f"  plot: {path}")
+                if seed is not None:
+                    _lr_sensitivity_over_seeds(finished, by, seed)
+                _precursors(finished, by, out)
             except (ValueError, KeyError) as e:
                 print(f"  not enough data for the LR sensitivity table: {e}")
 
@@ -154,7 +253,10 @@ def analyze(workdir: str, *, full_grid: bool = False, n_boot: int = 100,
     done = df[df["status"] == "completed"]
     budget = [tags.get(r, {}).get("budget") for r in done["run"]]
     has_budget = any(b is not None for b in budget)
-    if has_budget or "size" in {k for t in tags.values() for k in t}:
+    # A size ladder is a scaling-law sweep unless it sweeps the LR too (an LR-sensitivity
+    # study across widths, above).
+    sized = "size" in {k for t in tags.values() for k in t} and "optim.lr" not in vary
+    if has_budget or sized:
         did = True
         n = done["params"].to_numpy(float)
         if params == "active" and "active_params" in done:
