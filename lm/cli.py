@@ -108,7 +108,7 @@ def cmd_compile(args) -> int:
     from lm.compile import run_compile
     return run_compile(_load(args), args.topology, slices=args.slices, do_suggest=args.suggest,
                        max_compiles=args.max_compiles, json_out=args.json,
-                       eval_step=not args.train_only)
+                       eval_step=not args.train_only, trials=args.trials)
 
 
 def cmd_data_prepare(args) -> int:
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-compiles", type=int, default=4, help="with --suggest")
     p.add_argument("--json", default="", metavar="PATH", help="also write the report(s) as JSON")
     p.add_argument("--train-only", action="store_true", help="skip the eval step's compile")
+    p.add_argument("--trials", type=int, default=1, metavar="K",
+                   help="compile the step of K batched trials of the config (lm sweep --batch)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("results", help="a table of the runs under a sweep workdir")

@@ -417,8 +417,11 @@ def _largest_state(abstract_state, k: int = 5) -> list[str]:
     return [f"{b / GiB:.2f} GiB {name}" for b, name in sized[:k]]
 
 
-def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bool = True) -> Report:
-    """Compile cfg's train step (and eval step) for the topology and measure it."""
+def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bool = True,
+                   trials: int = 1) -> Report:
+    """Compile cfg's train step (and eval step) for the topology and measure it.
+    `trials` > 1: the step of that many batched trials of cfg (seeds cfg.seed + i) as
+    one program (lm/train/trials.py), the trial axis on the mesh's "trials" rule."""
     from lm.model import count_params, flops_per_token
     from lm.parallel.sharding import per_device_bytes
     from lm.train.setup import setup_run
@@ -430,16 +433,30 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     cfg, pieces = run.cfg, run.pieces
     chip, n = topo.chip, topo.chips
     state = pieces.abstract_state()
-    report = Report(topo.label(), cfg.name, {a: s for a, s in mesh.shape.items() if s > 1} or
+    batch = pieces.abstract_batch()
+    train_step = lambda: pieces.train_step().trace(state, batch)  # noqa: E731
+    if trials > 1:
+        from lm.train.trials import make_group
+        group = make_group([dataclasses.replace(cfg, seed=cfg.seed + i, name=f"{cfg.name}.{i}")
+                            for i in range(trials)], mesh=mesh)
+        state, batch = group.abstract_state(), group.abstract_batch()
+        train_step = lambda: group.step_fn().trace(  # noqa: E731
+            state, group.abstract_values(), batch)
+        eval_step = False
+    name = cfg.name if trials == 1 else (
+        f"{cfg.name} x {trials} batched trials (trial axis on "
+        f"{'+'.join(group.axes) or 'no mesh axis'})")
+    report = Report(topo.label(), name, {a: s for a, s in mesh.shape.items() if s > 1} or
                     {"data": 1}, cfg.model.remat, count_params(cfg.model)["total"], True,
                     chip.hbm_bytes)
-    report.params_bytes = per_device_bytes(state["params"])
-    report.opt_bytes = per_device_bytes(state["opt_state"])
+    one = state["trials"] if trials > 1 else state
+    report.params_bytes = per_device_bytes(one["params"])
+    report.opt_bytes = per_device_bytes(one["opt_state"])
     report.state_bytes = per_device_bytes(state)
-    report.batch_bytes = per_device_bytes(pieces.abstract_batch())
+    report.batch_bytes = per_device_bytes(batch)
     t0 = time.perf_counter()
     try:
-        compiled = pieces.train_step().trace(state, pieces.abstract_batch()).lower().compile()
+        compiled = train_step().lower().compile()
     except Exception as e:  # noqa: BLE001 (the TPU compiler refuses what cannot fit)
         msg = str(e)
         # Only the compiler's refusals for memory count as "does not fit" (a lowering
@@ -473,7 +490,7 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     report.hbm_traffic = float(cost.get("bytes accessed", 0.0))
 
     tokens = cfg.batch_size * cfg.data.seq_len
-    report.model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    report.model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * trials
     recompute = {"none": 1.0, "full": 4 / 3}.get(cfg.model.remat, 1.15)  # dots: ~matmuls kept
     report.hw_flops_per_chip = report.model_flops * recompute / n
     report.t_compute = report.hw_flops_per_chip / chip.peak_flops
@@ -629,12 +646,15 @@ def format_suggestions(reports: list[Report], considered: int) -> str:
 
 
 def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bool = False,
-                max_compiles: int = 4, json_out: str = "", eval_step: bool = True) -> int:
+                max_compiles: int = 4, json_out: str = "", eval_step: bool = True,
+                trials: int = 1) -> int:
     from lm import config as config_lib
     from lm.data import load_tokenizer
     from lm.errors import EXIT_USER_ERROR
     from lm.train.setup import with_vocab
     topo = parse_topology(topology, slices)
+    if trials < 1 or (trials > 1 and do_suggest):
+        raise ConfigError(f"--trials {trials}: must be >= 1 (and without --suggest)")
     cfg = config_lib.validate(with_vocab(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size))
     if do_suggest:
         reports = suggest(cfg, topo, max_compiles)
@@ -649,7 +669,7 @@ def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bo
             flags += f" --set model.remat={best.remat}"
             print(f"best: lm compile --topology {topology} {flags}")
     else:
-        reports = [compile_report(cfg, topo, eval_step=eval_step)]
+        reports = [compile_report(cfg, topo, eval_step=eval_step, trials=trials)]
         print(format_report(reports[0]))
     if json_out:
         import json

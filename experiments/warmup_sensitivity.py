@@ -1,0 +1,39 @@
+"""LR warmup length vs LR sensitivity (Wortsman et al. 2023, section 3.4: a longer
+warmup lowers LR sensitivity, more so for larger models), at the scale and in the form of
+experiments/lr_sensitivity.py: the same widths, depth, steps and LR grid, baseline
+architecture (no qk-norm, no z-loss), warmup 1% / 5% / 25% of the 350 steps, 2 seeds.
+
+3 widths x 9 LRs x 3 warmups x 2 seeds = 162 trials; warmup, LR and seed are scalars of
+one program, so each width is one batched group of 54 trials.
+
+    lm sweep experiments/warmup_sensitivity.py --workdir runs/warmup_sensitivity
+    lm analyze runs/warmup_sensitivity     # LR sensitivity per warmup and width, with intervals
+    lm sweep experiments/warmup_sensitivity.py --workdir runs/warmup_smoke --smoke   # ~1 min
+"""
+
+from lm.config import exec_python_file
+from pathlib import Path
+
+from lm.sweep import Grid, Sweep, log_grid
+
+_lr = exec_python_file(Path(__file__).with_name("lr_sensitivity.py"), "sweep spec")
+STEPS = _lr.STEPS
+WARMUPS = {"warmup1%": 0.01, "warmup5%": 0.05, "warmup25%": 0.25}
+
+
+def sweep(smoke: bool = False) -> Sweep:
+    base = _lr.sweep(smoke=False)
+    sizes, lrs = _lr.WIDTHS, log_grid(1e-4, 1.0, 9)
+    warmups = {k: max(1, round(f * STEPS)) for k, f in WARMUPS.items()}
+    if smoke:
+        sizes, lrs = {"w32": _lr.WIDTHS["w32"]}, [1e-3, 1.0]
+        warmups = {"warmup1%": 1, "warmup25%": 2}
+    return Sweep(
+        overrides=base.overrides,
+        smoke=base.smoke,
+        sizes=sizes,
+        arms={k: {"optim.warmup_steps": w} for k, w in warmups.items()},
+        axes=[Grid("optim.lr", lrs)],
+        seeds=2,
+        batch=54,
+    )
