@@ -153,3 +153,42 @@ def test_group_step_compiles_for_a_tpu_slice_with_trials_over_chips():
     from lm.train.setup import setup_run
     alone = setup_run(one, make_mesh(one.mesh, devices[:1])).pieces.abstract_state()
     assert per_device_bytes(state["trials"]) == per_device_bytes(alone)
+
+
+@pytest.mark.slow
+def test_lm_sweep_batch_runs_a_group_and_accounts_for_each_trial(tmp_path):
+    """The real `lm sweep --batch`: one `lm train-group` process for two trials, one of
+    which diverges; each trial's status is its own; a rerun skips both."""
+    from conftest import lm
+    spec = tmp_path / "spec.py"
+    spec.write_text(
+        "from lm.sweep import Grid, Sweep\n"
+        "def sweep():\n"
+        f"    return Sweep(overrides={GROUP + ['optim.clip_norm=0']!r},\n"
+        "                 axes=[Grid('optim.lr', [1e-3, 1e30])])\n")
+    work = tmp_path / "w"
+    result = lm("sweep", str(spec), "--workdir", str(work), "--batch", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "batched: 2 trials in 1 processes" in result.stdout
+    assert summary(work / "lr=1e-3")["status"] == "completed"
+    assert summary(work / "lr=1e30")["status"].startswith("diverged at step ")
+    assert "1 completed, 1 diverged" in result.stdout
+    assert (work / "groups" / "g000.log").read_text().count("trials batched as one program") == 1
+    again = lm("sweep", str(spec), "--workdir", str(work), "--batch", "4")
+    assert again.returncode == 0 and "2 skipped" in again.stdout
+
+
+def test_experiment_specs_expand_into_batched_groups():
+    """The stability studies: their grids are what their docstrings say, and every
+    (width, qk-norm) pair / width is one batched group."""
+    from lm.config import exec_python_file
+    from lm.sweep import expand
+    from lm.sweep.runner import plan_groups
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    for name, trials, groups in (("lr_sensitivity", 216, 6), ("warmup_sensitivity", 162, 3)):
+        sweep = exec_python_file(root / f"{name}.py", "sweep spec").sweep()
+        expanded = expand(sweep)
+        assert len(expanded) == trials
+        lrs = sorted({t.tags["optim.lr"] for t in expanded})
+        assert lrs[0] == 1e-4 and lrs[-1] == 1.0 and len(lrs) == 9
+        assert len(plan_groups(expanded, sweep, sweep.batch)) == groups
