@@ -5,14 +5,14 @@ The paper's effect is that without qk-layernorm, high learning rates make attent
 logits grow until training fails (loss stuck near its initial value or diverging), and
 that this failure sets in at lower LRs as models grow; qk-layernorm removes it, z-loss
 removes output-logit divergence. So the grid must reach LRs where baselines fail: LR
-1e-4 .. 1 (4 decades, 9 points), widths 32 / 64 / 128 with 4 layers (head dim 32),
-350 steps with the paper's warmup share (5%) and cosine decay, no weight decay (the
+1e-4 .. 1 (4 decades, 7 points), widths 32 / 64 / 96 with 4 layers (head dim 32),
+300 steps with the paper's warmup share (5%) and cosine decay, no weight decay (the
 paper's setting for these arms), AdamW(0.9, 0.95), 2 seeds. Arms baseline / qk_norm /
 z_loss (1e-4, the paper's coefficient) / both.
 
-3 widths x 9 LRs x 4 arms x 2 seeds = 216 trials. The LR, z-loss coefficient and seed
-are scalars of one program, so each (width, qk-norm) pair is one batched group of 36
-trials (lm/train/trials.py): 6 programs instead of 216 processes.
+3 widths x 7 LRs x 4 arms x 2 seeds = 168 trials. The LR, z-loss coefficient and seed
+are scalars of one program, so each (width, qk-norm) pair is one batched group of 28
+trials (lm/train/trials.py): 6 programs instead of 168 processes.
 
     lm sweep experiments/lr_sensitivity.py --workdir runs/lr_sensitivity
     lm results runs/lr_sensitivity && lm analyze runs/lr_sensitivity
@@ -35,9 +35,10 @@ ARMS = {
 
 WIDTHS = {"w32": {"model.d_model": 32, "model.n_heads": 1},
           "w64": {"model.d_model": 64, "model.n_heads": 2},
-          "w128": {"model.d_model": 128, "model.n_heads": 4}}
+          "w96": {"model.d_model": 96, "model.n_heads": 3}}
 
-STEPS = 350
+STEPS = 300
+LRS = (1e-4, 1.0, 7)  # log-spaced, inclusive
 
 
 def sweep(smoke: bool = False) -> Sweep:
@@ -48,7 +49,7 @@ def sweep(smoke: bool = False) -> Sweep:
         "log_every": 10, "eval_every": STEPS, "eval_batches": 4, "checkpoint_every": STEPS,
         "tensorboard": False,
     }
-    sizes, lrs = WIDTHS, log_grid(1e-4, 1.0, 9)
+    sizes, lrs = WIDTHS, log_grid(*LRS)
     if smoke:
         sizes, lrs = {"w32": WIDTHS["w32"]}, [1e-3, 1.0]
     return Sweep(
@@ -60,5 +61,5 @@ def sweep(smoke: bool = False) -> Sweep:
         arms=ARMS,
         axes=[Grid("optim.lr", lrs)],
         seeds=2,
-        batch=36,
+        batch=28,
     )

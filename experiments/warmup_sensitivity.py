@@ -1,10 +1,10 @@
 """LR warmup length vs LR sensitivity (Wortsman et al. 2023, section 3.4: a longer
 warmup lowers LR sensitivity, more so for larger models), at the scale and in the form of
 experiments/lr_sensitivity.py: the same widths, depth, steps and LR grid, baseline
-architecture (no qk-norm, no z-loss), warmup 1% / 5% / 25% of the 350 steps, 2 seeds.
+architecture (no qk-norm, no z-loss), warmup 1% / 5% / 25% of the 300 steps, 2 seeds.
 
-3 widths x 9 LRs x 3 warmups x 2 seeds = 162 trials; warmup, LR and seed are scalars of
-one program, so each width is one batched group of 54 trials.
+3 widths x 7 LRs x 3 warmups x 2 seeds = 126 trials; warmup, LR and seed are scalars of
+one program, so each width is one batched group of 42 trials.
 
     lm sweep experiments/warmup_sensitivity.py --workdir runs/warmup_sensitivity
     lm analyze runs/warmup_sensitivity     # LR sensitivity per warmup and width, with intervals
@@ -23,7 +23,7 @@ WARMUPS = {"warmup1%": 0.01, "warmup5%": 0.05, "warmup25%": 0.25}
 
 def sweep(smoke: bool = False) -> Sweep:
     base = _lr.sweep(smoke=False)
-    sizes, lrs = _lr.WIDTHS, log_grid(1e-4, 1.0, 9)
+    sizes, lrs = _lr.WIDTHS, log_grid(*_lr.LRS)
     warmups = {k: max(1, round(f * STEPS)) for k, f in WARMUPS.items()}
     if smoke:
         sizes, lrs = {"w32": _lr.WIDTHS["w32"]}, [1e-3, 1.0]
@@ -35,5 +35,5 @@ def sweep(smoke: bool = False) -> Sweep:
         arms={k: {"optim.warmup_steps": w} for k, w in warmups.items()},
         axes=[Grid("optim.lr", lrs)],
         seeds=2,
-        batch=54,
+        batch=42,
     )

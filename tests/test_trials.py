@@ -185,10 +185,10 @@ def test_experiment_specs_expand_into_batched_groups():
     from lm.sweep import expand
     from lm.sweep.runner import plan_groups
     root = Path(__file__).resolve().parent.parent / "experiments"
-    for name, trials, groups in (("lr_sensitivity", 216, 6), ("warmup_sensitivity", 162, 3)):
+    for name, trials, groups in (("lr_sensitivity", 168, 6), ("warmup_sensitivity", 126, 3)):
         sweep = exec_python_file(root / f"{name}.py", "sweep spec").sweep()
         expanded = expand(sweep)
         assert len(expanded) == trials
         lrs = sorted({t.tags["optim.lr"] for t in expanded})
-        assert lrs[0] == 1e-4 and lrs[-1] == 1.0 and len(lrs) == 9
+        assert lrs[0] == 1e-4 and lrs[-1] == 1.0 and len(lrs) == 7
         assert len(plan_groups(expanded, sweep, sweep.batch)) == groups
