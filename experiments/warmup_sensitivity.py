@@ -18,7 +18,7 @@ from lm.sweep import Grid, Sweep, log_grid
 
 _lr = exec_python_file(Path(__file__).with_name("lr_sensitivity.py"), "sweep spec")
 STEPS = _lr.STEPS
-WARMUPS = {"warmup1%": 0.01, "warmup5%": 0.05, "warmup25%": 0.25}
+WARMUPS = {"warmup_1pct": 0.01, "warmup_5pct": 0.05, "warmup_25pct": 0.25}
 
 
 def sweep(smoke: bool = False) -> Sweep:
@@ -27,7 +27,7 @@ def sweep(smoke: bool = False) -> Sweep:
     warmups = {k: max(1, round(f * STEPS)) for k, f in WARMUPS.items()}
     if smoke:
         sizes, lrs = {"w32": _lr.WIDTHS["w32"]}, [1e-3, 1.0]
-        warmups = {"warmup1%": 1, "warmup25%": 2}
+        warmups = {"warmup_1pct": 1, "warmup_25pct": 2}
     return Sweep(
         overrides=base.overrides,
         smoke=base.smoke,
