@@ -1,4 +1,5 @@
-"""`lm train | eval | sample | bench | compile | data prepare | launch {local,tpu,slurm}`.
+"""`lm train | eval | sample | bench | compile | import hf | export hf | data prepare | launch
+{local,tpu,slurm}`.
 
 User-caused errors (bad config, bad data, missing run) print one line and exit 2; a full
 disk anywhere prints one line naming the path and exits 4 (lm/errors.py holds the exit
@@ -77,6 +78,16 @@ def cmd_sample(args) -> int:
             print(f"--- sample {i}")
         print(args.prompt + tokenizer.decode(ids))
     return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lm.interop.hf_import import import_hf
+    return import_hf(args.path, args.run_dir)
+
+
+def cmd_export_hf(args) -> int:
+    from lm.interop.hf_export import export_hf
+    return export_hf(args.run, args.out)
 
 
 def cmd_bench(args) -> int:
@@ -229,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(q)
     q.add_argument("--out", required=True)
     q.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("import", help="bring a model in from another format")
+    q = p.add_subparsers(dest="import_command", required=True).add_parser(
+        "hf", help="a local Hugging Face model directory -> an lmlab run directory")
+    q.add_argument("path", help="directory with config.json, *.safetensors, tokenizer.json")
+    q.add_argument("--run-dir", required=True)
+    q.set_defaults(fn=cmd_import_hf)
+    p = sub.add_parser("export", help="write a run's checkpoint in another format")
+    q = p.add_subparsers(dest="export_command", required=True).add_parser(
+        "hf", help="a run's latest checkpoint -> a Hugging Face model directory")
+    q.add_argument("run", help="run directory")
+    q.add_argument("--out", required=True)
+    q.set_defaults(fn=cmd_export_hf)
 
     _add_launch(sub)
 

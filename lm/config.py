@@ -38,6 +38,7 @@ class ModelConfig:
     head_dim: int = 0  # 0 = d_model // n_heads
     norm: Literal["rms", "layer"] = "rms"
     norm_position: Literal["pre", "post", "peri"] = "pre"
+    norm_eps: float = 1e-6  # added to the mean square in every norm (HF: rms_norm_eps)
     layernorm_scaling: bool = False  # scale each block's norm outputs by 1/sqrt(layer index)
     qk_norm: bool = False
     rope_theta: float = 10_000.0
@@ -409,6 +410,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "(set model.head_dim to decouple them)")
     if m.dh % 2:
         raise ConfigError(f"model.head_dim={m.dh} must be even for RoPE")
+    if m.norm_eps <= 0:
+        raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
     _mixers.validate(m)  # the layer patterns, then each mixer in use
