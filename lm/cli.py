@@ -26,7 +26,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from lm.config import resolve
-    return resolve(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "init_from", ""):
+        overrides.append(f"init_from={args.init_from}")
+    cfg = resolve(args.config, overrides)
+    if cfg.init_from:  # the source fixes the model (lm/train/init_from.py)
+        from lm.train.init_from import with_source_model
+        cfg = with_source_model(cfg, overrides)
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -208,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run")
     _config_args(p)
     p.add_argument("--run-dir", default="", help="run directory (default: runs/<name>)")
+    p.add_argument("--init-from", default="", metavar="RUN_OR_HF_DIR",
+                   help="start from these weights (an lmlab run or a Hugging Face model "
+                        "dir), fresh optimizer; the same as --set init_from=...")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and bits-per-byte of a run")

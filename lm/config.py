@@ -162,6 +162,9 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     name: str = "run"
     seed: int = 0
+    # Start from these weights (a run dir or a Hugging Face model dir) instead of a
+    # random init; the model section is the source's (lm/train/init_from.py).
+    init_from: str = ""
     steps: int = 1000
     batch_size: int = 32  # global batch, in sequences
     # Cross-entropy over chunks of this many positions, so the [batch, seq, vocab] f32

@@ -223,7 +223,11 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     restored = ckpt.restore_newest_intact(
         lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
     if restored is None:
-        state, start = pieces.init_state(), 0
+        if cfg.init_from:  # a fine-tune's first start (a rerun resumes its own checkpoints)
+            from lm.train.init_from import initial_state
+            state, start = initial_state(pieces), 0
+        else:
+            state, start = pieces.init_state(), 0
         batches.start_prefetch()
     else:
         start, state = restored
