@@ -82,6 +82,11 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 256
     text_field: str = "text"  # JSONL / Parquet column holding the document text
+    # text: documents, every token a target; instruction: JSONL prompt/response records
+    # (or chat `messages`), the loss on response tokens only (lm/data/instruction.py)
+    format: Literal["text", "instruction"] = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     validation_corpus: str = ""  # "" = split the corpus by document (see lm/data/sources.py)
     validation_fraction: float = 0.1
     # Batches read and put on the devices ahead of the step by a thread (0 = none).
