@@ -43,10 +43,6 @@ def _qkv(name, path, heads, dh):
                  lambda x: [np.ascontiguousarray(x.reshape(x.shape[0], -1).T)])
 
 
-def _qkv_bias(name, path, heads, dh):
-    return Entry(path, (name,), lambda t: t[0].reshape(heads, dh), lambda x: [x.reshape(-1)])
-
-
 def _o_proj(name, path, heads, dh):
     """o_proj [d, heads * dh] <-> [heads, dh, d]."""
     return Entry(path, (name,), lambda t: t[0].T.reshape(heads, dh, -1),
@@ -77,9 +73,7 @@ def entries(cfg: ModelConfig, family: str) -> list[Entry]:
                 _qkv(att + "v_proj.weight", mix + ("wv",), kv, dh),
                 _o_proj(att + "o_proj.weight", mix + ("wo",), h, dh)]
         if cfg.attention.qkv_bias:
-            out += [_qkv_bias(att + "q_proj.bias", mix + ("bq",), h, dh),
-                    _qkv_bias(att + "k_proj.bias", mix + ("bk",), kv, dh),
-                    _qkv_bias(att + "v_proj.bias", mix + ("bv",), kv, dh)]
+            out += [_same([att + f"{w}_proj.bias"], mix + (f"b{w}",)) for w in "qkv"]
         if cfg.qk_norm:
             out += [_same([att + "q_norm.weight"], mix + ("q_norm", "scale")),
                     _same([att + "k_norm.weight"], mix + ("k_norm", "scale"))]

@@ -172,10 +172,10 @@ class Attention(SequenceMixer):
         out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
         self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
         self.qkv_bias = a.qkv_bias
-        if a.qkv_bias:
-            self.bq = param(rngs, (h, dh), ("heads", "head_dim"), 0.0, pdt)
-            self.bk = param(rngs, (kv, dh), ("kv_heads", "head_dim"), 0.0, pdt)
-            self.bv = param(rngs, (kv, dh), ("kv_heads", "head_dim"), 0.0, pdt)
+        if a.qkv_bias:  # flat [heads * head_dim]: 1-D, so no weight decay (lm/optim)
+            self.bq = param(rngs, (h * dh,), ("heads",), 0.0, pdt)
+            self.bk = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
+            self.bv = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = Norm(dh, cfg.norm, "head_dim", pdt, cfg.norm_eps)
@@ -200,9 +200,9 @@ class Attention(SequenceMixer):
         k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(cdt))
         v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(cdt))
         if self.qkv_bias:
-            q_BTHD = q_BTHD + self.bq[...].astype(cdt)
-            k_BTKD = k_BTKD + self.bk[...].astype(cdt)
-            v_BTKD = v_BTKD + self.bv[...].astype(cdt)
+            q_BTHD = q_BTHD + self.bq[...].astype(cdt).reshape(self.n_heads, self.dh)
+            k_BTKD = k_BTKD + self.bk[...].astype(cdt).reshape(self.n_kv, self.dh)
+            v_BTKD = v_BTKD + self.bv[...].astype(cdt).reshape(self.n_kv, self.dh)
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
         q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len)
