@@ -159,12 +159,17 @@ ModelConfig = _with_sections(ModelConfig, _mixers.all_mixers(), "mixer")
 OptimConfig = _with_sections(OptimConfig, _optim.all_directions(), "optimizer")
 
 
+from lm.peft.lora import LoRAConfig  # noqa: E402
+from lm.peft import lora as _lora  # noqa: E402
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lm/peft/lora.py
     name: str = "run"
     seed: int = 0
     # Start from these weights (a run dir or a Hugging Face model dir) instead of a
@@ -438,6 +443,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
+    _lora.validate(cfg.lora, m)
     _optim.validate(o)  # the direction's name, then its own section
     positive("optim.lr", o.lr)
     if o.warmup_steps < 0:
@@ -487,6 +493,7 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 __all__ = [
     "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "MeshConfig", "TrainConfig",
+    "LoRAConfig",
     "load_config_file", "apply_overrides", "validate", "resolve", "to_json", "from_json",
     "load_run_config",
     "from_dict", "to_dict", "config_diff",

@@ -1,7 +1,9 @@
 """`lm export hf RUN --out DIR`: a run's latest intact checkpoint -> a Hugging Face model
 directory (config.json, model.safetensors, the tokenizer when the run has a
 tokenizer.json) that transformers' AutoModelForCausalLM loads with the same logits.
-The family is chosen from the model's knobs (lm/interop/hf_config.py family_for);
+A LoRA run is written merged (W0 + scale * A @ B: a plain model of the base's family,
+not a PEFT adapter directory). The family is chosen from the model's knobs
+(lm/interop/hf_config.py family_for);
 knobs no exported family expresses are refused with one line.
 """
 
@@ -40,6 +42,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> int:
                           "(nothing is overwritten)")
     run, params, step = restore_for_inference(run_dir)
     cfg, tok = run.cfg, run.tokenizer
+    merged = ""
+    if cfg.lora.rank:  # one plain model: the adapters folded into the weights
+        from lm.peft.lora import merged_params
+        params, merged = merged_params(cfg.model, cfg.lora, params), ", LoRA adapters merged"
     family = family_for(cfg.model)
     hf = hf_config_from_model(cfg.model, family, tok.bos_id, tok.eos_id, tok.pad_id)
     tensors = hf_tensors(cfg.model, family, params)
@@ -52,5 +58,5 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> int:
         tokenizer_note = "tokenizer.json"
     print(f"exported {run_dir} (checkpoint step {step}) as {family} "
           f"({hf['architectures'][0]}) to {out_dir}: config.json, model.safetensors, "
-          f"{tokenizer_note}")
+          f"{tokenizer_note}{merged}")
     return 0

@@ -102,13 +102,14 @@ def import_config(hf_dir: Path, run_dir: Path) -> TrainConfig:
                        name=hf_dir.absolute().name)
 
 
-def load_params(hf_dir: Path, cfg: TrainConfig, pieces) -> dict:
-    """The HF weights as lmlab params, each array born sharded as the run shards it."""
+def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> dict:
+    """The HF weights as lmlab params, each array born sharded as the run shards it
+    (`prefix`: where the model's params sit in the run's tree, e.g. a LoRA base)."""
     family = read_hf_config(hf_dir)["model_type"]
     tensors = SafetensorsDir(hf_dir)
     table = entries(cfg.model, family)
-    abstract = pieces.abstract_state()["params"]
-    shardings = pieces.state_shardings["params"]
+    abstract = _get(pieces.abstract_state()["params"], prefix)
+    shardings = _get(pieces.state_shardings["params"], prefix)
     wanted = {n for e in table for n in e.hf_names}
     missing = [n for e in table for n in e.hf_names if n not in tensors.names()]
     if missing:

@@ -15,6 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 
@@ -66,9 +68,17 @@ def initial_state(pieces) -> dict:
     from lm.interop.hf_import import fresh_state, load_params
     cfg = pieces.cfg
     source = Path(cfg.init_from)
+    lora = bool(cfg.lora.rank)
     if source_kind(str(source)) == "hf":
-        return fresh_state(pieces, load_params(source, cfg, pieces))
-    return fresh_state(pieces, _run_params(source, pieces))
+        base = load_params(source, cfg, pieces, prefix=("base",) if lora else ())
+    else:
+        base = _run_params(source, pieces)
+    if not lora:
+        return fresh_state(pieces, base)
+    # LoRA: the source is the frozen base; the adapters start as the run's own init.
+    adapters = jax.jit(lambda: pieces._init()["params"]["adapters"],
+                       out_shardings=pieces.state_shardings["params"]["adapters"])()
+    return fresh_state(pieces, {"base": base, "adapters": adapters})
 
 
 def _run_params(source: Path, pieces) -> dict:
@@ -85,6 +95,10 @@ def _run_params(source: Path, pieces) -> dict:
                               f"({'; '.join(structural[:3])})")
     # The source's own train state (its optimizer's shape), laid out on this mesh.
     src_pieces = build(dataclasses.replace(src_cfg, mesh=pieces.cfg.mesh), pieces.mesh)
+    merge = None
+    if src_cfg.lora.rank:  # a LoRA source: its adapters folded into its base
+        from lm.peft.lora import merged_params
+        merge = lambda p: merged_params(src_cfg.model, src_cfg.lora, p)  # noqa: E731
     ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint_every, src_cfg.keep_checkpoints)
     try:
         restored = ckpt.restore_newest_intact(
@@ -95,7 +109,7 @@ def _run_params(source: Path, pieces) -> dict:
         raise ConfigError(f"init_from={source}: the run has no checkpoint yet")
     step, state = restored
     print(f"initialised from {source} (checkpoint step {step})", flush=True)
-    return state["params"]
+    return state["params"] if merge is None else jax.jit(merge)(state["params"])
 
 
 # Model fields that change how the weights are computed with, not their shapes.
