@@ -110,10 +110,10 @@ def tiny_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1,
-                 **model_kw) -> Path:
-    """An HF-format directory written from a random lmlab model (lmlab's own writer):
-    config.json, safetensors (optionally sharded with an index), tokenizer.json."""
+def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1, **model_kw):
+    """(An HF-format directory written from a random lmlab model by lmlab's own writer:
+    config.json, safetensors (optionally sharded with an index), tokenizer.json; the
+    model, holding the written weights)."""
     import dataclasses
 
     from safetensors.numpy import save_file

@@ -48,6 +48,7 @@ class SafetensorsDir:
     index, or several files without one. Files are opened once, lazily."""
 
     def __init__(self, path: Path):
+        self._handles: dict = {}
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -65,11 +66,10 @@ class SafetensorsDir:
             for f in files:
                 for name in self._open(f).keys():
                     self.file_of[name] = f
-        self._handles: dict = {}
 
     def _open(self, file: Path):
         from safetensors import safe_open
-        if file not in getattr(self, "_handles", {}):
+        if file not in self._handles:
             if not file.is_file():
                 raise ConfigError(f"lm import hf: {file} (named by the index) does not exist")
             try:
@@ -77,7 +77,6 @@ class SafetensorsDir:
             except Exception as e:  # noqa: BLE001 (a damaged file: one line)
                 raise ConfigError(f"lm import hf: {file} is not a readable safetensors file "
                                   f"({e})") from None
-            self._handles = getattr(self, "_handles", {})
             self._handles[file] = handle
         return self._handles[file]
 
