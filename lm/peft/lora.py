@@ -55,6 +55,9 @@ def validate(cfg: LoRAConfig, model_cfg) -> None:
                           "the weights, not per token)")
     if model_cfg.scan_layers:
         raise ConfigError("lora.rank > 0 needs model.scan_layers=false")
+    if "e" in model_cfg.channel_pattern:  # (its rule-based router update needs the plain tree)
+        raise ConfigError("lora.rank > 0 with MoE layers (model.channel_pattern with 'e') is "
+                          "not supported yet")
 
 
 def _patterns(cfg: LoRAConfig) -> list[str]:
