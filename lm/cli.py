@@ -46,7 +46,7 @@ def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
     from lm.train.setup import restore_for_inference
-    run, params, step = restore_for_inference(args.run)
+    run, params, step = restore_for_inference(args.run, lora_rank=args.lora_rank)
     batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
     result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
     print(json.dumps({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and bits-per-byte of a run")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--batches", type=int, default=0, help="0 = whole validation split")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="a LoRA / DyLoRA run's adapters up to this rank (0 = all)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")

@@ -64,6 +64,34 @@ def test_only_adapters_have_optimizer_state_and_change():
                for a, b in zip(jax.tree.leaves(state["params"]["adapters"]), jax.tree.leaves(ad0)))
 
 
+def test_dylora_one_adapter_serves_every_rank():
+    """Training calls draw a rank from 1..R per batch; at evaluation rank r uses the first
+    r ranks (alpha / r), exactly what merging those ranks gives."""
+    from lm.model import Transformer
+    from lm.peft.lora import LoRAModel, merged_params
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=4, max_seq_len=32)
+    lora = LoRAConfig(rank=4, alpha=8.0, dylora=True, targets="*.mixer.w[qkvo]")
+    model = LoRAModel(cfg, lora, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["adapters"] = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params["adapters"])
+    graphdef, _ = nnx.split(model)
+    drawn = {int(nnx.merge(graphdef, params).active_rank((jnp.arange(24).reshape(2, 12) * t) % 40))
+             for t in range(1, 13)}
+    assert drawn <= {1, 2, 3, 4} and len(drawn) >= 3, drawn
+    plain, _ = nnx.split(Transformer(cfg, nnx.Rngs(1)))
+    tokens = jnp.arange(24).reshape(2, 12) % 40
+    outs = []
+    for r in (1, 2, 4):
+        at_r = dataclasses.replace(lora, eval_rank=r)
+        g, _ = nnx.split(LoRAModel(cfg, at_r, nnx.Rngs(0)))
+        got, _ = nnx.merge(g, params)(tokens)
+        want, _ = nnx.merge(plain, merged_params(cfg, at_r, params))(tokens)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        outs.append(np.asarray(got))
+    assert np.abs(outs[0] - outs[2]).max() > 1e-3  # the ranks are different models
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["lora.rank=4", "lora.dropout=0.1"], "lora.dropout > 0 is not supported"),
     (["lora.rank=4", "lora.targets=*.nothing"], "matches no parameter"),
@@ -109,6 +137,9 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path):
     _, src, _ = restore_for_inference(base)
     for a, b in zip(jax.tree.leaves(ft["base"]), jax.tree.leaves(src)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # only adapters moved
+    from lm.cli import main
+    assert main(["eval", "--run", str(run), "--lora-rank", "2", "--batches", "1"]) == 0
+    assert main(["eval", "--run", str(run), "--lora-rank", "9", "--batches", "1"]) == 2
     out = lm("export", "hf", str(run), "--out", str(tmp_path / "out"))
     assert out.returncode == 0 and "LoRA adapters merged" in out.stdout, out.stderr[-2000:]
     assert import_hf(tmp_path / "out", tmp_path / "back") == 0

@@ -41,6 +41,14 @@ class LoRAConfig:
     dropout: float = 0.0  # (only 0: the effective-weight form has no per-token input)
     # Comma-separated patterns over dotted parameter paths, e.g. "blocks.0.mixer.wq".
     targets: str = "*.mixer.wq,*.mixer.wk,*.mixer.wv,*.mixer.wo"
+    # DyLoRA (Valipour et al. 2023): each training call uses only the first r ranks, r
+    # drawn uniformly from 1..rank (scale alpha / r), so one adapter serves every rank.
+    # The draw is a hash of the batch's tokens (no RNG reaches the model): reproducible
+    # for a given data stream, different from step to step.
+    dylora: bool = False
+    # Use the first eval_rank ranks (0 = all; with dylora, 0 while training = drawn).
+    # `lm eval --lora-rank r` sets it.
+    eval_rank: int = 0
 
 
 def validate(cfg: LoRAConfig, model_cfg) -> None:
@@ -50,6 +58,9 @@ def validate(cfg: LoRAConfig, model_cfg) -> None:
         return
     if cfg.alpha <= 0:
         raise ConfigError(f"lora.alpha must be positive, got {cfg.alpha}")
+    if not 0 <= cfg.eval_rank <= cfg.rank:
+        raise ConfigError(f"lora.eval_rank (lm eval --lora-rank) must be in [0, lora.rank="
+                          f"{cfg.rank}], got {cfg.eval_rank}")
     if cfg.dropout:
         raise ConfigError("lora.dropout > 0 is not supported (the adapters are applied to "
                           "the weights, not per token)")
@@ -106,7 +117,8 @@ class LoRAModel(nnx.Module):
         from lm.model import Transformer
         self.cfg = cfg
         self.base = Transformer(cfg, rngs)
-        self.scale = lora.alpha / lora.rank
+        self.alpha, self.rank = lora.alpha, lora.rank
+        self.dylora, self.eval_rank = lora.dylora, lora.eval_rank
         base = nnx.to_pure_dict(nnx.state(self.base, nnx.Param))
         flat_axes = {p: v.get_metadata()["logical_axes"]
                      for p, v in nnx.to_flat_state(nnx.state(self.base, nnx.Param))}
@@ -123,50 +135,66 @@ class LoRAModel(nnx.Module):
                             logical_axes=(None,) + axes[k:]))
         self.adapters = nnx.Dict(adapters)
 
-    def delta(self, path) -> jax.Array:
+    def active_rank(self, tokens_BT) -> jax.Array:
+        """The ranks in use: eval_rank, all, or (DyLoRA training) drawn from 1..rank by
+        a hash of the tokens."""
+        if self.eval_rank or not self.dylora:
+            return jnp.int32(self.eval_rank or self.rank)
+        index = jnp.arange(tokens_BT.size, dtype=jnp.uint32).reshape(tokens_BT.shape)
+        h = jnp.sum(tokens_BT.astype(jnp.uint32) * (index * jnp.uint32(2654435761) + 1))
+        key = jax.random.fold_in(jax.random.key(0), h)
+        return jax.random.randint(key, (), 1, self.rank + 1)
+
+    def delta(self, path, r) -> jax.Array:
+        """scale * A[..., :r] @ B[:r] (a mask, so r may be traced), scale = alpha / r."""
         ad = self.adapters[_key(path)]
         a, b = ad["a"][...], ad["b"][...]
-        return (self.scale * jnp.tensordot(a, b, axes=1)).astype(a.dtype)
+        keep = (jnp.arange(self.rank) < r).astype(a.dtype)
+        scale = self.alpha / r.astype(jnp.float32)
+        return (scale * jnp.tensordot(a * keep, b, axes=1)).astype(a.dtype)
 
-    def merged(self):
+    def merged(self, tokens_BT):
         """The base Transformer with effective weights W0 + scale * A @ B (W0 frozen)."""
+        r = self.active_rank(tokens_BT)
         graphdef, state = nnx.split(self.base)
         pure = jax.tree.map(jax.lax.stop_gradient, nnx.to_pure_dict(state))
         for path in self.targets:
             node = pure
             for k in path[:-1]:
                 node = node[k]
-            node[path[-1]] = node[path[-1]] + self.delta(path)
+            node[path[-1]] = node[path[-1]] + self.delta(path, r)
         nnx.replace_by_pure_dict(state, pure)
         return nnx.merge(graphdef, state)
 
-    def __call__(self, *args, **kwargs):
-        return self.merged()(*args, **kwargs)
+    def __call__(self, tokens_BT, *args, **kwargs):
+        return self.merged(tokens_BT)(tokens_BT, *args, **kwargs)
 
-    def hidden_states(self, *args, **kwargs):
-        return self.merged().hidden_states(*args, **kwargs)
+    def hidden_states(self, tokens_BT, *args, **kwargs):
+        return self.merged(tokens_BT).hidden_states(tokens_BT, *args, **kwargs)
 
-    def readout(self, *args, **kwargs):
-        return self.merged().readout(*args, **kwargs)
+    def readout(self, x_BTD, weight_DV=None):
+        return self.base.readout(x_BTD, weight_DV)
 
     def readout_weight(self):
-        return self.merged().readout_weight()
+        return self.base.readout_weight()  # embeddings / readout carry no adapters
 
     def init_cache(self, batch: int, length: int):
         return self.base.init_cache(batch, length)
 
 
 def merged_params(model_cfg, lora: LoRAConfig, params: dict) -> dict:
-    """{"base", "adapters"} params -> the base params with the adapters folded in."""
+    """{"base", "adapters"} params -> the base params with the adapters folded in (the
+    first lora.eval_rank ranks; 0 = all)."""
     base = jax.tree.map(lambda x: x, params["base"])
-    scale = lora.alpha / lora.rank
+    r = lora.eval_rank or lora.rank
+    scale = lora.alpha / r
     for path in target_paths(lora, base):
         ad = params["adapters"][_key(path)]
         node = base
         for k in path[:-1]:
             node = node[k]
-        node[path[-1]] = node[path[-1]] + (scale * jnp.tensordot(ad["a"], ad["b"], axes=1)
-                                           ).astype(node[path[-1]].dtype)
+        delta = scale * jnp.tensordot(ad["a"][..., :r], ad["b"][:r], axes=1)
+        node[path[-1]] = node[path[-1]] + delta.astype(node[path[-1]].dtype)
     return base
 
 
