@@ -1,4 +1,5 @@
-"""`lm train | eval | sample | bench | compile | data prepare | launch {local,tpu,slurm}`.
+"""`lm train | eval | sample | bench | compile | import hf | export hf | data prepare | launch
+{local,tpu,slurm}`.
 
 User-caused errors (bad config, bad data, missing run) print one line and exit 2; a full
 disk anywhere prints one line naming the path and exits 4 (lm/errors.py holds the exit
@@ -25,7 +26,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from lm.config import resolve
-    return resolve(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "init_from", ""):
+        overrides.append(f"init_from={args.init_from}")
+    cfg = resolve(args.config, overrides)
+    if cfg.init_from:  # the source fixes the model (lm/train/init_from.py)
+        from lm.train.init_from import with_source_model
+        cfg = with_source_model(cfg, overrides)
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -57,7 +65,7 @@ def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
     from lm.train.setup import restore_for_inference
-    run, params, step = restore_for_inference(args.run)
+    run, params, step = restore_for_inference(args.run, lora_rank=args.lora_rank)
     batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
     result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
     print(json.dumps({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
@@ -96,6 +104,16 @@ def cmd_sample(args) -> int:
             print(f"--- sample {i}")
         print(args.prompt + tokenizer.decode(ids))
     return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lm.interop.hf_import import import_hf
+    return import_hf(args.path, args.run_dir)
+
+
+def cmd_export_hf(args) -> int:
+    from lm.interop.hf_export import export_hf
+    return export_hf(args.run, args.out)
 
 
 def cmd_bench(args) -> int:
@@ -216,11 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run")
     _config_args(p)
     p.add_argument("--run-dir", default="", help="run directory (default: runs/<name>)")
+    p.add_argument("--init-from", default="", metavar="RUN_OR_HF_DIR",
+                   help="start from these weights (an lmlab run or a Hugging Face model "
+                        "dir), fresh optimizer; the same as --set init_from=...")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and bits-per-byte of a run")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--batches", type=int, default=0, help="0 = whole validation split")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="a LoRA / DyLoRA run's adapters up to this rank (0 = all)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
@@ -248,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(q)
     q.add_argument("--out", required=True)
     q.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("import", help="bring a model in from another format")
+    q = p.add_subparsers(dest="import_command", required=True).add_parser(
+        "hf", help="a local Hugging Face model directory -> an lmlab run directory")
+    q.add_argument("path", help="directory with config.json, *.safetensors, tokenizer.json")
+    q.add_argument("--run-dir", required=True)
+    q.set_defaults(fn=cmd_import_hf)
+    p = sub.add_parser("export", help="write a run's checkpoint in another format")
+    q = p.add_subparsers(dest="export_command", required=True).add_parser(
+        "hf", help="a run's latest checkpoint -> a Hugging Face model directory")
+    q.add_argument("run", help="run directory")
+    q.add_argument("--out", required=True)
+    q.set_defaults(fn=cmd_export_hf)
 
     _add_launch(sub)
 

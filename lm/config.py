@@ -38,6 +38,7 @@ class ModelConfig:
     head_dim: int = 0  # 0 = d_model // n_heads
     norm: Literal["rms", "layer"] = "rms"
     norm_position: Literal["pre", "post", "peri"] = "pre"
+    norm_eps: float = 1e-6  # added to the mean square in every norm (HF: rms_norm_eps)
     layernorm_scaling: bool = False  # scale each block's norm outputs by 1/sqrt(layer index)
     qk_norm: bool = False
     rope_theta: float = 10_000.0
@@ -81,6 +82,11 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 256
     text_field: str = "text"  # JSONL / Parquet column holding the document text
+    # text: documents, every token a target; instruction: JSONL prompt/response records
+    # (or chat `messages`), the loss on response tokens only (lm/data/instruction.py)
+    format: Literal["text", "instruction"] = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     validation_corpus: str = ""  # "" = split the corpus by document (see lm/data/sources.py)
     validation_fraction: float = 0.1
     # Batches read and put on the devices ahead of the step by a thread (0 = none).
@@ -157,14 +163,22 @@ ModelConfig = _with_sections(ModelConfig, _mixers.all_mixers(), "mixer")
 OptimConfig = _with_sections(OptimConfig, _optim.all_directions(), "optimizer")
 
 
+from lm.peft.lora import LoRAConfig  # noqa: E402
+from lm.peft import lora as _lora  # noqa: E402
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lm/peft/lora.py
     name: str = "run"
     seed: int = 0
+    # Start from these weights (a run dir or a Hugging Face model dir) instead of a
+    # random init; the model section is the source's (lm/train/init_from.py).
+    init_from: str = ""
     steps: int = 1000
     batch_size: int = 32  # global batch, in sequences
     # Cross-entropy over chunks of this many positions, so the [batch, seq, vocab] f32
@@ -417,6 +431,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "(set model.head_dim to decouple them)")
     if m.dh % 2:
         raise ConfigError(f"model.head_dim={m.dh} must be even for RoPE")
+    if m.norm_eps <= 0:
+        raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
     _mixers.validate(m)  # the layer patterns, then each mixer in use
@@ -435,6 +451,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
+    _lora.validate(cfg.lora, m)
     _optim.validate(o)  # the direction's name, then its own section
     positive("optim.lr", o.lr)
     if o.warmup_steps < 0:
@@ -484,6 +501,7 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 __all__ = [
     "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "MeshConfig", "TrainConfig",
+    "LoRAConfig",
     "load_config_file", "apply_overrides", "validate", "resolve", "to_json", "from_json",
     "load_run_config",
     "from_dict", "to_dict", "config_diff",

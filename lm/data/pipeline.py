@@ -6,7 +6,8 @@ Row format (numpy; shape [T] per row, [B, T] per batch, T = data.seq_len):
     targets      int32    the next token for each input position
     segment_ids  int32    1, 2, ... per document piece within the row; 0 = padding
     positions    int32    position within the piece, restarting at 0 at each piece
-    loss_mask    float32  1 where targets is a real next token of the same document
+    loss_mask    float32  1 where targets is a real next token of the same document (the
+                          document's own weight there, for instruction data: 0 on prompts)
 
 Packing. Each document is framed as [BOS] + ids + [EOS] (length L) and cut into
 pieces of at most T+1 tokens starting every T tokens (0, T, 2T, ...), so
@@ -125,6 +126,7 @@ class PackedRows:
 
     def __init__(self, docs: TokenDocs, seq_len: int, pad_id: int):
         self.tokens = docs.tokens
+        self.weights = docs.weights
         self.seq_len = int(seq_len)
         self.pad_id = int(pad_id)
         self.index = build_row_index(docs, seq_len)
@@ -152,7 +154,8 @@ class PackedRows:
             row["targets"][c:c + m] = toks[1:]
             row["segment_ids"][c:c + m] = seg
             row["positions"][c:c + m] = np.arange(m, dtype=np.int32)
-            row["loss_mask"][c:c + m] = 1.0
+            row["loss_mask"][c:c + m] = (1.0 if self.weights is None else
+                                         self.weights[ix.shard[p]][s + 1:s + n])
             c += m
         return row
 

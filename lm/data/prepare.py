@@ -42,6 +42,8 @@ def prepare(cfg, out_dir, tokenizer: Tokenizer | None = None,
     "shards"}, "validation": {...}}.
     """
     out = Path(out_dir)
+    if cfg.format != "text":  # shards hold tokens only, not instruction loss weights
+        raise DataError(f"prepare: data.format={cfg.format} is read directly, not prepared")
     if out.exists() and not out.is_dir():
         raise DataError(f"prepare: output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not is_prepared_dir(str(out)):

@@ -35,6 +35,9 @@ SPLITS = ("train", "validation")
 class TokenDocs:
     tokens: tuple[np.ndarray, ...]  # per shard, flat
     offsets: tuple[np.ndarray, ...]  # per shard, int64 [docs + 1]
+    # per shard, float32 like tokens: the loss weight of predicting each token (None =
+    # all 1; instruction data: 1 on responses only, lm/data/instruction.py)
+    weights: tuple[np.ndarray, ...] | None = None
 
     @property
     def num_docs(self) -> int:

@@ -36,6 +36,9 @@ def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDo
 
 def token_docs(cfg, tokenizer, split: str) -> TokenDocs:
     """The tokens of `split` of `cfg` (a DataConfig); prepared dirs are memory-mapped."""
+    if cfg.format == "instruction":
+        from lm.data.instruction import instruction_docs
+        return instruction_docs(cfg, tokenizer, split)
     if split == "validation" and cfg.validation_corpus:
         if is_prepared_dir(cfg.validation_corpus):
             return load_prepared_all(cfg.validation_corpus, tokenizer, "data.validation_corpus")

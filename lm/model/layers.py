@@ -41,8 +41,8 @@ def hidden_std(cfg: "ModelConfig", fan_in: int) -> float:
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
-    def __init__(self, dim: int, kind: str, axis_name: str, dtype):
-        self.kind = kind
+    def __init__(self, dim: int, kind: str, axis_name: str, dtype, eps: float = 1e-6):
+        self.kind, self.eps = kind, eps
         self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
         if kind == "layer":
             self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=(axis_name,))
@@ -52,7 +52,7 @@ class Norm(nnx.Module):
         x = x.astype(jnp.float32)
         if self.kind == "layer":
             x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
         x = x * self.scale[...].astype(jnp.float32)
         if self.kind == "layer":
             x = x + self.bias[...].astype(jnp.float32)

@@ -36,12 +36,12 @@ class Block(nnx.Module):
         self.layernorm_scaling = cfg.layernorm_scaling
         self.mixer = mixers.sequence_mixer(cfg, layer)(cfg, rngs)
         self.channel = mixers.channel_mixer(cfg, layer)(cfg, rngs)
-        self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+        self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if not (self.parallel and self.position != "post"):
-            self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+            self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if self.position == "peri":  # Peri-LN also normalises each sublayer's output
-            self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
-            self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+            self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+            self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
 
     def __call__(self, x, positions, segment_ids, layer_index, cache=None, cache_index=None):
         """-> (x, cache, max attention logit, the channel mixer's aux dict). layer_index
@@ -109,7 +109,7 @@ class Transformer(nnx.Module):
         else:
             self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
         if cfg.norm_position != "post":
-            self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt)
+            self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if not cfg.tie_embeddings:
             # muP zero-initialises the readout; standard init uses init_std.
             std = 0.0 if cfg.init == "mup" else cfg.init_std

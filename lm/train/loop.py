@@ -223,7 +223,11 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     restored = ckpt.restore_newest_intact(
         lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
     if restored is None:
-        state, start = pieces.init_state(), 0
+        if cfg.init_from:  # a fine-tune's first start (a rerun resumes its own checkpoints)
+            from lm.train.init_from import initial_state
+            state, start = initial_state(pieces), 0
+        else:
+            state, start = pieces.init_state(), 0
         batches.start_prefetch()
     else:
         start, state = restored
@@ -251,6 +255,9 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     mesh_desc = " x ".join(f"{a}={n}" for a, n in pieces.mesh.shape.items())
     print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
           f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)
+    if cfg.lora.rank:  # the saving: trainable params and optimizer state (lm/peft/lora.py)
+        from lm.peft.lora import memory_report
+        print(memory_report(pieces.abstract_state()), flush=True)
     t0 = time.perf_counter()
     train_step, memory = run.compiled_train_step()
     if memory.get("temp") is not None:

@@ -71,10 +71,11 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
                           f"({'; '.join(diff[:3])}); use another --run-dir")
 
 
-def restore_for_inference(run_dir: str | Path) -> tuple[RunSetup, Any, int]:
+def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunSetup, Any, int]:
     """(setup, params, step) of the latest checkpoint in a run dir, on the devices at
     hand: the training mesh may have had more, so the run's config gets the data-parallel
-    mesh over these devices and orbax reshards the checkpoint onto it."""
+    mesh over these devices and orbax reshards the checkpoint onto it. `lora_rank`: a
+    LoRA run's adapters used up to this rank (lm/peft/lora.py eval_rank; 0 = all)."""
     from lm.train.checkpoint import Checkpointer
 
     run = Path(run_dir)
@@ -82,6 +83,10 @@ def restore_for_inference(run_dir: str | Path) -> tuple[RunSetup, Any, int]:
         raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
     cfg = config_lib.load_run_config(run / "config.json")
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
+    if lora_rank:
+        if not cfg.lora.rank:
+            raise ConfigError(f"--lora-rank: {run_dir} is not a LoRA run")
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, eval_rank=lora_rank))
     setup = setup_run(cfg)
     ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
     try:

@@ -17,8 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 from kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
-from lm.model import Transformer, mixers, param_axes
+from lm.model import mixers, param_axes
 from lm.optim import make_optimizer, schedule
+from lm.peft import make_model
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
@@ -55,7 +56,7 @@ class RunPieces:
                               self.cfg.data.seq_len)
 
     def _init(self) -> dict:
-        model = Transformer(self.cfg.model, nnx.Rngs(params=self.cfg.seed))
+        model = make_model(self.cfg, nnx.Rngs(params=self.cfg.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": self.tx.init(params),
                 "step": jnp.zeros([], jnp.int32),
@@ -141,13 +142,18 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     seq_ways = mesh.shape["sequence"]
     if cfg.data.seq_len % seq_ways:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must divide by mesh.sequence={seq_ways}")
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: make_model(cfg, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
     axes = param_axes(abstract)
-    tx = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
     p_sh = param_shardings(axes, nnx.to_pure_dict(abstract_params), mesh, rules)
+    tx = inner = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
+    inner_sh = p_sh
+    if cfg.lora.rank:  # optimizer state for the adapters only (lm/peft/lora.py)
+        from lm.peft.lora import adapter_optimizer
+        inner = make_optimizer(cfg.optim, cfg.model, axes["adapters"], cfg.steps)
+        tx, inner_sh = adapter_optimizer(inner), p_sh["adapters"]
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+    opt_sh = optax.tree_map_params(inner, lambda _, sh: sh, abstract_opt, inner_sh,
                                    transform_non_params=lambda _: replicated(mesh))
     state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
                 "rng": replicated(mesh)}

@@ -102,6 +102,8 @@ class AttentionConfig:
     # > 0: attention logits -> softcap * tanh(logits / softcap) (Gemma 2); the max-logit
     # diagnostic then reports the capped logits, the ones the softmax sees. Not with cudnn.
     softcap: float = 0.0
+    # Learned biases on the q, k and v projections (Qwen2; no bias on the output).
+    qkv_bias: bool = False
 
     legacy: ClassVar[dict[str, str]] = {
         "attention_impl": "impl", "attention_q_blocks": "q_blocks",
@@ -169,10 +171,15 @@ class Attention(SequenceMixer):
         self.wv = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, pdt)
         out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
         self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
+        self.qkv_bias = a.qkv_bias
+        if a.qkv_bias:  # flat [heads * head_dim]: 1-D, so no weight decay (lm/optim)
+            self.bq = param(rngs, (h * dh,), ("heads",), 0.0, pdt)
+            self.bk = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
+            self.bv = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = Norm(dh, cfg.norm, "head_dim", pdt)
-            self.k_norm = Norm(dh, cfg.norm, "head_dim", pdt)
+            self.q_norm = Norm(dh, cfg.norm, "head_dim", pdt, cfg.norm_eps)
+            self.k_norm = Norm(dh, cfg.norm, "head_dim", pdt, cfg.norm_eps)
         if cfg.init == "mup":
             # muP: logits scale as 1/head_dim; equal to 1/sqrt(head_dim) at the base width.
             base_dh = cfg.mup_base_width / cfg.n_heads
@@ -192,6 +199,10 @@ class Attention(SequenceMixer):
         q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(cdt))
         k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(cdt))
         v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(cdt))
+        if self.qkv_bias:
+            q_BTHD = q_BTHD + self.bq[...].astype(cdt).reshape(self.n_heads, self.dh)
+            k_BTKD = k_BTKD + self.bk[...].astype(cdt).reshape(self.n_kv, self.dh)
+            v_BTKD = v_BTKD + self.bv[...].astype(cdt).reshape(self.n_kv, self.dh)
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
         q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len)

@@ -1,0 +1,267 @@
+"""Hugging Face `config.json` <-> lmlab model knobs, for the decoder families lmlab can
+express exactly: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head RMSNorm on q and
+k), Mixtral and Qwen3-MoE (softmax router, top-k, gates renormalised or not).
+
+Every field of an HF config is either mapped to a knob, listed in NO_EFFECT (it does not
+change the forward pass: bookkeeping, generation defaults, training-only settings at
+their inactive value), or refused with one line naming it. Nothing is silently dropped.
+The mapping both ways is in this file only (lm/interop/hf_import.py and hf_export.py
+call it), so a new knob (RoPE scaling: `rope_scaling` / `rope_parameters`) is connected
+here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from lm.config import ConfigError, ModelConfig
+
+# model_type -> (architecture, whether its attention has q/k/v biases, qk-norm, MoE kind)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", False, False, None),
+    "mistral": ("MistralForCausalLM", False, False, None),
+    "qwen2": ("Qwen2ForCausalLM", True, False, None),
+    "qwen3": ("Qwen3ForCausalLM", False, True, None),
+    "mixtral": ("MixtralForCausalLM", False, False, "mixtral"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", False, True, "qwen3_moe"),
+}
+
+# Fields that do not change the model's function (ids, dtypes of the file, caching,
+# initialisation, how the loss or generation would be run, tensor-parallel hints).
+NO_EFFECT = {
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+    "output_router_logits", "pretraining_tp", "base_model_tp_plan", "base_model_pp_plan",
+    "tie_encoder_decoder", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward", "max_window_layers", "_attn_implementation_autoset",
+    "router_aux_loss_coef",  # mapped to model.moe.aux_loss below (training only)
+}
+
+# Fields whose value must be the inactive one (lmlab has no such feature): name -> the
+# values accepted.
+INACTIVE = {
+    "attention_dropout": (0, 0.0), "router_jitter_noise": (0, 0.0), "mlp_bias": (False,),
+    "attention_bias": (False,), "use_sliding_window": (False,),
+    "rope_scaling": (None,), "partial_rotary_factor": (None, 1, 1.0),
+    "hidden_dropout": (0, 0.0), "embd_pdrop": (0, 0.0),
+}
+
+
+def _need(hf: dict, key: str):
+    if key not in hf:
+        raise ConfigError(f"HF config.json: missing field {key!r}")
+    return hf[key]
+
+
+def _ratio(width: int, d_model: int) -> float:
+    """A ratio r with int(r * d_model) == width exactly (lmlab's d_ff = int(ratio * d))."""
+    r = width / d_model
+    while int(r * d_model) < width:
+        r = math.nextafter(r, math.inf)
+    return r
+
+
+def _rope_theta(hf: dict) -> float:
+    """rope_theta from `rope_parameters` (transformers >= 5) or the flat field; any RoPE
+    type but the default (scaling: linear, dynamic, yarn, llama3, ...) is refused."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"HF config.json: rope_parameters.rope_type={kind!r} (RoPE "
+                              "scaling) is not supported by lmlab yet")
+        unknown = set(params) - {"rope_type", "type", "rope_theta"}
+        if unknown:
+            raise ConfigError(f"HF config.json: rope_parameters.{sorted(unknown)[0]} is not "
+                              "supported by lmlab")
+        return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    return float(hf.get("rope_theta", 10_000.0))
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """An HF config.json (as a dict) -> lmlab's ModelConfig, or ConfigError naming the
+    first field lmlab cannot express."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        arch = (hf.get("architectures") or ["?"])[0]
+        raise ConfigError(f"HF config.json: unsupported architecture {arch} (model_type="
+                          f"{model_type!r}; lmlab imports {', '.join(FAMILIES)})")
+    _, qkv_bias, qk_norm, moe_kind = FAMILIES[model_type]
+    used = set(NO_EFFECT) | set(INACTIVE)
+    for key, ok in INACTIVE.items():
+        if key in hf and hf[key] not in ok:
+            what = "RoPE scaling" if key == "rope_scaling" else "this feature"
+            raise ConfigError(f"HF config.json: {key}={hf[key]!r} is not supported by lmlab "
+                              f"({what} is not built)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"HF config.json: hidden_act={hf['hidden_act']!r} is not supported "
+                          "(lmlab's gated MLP is SwiGLU: silu)")
+    d = int(_need(hf, "hidden_size"))
+    n_layers = int(_need(hf, "num_hidden_layers"))
+    n_heads = int(_need(hf, "num_attention_heads"))
+    head_dim = hf.get("head_dim") or d // n_heads
+    kw = dict(
+        vocab_size=int(_need(hf, "vocab_size")), d_model=d, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(head_dim), norm="rms", norm_position="pre",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm,
+        rope_theta=_rope_theta(hf), max_seq_len=int(_need(hf, "max_position_embeddings")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), mixer_pattern="a")
+    used |= {"hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+             "vocab_size", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+             "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+             "hidden_act", "intermediate_size"}
+
+    window = hf.get("sliding_window")
+    used |= {"sliding_window", "layer_types"}
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and set(layer_types) - {"full_attention"}:
+        if set(layer_types) != {"sliding_attention"}:
+            raise ConfigError(f"HF config.json: layer_types={layer_types!r} mixes attention "
+                              "kinds per layer (not supported by lmlab)")
+    if window is not None and (model_type == "mistral" or hf.get("use_sliding_window") or (
+            layer_types and set(layer_types) == {"sliding_attention"})):
+        window = int(window)
+    else:
+        window = 0  # Qwen2/3 carry a sliding_window value that is off without the switch
+
+    attention = dict(qkv_bias=qkv_bias, window=window)
+    mlp = dict(activation="swiglu", ratio=_ratio(int(_need(hf, "intermediate_size")), d))
+    kw["channel_pattern"] = "f"
+    moe = None
+    if moe_kind:
+        n_experts = hf.get("num_local_experts", hf.get("num_experts"))
+        if n_experts is None:
+            raise ConfigError("HF config.json: missing field 'num_local_experts'")
+        used |= {"num_local_experts", "num_experts", "num_experts_per_tok"}
+        moe = dict(n_experts=int(n_experts), top_k=int(_need(hf, "num_experts_per_tok")),
+                   activation="swiglu", router="softmax", n_shared_experts=0,
+                   aux_loss=float(hf.get("router_aux_loss_coef", 0.0)), router_z_loss=0.0,
+                   bias_rate=0.0, capacity_factor=0.0)
+        if moe_kind == "mixtral":
+            moe.update(ratio=_ratio(int(_need(hf, "intermediate_size")), d), renormalize=True)
+            kw["channel_pattern"] = "e"
+        else:
+            used |= {"moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                     "mlp_only_layers"}
+            moe.update(ratio=_ratio(int(_need(hf, "moe_intermediate_size")), d),
+                       renormalize=bool(hf.get("norm_topk_prob", False)))
+            step = int(hf.get("decoder_sparse_step", 1))
+            dense = set(hf.get("mlp_only_layers") or [])
+            pattern = "".join("e" if i not in dense and step > 0 and (i + 1) % step == 0
+                              else "f" for i in range(n_layers))
+            kw["channel_pattern"] = pattern if len(set(pattern)) > 1 else pattern[0]
+
+    unknown = sorted(k for k in hf if k not in used)
+    if unknown:
+        raise ConfigError(f"HF config.json: field {unknown[0]}={hf[unknown[0]]!r} is not "
+                          "understood by lmlab's importer (refused rather than dropped)")
+    base = ModelConfig()
+    cfg = dataclasses.replace(
+        base, **kw, attention=dataclasses.replace(base.attention, **attention),
+        mlp=dataclasses.replace(base.mlp, **mlp))
+    if moe is not None:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(base.moe, **moe))
+    return cfg
+
+
+def _refuse(cfg: ModelConfig) -> None:
+    """lmlab knobs without an equivalent in the exported families: one line, exit 2."""
+    checks = [
+        ("model.norm", cfg.norm != "rms"), ("model.norm_position", cfg.norm_position != "pre"),
+        ("model.layernorm_scaling", cfg.layernorm_scaling),
+        ("model.parallel_block", cfg.parallel_block),
+        ("model.logit_softcap", bool(cfg.logit_softcap)), ("model.init=mup", cfg.init == "mup"),
+        ("model.mixer_pattern", set(cfg.mixer_pattern) != {"a"}),
+        ("model.attention.softcap", bool(cfg.attention.softcap)),
+        ("model.attention.sinks", bool(cfg.attention.sinks)),
+    ]
+    if "f" in cfg.channel_pattern:
+        checks.append(("model.mlp.activation", cfg.mlp.activation != "swiglu"))
+    if "e" in cfg.channel_pattern:
+        m = cfg.moe
+        checks += [("model.moe.activation", m.activation != "swiglu"),
+                   ("model.moe.router", m.router != "softmax"),
+                   ("model.moe.n_shared_experts", m.n_shared_experts > 0),
+                   ("model.moe.bias_rate", m.bias_rate > 0),
+                   ("model.moe.capacity_factor", m.capacity_factor > 0)]
+    for key, bad in checks:
+        if bad:
+            raise ConfigError(f"lm export hf: {key} has no equivalent in the Hugging Face "
+                              "families lmlab exports (llama, mistral, qwen2, qwen3, mixtral, "
+                              "qwen3_moe)")
+
+
+def family_for(cfg: ModelConfig) -> str:
+    """The HF family that expresses this model: MoE -> mixtral (every layer sparse, gates
+    renormalised, no qk-norm) or qwen3_moe; otherwise qwen2 (q/k/v biases), qwen3
+    (qk-norm), mistral (sliding window) or llama."""
+    _refuse(cfg)
+    a = cfg.attention
+    if "e" in cfg.channel_pattern:
+        if a.qkv_bias:
+            raise ConfigError("lm export hf: an MoE model with model.attention.qkv_bias has "
+                              "no Hugging Face family here")
+        if cfg.qk_norm:
+            family = "qwen3_moe"
+        elif set(cfg.channel_pattern) == {"e"} and cfg.moe.renormalize:
+            family = "mixtral"
+        else:
+            raise ConfigError("lm export hf: an MoE model without model.qk_norm needs every "
+                              "layer MoE and model.moe.renormalize=true (Mixtral)")
+    elif a.qkv_bias and cfg.qk_norm:
+        raise ConfigError("lm export hf: model.attention.qkv_bias together with "
+                          "model.qk_norm has no Hugging Face family here")
+    else:
+        family = ("qwen2" if a.qkv_bias else "qwen3" if cfg.qk_norm
+                  else "mistral" if a.window else "llama")
+    if a.window and family not in ("mistral", "mixtral"):
+        raise ConfigError(f"lm export hf: model.attention.window with this model ({family}) "
+                          "has no Hugging Face family here")
+    return family
+
+
+def _width(ratio: float, d: int) -> int:
+    return int(ratio * d)
+
+
+def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad: int) -> dict:
+    """lmlab ModelConfig -> an HF config.json dict for `family` (see family_for)."""
+    arch, _, _, moe_kind = FAMILIES[family]
+    a = cfg.attention
+    out = {
+        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dh, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_dropout": 0.0, "bos_token_id": bos, "eos_token_id": eos,
+        "pad_token_id": pad, "dtype": cfg.param_dtype, "use_cache": True,
+        "intermediate_size": _width(cfg.mlp.ratio, cfg.d_model),
+    }
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        out.update(attention_bias=False)
+    if family == "llama":
+        out.update(mlp_bias=False)
+    if family in ("mistral", "mixtral"):
+        out["sliding_window"] = a.window or None
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
+        out.update(use_sliding_window=False, sliding_window=None)
+    if moe_kind:
+        m = cfg.moe
+        # (transformers >= 5 reads num_experts as num_local_experts for Qwen3-MoE)
+        out["num_local_experts" if moe_kind == "mixtral" else "num_experts"] = m.n_experts
+        out.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss,
+                   output_router_logits=False)
+        if moe_kind == "mixtral":
+            out.update(intermediate_size=_width(m.ratio, cfg.d_model), router_jitter_noise=0.0)
+        else:
+            pattern = (cfg.channel_pattern * cfg.n_layers)[:cfg.n_layers]
+            out.update(moe_intermediate_size=_width(m.ratio, cfg.d_model),
+                       norm_topk_prob=m.renormalize, decoder_sparse_step=1,
+                       mlp_only_layers=[i for i, c in enumerate(pattern) if c == "f"])
+    return out

@@ -1,0 +1,201 @@
+"""`lm import hf PATH --run-dir DIR`: a local Hugging Face model directory (config.json,
+*.safetensors, single or sharded with model.safetensors.index.json, tokenizer.json) ->
+an lmlab run directory: config.json with the mapped model knobs, an orbax checkpoint at
+step 0 (the train state: the weights, a fresh optimizer state), the tokenizer, and a
+summary.json saying where it came from. `lm eval`, `lm sample`, `lm compile` and `lm
+train --init-from` read it like any run.
+
+Tensors stream to their shards: one tensor at a time is read (memory-mapped by
+safetensors), converted to lmlab's layout and handed to jax.make_array_from_callback,
+which copies to each local device only its shard of it. There is never a full host
+copy of the model; a process of a pod reads only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lm import config as config_lib
+from lm.config import ConfigError, DataConfig, TrainConfig
+from lm.interop.hf_config import model_config_from_hf
+from lm.interop.hf_tensors import IGNORABLE_SUFFIXES, entries, set_path
+
+
+def read_hf_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not path.is_dir():
+        raise ConfigError(f"lm import hf: {path} is not a directory")
+    if not file.is_file():
+        raise ConfigError(f"lm import hf: {path} has no config.json (not a Hugging Face "
+                          "model directory)")
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"lm import hf: {file} is not readable JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"lm import hf: {file} is not a JSON object")
+    return hf
+
+
+class SafetensorsDir:
+    """The tensors of an HF directory by name, from one file, a sharded set with an
+    index, or several files without one. Files are opened once, lazily."""
+
+    def __init__(self, path: Path):
+        self._handles: dict = {}
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"lm import hf: {index} is not a safetensors index "
+                                  f"({type(e).__name__}: {e})") from None
+            self.file_of = {name: path / f for name, f in weight_map.items()}
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise ConfigError(f"lm import hf: {path} holds no *.safetensors file "
+                                  "(PyTorch .bin checkpoints are not read; convert them first)")
+            self.file_of = {}
+            for f in files:
+                for name in self._open(f).keys():
+                    self.file_of[name] = f
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+        if file not in self._handles:
+            if not file.is_file():
+                raise ConfigError(f"lm import hf: {file} (named by the index) does not exist")
+            try:
+                handle = safe_open(str(file), framework="numpy")
+            except Exception as e:  # noqa: BLE001 (a damaged file: one line)
+                raise ConfigError(f"lm import hf: {file} is not a readable safetensors file "
+                                  f"({e})") from None
+            self._handles[file] = handle
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._open(self.file_of[name]).get_tensor(name)
+
+
+def import_config(hf_dir: Path, run_dir: Path) -> TrainConfig:
+    """The run config of an imported model: the mapped model, the directory's tokenizer
+    (copied into the run dir), the default data and optimizer settings otherwise."""
+    model = model_config_from_hf(read_hf_config(hf_dir))
+    seq = min(DataConfig().seq_len, model.max_seq_len)
+    return TrainConfig(model=model, data=DataConfig(tokenizer=str(run_dir.absolute() /
+                                                                  "tokenizer.json"),
+                                                    seq_len=seq),
+                       name=hf_dir.absolute().name)
+
+
+def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> dict:
+    """The HF weights as lmlab params, each array born sharded as the run shards it
+    (`prefix`: where the model's params sit in the run's tree, e.g. a LoRA base)."""
+    family = read_hf_config(hf_dir)["model_type"]
+    tensors = SafetensorsDir(hf_dir)
+    table = entries(cfg.model, family)
+    abstract = _get(pieces.abstract_state()["params"], prefix)
+    shardings = _get(pieces.state_shardings["params"], prefix)
+    wanted = {n for e in table for n in e.hf_names}
+    missing = [n for e in table for n in e.hf_names if n not in tensors.names()]
+    if missing:
+        raise ConfigError(f"lm import hf: tensor {missing[0]} is missing from {hf_dir} "
+                          f"({len(missing)} missing)")
+    extra = sorted(n for n in tensors.names() - wanted
+                   if not n.endswith(IGNORABLE_SUFFIXES)
+                   and not (n == "lm_head.weight" and cfg.model.tie_embeddings))
+    if extra:
+        raise ConfigError(f"lm import hf: tensor {extra[0]} in {hf_dir} has no place in the "
+                          f"mapped model ({len(extra)} such tensor(s))")
+    params: dict = {}
+    for entry in table:
+        target = _get(abstract, entry.path)
+        try:
+            value = entry.to_lm([tensors.get(n) for n in entry.hf_names])
+        except ValueError:  # a reshape that does not fit, experts of different shapes
+            value = None
+        if value is None or tuple(value.shape) != tuple(target.shape):
+            shapes = ", ".join(f"{n} {list(tensors.shape(n))}" for n in entry.hf_names[:2])
+            raise ConfigError(f"lm import hf: tensor {shapes} does not fit lmlab's "
+                              f"{'/'.join(map(str, entry.path))} {list(target.shape)} "
+                              "(config.json and the weights disagree)")
+        value = np.asarray(value).astype(target.dtype)
+        sharding = _get(shardings, entry.path)
+        set_path(params, entry.path, jax.make_array_from_callback(
+            value.shape, sharding, lambda idx, v=value: v[idx]))
+        del value  # this tensor's host copy goes now; only its shards stay on the devices
+    return params
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def fresh_state(pieces, params: dict) -> dict:
+    """A train state around given params: a fresh optimizer state, step 0."""
+    import jax.numpy as jnp
+    sh = pieces.state_shardings
+    opt_state = jax.jit(pieces.tx.init, out_shardings=sh["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state,
+            "step": jax.device_put(jnp.zeros([], jnp.int32), sh["step"]),
+            "rng": jax.device_put(jax.random.PRNGKey(pieces.cfg.seed + 1), sh["rng"])}
+
+
+def save_state(run_dir: Path, state: dict, step: int = 0) -> None:
+    """An orbax checkpoint holding only the train state (no data iterator: nothing was
+    read yet), which restore_for_inference and --init-from read."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
+    from lm.train.setup import setup_run
+
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"lm import hf: --run-dir {run_dir} exists and is not empty "
+                          "(nothing is overwritten)")
+    cfg = import_config(hf_dir, run_dir)
+    tok = hf_dir / "tokenizer.json"
+    if not tok.is_file():
+        raise ConfigError(f"lm import hf: {hf_dir} has no tokenizer.json (lmlab reads Hugging "
+                          "Face tokenizers from that file)")
+    # Check everything against a tokenizer read in place before the run dir is made.
+    probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok)))
+    setup = setup_run(probe)
+    params = load_params(hf_dir, setup.cfg, setup.pieces)
+    state = fresh_state(setup.pieces, params)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok, run_dir / "tokenizer.json")
+    for extra in ("tokenizer_config.json", "generation_config.json"):
+        if (hf_dir / extra).is_file():
+            shutil.copyfile(hf_dir / extra, run_dir / extra)
+    (run_dir / "config.json").write_text(config_lib.to_json(cfg))
+    save_state(run_dir, state)
+    from lm.model import count_params
+    counts = count_params(setup.cfg.model)
+    (run_dir / "summary.json").write_text(json.dumps({
+        "status": "imported", "source": str(hf_dir.absolute()), "steps": 0,
+        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"]}, indent=2))
+    print(f"imported {hf_dir} ({read_hf_config(hf_dir)['model_type']}, "
+          f"{counts['total']:,} params) into {run_dir}")
+    return 0

@@ -1,0 +1,114 @@
+"""Where each lmlab parameter lives in a Hugging Face checkpoint, and how its layout
+differs. One `Entry` per lmlab parameter: the HF tensor names it is made of (several for
+MoE experts, which HF stores one per expert) and the two conversions, so import and
+export read the same table and cannot drift apart.
+
+HF stores Linear weights as [out, in]; lmlab stores attention projections as
+[d_model, heads, head_dim] / [heads, head_dim, d_model], MLP input projections as
+[d_model, d_ff] and the MLP output projection as [d_model, d_ff] (torch's own layout),
+expert weights stacked over experts. Both use the rotate-half RoPE form on the same
+channel order (HF checkpoints of Llama are already permuted to it), so q and k need no
+permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from lm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: tuple  # into the lmlab params dict, e.g. ("blocks", 0, "mixer", "wq")
+    hf_names: tuple[str, ...]
+    to_lm: Callable[[list[np.ndarray]], np.ndarray]  # the HF tensors -> the lmlab array
+    to_hf: Callable[[np.ndarray], list[np.ndarray]]  # and back, one per hf_name
+
+
+def _same(names, path):
+    return Entry(path, tuple(names), lambda t: t[0], lambda x: [x])
+
+
+def _transposed(name, path):
+    return Entry(path, (name,), lambda t: t[0].T, lambda x: [np.ascontiguousarray(x.T)])
+
+
+def _qkv(name, path, heads, dh):
+    """[heads * dh, d] <-> [d, heads, dh]."""
+    return Entry(path, (name,), lambda t: t[0].T.reshape(-1, heads, dh),
+                 lambda x: [np.ascontiguousarray(x.reshape(x.shape[0], -1).T)])
+
+
+def _o_proj(name, path, heads, dh):
+    """o_proj [d, heads * dh] <-> [heads, dh, d]."""
+    return Entry(path, (name,), lambda t: t[0].T.reshape(heads, dh, -1),
+                 lambda x: [np.ascontiguousarray(x.reshape(heads * dh, -1).T)])
+
+
+def _experts(names, path):
+    """One [out, in] tensor per expert <-> lmlab's stack over experts ([E, in, out])."""
+    return Entry(path, tuple(names), lambda t: np.stack([w.T for w in t]),
+                 lambda x: [np.ascontiguousarray(w.T) for w in x])
+
+
+def entries(cfg: ModelConfig, family: str) -> list[Entry]:
+    """The table for a model of this config in HF `family` (lm/interop/hf_config.py)."""
+    h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+    out = [_same(["model.embed_tokens.weight"], ("embed",)),
+           _same(["model.norm.weight"], ("final_norm", "scale"))]
+    if not cfg.tie_embeddings:
+        out.append(_transposed("lm_head.weight", ("unembed",)))
+    pattern = (cfg.channel_pattern * cfg.n_layers)[:cfg.n_layers]
+    for i in range(cfg.n_layers):
+        p, b = f"model.layers.{i}.", ("blocks", i)
+        att, mix = p + "self_attn.", b + ("mixer",)
+        out += [_same([p + "input_layernorm.weight"], b + ("norm1", "scale")),
+                _same([p + "post_attention_layernorm.weight"], b + ("norm2", "scale")),
+                _qkv(att + "q_proj.weight", mix + ("wq",), h, dh),
+                _qkv(att + "k_proj.weight", mix + ("wk",), kv, dh),
+                _qkv(att + "v_proj.weight", mix + ("wv",), kv, dh),
+                _o_proj(att + "o_proj.weight", mix + ("wo",), h, dh)]
+        if cfg.attention.qkv_bias:
+            out += [_same([att + f"{w}_proj.bias"], mix + (f"b{w}",)) for w in "qkv"]
+        if cfg.qk_norm:
+            out += [_same([att + "q_norm.weight"], mix + ("q_norm", "scale")),
+                    _same([att + "k_norm.weight"], mix + ("k_norm", "scale"))]
+        ch = b + ("channel",)
+        if pattern[i] == "f":
+            out += [_transposed(p + "mlp.gate_proj.weight", ch + ("w_gate",)),
+                    _transposed(p + "mlp.up_proj.weight", ch + ("w_in",)),
+                    _same([p + "mlp.down_proj.weight"], ch + ("w_out",))]
+            continue
+        n = range(cfg.moe.n_experts)
+        if family == "mixtral":
+            moe = p + "block_sparse_moe."
+            gate, up, down = ([f"{moe}experts.{e}.{w}.weight" for e in n] for w in ("w1", "w3", "w2"))
+        else:
+            moe = p + "mlp."
+            gate, up, down = ([f"{moe}experts.{e}.{w}.weight" for e in n]
+                              for w in ("gate_proj", "up_proj", "down_proj"))
+        out += [_transposed(moe + "gate.weight", ch + ("router",)),
+                _experts(gate, ch + ("w_gate",)), _experts(up, ch + ("w_in",)),
+                _experts(down, ch + ("w_out",))]
+    return out
+
+
+# Tensors some checkpoints carry that hold nothing lmlab needs: RoPE's inverse
+# frequencies (recomputed from rope_theta) and, for tied embeddings, a copy of the table.
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def get_path(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

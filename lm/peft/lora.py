@@ -1,0 +1,227 @@
+"""LoRA (Hu et al. 2021): a frozen base model plus trainable low-rank updates
+W = W0 + (alpha / rank) * A @ B on the weights whose names match `lora.targets`.
+
+The model is `LoRAModel`: the base Transformer (frozen: its weights reach the step
+through stop_gradient, so no gradient flows into them) and one (A, B) pair per target,
+A [fan-in..., rank] random, B [rank, fan-out...] zero (the update starts at 0). Each call
+builds the effective weights once (a rank-r matmul per target, independent of the
+batch) and runs the base graph with them, so every mixer, kernel and cache of the base
+model works unchanged. A weight [in..., out...] splits at `FAN_IN` leading axes (the
+ones its matmul contracts; the MLP's output projection is stored [d_model, d_ff], whose
+rank-r updates are the same set either way round).
+
+The optimizer (`adapter_optimizer`) holds state only for the adapters; the base's
+updates are zeros. `merged_params` folds the adapters into the base weights (lm export
+hf writes merged weights).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lm.errors import ConfigError
+
+# Leading (contracted) axes of each adaptable weight, by its name in the parameter tree,
+# and its number of axes (stacked MoE experts, 3-D w_in, are not adapted).
+FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 1, "w_gate": 1, "w_out": 1}
+NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "w_in": 2, "w_gate": 2, "w_out": 2}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0  # 0 = off (full fine-tuning / training)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # (only 0: the effective-weight form has no per-token input)
+    # Comma-separated patterns over dotted parameter paths, e.g. "blocks.0.mixer.wq".
+    targets: str = "*.mixer.wq,*.mixer.wk,*.mixer.wv,*.mixer.wo"
+    # DyLoRA (Valipour et al. 2023): each training call uses only the first r ranks, r
+    # drawn uniformly from 1..rank (scale alpha / r), so one adapter serves every rank.
+    # The draw is a hash of the batch's tokens (no RNG reaches the model): reproducible
+    # for a given data stream, different from step to step.
+    dylora: bool = False
+    # Use the first eval_rank ranks (0 = all; with dylora, 0 while training = drawn).
+    # `lm eval --lora-rank r` sets it.
+    eval_rank: int = 0
+
+
+def validate(cfg: LoRAConfig, model_cfg) -> None:
+    if cfg.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0, got {cfg.rank}")
+    if not cfg.rank:
+        return
+    if cfg.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be positive, got {cfg.alpha}")
+    if not 0 <= cfg.eval_rank <= cfg.rank:
+        raise ConfigError(f"lora.eval_rank (lm eval --lora-rank) must be in [0, lora.rank="
+                          f"{cfg.rank}], got {cfg.eval_rank}")
+    if cfg.dropout:
+        raise ConfigError("lora.dropout > 0 is not supported (the adapters are applied to "
+                          "the weights, not per token)")
+    if model_cfg.scan_layers:
+        raise ConfigError("lora.rank > 0 needs model.scan_layers=false")
+    if "e" in model_cfg.channel_pattern:  # (its rule-based router update needs the plain tree)
+        raise ConfigError("lora.rank > 0 with MoE layers (model.channel_pattern with 'e') is "
+                          "not supported yet")
+
+
+def _patterns(cfg: LoRAConfig) -> list[str]:
+    return [p.strip() for p in cfg.targets.split(",") if p.strip()]
+
+
+def target_paths(cfg: LoRAConfig, base_params: dict) -> list[tuple]:
+    """The paths of the base parameters that get adapters (ConfigError if none, or if a
+    pattern names a weight LoRA cannot adapt, e.g. stacked MoE experts)."""
+    out = []
+    for path, leaf in _flat(base_params):
+        name = ".".join(map(str, path))
+        if not any(fnmatch.fnmatchcase(name, p) for p in _patterns(cfg)):
+            continue
+        if NDIM.get(path[-1]) != leaf.ndim:
+            raise ConfigError(f"lora.targets: {name} {list(leaf.shape)} is not a weight LoRA "
+                              f"adapts here (attention wq/wk/wv/wo, dense MLP w_in/w_gate/w_out)")
+        out.append(path)
+    if not out:
+        raise ConfigError(f"lora.targets={cfg.targets!r} matches no parameter")
+    return out
+
+
+def _flat(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _key(path: tuple) -> str:
+    return "-".join(map(str, path))
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+class LoRAModel(nnx.Module):
+    """A Transformer with LoRA adapters; the same call interface."""
+
+    def __init__(self, cfg, lora: LoRAConfig, rngs: nnx.Rngs):
+        from lm.model import Transformer
+        self.cfg = cfg
+        self.base = Transformer(cfg, rngs)
+        self.alpha, self.rank = lora.alpha, lora.rank
+        self.dylora, self.eval_rank = lora.dylora, lora.eval_rank
+        base = nnx.to_pure_dict(nnx.state(self.base, nnx.Param))
+        flat_axes = {p: v.get_metadata()["logical_axes"]
+                     for p, v in nnx.to_flat_state(nnx.state(self.base, nnx.Param))}
+        self.targets = tuple(target_paths(lora, base))
+        adapters = {}
+        for path in self.targets:
+            w, axes, k = _get(base, path), tuple(flat_axes[path]), FAN_IN[path[-1]]
+            fan_in = math.prod(w.shape[:k])
+            a = jax.random.normal(rngs.params(), w.shape[:k] + (lora.rank,), jnp.float32)
+            adapters[_key(path)] = nnx.Dict(
+                a=nnx.Param((a / math.sqrt(fan_in)).astype(w.dtype),
+                            logical_axes=axes[:k] + (None,)),
+                b=nnx.Param(jnp.zeros((lora.rank,) + w.shape[k:], w.dtype),
+                            logical_axes=(None,) + axes[k:]))
+        self.adapters = nnx.Dict(adapters)
+
+    def active_rank(self, tokens_BT) -> jax.Array:
+        """The ranks in use: eval_rank, all, or (DyLoRA training) drawn from 1..rank by
+        a hash of the tokens."""
+        if self.eval_rank or not self.dylora:
+            return jnp.int32(self.eval_rank or self.rank)
+        index = jnp.arange(tokens_BT.size, dtype=jnp.uint32).reshape(tokens_BT.shape)
+        h = jnp.sum(tokens_BT.astype(jnp.uint32) * (index * jnp.uint32(2654435761) + 1))
+        key = jax.random.fold_in(jax.random.key(0), h)
+        return jax.random.randint(key, (), 1, self.rank + 1)
+
+    def delta(self, path, r) -> jax.Array:
+        """scale * A[..., :r] @ B[:r] (a mask, so r may be traced), scale = alpha / r."""
+        ad = self.adapters[_key(path)]
+        a, b = ad["a"][...], ad["b"][...]
+        keep = (jnp.arange(self.rank) < r).astype(a.dtype)
+        scale = self.alpha / r.astype(jnp.float32)
+        return (scale * jnp.tensordot(a * keep, b, axes=1)).astype(a.dtype)
+
+    def merged(self, tokens_BT):
+        """The base Transformer with effective weights W0 + scale * A @ B (W0 frozen)."""
+        r = self.active_rank(tokens_BT)
+        graphdef, state = nnx.split(self.base)
+        pure = jax.tree.map(jax.lax.stop_gradient, nnx.to_pure_dict(state))
+        for path in self.targets:
+            node = pure
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = node[path[-1]] + self.delta(path, r)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)
+
+    def __call__(self, tokens_BT, *args, **kwargs):
+        return self.merged(tokens_BT)(tokens_BT, *args, **kwargs)
+
+    def hidden_states(self, tokens_BT, *args, **kwargs):
+        return self.merged(tokens_BT).hidden_states(tokens_BT, *args, **kwargs)
+
+    def readout(self, x_BTD, weight_DV=None):
+        return self.base.readout(x_BTD, weight_DV)
+
+    def readout_weight(self):
+        return self.base.readout_weight()  # embeddings / readout carry no adapters
+
+    def init_cache(self, batch: int, length: int):
+        return self.base.init_cache(batch, length)
+
+
+def merged_params(model_cfg, lora: LoRAConfig, params: dict) -> dict:
+    """{"base", "adapters"} params -> the base params with the adapters folded in (the
+    first lora.eval_rank ranks; 0 = all)."""
+    base = jax.tree.map(lambda x: x, params["base"])
+    r = lora.eval_rank or lora.rank
+    scale = lora.alpha / r
+    for path in target_paths(lora, base):
+        ad = params["adapters"][_key(path)]
+        node = base
+        for k in path[:-1]:
+            node = node[k]
+        delta = scale * jnp.tensordot(ad["a"][..., :r], ad["b"][:r], axes=1)
+        node[path[-1]] = node[path[-1]] + delta.astype(node[path[-1]].dtype)
+    return base
+
+
+def adapter_optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The run's optimizer (`inner`, built over the adapter subtree) applied to the
+    adapters only; the base gets zero updates and has no optimizer state."""
+
+    def init(params):
+        return inner.init(params["adapters"])
+
+    def update(grads, state, params=None):
+        updates, state = inner.update(grads["adapters"], state,
+                                      None if params is None else params["adapters"])
+        return {"base": jax.tree.map(jnp.zeros_like, grads["base"]), "adapters": updates}, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def memory_report(abstract_state: dict) -> str:
+    """One line: trainable (adapter) params against the frozen base, and the optimizer
+    state bytes per device (which only the adapters have)."""
+    from lm.parallel.sharding import per_device_bytes
+    p = abstract_state["params"]
+    trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(p["adapters"]))
+    frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(p["base"]))
+    return (f"LoRA: {trainable:,} trainable params ({100 * trainable / frozen:.2f}% of the "
+            f"{frozen:,} frozen); per device: optimizer state "
+            f"{per_device_bytes(abstract_state['opt_state']) / 2**20:.2f} MiB, adapters "
+            f"{per_device_bytes(p['adapters']) / 2**20:.2f} MiB, frozen base "
+            f"{per_device_bytes(p['base']) / 2**20:.2f} MiB")

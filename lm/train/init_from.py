@@ -1,0 +1,118 @@
+"""`lm train --init-from SOURCE` (config field `init_from`): a run that starts from the
+weights of another run's latest intact checkpoint or of a Hugging Face model directory,
+with its own data and optimizer settings; the optimizer state starts fresh and the step
+counter at 0. The model section is the source's (the weights fix it), with the
+`--set model.*` overrides of the command applied on top (e.g. remat, compute dtype);
+the tokenizer is the source's unless the command sets `data.tokenizer`.
+
+The source is read only when the run dir holds no checkpoint: rerunning the same
+command resumes the fine-tune from its own checkpoints, never the base again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from lm import config as config_lib
+from lm.config import ConfigError, TrainConfig
+
+
+def source_kind(source: str) -> str:
+    """'run' (an lmlab run dir) or 'hf' (a Hugging Face model dir), or ConfigError."""
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"init_from={source}: no config.json there (neither an lmlab run "
+                          "nor a Hugging Face model directory)")
+    try:
+        head = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init_from={source}: config.json is not readable JSON ({e})") from None
+    return "hf" if isinstance(head, dict) and "model_type" in head else "run"
+
+
+def source_config(source: str) -> tuple[config_lib.ModelConfig, str]:
+    """(the source's model config, its tokenizer spec)."""
+    if source_kind(source) == "hf":
+        from lm.interop.hf_config import model_config_from_hf
+        from lm.interop.hf_import import read_hf_config
+        tok = Path(source).absolute() / "tokenizer.json"
+        if not tok.is_file():
+            raise ConfigError(f"init_from={source}: the Hugging Face directory has no "
+                              "tokenizer.json")
+        return model_config_from_hf(read_hf_config(Path(source))), str(tok)
+    cfg = config_lib.load_run_config(Path(source) / "config.json")
+    return cfg.model, cfg.data.tokenizer
+
+
+def with_source_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """cfg with the model (and, unless overridden, the tokenizer) of cfg.init_from."""
+    if not cfg.init_from:
+        return cfg
+    source = str(Path(cfg.init_from).absolute())
+    model, tokenizer = source_config(source)
+    data = cfg.data
+    if not any(o.strip().startswith("data.tokenizer=") for o in overrides):
+        data = dataclasses.replace(data, tokenizer=tokenizer)
+    out = dataclasses.replace(cfg, model=model, data=data, init_from=source)
+    out = config_lib.apply_overrides(out, [o for o in overrides if o.strip().startswith("model.")])
+    return config_lib.validate(out)
+
+
+def initial_state(pieces) -> dict:
+    """The train state of a run that starts from cfg.init_from: the source's weights
+    (shapes checked, placed on this run's shardings), a fresh optimizer state."""
+    from lm.interop.hf_import import fresh_state, load_params
+    cfg = pieces.cfg
+    source = Path(cfg.init_from)
+    lora = bool(cfg.lora.rank)
+    if source_kind(str(source)) == "hf":
+        base = load_params(source, cfg, pieces, prefix=("base",) if lora else ())
+    else:
+        base = _run_params(source, pieces)
+    if not lora:
+        return fresh_state(pieces, base)
+    # LoRA: the source is the frozen base; the adapters start as the run's own init.
+    adapters = jax.jit(lambda: pieces._init()["params"]["adapters"],
+                       out_shardings=pieces.state_shardings["params"]["adapters"])()
+    return fresh_state(pieces, {"base": base, "adapters": adapters})
+
+
+def _run_params(source: Path, pieces) -> dict:
+    """The params of a run's newest intact checkpoint, restored onto this run's mesh."""
+    from lm.train.checkpoint import Checkpointer
+    from lm.train.state import build
+    src_cfg = config_lib.load_run_config(source / "config.json")
+    if src_cfg.model != pieces.cfg.model:
+        diff = [d for d in config_lib.config_diff(src_cfg, dataclasses.replace(
+            src_cfg, model=pieces.cfg.model)) if d.startswith("model.")]
+        structural = [d for d in diff if not d.split(":")[0] in _FREE_MODEL_FIELDS]
+        if structural:
+            raise ConfigError(f"init_from={source}: the model differs from the source's "
+                              f"({'; '.join(structural[:3])})")
+    # The source's own train state (its optimizer's shape), laid out on this mesh.
+    src_pieces = build(dataclasses.replace(src_cfg, mesh=pieces.cfg.mesh), pieces.mesh)
+    merge = None
+    if src_cfg.lora.rank:  # a LoRA source: its adapters folded into its base
+        from lm.peft.lora import merged_params
+        merge = lambda p: merged_params(src_cfg.model, src_cfg.lora, p)  # noqa: E731
+    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint_every, src_cfg.keep_checkpoints)
+    try:
+        restored = ckpt.restore_newest_intact(
+            lambda step: ckpt.restore_params(step, src_pieces.abstract_state()), rename=False)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ConfigError(f"init_from={source}: the run has no checkpoint yet")
+    step, state = restored
+    print(f"initialised from {source} (checkpoint step {step})", flush=True)
+    return state["params"] if merge is None else jax.jit(merge)(state["params"])
+
+
+# Model fields that change how the weights are computed with, not their shapes.
+_FREE_MODEL_FIELDS = {"model.remat", "model.compute_dtype",
+                      "model.attention.impl", "model.attention.q_blocks", "model.moe.impl",
+                      "model.moe.aux_loss", "model.moe.router_z_loss"}

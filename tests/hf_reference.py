@@ -1,0 +1,120 @@
+"""The Hugging Face side of the interop tests (tests/test_interop_hf.py). Runs in its own
+Python 3.11 environment with torch + transformers (LMLAB_HF_PYTHON; .ci/run makes it):
+lmlab's Python never imports torch. Files are the interface: safetensors directories
+written by transformers' save_pretrained, tokens and logits as .npy.
+
+  python hf_reference.py make OUT          tiny RANDOM models of each family, each in
+                                           OUT/<family>/ with its logits (logits.npy) on
+                                           OUT/tokens.npy; nothing is downloaded
+  python hf_reference.py logits TOKENS DIR...   load each DIR with transformers and
+                                           write DIR/logits_hf.npy
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB = 96  # the models' vocabulary (the tokenizer uses fewer ids: an unused tail)
+SEQ = 24
+TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
+        "First Citizen: You are all resolved rather to die than to famish? All: Resolved. "
+        "resolved. First Citizen: First, you know Caius Marcius is chief enemy to the people.")
+
+# Odd shapes on purpose: GQA 6:2, head_dim 12 (not a power of two, not d_model / heads),
+# rope theta 5e5, untied and tied embeddings, a sliding window, qkv biases, qk-norm, MoE
+# with and without renormalised gates and with a dense layer among the sparse ones.
+COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+              num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+              max_position_embeddings=64, rope_theta=5e5, bos_token_id=0, eos_token_id=1,
+              pad_token_id=2)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    "mistral": (transformers.MistralConfig, dict(tie_word_embeddings=True, sliding_window=8,
+                                                 rms_norm_eps=1e-6)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "qwen3": (transformers.Qwen3Config, dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    "mixtral": (transformers.MixtralConfig, dict(tie_word_embeddings=False, num_local_experts=4,
+                                                 num_experts_per_tok=2, rms_norm_eps=1e-5)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=40, norm_topk_prob=False, mlp_only_layers=[1],
+        rms_norm_eps=1e-6)),
+}
+SHARDED = "llama"  # saved in several shards with a model.safetensors.index.json
+
+
+def tokenizer() -> Tokenizer:
+    """A small BPE tokenizer trained on TEXT, with <s> </s> <pad> at ids 0-2."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<s>", "</s>", "<pad>", "<unk>"])
+    tok.train_from_iterator([TEXT], trainer)
+    assert tok.get_vocab_size() <= VOCAB
+    return tok
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random and O(1)-scaled (HF's init leaves biases 0 and norm weights
+    1, which would not test their mapping; std 0.02 would make every logit near 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.ndim > 1 else 1
+                std = 1.0 if "embed" in name else 1 / math.sqrt(fan_in)
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def logits_of(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def make(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(2, SEQ)).astype(np.int32)
+    np.save(out / "tokens.npy", tokens)
+    tok = tokenizer()
+    for i, (family, (cls, extra)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        cfg = cls(**COMMON, **extra, attn_implementation="eager")
+        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        randomise(model, i)
+        model.eval()
+        d = out / family
+        model.save_pretrained(d, max_shard_size="40KB" if family == SHARDED else "1GB")
+        tok.save(str(d / "tokenizer.json"))
+        np.save(d / "logits.npy", logits_of(model, tokens))
+    print(json.dumps({"families": list(FAMILIES), "transformers": transformers.__version__,
+                      "torch": torch.__version__}))
+
+
+def reload_logits(tokens_path: Path, dirs: list[Path]) -> None:
+    tokens = np.load(tokens_path)
+    for d in dirs:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        np.save(d / "logits_hf.npy", logits_of(model, tokens))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(Path(sys.argv[2]))
+    elif sys.argv[1] == "logits":
+        reload_logits(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    else:
+        sys.exit(f"unknown command {sys.argv[1]!r}")

@@ -1,0 +1,96 @@
+"""Fine-tuning: `lm train --init-from` (source weights, fresh optimizer, resuming the
+fine-tune rather than the base) and instruction data (loss on response tokens only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY, lm, sets
+
+from lm.config import DataConfig
+from lm.data import DataError, load_tokenizer, packed_rows
+
+RECORDS = [{"prompt": f"Q{i}: what comes after {i}?", "response": f" {i + 1}, then {i + 2}."}
+           for i in range(40)]
+
+
+def instruction_file(path: Path, records=RECORDS) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def tree_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(directory)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_instruction_rows_put_the_loss_on_responses_only(tmp_path):
+    cfg = DataConfig(corpus=str(instruction_file(tmp_path / "sft.jsonl")),
+                     format="instruction", seq_len=64, validation_fraction=0.25)
+    tok = load_tokenizer("byte")
+    rows = packed_rows(cfg, tok, "train")
+    learned = []
+    for r in range(len(rows)):
+        row = rows[r]
+        targets = row["targets"][row["loss_mask"] > 0]
+        learned.append(bytes(t for t in targets if t < 256).decode())
+        assert (row["loss_mask"][row["segment_ids"] == 0] == 0).all()
+    # Every train response (and no prompt text) is a target, each exactly once.
+    train = [r for i, r in enumerate(RECORDS) if i % 4 != 3]
+    assert sorted("".join(learned)) == sorted("".join(r["response"] for r in train))
+    assert "what comes after" not in "".join(learned)
+    assert len(packed_rows(cfg, tok, "validation").index) > 0
+
+
+def test_instruction_data_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    cfg = DataConfig(corpus=str(bad), format="instruction", seq_len=32)
+    with pytest.raises(DataError, match="needs fields 'prompt' and 'response'"):
+        packed_rows(cfg, load_tokenizer("byte"), "train")
+
+
+def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(tiny_run, tmp_path):
+    from lm.config import TrainConfig
+    from lm.train.init_from import initial_state, with_source_model
+    from lm.train.setup import restore_for_inference, setup_run
+    cfg = dataclasses.replace(TrainConfig(), init_from=str(tiny_run), batch_size=4,
+                              data=DataConfig(seq_len=32), optim=dataclasses.replace(
+                                  TrainConfig().optim, lr=1e-4))
+    cfg = with_source_model(cfg, [])
+    run = setup_run(cfg)
+    state = initial_state(run.pieces)
+    _, source_params, _ = restore_for_inference(tiny_run)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(source_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state["step"]) == 0
+    moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "ndim", 0) > 0]
+    assert moments and all(float(np.abs(np.asarray(x)).max()) == 0 for x in moments)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_run_on_instructions_resumes_itself_not_the_base(tiny_run, tmp_path):
+    before = tree_digest(tiny_run / "checkpoints")
+    data = instruction_file(tmp_path / "sft.jsonl")
+    run = tmp_path / "ft"
+    args = ["train", "--init-from", str(tiny_run), "--run-dir", str(run),
+            *sets(*TINY, f"data.corpus={data}", "data.format=instruction", "steps=6",
+                  "checkpoint_every=100", "eval_every=100")]
+    first = lm(*args, env={"LMLAB_FAULT": "sigterm@3"})
+    assert first.returncode == 143, first.stderr[-2000:]
+    assert "initialised from" in first.stdout
+    again = lm(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 3" in again.stdout and "initialised from" not in again.stdout
+    assert json.loads((run / "config.json").read_text())["init_from"] == str(tiny_run)
+    assert tree_digest(tiny_run / "checkpoints") == before  # the base is only read

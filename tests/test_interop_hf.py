@@ -1,0 +1,226 @@
+"""`lm import hf` / `lm export hf`.
+
+Equivalence with transformers: tests/hf_reference.py, run once for this module in the
+Python 3.11 environment named by LMLAB_HF_PYTHON (torch + transformers; .ci/run makes
+it), builds tiny random models of each family and their logits; they are imported and
+compared, exported back, reloaded by transformers and compared again (1e-4, float32).
+Without that environment those tests skip, saying why. The round trip through lmlab's
+own writer and the bad inputs need no torch and always run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm.cli import main
+
+HERE = Path(__file__).resolve().parent
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
+TOL = 1e-4
+
+
+def hf_python() -> str | None:
+    exe = os.environ.get("LMLAB_HF_PYTHON", "")
+    return exe if exe and Path(exe).is_file() else None
+
+
+needs_hf = pytest.mark.skipif(
+    hf_python() is None,
+    reason="no transformers environment: set LMLAB_HF_PYTHON to a Python with torch + "
+           "transformers (.ci/run makes one with Python 3.11)")
+
+
+def logits_of(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    from lm.train.setup import restore_for_inference
+    run, params, _ = restore_for_inference(run_dir)
+    logits, _ = nnx.merge(run.pieces.graphdef, params)(jnp.asarray(tokens))
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "make", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def roundtrip(reference, tmp_path_factory):
+    """Each family imported, its lmlab logits, exported, and transformers' logits of the
+    export (one transformers process for all)."""
+    from lm.interop.hf_export import export_hf
+    from lm.interop.hf_import import import_hf
+    work = tmp_path_factory.mktemp("lm")
+    tokens = np.load(reference / "tokens.npy")
+    result = {}
+    for family in FAMILIES:
+        assert import_hf(reference / family, work / family) == 0
+        result[family] = {"lm": logits_of(work / family, tokens)}
+        assert export_hf(work / family, work / f"{family}-hf") == 0
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "logits",
+                    str(reference / "tokens.npy"), *(str(work / f"{f}-hf") for f in FAMILIES)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    print("\n| family | max abs logit diff, import | after export |\n|---|---|---|")
+    for family in FAMILIES:
+        ref = np.load(reference / family / "logits.npy")
+        r = result[family]
+        r["ref"] = ref
+        r["exported"] = np.load(work / f"{family}-hf" / "logits_hf.npy")
+        r["import_diff"] = float(np.max(np.abs(r["lm"] - ref)))
+        r["export_diff"] = float(np.max(np.abs(r["exported"] - ref)))
+        print(f"| {family} | {r['import_diff']:.2e} | {r['export_diff']:.2e} |")
+    return result
+
+
+@needs_hf
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_logits_match_transformers(roundtrip, family):
+    r = roundtrip[family]
+    assert np.abs(r["ref"]).max() > 1.0  # the logits are not all ~0 (a vacuous match)
+    assert r["import_diff"] < TOL, r["import_diff"]
+
+
+@needs_hf
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_model_loads_in_transformers_with_the_same_logits(roundtrip, family):
+    r = roundtrip[family]
+    assert r["export_diff"] < TOL, r["export_diff"]
+    assert np.max(np.abs(r["exported"] - r["lm"])) < TOL
+
+
+# ------------------------------------------------------------- without transformers
+
+
+def tiny_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<s>", "</s>", "<pad>", "<unk>"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1, **model_kw):
+    """(An HF-format directory written from a random lmlab model by lmlab's own writer:
+    config.json, safetensors (optionally sharded with an index), tokenizer.json; the
+    model, holding the written weights)."""
+    import dataclasses
+
+    from safetensors.numpy import save_file
+
+    from lm.config import ModelConfig
+    from lm.interop.hf_config import family_for, hf_config_from_model
+    from lm.interop.hf_export import hf_tensors
+    from lm.model import Transformer
+    base = ModelConfig()
+    kw = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=10,
+              max_seq_len=64, tie_embeddings=False, rope_theta=5e5)
+    kw.update(model_kw)
+    cfg = dataclasses.replace(base, **kw, mlp=dataclasses.replace(
+        base.mlp, activation="swiglu", ratio=1.75))
+    model = Transformer(cfg, nnx.Rngs(3))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                          params)  # norm scales not all 1
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    family = family_for(cfg)
+    path.mkdir(parents=True)
+    hf = hf_config_from_model(cfg, family, 0, 1, 2)
+    hf.update(overrides or {})
+    (path / "config.json").write_text(json.dumps(hf))
+    tensors = hf_tensors(cfg, family, params)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[s::shards]
+            save_file({n: tensors[n] for n in part}, str(path / file))
+            weight_map.update({n: file for n in part})
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tiny_tokenizer(path / "tokenizer.json")
+    return path, model
+
+
+def test_roundtrip_through_lmlab_writer_sharded_keeps_logits(tmp_path):
+    """Sharded safetensors with an index -> lm import hf (CLI) -> the same function."""
+    hf_dir, model = write_hf_dir(tmp_path / "hf", shards=3, qk_norm=True)
+    assert main(["import", "hf", str(hf_dir), "--run-dir", str(tmp_path / "run")]) == 0
+    tokens = np.arange(40, dtype=np.int32).reshape(2, 20) % 48
+    hf = json.loads((hf_dir / "config.json").read_text())
+    assert hf["model_type"] == "qwen3"
+    want, _ = model(jnp.asarray(tokens))
+    got = logits_of(tmp_path / "run", tokens)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    assert main(["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert main(["import", "hf", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run2")]) == 0
+    np.testing.assert_allclose(logits_of(tmp_path / "run2", tokens), got, atol=1e-6)
+    # lm eval reads the imported run like any other
+    assert main(["eval", "--run", str(tmp_path / "run"), "--batches", "1"]) == 0
+
+
+def _err(capfd, argv):
+    code = main(argv)
+    err = capfd.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("no-config", "has no config.json"),
+    ("arch", "unsupported architecture GPT2LMHeadModel"),
+    ("rope", "rope_scaling="),
+    ("rope-type", "rope_parameters.rope_type='llama3'"),
+    ("field", "field fancy_new_knob=3 is not understood"),
+    ("missing", "tensor model.layers.1.self_attn.k_proj.weight is missing"),
+    ("shape", "tensor model.layers.0.mlp.up_proj.weight [55, 32] does not fit"),
+    ("bias", "attention_bias=True is not supported"),
+])
+def test_bad_hf_dirs_give_one_line_and_exit_2(tmp_path, capfd, breakage, message):
+    from safetensors.numpy import load_file, save_file
+    overrides = {"arch": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+                 "rope": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+                 "rope-type": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
+                 "field": {"fancy_new_knob": 3},
+                 "bias": {"attention_bias": True}}.get(breakage)
+    hf_dir, _ = write_hf_dir(tmp_path / "hf", overrides)
+    file = hf_dir / "model.safetensors"
+    if breakage == "no-config":
+        (hf_dir / "config.json").unlink()
+    elif breakage in ("missing", "shape"):
+        tensors = load_file(str(file))
+        if breakage == "missing":
+            del tensors["model.layers.1.self_attn.k_proj.weight"]
+        else:
+            tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((55, 32), np.float32)
+        save_file(tensors, str(file))
+    run = tmp_path / "run"
+    code, err = _err(capfd, ["import", "hf", str(hf_dir), "--run-dir", str(run)])
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not run.exists()
+
+
+def test_export_refuses_a_model_hf_cannot_express(tmp_path, capfd):
+    hf_dir, _ = write_hf_dir(tmp_path / "hf")
+    assert main(["import", "hf", str(hf_dir), "--run-dir", str(tmp_path / "run")]) == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["model"]["logit_softcap"] = 30.0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    capfd.readouterr()
+    code, err = _err(capfd, ["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
+    assert code == 2 and len(err) == 1 and "model.logit_softcap" in err[0], err
+    assert not (tmp_path / "o").exists()
