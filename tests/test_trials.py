@@ -192,3 +192,11 @@ def test_experiment_specs_expand_into_batched_groups():
         lrs = sorted({t.tags["optim.lr"] for t in expanded})
         assert lrs[0] == 1e-4 and lrs[-1] == 1.0 and len(lrs) == 7
         assert len(plan_groups(expanded, sweep, sweep.batch)) == groups
+
+
+def test_fine_tunes_are_not_batched_and_say_why():
+    from lm.train.trials import group_configs, make_group
+    cfgs = [cfg("seed=0"), cfg("seed=1", "lora.rank=4"), cfg("seed=2")]
+    assert group_configs(cfgs, 8) == [[0, 2], [1]]
+    with pytest.raises(ConfigError, match="do not support lora"):
+        make_group([cfgs[1]])

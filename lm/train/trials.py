@@ -54,9 +54,10 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
-from lm.model import Transformer, count_params, flops_per_token, logit_layers
+from lm.model import count_params, flops_per_token, logit_layers
 from lm.optim import make_optimizer, schedule
 from lm.parallel.sharding import activation_sharding
+from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
@@ -104,12 +105,22 @@ def group_key(cfg: TrainConfig) -> str:
     return config_lib.to_json(cfg)
 
 
+def unbatchable(cfg: TrainConfig) -> str | None:
+    """Why a config cannot train in a batched group ("" / None: it can)."""
+    if cfg.init_from:
+        return "init_from (a fine-tune starts from a checkpoint, not an init)"
+    if cfg.lora.rank:
+        return "lora (the adapter optimizer is not batched yet)"
+    return None
+
+
 def group_configs(cfgs: list[TrainConfig], limit: int) -> list[list[int]]:
     """Indices of `cfgs` in groups of at most `limit` that share a group key, in order
-    of first appearance (so the groups are deterministic)."""
+    of first appearance (so the groups are deterministic); a config that cannot be
+    batched (`unbatchable`) is a group of its own."""
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        by_key.setdefault(group_key(cfg), []).append(i)
+        by_key.setdefault(f"alone:{i}" if unbatchable(cfg) else group_key(cfg), []).append(i)
     return [idx[j:j + limit] for idx in by_key.values() for j in range(0, len(idx), limit)]
 
 
@@ -243,7 +254,7 @@ class Group:
         def init_one(values):
             cfg, tx, _ = self._one(values)
             # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key already.
-            model = Transformer(cfg.model, nnx.Rngs(params=jax.random.key(cfg.seed)))
+            model = make_model(cfg, nnx.Rngs(params=jax.random.key(cfg.seed)))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
             return {"params": params, "opt_state": tx.init(params),
                     "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
@@ -322,6 +333,8 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
                           f"these differ in {', '.join(fields[:4])}")
     if jax.process_count() > 1:
         raise ConfigError("batched trials train in one process (run a pod job per trial)")
+    if (why := unbatchable(cfgs[0])) is not None:
+        raise ConfigError(f"batched trials do not support {why}: train it alone (--batch 1)")
     k = len(cfgs)
     first = cfgs[0]
     rules_text = first.mesh.rules
