@@ -102,6 +102,29 @@ def describe(cfg: "OptimConfig", model_cfg: "ModelConfig", abstract_state: dict)
     return line, per_param
 
 
+def state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
+                    other: Any) -> Any:
+    """A sharding per optimizer-state leaf: the parameter's where the leaf is a copy of
+    one (its key path contains the parameter's and its shape is the same: Adam's moments,
+    Muon's momentum, ...), `other` (replicated) for the rest (step counts, Adafactor's
+    row / column statistics, SGD-SaI's per-block scales). optax.tree_map_params cannot
+    be used: it needs param-shaped subtrees, which optax.partition's masked states and
+    per-leaf states of other shapes are not."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    shardings = jax.tree.leaves(param_shardings)
+    by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(flat, shardings)}
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            for j in range(len(path), i, -1):
+                hit = by_path.get(path[i:j])
+                if hit is not None and hit[0] == leaf.shape:
+                    return hit[1]
+        return other
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
 def state_bytes_per_param(opt_state: Any, params: Any) -> float:
     """Optimizer-state bytes per parameter (arrays or ShapeDtypeStructs): AdamW 8 in
     float32, Lion and SGD-SaI 4, Adafactor about 4 / min(rows, cols) for its matrices."""

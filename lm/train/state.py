@@ -19,6 +19,7 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
 from lm.model import Transformer, mixers, param_axes
 from lm.optim import make_optimizer, schedule
+from lm.optim import state_shardings as optim_state_shardings
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
@@ -147,8 +148,8 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     tx = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
     p_sh = param_shardings(axes, nnx.to_pure_dict(abstract_params), mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
-                                   transform_non_params=lambda _: replicated(mesh))
+    opt_sh = optim_state_shardings(abstract_opt, nnx.to_pure_dict(abstract_params), p_sh,
+                                   replicated(mesh))
     state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
                 "rng": replicated(mesh)}
     return RunPieces(cfg, mesh, rules, graphdef, axes, tx, schedule(cfg.optim, cfg.steps),
