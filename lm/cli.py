@@ -140,6 +140,10 @@ def cmd_results(args) -> int:
 def cmd_analyze(args) -> int:
     if args.coord_check:
         return cmd_coord_check(args.workdir)
+    if args.lr_transfer or args.optimizers:
+        from lm.analysis import transfer
+        print(transfer.report(args.workdir, optimizers=args.optimizers))
+        return 0
     from lm.sweep.report import analyze
     return analyze(args.workdir, full_grid=args.full_grid, n_boot=args.n_boot,
                    params=args.params)
@@ -283,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling laws in total or active (MoE: routed) parameters")
     p.add_argument("--coord-check", action="store_true",
                    help="render WORKDIR/coord_check.json: table, slopes and plot (SP vs muP)")
+    p.add_argument("--lr-transfer", action="store_true",
+                   help="best LR per arm and width with intervals, and the transfer penalty")
+    p.add_argument("--optimizers", action="store_true",
+                   help="best loss per optimizer (arm) and width, state bytes, tokens/s")
     p.set_defaults(fn=cmd_analyze)
     return parser
 
