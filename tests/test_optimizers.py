@@ -271,6 +271,11 @@ def test_mup_multipliers_per_direction():
     m_axes = param_axes(nnx.eval_shape(lambda: Transformer(mamba, nnx.Rngs(0))))
     mixer = lr_multipliers(m_axes, mamba, "adamw")["blocks"][0]["mixer"]
     assert mixer["conv_x"] == 1.0 and mixer["w_x"] == ratio and mixer["a_log"] == 1.0
+    # MoE: each expert's matrix and the router are hidden (fan-in embed), the bias is not.
+    moe = {"w_in": ("experts", "embed", "expert_mlp"), "router": ("embed", "router"),
+           "router_bias": ("router",), "stacked": ("layers", "experts", "expert_mlp", "embed")}
+    got = lr_multipliers(moe, cfg, "adamw")
+    assert got == {"w_in": ratio, "router": ratio, "router_bias": 1.0, "stacked": ratio}
 
 
 BAD_OPTIM = [

@@ -11,6 +11,14 @@ SGD-SaI), and its muP rule: `mup_rule(section)` (one line saying which rule and 
 comes from; None = no rule, and model.init=mup is refused) and `mup_lr_scale(...)`, the
 per-parameter LR multiplier under muP. It registers itself with `@register`; adding one =
 one file + its import line at the bottom. The schedule is built here only (`schedule`).
+
+What muP treats as a hidden matrix (`is_hidden_matrix`), mixer by mixer: attention and
+the MLP's projections; MoE experts (each expert's [embed, expert_mlp] slice: "experts" is
+a stack of independent blocks, like "layers") and the router (its fan-in is embed);
+Mamba-2's and retention's projections. Vector-like (multiplier 1): norms, biases, Mamba-2's
+dt_bias / a_log / skip and its depthwise conv (fixed fan-in, the conv width). No logit
+rule is needed beyond attention's 1/head_dim: Mamba-2's B.C contraction runs over the
+fixed state size and retention's per-head norm cancels the scale of q.k.
 """
 
 from __future__ import annotations
