@@ -29,6 +29,7 @@ from lm.config import TrainConfig
 from lm.data import train_iterator
 from lm.hostmem import host_malloc_active
 from lm.model import count_params, flops_per_token
+from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
 from lm.train.mfu import device_peak_flops, mfu
 from lm.train.setup import RunSetup, setup_run
@@ -115,7 +116,11 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
         "state_bytes_per_device": per_device_bytes(pieces.abstract_state()),
         "temp_bytes": memory.get("temp"),
         "page_faults_per_step": faults_per_step,
+        "optimizer": cfg.optim.name,
     }
+    optim_line, result["optimizer_state_bytes_per_param"] = optim_lib.describe(
+        cfg.optim, cfg.model, pieces.abstract_state())
+    print(optim_line)
     print(f"{cfg.name}: {counts['total']:,} params | batch {cfg.batch_size} x seq "
           f"{cfg.data.seq_len} | compile {compile_s:.1f}s | step {1e3 * step_time:.1f} ms "
           f"(median of {steps * len(bare)}) | {tps:,.0f} tokens/s | {fpt * tps / 1e9:.2f} GFLOP/s | "

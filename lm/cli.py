@@ -175,9 +175,27 @@ def cmd_results(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    if args.coord_check:
+        return cmd_coord_check(args.workdir)
+    if args.lr_transfer or args.optimizers:
+        from lm.analysis import transfer
+        print(transfer.report(args.workdir, optimizers=args.optimizers))
+        return 0
     from lm.sweep.report import analyze
     return analyze(args.workdir, full_grid=args.full_grid, n_boot=args.n_boot,
                    params=args.params)
+
+
+def cmd_coord_check(workdir: str) -> int:
+    from pathlib import Path
+
+    from lm.analysis import coord_check
+    from lm.config import ConfigError
+    if not (Path(workdir) / coord_check.FILE).exists():
+        raise ConfigError(f"lm analyze --coord-check: no {coord_check.FILE} in {workdir} "
+                          "(run experiments/coord_check.py --workdir DIR first)")
+    print(coord_check.report(workdir))
+    return 0
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -333,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples (0 = none)")
     p.add_argument("--params", choices=("total", "active"), default="total",
                    help="scaling laws in total or active (MoE: routed) parameters")
+    p.add_argument("--coord-check", action="store_true",
+                   help="render WORKDIR/coord_check.json: table, slopes and plot (SP vs muP)")
+    p.add_argument("--lr-transfer", action="store_true",
+                   help="best LR per arm and width with intervals, and the transfer penalty")
+    p.add_argument("--optimizers", action="store_true",
+                   help="best loss per optimizer (arm) and width, state bytes, tokens/s")
     p.set_defaults(fn=cmd_analyze)
     return parser
 

@@ -453,6 +453,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
     _optim.validate(o)  # the direction's name, then its own section
+    _optim.validate_mup(o, m)  # model.init=mup needs the direction's muP rule
     positive("optim.lr", o.lr)
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")

@@ -4,16 +4,27 @@
     multipliers, plus weight decay (coupled or independent), masked to matrices
 
 Each direction lives in one file of this package: its config section (a frozen
-dataclass, `optim.<name>`), `transform(section)` returning the optax transformation that
-turns gradients into unit-scale update directions, and `mup_lr_scale(ratio)`: how the
-hidden-matrix LR scales with width under muP (base_width / width for Adam-like
-directions). It registers itself with `@register`; adding one = one file + its import
-line at the bottom. The schedule is built here only (`schedule`).
+dataclass, `optim.<name>`), `transform(section, axes_tree)` returning the optax
+transformation that turns gradients into unit-scale update directions (the logical axes
+let a direction treat hidden matrices, stacked layers or experts differently: Muon,
+SGD-SaI), and its muP rule: `mup_rule(section)` (one line saying which rule and where it
+comes from; None = no rule, and model.init=mup is refused) and `mup_lr_scale(...)`, the
+per-parameter LR multiplier under muP. It registers itself with `@register`; adding one =
+one file + its import line at the bottom. The schedule is built here only (`schedule`).
+
+What muP treats as a hidden matrix (`is_hidden_matrix`), mixer by mixer: attention and
+the MLP's projections; MoE experts (each expert's [embed, expert_mlp] slice: "experts" is
+a stack of independent blocks, like "layers") and the router (its fan-in is embed);
+Mamba-2's and retention's projections. Vector-like (multiplier 1): norms, biases, Mamba-2's
+dt_bias / a_log / skip and its depthwise conv (fixed fan-in, the conv width). No logit
+rule is needed beyond attention's 1/head_dim: Mamba-2's B.C contraction runs over the
+fixed state size and retention's per-head norm cancels the scale of q.k.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import jax
@@ -31,8 +42,11 @@ class Direction:
     name: ClassVar[str]
     Config: ClassVar[type]
 
+    # True: mup_lr_scale needs each parameter's size at the base width (size_ratio).
+    mup_needs_sizes: ClassVar[bool] = False
+
     @staticmethod
-    def transform(section) -> optax.GradientTransformation:
+    def transform(section, axes_tree: Any) -> optax.GradientTransformation:
         raise NotImplementedError
 
     @staticmethod
@@ -40,9 +54,18 @@ class Direction:
         """Raise ConfigError (one line naming optim.<name>.<key>) for bad settings."""
 
     @staticmethod
-    def mup_lr_scale(width_ratio: float) -> float:
-        """Hidden-matrix LR multiplier under muP at base_width / width = width_ratio."""
-        return width_ratio
+    def mup_rule(section) -> str | None:
+        """The muP LR rule, in one line with its source; None: none for these settings."""
+        return None
+
+    @staticmethod
+    def mup_lr_scale(width_ratio: float, axes: tuple[str, ...], section,
+                     size_ratio: float | None = None) -> float:
+        """LR multiplier under muP of a parameter with these logical axes, at
+        base_width / width = width_ratio (size_ratio: its element count at the base width
+        over its count now, for directions with mup_needs_sizes). Adam-like default:
+        hidden matrices x width_ratio, everything else 1."""
+        return width_ratio if is_hidden_matrix(axes) else 1.0
 
 
 DIRECTIONS: dict[str, type[Direction]] = {}
@@ -65,6 +88,58 @@ def validate(cfg: "OptimConfig") -> None:
     if cfg.name not in DIRECTIONS:
         raise ConfigError(f"optim.name={cfg.name!r}: expected one of {', '.join(DIRECTIONS)}")
     DIRECTIONS[cfg.name].validate(getattr(cfg, cfg.name))
+
+
+def validate_mup(cfg: "OptimConfig", model_cfg: "ModelConfig") -> None:
+    """model.init=mup needs a direction with a muP rule (for its settings)."""
+    if model_cfg.init == "mup" and DIRECTIONS[cfg.name].mup_rule(getattr(cfg, cfg.name)) is None:
+        raise ConfigError(f"model.init=mup: optim.name={cfg.name} has no muP rule with these "
+                          f"settings (see lm/optim/{cfg.name}.py); use model.init=standard")
+
+
+def mup_rule(cfg: "OptimConfig") -> str | None:
+    return DIRECTIONS[cfg.name].mup_rule(getattr(cfg, cfg.name))
+
+
+def describe(cfg: "OptimConfig", model_cfg: "ModelConfig", abstract_state: dict) -> tuple[str, float]:
+    """(the start-up log line of the optimizer, its state bytes per parameter)."""
+    per_param = state_bytes_per_param(abstract_state["opt_state"], abstract_state["params"])
+    line = f"optimizer {cfg.name}: {per_param:.2f} state bytes per parameter"
+    if model_cfg.init == "mup":
+        line += f"; muP rule: {mup_rule(cfg)}"
+    return line, per_param
+
+
+def state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
+                    other: Any) -> Any:
+    """A sharding per optimizer-state leaf: the parameter's where the leaf is a copy of
+    one (its key path contains the parameter's and its shape is the same: Adam's moments,
+    Muon's momentum, ...), `other` (replicated) for the rest (step counts, Adafactor's
+    row / column statistics, SGD-SaI's per-block scales). optax.tree_map_params cannot
+    be used: it needs param-shaped subtrees, which optax.partition's masked states and
+    per-leaf states of other shapes are not."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    shardings = jax.tree.leaves(param_shardings)
+    by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(flat, shardings)}
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for i in range(len(path)):
+            for j in range(len(path), i, -1):
+                hit = by_path.get(path[i:j])
+                if hit is not None and hit[0] == leaf.shape:
+                    return hit[1]
+        return other
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def state_bytes_per_param(opt_state: Any, params: Any) -> float:
+    """Optimizer-state bytes per parameter (arrays or ShapeDtypeStructs): AdamW 8 in
+    float32, Lion and SGD-SaI 4, Adafactor about 4 / min(rows, cols) for its matrices."""
+    def nbytes(x):
+        return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return sum(nbytes(x) for x in jax.tree.leaves(opt_state)) / max(n, 1)
 
 
 def schedule(cfg: "OptimConfig", total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -101,19 +176,47 @@ def _per_layer(axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in axes if a != "layers")
 
 
+# Axes along which a parameter is a stack of independent blocks, not one matrix.
+BLOCK_AXES = ("layers", "experts")
+
+
 def is_hidden_matrix(axes: tuple[str, ...]) -> bool:
-    """Matrices whose fan-in grows with width (everything >= 2-D but the vocab tables)."""
-    axes = _per_layer(axes)
-    return len(axes) >= 2 and "vocab" not in axes
+    """Matrices whose fan-in grows with width: everything >= 2-D (per layer and expert)
+    but the vocab tables and depthwise convolutions (Mamba-2's [conv, channels] kernel has
+    a fixed fan-in, the conv width: muP treats it like a vector of per-channel gains)."""
+    axes = tuple(a for a in axes if a not in BLOCK_AXES)
+    return len(axes) >= 2 and "vocab" not in axes and "conv" not in axes
 
 
-def lr_multipliers(axes_tree: Any, cfg: "ModelConfig", direction: str = "adamw") -> Any:
-    """Per-parameter LR multipliers: muP scales hidden-matrix LRs by the direction's
-    rule (base_width/width for Adam); standard parametrisation uses 1 everywhere."""
-    ratio = cfg.mup_base_width / cfg.d_model if cfg.init == "mup" else 1.0
-    ratio = DIRECTIONS[direction].mup_lr_scale(ratio) if ratio != 1.0 else 1.0
-    return jax.tree.map(lambda axes: ratio if is_hidden_matrix(axes) else 1.0, axes_tree,
-                        is_leaf=lambda x: isinstance(x, tuple))
+def _size_ratios(cfg: "ModelConfig", axes_tree: Any) -> Any:
+    """Each parameter's element count at d_model = mup_base_width over its count now."""
+    import dataclasses as dc
+
+    from flax import nnx
+
+    from lm.model import Transformer
+
+    def sizes(c):
+        abstract = nnx.eval_shape(lambda: Transformer(c, nnx.Rngs(0)))
+        return jax.tree.map(lambda x: math.prod(x.shape), nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    base = sizes(dc.replace(cfg, d_model=cfg.mup_base_width))
+    return jax.tree.map(lambda b, n: b / n, base, sizes(cfg))
+
+
+def lr_multipliers(axes_tree: Any, cfg: "ModelConfig", direction: str = "adamw",
+                   section: Any = None) -> Any:
+    """Per-parameter LR multipliers: under muP the direction's rule (Adam-like:
+    base_width/width on hidden matrices); standard parametrisation uses 1 everywhere."""
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    if cfg.init != "mup":
+        return jax.tree.map(lambda axes: 1.0, axes_tree, is_leaf=is_axes)
+    d = DIRECTIONS[direction]
+    ratio = cfg.mup_base_width / cfg.d_model
+    if d.mup_needs_sizes:
+        return jax.tree.map(lambda axes, r: d.mup_lr_scale(ratio, axes, section, r),
+                            axes_tree, _size_ratios(cfg, axes_tree), is_leaf=is_axes)
+    return jax.tree.map(lambda axes: d.mup_lr_scale(ratio, axes, section), axes_tree,
+                        is_leaf=is_axes)
 
 
 def decay_mask(axes_tree: Any) -> Any:
@@ -125,7 +228,8 @@ def decay_mask(axes_tree: Any) -> Any:
 def make_optimizer(cfg: "OptimConfig", model_cfg: "ModelConfig", axes_tree: Any,
                    total_steps: int) -> optax.GradientTransformation:
     lr = schedule(cfg, total_steps)
-    multipliers = lr_multipliers(axes_tree, model_cfg, cfg.name)
+    section = getattr(cfg, cfg.name)
+    multipliers = lr_multipliers(axes_tree, model_cfg, cfg.name, section)
     mask = decay_mask(axes_tree)
     if cfg.independent_weight_decay:
         # The decay follows the schedule's shape but not the peak LR's size.
@@ -147,10 +251,10 @@ def make_optimizer(cfg: "OptimConfig", model_cfg: "ModelConfig", axes_tree: Any,
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(DIRECTIONS[cfg.name].transform(getattr(cfg, cfg.name)))
+    parts.append(DIRECTIONS[cfg.name].transform(section, axes_tree))
     parts.append(optax.GradientTransformation(init_fn, update_fn))
     return optax.chain(*parts)
 
 
 # The registrations: one import per direction file.
-from lm.optim import adamw  # noqa: E402, F401
+from lm.optim import adamw, lion, adafactor, muon, sgd_sai  # noqa: E402, F401

@@ -26,8 +26,15 @@ class AdamW(Direction):
     name, Config = "adamw", AdamWConfig
 
     @staticmethod
-    def transform(section: AdamWConfig) -> optax.GradientTransformation:
+    def transform(section: AdamWConfig, axes_tree=None) -> optax.GradientTransformation:
         return optax.scale_by_adam(b1=section.b1, b2=section.b2, eps=section.eps)
+
+    @staticmethod
+    def mup_rule(section: AdamWConfig) -> str:
+        # Adam's update has entries of size ~1 whatever the width, so a hidden matrix's
+        # effect on its output grows with fan-in unless its LR shrinks as 1/width.
+        return ("Adam: hidden-matrix LR x base_width/width, vectors and embeddings x 1 "
+                "(Yang et al. 2022, Tensor Programs V, Table 3)")
 
     @staticmethod
     def validate(section: AdamWConfig) -> None:

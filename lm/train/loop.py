@@ -48,6 +48,7 @@ from lm.model import count_params, flops_per_token, logit_layers
 from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lost_peer,
                                      on_peer_lost)
 from lm.parallel.guard import resume_hint, tell
+from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
@@ -233,6 +234,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         start, state = restored
         print(f"resumed from step {start} in {run_dir}", flush=True)
 
+    optim_line, optim_bytes = optim_lib.describe(cfg.optim, cfg.model, pieces.abstract_state())
     summary_path = run_dir / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary = {
@@ -244,6 +246,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         "final_val_loss": previous.get("final_val_loss"),
         "best_val_loss": previous.get("best_val_loss"),
         "final_val_bpb": previous.get("final_val_bpb"),
+        "optimizer_state_bytes_per_param": optim_bytes,
     }
     write_json(summary_path, summary)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
@@ -252,6 +255,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
           f"{fpt / 1e6:.2f} MFLOP/token, {n_devices} {jax.devices()[0].platform} device(s), "
           f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})", flush=True)
 
+    print(optim_line, flush=True)
     mesh_desc = " x ".join(f"{a}={n}" for a, n in pieces.mesh.shape.items())
     print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
           f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)

@@ -19,6 +19,7 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
 from lm.model import mixers, param_axes
 from lm.optim import make_optimizer, schedule
+from lm.optim import state_shardings as optim_state_shardings
 from lm.peft import make_model
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
@@ -153,8 +154,10 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
         inner = make_optimizer(cfg.optim, cfg.model, axes["adapters"], cfg.steps)
         tx, inner_sh = adapter_optimizer(inner), p_sh["adapters"]
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-    opt_sh = optax.tree_map_params(inner, lambda _, sh: sh, abstract_opt, inner_sh,
-                                   transform_non_params=lambda _: replicated(mesh))
+    inner_params = nnx.to_pure_dict(abstract_params)
+    if cfg.lora.rank:
+        inner_params = inner_params["adapters"]
+    opt_sh = optim_state_shardings(abstract_opt, inner_params, inner_sh, replicated(mesh))
     state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
                 "rng": replicated(mesh)}
     return RunPieces(cfg, mesh, rules, graphdef, axes, tx, schedule(cfg.optim, cfg.steps),

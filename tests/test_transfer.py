@@ -1,0 +1,78 @@
+"""LR-transfer and optimizer tables from an LR x width x seed sweep: the best LR (with its
+interval over seeds), the transfer penalty, a diverged run counted as a loss; the
+experiment specs expand and validate (full and --smoke); the smoke sweep end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, lm
+
+from lm.analysis import transfer
+from lm.sweep.spec import expand, load_spec
+
+
+def synthetic(optimum: dict, noise: float = 0.01, seeds=(0, 1, 2)) -> pd.DataFrame:
+    """Loss = 3 + (log10 lr - log10 optimum[arm, width])^2 + seed noise."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for (arm, width), best in optimum.items():
+        for lr in [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]:
+            for seed in seeds:
+                rows.append({"arm": arm, "model.d_model": width, "optim.lr": lr, "seed": seed,
+                             "status": "completed", "path": "",
+                             "final_val_loss": 3 + (math.log10(lr) - math.log10(best)) ** 2
+                             + noise * rng.normal()})
+    return pd.DataFrame(rows)
+
+
+def test_best_lr_per_width_and_the_transfer_penalty():
+    # SP: the optimum drifts 1e-2 -> 1e-3 with width; muP: it stays at 1e-2.
+    runs = synthetic({("sp", 32): 1e-2, ("sp", 128): 1e-3, ("mup", 32): 1e-2, ("mup", 128): 1e-2})
+    table = transfer.lr_optima(runs).set_index(["arm", "model.d_model"])
+    for key, best in [(("sp", 32), 1e-2), (("sp", 128), 1e-3), (("mup", 128), 1e-2)]:
+        row = table.loc[key]
+        assert row["lr_lo"] <= row["lr_best"] <= row["lr_hi"]
+        assert abs(math.log10(row["lr_best"] / best)) < 0.15, (key, row.to_dict())
+        assert row["loss"] == pytest.approx(3 + (math.log10(row["grid_lr"] / best)) ** 2, abs=0.05)
+    pen = transfer.transfer_penalty(runs).set_index("arm")
+    # SP uses 1e-2 at width 128 where 1e-3 is best: (log10 1e-2 - log10 1e-3)^2 = 1.
+    assert pen.loc["sp", "penalty"] == pytest.approx(1.0, abs=0.05)
+    assert pen.loc["sp", "penalty_lo"] > 0.8
+    assert pen.loc["mup", "penalty"] == pytest.approx(0.0, abs=0.03)
+
+
+def test_a_diverged_run_is_a_bad_loss_not_a_missing_one():
+    runs = synthetic({("sp", 32): 1e-1})
+    big = runs["optim.lr"] == 1e-1
+    runs.loc[big, "status"] = "diverged at step 3"
+    runs.loc[big, "final_val_loss"] = 2.0  # the last eval before it diverged: ignored
+    row = transfer.lr_optima(runs).iloc[0]
+    assert row["grid_lr"] == 3e-2 and row["diverged"] == 3
+
+
+@pytest.mark.parametrize("spec", ["mup_transfer", "optimizers"])
+def test_experiment_specs_expand_and_validate(spec):
+    path = ROOT / "experiments" / f"{spec}.py"
+    full, smoke = expand(load_spec(path)), expand(load_spec(path, smoke=True), smoke=True)
+    assert len(full) == 60 and 1 < len(smoke) <= 8
+    if spec == "optimizers":  # every optimizer on its own LR grid
+        lrs = {t.tags["arm"]: set() for t in full}
+        for t in full:
+            lrs[t.tags["arm"]].add(next(o for o in t.overrides if o.startswith("optim.lr=")))
+        assert set(lrs) == {"adamw", "lion", "adafactor", "muon", "sgd_sai"}
+        assert all(len(v) == 3 for v in lrs.values()) and lrs["lion"] != lrs["adamw"]
+
+
+@pytest.mark.slow
+def test_mup_transfer_smoke_sweep_end_to_end(tmp_path):
+    work = tmp_path / "mup"
+    result = lm("sweep", str(ROOT / "experiments" / "mup_transfer.py"), "--workdir", str(work),
+                "--smoke", "--parallel", "2", timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = lm("analyze", "--lr-transfer", str(work))
+    assert result.returncode == 0, result.stderr
+    assert "Best LR per arm and width" in result.stdout and "mup" in result.stdout
