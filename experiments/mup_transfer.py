@@ -33,4 +33,5 @@ def sweep(smoke: bool = False) -> Sweep:
         arms={"sp": {"model.init": "standard"},
               "mup": {"model.init": "mup", "model.mup_base_width": widths[0]}},
         axes=[Grid("model.d_model", widths), Grid("optim.lr", lrs), Grid("seed", seeds)],
+        batch=10,  # per (arm, width): its LRs x seeds as one program (lm/train/trials.py)
     )

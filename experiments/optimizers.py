@@ -41,4 +41,5 @@ def sweep(smoke: bool = False) -> Sweep:
         arms={name: {"optim.name": name} for name in CENTRE},
         axes=[Grid("model.d_model", widths), Grid("@lr_mult", mults), Grid("seed", seeds)],
         derive=derive,
+        batch=6,  # per (optimizer, width): its LRs x seeds as one program (lm/train/trials.py)
     )
