@@ -126,6 +126,9 @@ class MeshConfig:
     # Overrides of the logical-axis rules, e.g. "embed=fsdp+tensor,vocab=" (see
     # lm/parallel/sharding.py for the names and defaults).
     rules: str = ""
+    # Attention with the sequence sharded (sequence > 1): allgather = gather K/V along
+    # the sequence; ring = pass K/V blocks around the ring (lm/parallel/ring.py).
+    sequence_attention: Literal["allgather", "ring"] = "allgather"
 
 
 def _with_sections(base: type, plugins: list, kind: str) -> type:

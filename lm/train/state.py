@@ -22,6 +22,7 @@ from lm.optim import make_optimizer, schedule
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
+from lm.parallel.ring import sequence_attention
 from lm.train.step import loss_chunk_for, make_eval_step, make_train_step
 
 
@@ -79,7 +80,8 @@ class RunPieces:
         platform = self.target_platform or self.mesh.devices.flat[0].platform
 
         def wrapped(*args):
-            with activation_sharding(self.mesh, self.rules), compiling_for(platform):
+            with activation_sharding(self.mesh, self.rules), compiling_for(platform), \
+                    sequence_attention(self.cfg.mesh.sequence_attention):
                 return fn(*args)
         return wrapped
 
