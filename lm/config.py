@@ -428,6 +428,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
+    seq_shards = cfg.mesh.sequence * cfg.mesh.dcn_sequence
+    if cfg.mesh.sequence_attention == "ring" and seq_shards > 1 and d.seq_len % (2 * seq_shards):
+        raise ConfigError(f"mesh.sequence_attention=ring needs data.seq_len={d.seq_len} to "
+                          f"divide by 2 x mesh.sequence ({2 * seq_shards}): the zig-zag layout")
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _optim.validate(o)  # the direction's name, then its own section
