@@ -158,6 +158,7 @@ class Attention(SequenceMixer):
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
         self.rope_theta, self.max_len = cfg.rope_theta, cfg.max_seq_len
+        self.rope_scaling = cfg.rope_scaling
         a = cfg.attention
         self.impl, self.window, self.sinks, self.q_blocks = a.impl, a.window, a.sinks, a.q_blocks
         self.softcap = float(a.softcap)
@@ -196,8 +197,10 @@ class Attention(SequenceMixer):
         v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(cdt))
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len)
-        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len)
+        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
+        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
         if cache is None and is_sharded("seq", q_BTHD.shape[1]) and \
                 sequence_attention_mode() == "ring":
             from lm.parallel.ring import ring_attention
