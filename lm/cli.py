@@ -38,6 +38,9 @@ def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
     from lm.train.setup import restore_for_inference
+    if args.lengths or args.task != "loss" or args.overrides:
+        from lm.evals.cli import run_eval
+        return run_eval(args)
     run, params, step = restore_for_inference(args.run)
     batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
     result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
@@ -201,7 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and bits-per-byte of a run")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--batches", type=int, default=0, help="0 = whole validation split")
+    p.add_argument("--batches", type=int, default=0, help="0 = whole validation split "
+                   "(with --lengths: 0 = 4 batches per length)")
+    # Long-context evaluations (lm/evals): loss by length and position, passkey retrieval,
+    # with eval-time attention / RoPE-scaling overrides.
+    p.add_argument("--task", choices=("loss", "passkey"), default="loss")
+    p.add_argument("--lengths", default="", help="e.g. 256,1024,4096: loss per length and "
+                   "by position (with --task passkey: the prompt lengths)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--task passkey: where the "
+                   "key sits, as fractions of the filler")
+    p.add_argument("--trials", type=int, default=20, help="--task passkey: keys per cell")
+    p.add_argument("--seed", type=int, default=0, help="--task passkey: the keys and filler")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="--lengths: tokens per batch (0 = the run's batch_size x seq_len)")
+    p.add_argument("--plot", default="", metavar="PNG", help="write the curve / heat map here")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval-time model knob, e.g. --set model.attention.window=256 --set "
+                   "model.attention.sinks=4 (Λ mask), --set model.rope_scaling.type=yarn")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")

@@ -100,6 +100,14 @@ class RunPieces:
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=replicated(self.mesh)))
 
+    def params_batch_fn(self, name: str, fn: Callable):
+        """fn(params, batch) -> replicated outputs, jitted on this mesh like eval_step:
+        the evaluations beyond the loss (lm/evals) reuse the sharding and kernel choice."""
+        return self._jit(name, lambda: jax.jit(
+            self._traced_with_mesh(fn),
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=replicated(self.mesh)))
+
     def abstract_batch(self) -> dict:
         shape = (self.cfg.batch_size, self.cfg.data.seq_len)
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
