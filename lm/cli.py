@@ -66,12 +66,16 @@ def _check_sampling_flags(args) -> None:
 def cmd_sample(args) -> int:
     from lm.sample import generate
     from lm.train.setup import restore_for_inference
+    from lm.evals.overrides import check_keys, eval_time_graphdef
     _check_sampling_flags(args)
+    check_keys(args.overrides)
     run, params, step = restore_for_inference(args.run)
     print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
-    cfg, tokenizer = run.cfg, run.tokenizer
+    # Eval-time knobs (a Λ mask, RoPE scaling, a longer max_seq_len = a longer KV cache).
+    graphdef, cfg = eval_time_graphdef(run, args.overrides)
+    tokenizer = run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
-    outs = generate(run.pieces.graphdef, params, prompt, args.max_new_tokens,
+    outs = generate(graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,
                     max_seq_len=cfg.model.max_seq_len, eos_id=tokenizer.eos_id)
@@ -233,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval-time model knob (as for lm eval), e.g. --set "
+                   "model.max_seq_len=1024 --set model.attention.window=128")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("bench", help="training throughput (tokens/s, MFU) of a config")

@@ -17,7 +17,7 @@ TRAIN_DOCS, VALIDATION_DOCS = 4000, 200
 
 
 def needle(key: str) -> str:
-    return f"The pass key is {key}. Remember it. "
+    return f"The pass key is {key}. "
 
 
 def answer(key: str) -> str:
@@ -59,6 +59,10 @@ def score(predicted: str, key: str) -> bool:
 def documents(split: str, max_chars: int, seed: int = 0) -> list[str]:
     """Training / validation texts: prompt + answer, filler lengths uniform up to what
     fits `max_chars` and depths uniform in [0, 1], deterministic by split and seed."""
+    if max_chars < overhead():
+        from lm.data.errors import DataError
+        raise DataError(f"data.corpus=passkey needs data.seq_len >= {overhead() + 1} (the "
+                        "needle, the question and the answer must fit one row)")
     n = TRAIN_DOCS if split == "train" else VALIDATION_DOCS
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     room = max(0, max_chars - overhead())

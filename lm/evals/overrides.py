@@ -37,3 +37,14 @@ def eval_time_config(cfg: TrainConfig, overrides: list[str], length: int = 0) ->
         m = dataclasses.replace(m, max_seq_len=max(m.max_seq_len, length))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=length))
     return dataclasses.replace(cfg, model=m)
+
+
+def eval_time_graphdef(run, overrides: list[str]):
+    """(graphdef, config) of a restored run with eval-time overrides (the run's own
+    without any); the run's parameters fit it unchanged."""
+    if not overrides:
+        return run.pieces.graphdef, run.cfg
+    from lm.config import validate
+    from lm.train.state import build
+    cfg = validate(eval_time_config(run.cfg, overrides))
+    return build(cfg, run.pieces.mesh).graphdef, cfg
