@@ -106,7 +106,9 @@ def main() -> None:
     res["t_fn"] = time.time() - t0
     res["losses"] = {"single": train_losses(config(64, "allgather", data=1), 1),
                      "allgather4": train_losses(config(64, "allgather", data=2, sequence=4), 8),
-                     "ring4": train_losses(config(64, "ring", data=2, sequence=4), 8)}
+                     "ring4": train_losses(config(64, "ring", data=2, sequence=4), 8),
+                     "ring4_tensor2": train_losses(config(64, "ring", data=1, sequence=4,
+                                                          tensor=2), 8)}
     res["t_losses"] = time.time() - t0
     # Compiled steps at a length where the scores dominate the temporaries.
     res["compiled"] = {f"{mode}{n}": compiled(config(512, mode, 1, data=1, sequence=n), n)

@@ -44,7 +44,7 @@ def test_ring_training_equals_allgather_and_single_device(ring):
     losses = ring["losses"]
     ref = np.array(losses["single"])
     assert ref[-1] < ref[0]
-    for name in ("allgather4", "ring4"):
+    for name in ("allgather4", "ring4", "ring4_tensor2"):
         np.testing.assert_allclose(losses[name], ref, rtol=1e-5, err_msg=name)
 
 

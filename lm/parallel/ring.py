@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lm.errors import ConfigError
-from lm.parallel.sharding import _ACTIVE, shard_axes, spec_for
+from lm.parallel.sharding import active_mesh, shard_axes, spec_for_names
 
 MODES = ("allgather", "ring")
 NEG_INF = -1e30
@@ -258,7 +258,7 @@ def ring_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *, scal
     module docstring) -> (out [B, T, H, D], max logit). Call it while tracing under
     `activation_sharding` with the "seq" dimension sharded; K/V heads must be sharded
     like the query heads (Attention._kv_for_heads)."""
-    mesh, rules = _ACTIVE[-1]
+    mesh = active_mesh()
     b, t, h, d = q_BTHD.shape
     axes = shard_axes("seq", t)
     n = math.prod(mesh.shape[a] for a in axes)
@@ -266,7 +266,6 @@ def ring_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *, scal
         raise ConfigError(f"mesh.sequence_attention=ring needs the sequence length ({t}) to "
                           f"divide by 2 x the sequence shards ({n}): the zig-zag layout")
     axis = axes[0] if len(axes) == 1 else axes
-    n_kv = k_BTKD.shape[2]
     core = _make_core(axis, n, t // (2 * n), float(scale), float(softcap), int(window),
                       int(sinks))
     index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -283,11 +282,9 @@ def ring_attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *, scal
         return _from_zigzag(out, axis, n, me), jax.lax.pmax(jax.lax.stop_gradient(mx),
                                                            tuple(mesh.axis_names))
 
-    spec = lambda names, shape: spec_for(names, shape, mesh, rules)  # noqa: E731
-    q_spec = spec(("batch", "seq", "heads", "head_dim"), q_BTHD.shape)
-    kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"), k_BTKD.shape)
-    row_spec = spec(("batch", "seq"), (b, t))
-    del n_kv
+    q_spec = spec_for_names(("batch", "seq", "heads", "head_dim"), q_BTHD.shape)
+    kv_spec = spec_for_names(("batch", "seq", "kv_heads", "head_dim"), k_BTKD.shape)
+    row_spec = spec_for_names(("batch", "seq"), (b, t))
     return jax.shard_map(local, mesh=mesh,
                          in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec),
                          out_specs=(q_spec, P()), check_vma=False)(
