@@ -8,8 +8,9 @@ works are unseen plays) and one trained on the synthetic passkey corpus (retriev
 accuracy by length x depth). Prints markdown tables; writes the loss-by-position curves
 and the passkey heat maps next to the runs.
 
-    python experiments/long_context.py --workdir runs/long_context            # ~25 min on a busy 2-core CPU
-    python experiments/long_context.py --workdir runs/long_context_smoke --smoke  # ~1 min
+    python experiments/long_context.py --workdir runs/long_context            # ~30 min on a busy 2-core CPU
+    python experiments/long_context.py --workdir runs/long_context_smoke --smoke  # 2 x 30 steps; ~12 min
+                                                  # on a heavily shared 2-core CPU (mostly compiles)
 
 Note: our Λ mask is LM-Infinite's attention mask only; LM-Infinite also caps the
 distance RoPE sees for the sink tokens at the trained length, which is not done here.

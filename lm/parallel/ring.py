@@ -6,7 +6,9 @@ the full length. Here each shard keeps its own K/V block and the blocks travel a
 the ring (`jax.lax.ppermute` inside `jax.shard_map`), one hop per step; each shard folds
 the block it holds into its queries' output with the online softmax (running max, sum
 and weighted values, as flash attention does over key blocks). Per device only one
-block of scores exists at a time: [T/n, T/n] instead of [T/n, T].
+block of scores exists at a time: [T/n, T/2n] (zig-zag halves, below) instead of
+[T/n, T]. The block itself is materialised (XLA einsums), so memory still grows as
+(T/n)^2 per device; a flash kernel per block, merged by the same lse, would remove that.
 
 Causal load balance (zig-zag, as in Llama 3's context parallelism): the sequence is cut
 into 2n chunks and shard i holds chunks i and 2n-1-i, so every shard has the same number
