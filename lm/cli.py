@@ -65,6 +65,13 @@ def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
     from lm.train.setup import restore_for_inference
+    if args.lengths or args.task != "loss" or args.overrides:
+        if args.lora_rank:
+            from lm.config import ConfigError
+            raise ConfigError("lm eval --lora-rank works with the plain loss evaluation "
+                              "only (not with --lengths / --task / --set)")
+        from lm.evals.cli import run_eval
+        return run_eval(args)
     run, params, step = restore_for_inference(args.run, lora_rank=args.lora_rank)
     batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
     result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
@@ -90,12 +97,16 @@ def _check_sampling_flags(args) -> None:
 def cmd_sample(args) -> int:
     from lm.sample import generate
     from lm.train.setup import restore_for_inference
+    from lm.evals.overrides import check_keys, eval_time_graphdef
     _check_sampling_flags(args)
+    check_keys(args.overrides)
     run, params, step = restore_for_inference(args.run)
     print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
-    cfg, tokenizer = run.cfg, run.tokenizer
+    # Eval-time knobs (a Λ mask, RoPE scaling, a longer max_seq_len = a longer KV cache).
+    graphdef, cfg = eval_time_graphdef(run, args.overrides)
+    tokenizer = run.tokenizer
     prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
-    outs = generate(run.pieces.graphdef, params, prompt, args.max_new_tokens,
+    outs = generate(graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,
                     max_seq_len=cfg.model.max_seq_len, eos_id=tokenizer.eos_id)
@@ -259,7 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and bits-per-byte of a run")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--batches", type=int, default=0, help="0 = whole validation split")
+    p.add_argument("--batches", type=int, default=0, help="0 = whole validation split "
+                   "(with --lengths: 0 = 4 batches per length)")
+    # Long-context evaluations (lm/evals): loss by length and position, passkey retrieval,
+    # with eval-time attention / RoPE-scaling overrides.
+    p.add_argument("--task", choices=("loss", "passkey"), default="loss")
+    p.add_argument("--lengths", default="", help="e.g. 256,1024,4096: loss per length and "
+                   "by position (with --task passkey: the prompt lengths)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--task passkey: where the "
+                   "key sits, as fractions of the filler")
+    p.add_argument("--trials", type=int, default=20, help="--task passkey: keys per cell")
+    p.add_argument("--seed", type=int, default=0, help="--task passkey: the keys and filler")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="--lengths: tokens per batch (0 = the run's batch_size x seq_len)")
+    p.add_argument("--plot", default="", metavar="PNG", help="write the curve / heat map here")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval-time model knob, e.g. --set model.attention.window=256 --set "
+                   "model.attention.sinks=4 (Λ mask), --set model.rope_scaling.type=yarn")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="a LoRA / DyLoRA run's adapters up to this rank (0 = all)")
     p.set_defaults(fn=cmd_eval)
@@ -273,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="eval-time model knob (as for lm eval), e.g. --set "
+                   "model.max_seq_len=1024 --set model.attention.window=128")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("bench", help="training throughput (tokens/s, MFU) of a config")

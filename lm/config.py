@@ -26,6 +26,20 @@ from lm.errors import ConfigError  # re-exported: the one definition
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling for longer contexts, with Hugging Face's `rope_scaling` names and
+    semantics (formulas: lm/model/rope_scaling.py)."""
+    type: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 0  # HF original_max_position_embeddings; 0 = max_seq_len
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn mscale; 0 = HF's default 0.1 * ln(factor) + 1
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The model's shared knobs. Each mixer adds its own section (model.attention,
     model.mamba2, model.retention, model.mlp, ...: see lm/model/mixers), attached below
@@ -42,6 +56,7 @@ class ModelConfig:
     layernorm_scaling: bool = False  # scale each block's norm outputs by 1/sqrt(layer index)
     qk_norm: bool = False
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     parallel_block: bool = False  # x + mixer(norm(x)) + channel(norm(x))
@@ -136,6 +151,9 @@ class MeshConfig:
     # Overrides of the logical-axis rules, e.g. "embed=fsdp+tensor,vocab=" (see
     # lm/parallel/sharding.py for the names and defaults).
     rules: str = ""
+    # Attention with the sequence sharded (sequence > 1): allgather = gather K/V along
+    # the sequence; ring = pass K/V blocks around the ring (lm/parallel/ring.py).
+    sequence_attention: Literal["allgather", "ring"] = "allgather"
 
 
 def _with_sections(base: type, plugins: list, kind: str) -> type:
@@ -435,6 +453,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
+    from lm.model import rope_scaling
+    rope_scaling.validate(m)
     _mixers.validate(m)  # the layer patterns, then each mixer in use
     # The mesh axes fixed in the config (a -1 axis is checked once devices fill it).
     from lm.parallel.sharding import MESH_AXES
@@ -449,6 +469,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}")
+    seq_shards = cfg.mesh.sequence * cfg.mesh.dcn_sequence
+    if cfg.mesh.sequence_attention == "ring" and seq_shards > 1 and d.seq_len % (2 * seq_shards):
+        raise ConfigError(f"mesh.sequence_attention=ring needs data.seq_len={d.seq_len} to "
+                          f"divide by 2 x mesh.sequence ({2 * seq_shards}): the zig-zag layout")
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)

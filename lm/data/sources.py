@@ -11,6 +11,8 @@ Corpus forms (`data.corpus`):
   `SHAKESPEARE_VALIDATION_WORKS` (~9.6% of the characters); the other 38 works
   are the train split. Holding out whole plays (rather than random passages)
   measures generalisation to unseen works instead of memorised context.
+- "passkey": synthetic passkey-retrieval documents (lm/data/passkey.py), each short
+  enough for one row of data.seq_len tokens with the byte tokenizer.
 - a `.txt` file (the whole file is one document), a `.jsonl` file (one JSON
   object per line, text in `data.text_field`), a `.parquet` file (column
   `data.text_field`); `.xz`/`.gz` compressed `.txt`/`.jsonl` also work.
@@ -65,6 +67,9 @@ def load_documents(cfg, split: str) -> list[str]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "validation" and cfg.validation_corpus:
         return read_all(cfg.validation_corpus, "data.validation_corpus", cfg.text_field)
+    if cfg.corpus == "passkey":  # synthetic: lm/data/passkey.py, one row per document
+        from lm.data import passkey
+        return passkey.documents(split, cfg.seq_len - 1)
     if cfg.corpus in EMBEDDED_CORPORA:
         # An explicit validation corpus means train on all works.
         return embedded_documents(cfg.corpus, "all" if cfg.validation_corpus else split)

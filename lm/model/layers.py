@@ -60,32 +60,39 @@ class Norm(nnx.Module):
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_table(length: int, d: int, theta: float) -> np.ndarray:
-    """[length, 2, d/2]: sin and cos of every position's angles, in float32."""
-    freq = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+def _rope_table(length: int, d: int, theta: float, scaling=None) -> np.ndarray:
+    """[length, 2, d/2]: sin and cos of every position's angles (times the scaling's
+    attention factor), in float32."""
+    from lm.model import rope_scaling
+    freq = rope_scaling.inv_freq(d, theta, scaling, length)
     angle = np.arange(length, dtype=np.float64)[:, None] * freq
-    return np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
+    table = np.stack([np.sin(angle), np.cos(angle)], axis=1) * rope_scaling.attention_factor(scaling)
+    return table.astype(np.float32)
 
 
 def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float,
-         max_len: int | None = None) -> jax.Array:
+         max_len: int | None = None, scaling=None) -> jax.Array:
     """Rotary position embedding (rotate-half form) at the given integer positions.
 
     With `max_len` (positions are below it) and a CPU target, sin and cos are gathered
     from a table computed once on the host: computed in the graph, XLA:CPU fuses them into
     every consumer and recomputes them for each head and element, forward and backward.
     On accelerators they are computed (cheap there); a table gather also trips libtpu
-    0.0.50's SparseCore lowering on v5p / v6e (RET_CHECK "Could not find buffer")."""
+    0.0.50's SparseCore lowering on v5p / v6e (RET_CHECK "Could not find buffer").
+    `scaling`: a RopeScaling (lm/model/rope_scaling.py), None = plain RoPE; its
+    original length defaults to `max_len`."""
     from kernels.dispatch import target_platform
+    from lm.model import rope_scaling
 
     d = x_BTHD.shape[-1]
     if max_len is None or target_platform() != "cpu":
-        freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+        freq = jnp.asarray(rope_scaling.inv_freq(d, theta, scaling, max_len or 0), jnp.float32)
         angle_BTF = positions_BT.astype(jnp.float32)[..., None] * freq
-        sin_BTF, cos_BTF = jnp.sin(angle_BTF), jnp.cos(angle_BTF)
+        mscale = rope_scaling.attention_factor(scaling)
+        sin_BTF, cos_BTF = jnp.sin(angle_BTF) * mscale, jnp.cos(angle_BTF) * mscale
     else:
         # Out-of-range positions read NaN (a loud failure) instead of clamping.
-        table = jnp.asarray(_rope_table(max_len, d, float(theta))).at[positions_BT].get(
+        table = jnp.asarray(_rope_table(max_len, d, float(theta), scaling)).at[positions_BT].get(
             mode="fill", fill_value=jnp.nan)
         sin_BTF, cos_BTF = table[:, :, 0], table[:, :, 1]
     sin, cos = sin_BTF[:, :, None, :], cos_BTF[:, :, None, :]

@@ -24,6 +24,7 @@ from lm.peft import make_model
 from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
+from lm.parallel.ring import sequence_attention
 from lm.train.step import loss_chunk_for, make_eval_step, make_train_step
 
 
@@ -81,7 +82,8 @@ class RunPieces:
         platform = self.target_platform or self.mesh.devices.flat[0].platform
 
         def wrapped(*args):
-            with activation_sharding(self.mesh, self.rules), compiling_for(platform):
+            with activation_sharding(self.mesh, self.rules), compiling_for(platform), \
+                    sequence_attention(self.cfg.mesh.sequence_attention):
                 return fn(*args)
         return wrapped
 
@@ -97,6 +99,14 @@ class RunPieces:
     def eval_step(self):
         return self._jit("eval", lambda: jax.jit(
             self._traced_with_mesh(make_eval_step(self.graphdef, self.loss_chunk)),
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=replicated(self.mesh)))
+
+    def params_batch_fn(self, name: str, fn: Callable):
+        """fn(params, batch) -> replicated outputs, jitted on this mesh like eval_step:
+        the evaluations beyond the loss (lm/evals) reuse the sharding and kernel choice."""
+        return self._jit(name, lambda: jax.jit(
+            self._traced_with_mesh(fn),
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=replicated(self.mesh)))
 

@@ -12,7 +12,8 @@ the flash kernel in interpret mode (slow: tests). The kernel runs per shard
 (`shard_local`: batch rows over data/fsdp, heads over tensor; kv heads that do not
 divide by the tensor axis are repeated to the fewest copies that do, so that each shard
 holds the kv heads of its query heads). With the sequence sharded (mesh.sequence > 1)
-the xla path is used instead, logged (ring attention is not built yet). `auto`, the
+the xla path is used instead, logged; mesh.sequence_attention=ring runs ring attention
+(lm/parallel/ring.py) there instead of gathering K/V. `auto`, the
 default, is pallas on GPU and TPU and xla on CPU, where the XLA path is the fast one.
 `cudnn` is jax.nn.dot_product_attention's cuDNN path.
 """
@@ -31,6 +32,7 @@ from flax import nnx
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.model.mixers import SequenceMixer, register
+from lm.parallel.ring import sequence_attention_mode
 from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
 
 if TYPE_CHECKING:
@@ -158,6 +160,7 @@ class Attention(SequenceMixer):
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         self.n_heads, self.n_kv, self.dh = cfg.n_heads, cfg.kv_heads, cfg.dh
         self.rope_theta, self.max_len = cfg.rope_theta, cfg.max_seq_len
+        self.rope_scaling = cfg.rope_scaling
         a = cfg.attention
         self.impl, self.window, self.sinks, self.q_blocks = a.impl, a.window, a.sinks, a.q_blocks
         self.softcap = float(a.softcap)
@@ -205,8 +208,17 @@ class Attention(SequenceMixer):
             v_BTKD = v_BTKD + self.bv[...].astype(cdt).reshape(self.n_kv, self.dh)
         if self.qk_norm:
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len)
-        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len)
+        q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
+        k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
+        if cache is None and is_sharded("seq", q_BTHD.shape[1]) and \
+                sequence_attention_mode() == "ring":
+            from lm.parallel.ring import ring_attention
+            out_BTHD, max_logit = ring_attention(
+                q_BTHD, *self._kv_for_heads(k_BTKD, v_BTKD), positions_BT, segment_ids_BT,
+                scale=self.scale, window=self.window, sinks=self.sinks, softcap=self.softcap)
+            return self._project_out(out_BTHD), None, max_logit
         # Sequence parallelism: queries stay sharded along the sequence; keys and
         # values are all-gathered along it (the "seq" name is absent), so each shard
         # attends its queries to the whole (causally masked) sequence.
@@ -290,7 +302,7 @@ class Attention(SequenceMixer):
             if "seq" not in _LOGGED:
                 _LOGGED.add("seq")
                 log.warning("model.attention: the Pallas kernels do not run with the sequence "
-                            "sharded (mesh.sequence > 1; ring attention is not built yet): "
+                            "sharded (mesh.sequence > 1; mesh.sequence_attention=ring avoids it): "
                             "using the xla path")
             return "xla"
         return impl

@@ -57,6 +57,7 @@ class Retention(SequenceMixer):
         d, h, dh = cfg.d_model, cfg.n_heads, cfg.dh
         self.heads, self.dh, self.rope_theta = h, dh, cfg.rope_theta
         self.max_len = cfg.max_seq_len
+        self.rope_scaling = cfg.rope_scaling
         self.chunk, self.impl = cfg.retention.chunk, cfg.retention.scan_impl
         std = hidden_std(cfg, d)
         self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, pdt)
@@ -76,8 +77,10 @@ class Retention(SequenceMixer):
         b, t, _ = x_BTD.shape
         def proj(w):
             return jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(cdt))
-        q = rope(proj(self.wq), positions_BT, self.rope_theta, self.max_len)
-        k = rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len) * (self.dh ** -0.5)
+        q = rope(proj(self.wq), positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
+        k = rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling) * (self.dh ** -0.5)
         gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(self.heads, dtype=jnp.float32))
         log_decay = jnp.broadcast_to(jnp.log(gamma), (b, t, self.heads))
         y, state = sharded_linear_scan(q, k, proj(self.wv), log_decay,

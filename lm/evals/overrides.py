@@ -1,0 +1,50 @@
+"""Model knobs an evaluation may change without retraining: they do not change the
+parameters, only how the trained ones are applied (LM-Infinite's Λ mask = a window with
+sink tokens, RoPE scaling, the length the model is built for)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lm.config import ConfigError, TrainConfig, apply_overrides
+
+EVAL_TIME_KEYS = ("model.attention.window", "model.attention.sinks", "model.attention.impl",
+                  "model.attention.q_blocks", "model.rope_scaling.", "model.max_seq_len")
+
+
+def check_keys(overrides: list[str]) -> None:
+    """ConfigError unless every `KEY=VALUE` names an evaluation-time knob."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVAL_TIME_KEYS):
+            raise ConfigError(f"--set {key}: not an evaluation-time knob (allowed: "
+                              f"{', '.join(k + ('*' if k.endswith('.') else '') for k in EVAL_TIME_KEYS)})")
+
+
+def eval_time_config(cfg: TrainConfig, overrides: list[str], length: int = 0) -> TrainConfig:
+    """`cfg` with eval-time `--set` overrides and, for `length` > 0, built for rows of
+    that length (data.seq_len; model.max_seq_len raised to it if shorter). Raising
+    max_seq_len keeps a YaRN / Llama-3 scaling's original length at the trained one
+    (data.seq_len) unless it is set."""
+    check_keys(overrides)
+    trained_len = cfg.data.seq_len  # the length the run was trained at
+    cfg = apply_overrides(cfg, overrides)
+    m = cfg.model
+    if m.rope_scaling.type in ("yarn", "llama3") and not m.rope_scaling.original_max_seq_len:
+        m = dataclasses.replace(m, rope_scaling=dataclasses.replace(
+            m.rope_scaling, original_max_seq_len=trained_len))
+    if length:
+        m = dataclasses.replace(m, max_seq_len=max(m.max_seq_len, length))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=length))
+    return dataclasses.replace(cfg, model=m)
+
+
+def eval_time_graphdef(run, overrides: list[str]):
+    """(graphdef, config) of a restored run with eval-time overrides (the run's own
+    without any); the run's parameters fit it unchanged."""
+    if not overrides:
+        return run.pieces.graphdef, run.cfg
+    from lm.config import validate
+    from lm.train.state import build
+    cfg = validate(eval_time_config(run.cfg, overrides))
+    return build(cfg, run.pieces.mesh).graphdef, cfg
