@@ -47,6 +47,15 @@ FAMILIES = {
         tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=40, norm_topk_prob=False, mlp_only_layers=[1],
         rms_norm_eps=1e-6)),
+    # RoPE scaling (transformers' rope_parameters): Llama-3's, and YaRN on qk-norm Qwen3.
+    "llama-rope-llama3": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters=dict(
+            rope_type="llama3", rope_theta=5e5, factor=4.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "qwen3-rope-yarn": (transformers.Qwen3Config, dict(
+        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters=dict(
+            rope_type="yarn", rope_theta=5e5, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+            original_max_position_embeddings=16))),
 }
 SHARDED = "llama"  # saved in several shards with a model.safetensors.index.json
 

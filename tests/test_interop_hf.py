@@ -24,7 +24,8 @@ from flax import nnx
 from lm.cli import main
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "llama-rope-llama3",
+            "qwen3-rope-yarn"]
 TOL = 1e-4
 
 
@@ -183,8 +184,8 @@ def _err(capfd, argv):
 @pytest.mark.parametrize("breakage,message", [
     ("no-config", "has no config.json"),
     ("arch", "unsupported architecture GPT2LMHeadModel"),
-    ("rope", "rope_scaling="),
-    ("rope-type", "rope_parameters.rope_type='llama3'"),
+    ("rope", "rope_scaling.rope_type='dynamic'"),
+    ("rope-type", "rope_parameters.rope_type='longrope'"),
     ("field", "field fancy_new_knob=3 is not understood"),
     ("missing", "tensor model.layers.1.self_attn.k_proj.weight is missing"),
     ("shape", "tensor model.layers.0.mlp.up_proj.weight [55, 32] does not fit"),
@@ -193,8 +194,8 @@ def _err(capfd, argv):
 def test_bad_hf_dirs_give_one_line_and_exit_2(tmp_path, capfd, breakage, message):
     from safetensors.numpy import load_file, save_file
     overrides = {"arch": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
-                 "rope": {"rope_scaling": {"type": "linear", "factor": 2.0}},
-                 "rope-type": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
+                 "rope": {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                 "rope-type": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5}},
                  "field": {"fancy_new_knob": 3},
                  "bias": {"attention_bias": True}}.get(breakage)
     hf_dir, _ = write_hf_dir(tmp_path / "hf", overrides)

@@ -6,8 +6,8 @@ Every field of an HF config is either mapped to a knob, listed in NO_EFFECT (it 
 change the forward pass: bookkeeping, generation defaults, training-only settings at
 their inactive value), or refused with one line naming it. Nothing is silently dropped.
 The mapping both ways is in this file only (lm/interop/hf_import.py and hf_export.py
-call it), so a new knob (RoPE scaling: `rope_scaling` / `rope_parameters`) is connected
-here.
+call it). RoPE scaling (`rope_parameters` / `rope_scaling`: linear, yarn, llama3) maps to
+`model.rope_scaling`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ NO_EFFECT = {
 INACTIVE = {
     "attention_dropout": (0, 0.0), "router_jitter_noise": (0, 0.0), "mlp_bias": (False,),
     "attention_bias": (False,), "use_sliding_window": (False,),
-    "rope_scaling": (None,), "partial_rotary_factor": (None, 1, 1.0),
+    "partial_rotary_factor": (None, 1, 1.0),
     "hidden_dropout": (0, 0.0), "embd_pdrop": (0, 0.0),
 }
 
@@ -63,21 +63,81 @@ def _ratio(width: int, d_model: int) -> float:
     return r
 
 
-def _rope_theta(hf: dict) -> float:
-    """rope_theta from `rope_parameters` (transformers >= 5) or the flat field; any RoPE
-    type but the default (scaling: linear, dynamic, yarn, llama3, ...) is refused."""
-    params = hf.get("rope_parameters")
-    if params is not None:
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ConfigError(f"HF config.json: rope_parameters.rope_type={kind!r} (RoPE "
-                              "scaling) is not supported by lmlab yet")
+# HF rope types lmlab computes identically (lm/model/rope_scaling.py) and, per type, the
+# HF keys it reads -> RopeScaling fields. HF's "dynamic" rescales with the running length,
+# which lmlab's fixed-factor "ntk" is not: refused.
+ROPE_TYPES = {
+    "linear": {"factor": "factor"},
+    "yarn": {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
+             "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+             "attention_factor": "attention_factor"},
+    "llama3": {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
+               "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor"},
+}
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+    """(rope_theta, RopeScaling fields) from `rope_parameters` (transformers >= 5) or the
+    older `rope_scaling` + `rope_theta`; a type or key lmlab cannot compute is refused."""
+    params, where = hf.get("rope_parameters"), "rope_parameters"
+    legacy = hf.get("rope_scaling")
+    if legacy is not None:  # the older name; where both are given, the scaled one counts
+        kind_of = lambda p: (p or {}).get("rope_type", (p or {}).get("type", "default"))  # noqa: E731
+        if kind_of(params) != "default" and dict(legacy) != dict(params):
+            raise ConfigError("HF config.json: rope_scaling and rope_parameters disagree")
+        if kind_of(params) == "default":
+            params, where = {"rope_theta": (params or {}).get("rope_theta", hf.get(
+                "rope_theta", 10_000.0)), **dict(legacy)}, "rope_scaling"
+    theta = float(hf.get("rope_theta", 10_000.0))
+    if params is None:
+        return theta, {}
+    theta = float(params.get("rope_theta", theta))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
         unknown = set(params) - {"rope_type", "type", "rope_theta"}
         if unknown:
-            raise ConfigError(f"HF config.json: rope_parameters.{sorted(unknown)[0]} is not "
+            raise ConfigError(f"HF config.json: {where}.{sorted(unknown)[0]} is not "
                               "supported by lmlab")
-        return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    return float(hf.get("rope_theta", 10_000.0))
+        return theta, {}
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"HF config.json: {where}.rope_type={kind!r} (RoPE scaling) is not "
+                          f"supported by lmlab (it computes {', '.join(ROPE_TYPES)})")
+    keys = ROPE_TYPES[kind]
+    unknown = set(params) - {"rope_type", "type", "rope_theta", *keys}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"HF config.json: {where}.{key}={params[key]!r} ({kind} RoPE "
+                          "scaling) is not supported by lmlab")
+    out = {"type": kind, **{field: params[k] for k, field in keys.items()
+                            if params.get(k) is not None}}
+    if kind == "yarn" and out.get("original_max_seq_len"):
+        # transformers takes YaRN's factor as max_position_embeddings / original when the
+        # checkpoint names the original length (and ignores the stored factor).
+        out["factor"] = int(_need(hf, "max_position_embeddings")) / out["original_max_seq_len"]
+    for field in out:
+        if field != "type":
+            out[field] = (int if field == "original_max_seq_len" else float)(out[field])
+    return theta, out
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """lmlab's RoPE knobs as transformers' rope_parameters."""
+    s = cfg.rope_scaling
+    out = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if s.type == "none":
+        return out
+    if s.type not in ROPE_TYPES:
+        raise ConfigError(f"lm export hf: model.rope_scaling.type={s.type} has no "
+                          "transformers equivalent (HF's 'dynamic' rescales with the length)")
+    out["rope_type"] = s.type
+    for k, field in ROPE_TYPES[s.type].items():
+        value = getattr(s, field)
+        if field == "original_max_seq_len":
+            value = value or cfg.max_seq_len
+        if field == "attention_factor" and not value:
+            continue  # 0 = HF's default 0.1 ln(factor) + 1, which it computes too
+        out[k] = value
+    return out
 
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
@@ -107,11 +167,12 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim), norm="rms", norm_position="pre",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm,
-        rope_theta=_rope_theta(hf), max_seq_len=int(_need(hf, "max_position_embeddings")),
+        rope_theta=_rope(hf)[0], max_seq_len=int(_need(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), mixer_pattern="a")
     used |= {"hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
              "vocab_size", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-             "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+             "rope_parameters", "rope_scaling", "max_position_embeddings",
+             "tie_word_embeddings",
              "hidden_act", "intermediate_size"}
 
     window = hf.get("sliding_window")
@@ -161,7 +222,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     base = ModelConfig()
     cfg = dataclasses.replace(
         base, **kw, attention=dataclasses.replace(base.attention, **attention),
-        mlp=dataclasses.replace(base.mlp, **mlp))
+        mlp=dataclasses.replace(base.mlp, **mlp),
+        rope_scaling=dataclasses.replace(base.rope_scaling, **_rope(hf)[1]))
     if moe is not None:
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(base.moe, **moe))
     return cfg
@@ -238,7 +300,7 @@ def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad:
         "head_dim": cfg.dh, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_parameters(cfg),
         "attention_dropout": 0.0, "bos_token_id": bos, "eos_token_id": eos,
         "pad_token_id": pad, "dtype": cfg.param_dtype, "use_cache": True,
         "intermediate_size": _width(cfg.mlp.ratio, cfg.d_model),
