@@ -94,3 +94,27 @@ def test_finetune_from_a_run_on_instructions_resumes_itself_not_the_base(tiny_ru
     assert "resumed from step 3" in again.stdout and "initialised from" not in again.stdout
     assert json.loads((run / "config.json").read_text())["init_from"] == str(tiny_run)
     assert tree_digest(tiny_run / "checkpoints") == before  # the base is only read
+
+
+def test_context_extension_init_from_changes_positions_not_parameters(tiny_run):
+    """The long-context recipe: --init-from a run with a longer max_seq_len and YaRN
+    RoPE scaling starts from the source's weights; a knob that changes shapes (width)
+    is still refused in one line."""
+    from lm.config import ConfigError, TrainConfig, apply_overrides
+    from lm.train.init_from import initial_state, with_source_model
+    from lm.train.setup import restore_for_inference, setup_run
+    base = dataclasses.replace(TrainConfig(), init_from=str(tiny_run), batch_size=4,
+                               data=DataConfig(seq_len=128))
+    extend = [ "model.max_seq_len=128", "model.rope_scaling.type=yarn",
+              "model.rope_scaling.factor=2", "model.rope_scaling.original_max_seq_len=64"]
+    cfg = with_source_model(base, extend)
+    cfg = apply_overrides(cfg, extend)
+    assert cfg.model.rope_scaling.type == "yarn" and cfg.model.max_seq_len == 128
+    state = initial_state(setup_run(cfg).pieces)
+    _, source_params, _ = restore_for_inference(tiny_run)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(source_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    short = dataclasses.replace(base, data=DataConfig(seq_len=32))
+    wider = apply_overrides(with_source_model(short, []), ["model.mlp.ratio=8"])
+    with pytest.raises(ConfigError, match="the model differs from the source"):
+        initial_state(setup_run(wider).pieces)

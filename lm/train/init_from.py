@@ -115,4 +115,11 @@ def _run_params(source: Path, pieces) -> dict:
 # Model fields that change how the weights are computed with, not their shapes.
 _FREE_MODEL_FIELDS = {"model.remat", "model.compute_dtype",
                       "model.attention.impl", "model.attention.q_blocks", "model.moe.impl",
-                      "model.moe.aux_loss", "model.moe.router_z_loss"}
+                      "model.moe.aux_loss", "model.moe.router_z_loss",
+                      # Context extension (README "Long context"): the positions the model
+                      # sees change, its parameters do not.
+                      "model.max_seq_len", "model.rope_theta", "model.attention.window",
+                      "model.attention.sinks",
+                      *(f"model.rope_scaling.{f}" for f in (
+                          "type", "factor", "original_max_seq_len", "low_freq_factor",
+                          "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"))}
