@@ -110,6 +110,16 @@ def sets(*overrides: str) -> list[str]:
     return out
 
 
+def assert_train_refused(lm_here, run: Path, overrides: list[str], message: str) -> None:
+    """`lm train` with TINY + overrides exits 2 with one line containing `message` and
+    writes nothing."""
+    result = lm_here("train", "--run-dir", str(run), *sets(*TINY, *overrides))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run.exists()
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

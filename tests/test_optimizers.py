@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, TINY, lm, sets, xla_flags
+from conftest import ROOT, TINY, assert_train_refused, lm, sets, xla_flags
 from flax import nnx
 
 from lm.config import ModelConfig, OptimConfig
@@ -291,12 +291,7 @@ BAD_OPTIM = [
 
 @pytest.mark.parametrize("overrides,message", BAD_OPTIM)
 def test_bad_optimizer_settings_exit_2_with_one_line(tmp_path, lm_here, overrides, message):
-    run = tmp_path / "run"
-    result = lm_here("train", "--run-dir", str(run), *sets(*TINY, *overrides))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not run.exists()
+    assert_train_refused(lm_here, tmp_path / "run", overrides, message)
 
 
 def test_mup_without_a_rule_through_the_real_command(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, sets, xla_flags
+from conftest import assert_train_refused, xla_flags
 
 WORKER = Path(__file__).with_name("ring_worker.py")
 
@@ -69,9 +69,4 @@ def test_ring_temporaries_shrink_with_the_axis_and_undercut_allgather(ring):
     (["mesh.sequence_attention=ring", "mesh.sequence=4", "data.seq_len=36"], "zig-zag"),
 ])
 def test_ring_config_errors_are_one_line(tmp_path, lm_here, overrides, message):
-    run = tmp_path / "run"
-    result = lm_here("train", "--run-dir", str(run), *sets(*TINY, *overrides))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not run.exists()
+    assert_train_refused(lm_here, tmp_path / "run", overrides, message)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, sets
+from conftest import assert_train_refused
 
 from lm.config import ModelConfig, RopeScaling, TrainConfig, apply_overrides, from_json, to_json
 from lm.model.layers import rope
@@ -112,9 +112,4 @@ def test_set_and_json_round_trip():
     (["model.rope_scaling=yarn"], "'model.rope_scaling' is a section"),
 ])
 def test_bad_rope_scaling_exits_2_with_one_line(tmp_path, lm_here, overrides, message):
-    run = tmp_path / "run"
-    result = lm_here("train", "--run-dir", str(run), *sets(*TINY, *overrides))
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not run.exists()
+    assert_train_refused(lm_here, tmp_path / "run", overrides, message)

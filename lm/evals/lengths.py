@@ -79,7 +79,7 @@ def loss_by_length(run, params, lengths: list[int], overrides: list[str], *,
 def plot_loss_by_position(results: list[dict], path, *, trained_length: int = 0,
                           title: str = "") -> Path:
     """Loss against position, one line per evaluated length (PNG)."""
-    from lm.analysis.scaling import _pyplot
+    from lm.analysis.scaling import _pyplot, save_figure
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for r in results:
@@ -90,9 +90,4 @@ def plot_loss_by_position(results: list[dict], path, *, trained_length: int = 0,
     ax.set(xlabel="position", ylabel="validation loss (nats/token)", title=title or
            "loss by position")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)

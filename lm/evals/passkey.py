@@ -110,9 +110,8 @@ def run_passkey(run, params, lengths: list[int], depths: list[float], overrides:
 
 def plot_heatmap(report: dict, path, title: str = ""):
     """Accuracy heat map: prompt length (rows) x key depth (columns), PNG."""
-    from pathlib import Path
 
-    from lm.analysis.scaling import _pyplot
+    from lm.analysis.scaling import _pyplot, save_figure
     plt = _pyplot()
     a = np.asarray(report["accuracy"])
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * a.shape[1], 1.2 + 0.6 * a.shape[0]))
@@ -126,9 +125,4 @@ def plot_heatmap(report: dict, path, title: str = ""):
     ax.set(xlabel="key depth", ylabel="prompt length (tokens)",
            title=title or "passkey accuracy " + " ".join(report.get("overrides", [])))
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)

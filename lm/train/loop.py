@@ -66,6 +66,25 @@ def write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def initial_summary(cfg: TrainConfig, start: int, previous: dict, **extra) -> dict:
+    """summary.json of a run (re)starting at `start`: sizes, FLOPs, progress, and the
+    evaluation results an earlier start recorded (`previous`). Also batched trials'."""
+    counts = count_params(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens = cfg.batch_size * cfg.data.seq_len
+    return {
+        "status": "running", "steps": start, "tokens_seen": start * tokens,
+        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "active_params": counts["active"],
+        "active_non_embedding_params": counts["active_non_embedding"],
+        "flops_per_token": fpt, "training_flops": fpt * start * tokens,
+        "final_val_loss": previous.get("final_val_loss"),
+        "best_val_loss": previous.get("best_val_loss"),
+        "final_val_bpb": previous.get("final_val_bpb"),
+        **extra,
+    }
+
+
 def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
     nll_sum, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
@@ -237,17 +256,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     optim_line, optim_bytes = optim_lib.describe(cfg.optim, cfg.model, pieces.abstract_state())
     summary_path = run_dir / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary = {
-        "status": "running", "steps": start, "tokens_seen": start * tokens_per_step,
-        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-        "active_params": counts["active"],
-        "active_non_embedding_params": counts["active_non_embedding"],
-        "flops_per_token": fpt, "training_flops": fpt * start * tokens_per_step,
-        "final_val_loss": previous.get("final_val_loss"),
-        "best_val_loss": previous.get("best_val_loss"),
-        "final_val_bpb": previous.get("final_val_bpb"),
-        "optimizer_state_bytes_per_param": optim_bytes,
-    }
+    summary = initial_summary(cfg, start, previous, optimizer_state_bytes_per_param=optim_bytes)
     write_json(summary_path, summary)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
     print(f"{cfg.name}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding"

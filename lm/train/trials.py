@@ -54,7 +54,7 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
-from lm.model import count_params, flops_per_token, logit_layers
+from lm.model import flops_per_token, logit_layers
 from lm.optim import make_optimizer, schedule
 from lm.parallel.sharding import activation_sharding
 from lm.peft import make_model
@@ -359,29 +359,6 @@ def _slice(tree, k: int):
     return jax.tree.map(lambda x: x[k], tree)
 
 
-def _summary(cfg: TrainConfig, start: int, previous: dict, group: list[str]) -> dict:
-    counts = count_params(cfg.model)
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    tokens = cfg.batch_size * cfg.data.seq_len
-    return {
-        "status": "running", "steps": start, "tokens_seen": start * tokens,
-        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-        "active_params": counts["active"],
-        "active_non_embedding_params": counts["active_non_embedding"],
-        "flops_per_token": fpt, "training_flops": fpt * start * tokens,
-        "final_val_loss": previous.get("final_val_loss"),
-        "best_val_loss": previous.get("best_val_loss"),
-        "final_val_bpb": previous.get("final_val_bpb"),
-        "batched_with": group,
-    }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) -> list[int]:
     """Train (or resume) K trials as one program; returns each trial's exit code (0
     done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
@@ -393,7 +370,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     cfgs, dirs, k = group.cfgs, group.run_dirs, group.k
     if len(dirs) != k or len(set(dirs)) != k:
         raise ConfigError("a trial group needs one distinct run directory per trial")
-    first, pieces, tokenizer = group.setup.cfg, group.pieces, group.setup.tokenizer
+    first, tokenizer = group.setup.cfg, group.setup.tokenizer
     seeds = sorted({c.data_seed for c in cfgs})
     sources = [train_iterator(first.data, tokenizer, first.batch_size, s,
                               read_threads=first.data.read_threads) for s in seeds]
@@ -454,6 +431,7 @@ class _AllCheckpointers:
 
 def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag,
            Faults) -> list[int]:
+    from lm.train.loop import initial_summary, write_json
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
     first = group.setup.cfg
     names = [c.name for c in cfgs]
@@ -471,8 +449,8 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
     for c, d in zip(cfgs, dirs):
         path = d / "summary.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
-        summaries.append(_summary(c, start, previous, names))
-        _write_json(path, summaries[-1])
+        summaries.append(initial_summary(c, start, previous, batched_with=names))
+        write_json(path, summaries[-1])
         sinks.append(MetricsSink(d, c.tensorboard, resume_step=start))
     fpt = flops_per_token(first.model, first.data.seq_len)
     peak, _ = device_peak_flops()
@@ -598,5 +576,5 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                 close()
         for i in range(k):
             summaries[i]["status"] = status[i] or "completed"
-            _write_json(dirs[i] / "summary.json", summaries[i])
+            write_json(dirs[i] / "summary.json", summaries[i])
     return codes
