@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 
 from lm.errors import ConfigError  # re-exported: the one definition
+from lm.model.recursive import Recursion  # noqa: E402  (imports only lm.errors from here)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
+    # Layers sharing blocks, with per-layer LoRA relaxations (lm/model/recursive.py).
+    recursion: Recursion = field(default_factory=Recursion)
     tie_embeddings: bool = True
     parallel_block: bool = False  # x + mixer(norm(x)) + channel(norm(x))
     logit_softcap: float = 0.0  # 0 = off; else cap * tanh(logits / cap)
@@ -456,6 +459,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from lm.model import rope_scaling
     rope_scaling.validate(m)
     _mixers.validate(m)  # the layer patterns, then each mixer in use
+    from lm.model import recursive
+    recursive.validate(m)
     # The mesh axes fixed in the config (a -1 axis is checked once devices fill it).
     from lm.parallel.sharding import MESH_AXES
     _mixers.validate_mesh(m, {a: getattr(cfg.mesh, a) * getattr(cfg.mesh, f"dcn_{a}")

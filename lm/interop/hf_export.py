@@ -2,7 +2,8 @@
 directory (config.json, model.safetensors, the tokenizer when the run has a
 tokenizer.json) that transformers' AutoModelForCausalLM loads with the same logits.
 A LoRA run is written merged (W0 + scale * A @ B: a plain model of the base's family,
-not a PEFT adapter directory). The family is chosen from the model's knobs
+not a PEFT adapter directory); a recursive run untied (each layer's block plus its
+relaxation, lm/model/recursive.py). The family is chosen from the model's knobs
 (lm/interop/hf_config.py family_for);
 knobs no exported family expresses are refused with one line.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from lm.config import ConfigError
 from lm.interop.hf_config import family_for, hf_config_from_model
 from lm.interop.hf_tensors import entries, get_path
+from lm.model import recursive
 
 
 def hf_tensors(model_cfg, family: str, params: dict) -> dict[str, np.ndarray]:
@@ -46,9 +48,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> int:
     if cfg.lora.rank:  # one plain model: the adapters folded into the weights
         from lm.peft.lora import merged_params
         params, merged = merged_params(cfg.model, cfg.lora, params), ", LoRA adapters merged"
-    family = family_for(cfg.model)
-    hf = hf_config_from_model(cfg.model, family, tok.bos_id, tok.eos_id, tok.pad_id)
-    tensors = hf_tensors(cfg.model, family, params)
+    model_cfg = cfg.model
+    if recursive.enabled(model_cfg):  # HF has no tied layers: each layer's own weights
+        params, model_cfg = recursive.untie(params, model_cfg), recursive.untied(model_cfg)
+        merged += f", recursion untied into {model_cfg.n_layers} layers"
+    family = family_for(model_cfg)
+    hf = hf_config_from_model(model_cfg, family, tok.bos_id, tok.eos_id, tok.pad_id)
+    tensors = hf_tensors(model_cfg, family, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig
-from lm.model import mixers
+from lm.model import mixers, recursive
 from lm.model.layers import DTYPES, Norm, param
 from lm.parallel.sharding import constrain
 
@@ -106,8 +106,11 @@ class Transformer(nnx.Module):
                 return Block(cfg, rngs, 0)
 
             self.blocks = make_blocks(rngs)
-        else:
-            self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
+        else:  # one block per layer, or fewer shared by the layers (recursion.blocks)
+            self.blocks = nnx.List([Block(cfg, rngs, recursive.first_layer(cfg, k))
+                                    for k in range(recursive.n_blocks(cfg))])
+            if cfg.recursion.relax_rank:
+                self.relax = recursive.Relaxations(cfg, self.blocks, rngs)
         if cfg.norm_position != "post":
             self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if not cfg.tie_embeddings:
@@ -180,7 +183,8 @@ class Transformer(nnx.Module):
                            for i in range(cfg.n_layers)} if stacked else {}
         else:
             max_logits, resid_rms, new_cache, channel_aux = [], [], [], {}
-            for i, block in enumerate(self.blocks):
+            for i in range(cfg.n_layers):
+                block = recursive.layer_block(self, i)
                 layer_cache = None if cache is None else cache[i]
                 x, layer_cache, m, ch = apply_block(block, x, jnp.float32(i), layer_cache)
                 x = constrain(x, ACT)
@@ -207,7 +211,8 @@ class Transformer(nnx.Module):
         if self.cfg.scan_layers:
             one = self.blocks.mixer.init_cache(batch, length)
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layers, *x.shape)), one)
-        return [block.mixer.init_cache(batch, length) for block in self.blocks]
+        return [self.blocks[recursive.block_of(self.cfg, i)].mixer.init_cache(batch, length)
+                for i in range(self.cfg.n_layers)]
 
 
 def count_params(cfg: ModelConfig) -> dict:
@@ -228,8 +233,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     the matmuls (PaLM appendix B convention; an MoE layer counts the experts a token is
     routed to), plus what each layer's mixers compute beyond their parameters (attention
     scores and values over the causally visible keys, the scan mixers' chunk products;
-    see each mixer's extra_flops_per_token)."""
-    n = count_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.d_model
+    see each mixer's extra_flops_per_token). A recursive model's layers each run a whole
+    block: its FLOPs are its untied parent's (lm/model/recursive.py)."""
+    n = (count_params(recursive.untied(cfg))["active_non_embedding"]
+         + cfg.vocab_size * cfg.d_model)
     return 6 * n + mixers.extra_flops_per_token(cfg, seq_len)
 
 

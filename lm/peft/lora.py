@@ -66,6 +66,9 @@ def validate(cfg: LoRAConfig, model_cfg) -> None:
                           "the weights, not per token)")
     if model_cfg.scan_layers:
         raise ConfigError("lora.rank > 0 needs model.scan_layers=false")
+    if model_cfg.recursion.blocks:  # its relaxations are per-layer LoRA already
+        raise ConfigError("lora.rank > 0 with model.recursion.blocks > 0 is not supported "
+                          "(train the model's own relaxations: model.recursion.relax_rank)")
     if "e" in model_cfg.channel_pattern:  # (its rule-based router update needs the plain tree)
         raise ConfigError("lora.rank > 0 with MoE layers (model.channel_pattern with 'e') is "
                           "not supported yet")

@@ -3,7 +3,9 @@ weights of another run's latest intact checkpoint or of a Hugging Face model dir
 with its own data and optimizer settings; the optimizer state starts fresh and the step
 counter at 0. The model section is the source's (the weights fix it), with the
 `--set model.*` overrides of the command applied on top (e.g. remat, compute dtype);
-the tokenizer is the source's unless the command sets `data.tokenizer`.
+the tokenizer is the source's unless the command sets `data.tokenizer`. Setting
+`model.recursion.*` turns the source into a (relaxed) recursive model or back
+(lm/model/recursive.py).
 
 The source is read only when the run dir holds no checkpoint: rerunning the same
 command resumes the fine-tune from its own checkpoints, never the base again.
@@ -19,6 +21,7 @@ import jax
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
+from lm.model import recursive
 
 
 def source_kind(source: str) -> str:
@@ -69,7 +72,12 @@ def initial_state(pieces) -> dict:
     cfg = pieces.cfg
     source = Path(cfg.init_from)
     lora = bool(cfg.lora.rank)
-    if source_kind(str(source)) == "hf":
+    if source_kind(str(source)) == "hf" and recursive.enabled(cfg.model):
+        # A Hugging Face model is untied: load it as the parent, then tie its layers.
+        from lm.train.state import build
+        parent = build(dataclasses.replace(cfg, model=recursive.untied(cfg.model)), pieces.mesh)
+        base = _converted(load_params(source, parent.cfg, parent), parent.cfg.model, pieces)
+    elif source_kind(str(source)) == "hf":
         base = load_params(source, cfg, pieces, prefix=("base",) if lora else ())
     else:
         base = _run_params(source, pieces)
@@ -86,9 +94,13 @@ def _run_params(source: Path, pieces) -> dict:
     from lm.train.checkpoint import Checkpointer
     from lm.train.state import build
     src_cfg = config_lib.load_run_config(source / "config.json")
-    if src_cfg.model != pieces.cfg.model:
-        diff = [d for d in config_lib.config_diff(src_cfg, dataclasses.replace(
-            src_cfg, model=pieces.cfg.model)) if d.startswith("model.")]
+    src_model, model = src_cfg.model, pieces.cfg.model
+    if src_model.recursion != model.recursion:  # tying / untying layers: compare the parents
+        src_model, model = recursive.untied(src_model), recursive.untied(model)
+    if src_model != model:
+        diff = [d for d in config_lib.config_diff(dataclasses.replace(src_cfg, model=src_model),
+                                                  dataclasses.replace(src_cfg, model=model))
+                if d.startswith("model.")]
         structural = [d for d in diff if not d.split(":")[0] in _FREE_MODEL_FIELDS]
         if structural:
             raise ConfigError(f"init_from={source}: the model differs from the source's "
@@ -109,7 +121,24 @@ def _run_params(source: Path, pieces) -> dict:
         raise ConfigError(f"init_from={source}: the run has no checkpoint yet")
     step, state = restored
     print(f"initialised from {source} (checkpoint step {step})", flush=True)
-    return state["params"] if merge is None else jax.jit(merge)(state["params"])
+    params = state["params"] if merge is None else jax.jit(merge)(state["params"])
+    return _converted(params, src_cfg.model, pieces)
+
+
+def _converted(params: dict, source_model, pieces) -> dict:
+    """Params of `source_model` as this run's model's, when the two differ in their
+    recursion (lm/model/recursive.py: tied blocks averaged, relaxations by SVD)."""
+    model = pieces.cfg.model
+    if source_model.recursion == model.recursion:
+        return params
+    if recursive.enabled(model):
+        print(f"recursion: the {model.n_layers} layers tied into {model.recursion.blocks} "
+              f"block(s) ({model.recursion.order}; averaged), relaxation rank "
+              f"{model.recursion.relax_rank} (SVD of each layer's residual)", flush=True)
+    else:
+        print(f"recursion: untied into {model.n_layers} layers", flush=True)
+    return jax.jit(lambda p: recursive.convert(p, source_model, model, pieces.cfg.seed),
+                   out_shardings=pieces.state_shardings["params"])(params)
 
 
 # Model fields that change how the weights are computed with, not their shapes.

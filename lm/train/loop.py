@@ -268,6 +268,9 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     mesh_desc = " x ".join(f"{a}={n}" for a, n in pieces.mesh.shape.items())
     print(f"mesh {mesh_desc} over {jax.process_count()} process(es); per device: params + "
           f"optimizer {per_device_bytes(pieces.abstract_state()) / 2**20:.1f} MiB", flush=True)
+    if cfg.model.recursion.blocks:  # stored vs computed-with parameters
+        from lm.model.recursive import describe
+        print(describe(cfg.model), flush=True)
     if cfg.lora.rank:  # the saving: trainable params and optimizer state (lm/peft/lora.py)
         from lm.peft.lora import memory_report
         print(memory_report(pieces.abstract_state()), flush=True)
@@ -337,6 +340,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     with _StopFlag(cfg.stop_sync_every) as stop:
         try:
             step, pending = start, None  # pending: the dispatched, unread step
+            if cfg.init_from and start == 0:  # a fine-tune's starting point
+                run_eval(0)
             while step < cfg.steps:
                 batch = faults.batch(step + 1, next(batches))
                 state, metrics = train_step(state, batch)

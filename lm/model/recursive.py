@@ -1,0 +1,288 @@
+"""Recursive transformers with layer-wise relaxation (Bae et al. 2024, "Relaxed Recursive
+Transformers: Effective Parameter Sharing with Layer-wise LoRA"): model.n_layers layers
+computed by model.recursion.blocks = K unique blocks.
+
+  order=cycle     layer i runs block i % K: the K blocks looped n_layers / K times (the
+                  paper's CYCLE sharing).
+  order=sequence  layer i runs block i // (n_layers / K): runs of consecutive layers
+                  tied (the paper's SEQUENCE sharing).
+
+relax_rank = r > 0 gives every layer its own rank-r LoRA on its block's matrices (the
+attention and MLP projections): layer i computes with W_shared + A_i @ B_i. Its norm
+scales and biases get a per-layer delta in full (a vector each). r = 0 is strict
+sharing; a full rank is as expressive as the untied model.
+
+From a trained untied model (`convert`, reached by `lm train --init-from PARENT --set
+model.recursion.blocks=K`): each shared block is the average of the layers tied to it
+(the paper's "Average" initialisation) and each relaxation the rank-r truncated SVD of
+its layer's residual W_i - W_shared (the paper's SVD initialisation), so with a full
+rank the recursive model starts as exactly the parent. `untie` is the inverse map, to
+each layer's effective weights: `lm export hf` writes it as a plain model.
+
+Counting: count_params counts what is stored (K blocks and the relaxations); FLOPs per
+token are the untied model's, since every layer still runs a whole block. The
+relaxations' A @ B is formed once per step, whatever the number of tokens (the same
+merged-weight form as lm/peft/lora.py, so every mixer and kernel runs unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Recursion:
+    blocks: int = 0  # unique blocks; 0 = off (every layer its own)
+    order: Literal["cycle", "sequence"] = "cycle"
+    relax_rank: int = 0  # per-layer LoRA rank on the shared matrices; 0 = strict sharing
+
+
+def enabled(cfg: "ModelConfig") -> bool:
+    return cfg.recursion.blocks > 0
+
+
+def n_blocks(cfg: "ModelConfig") -> int:
+    return cfg.recursion.blocks or cfg.n_layers
+
+
+def block_of(cfg: "ModelConfig", layer: int) -> int:
+    """The index of the block layer `layer` runs."""
+    k = cfg.recursion.blocks
+    if not k:
+        return layer
+    return layer % k if cfg.recursion.order == "cycle" else layer // (cfg.n_layers // k)
+
+
+def first_layer(cfg: "ModelConfig", block: int) -> int:
+    """The first layer that runs `block` (its mixer types are every such layer's)."""
+    return next(i for i in range(cfg.n_layers) if block_of(cfg, i) == block)
+
+
+def untied(cfg: "ModelConfig") -> "ModelConfig":
+    """The same model with every layer its own block (the parent of a recursive one)."""
+    return dataclasses.replace(cfg, recursion=Recursion())
+
+
+def describe(cfg: "ModelConfig") -> str:
+    """One line: the sharing, and the parameters stored against the untied parent's
+    (whose FLOPs per token the recursive model has)."""
+    from lm.model import count_params
+    r = cfg.recursion
+    mine, parent = count_params(cfg)["non_embedding"], count_params(untied(cfg))["non_embedding"]
+    relax = f", per-layer relaxations of rank {r.relax_rank}" if r.relax_rank else ""
+    return (f"recursion: {cfg.n_layers} layers on {r.blocks} shared block(s) ({r.order}"
+            f"{relax}): {mine:,} non-embedding params stored, {100 * mine / parent:.0f}% of "
+            f"the untied model's {parent:,}; FLOPs per token are the untied model's")
+
+
+def validate(cfg: "ModelConfig") -> None:
+    from lm.model import mixers
+    r = cfg.recursion
+    if r.blocks < 0 or r.relax_rank < 0:
+        raise ConfigError("model.recursion.blocks and model.recursion.relax_rank must be >= 0")
+    if r.order not in ("cycle", "sequence"):
+        raise ConfigError(f"model.recursion.order must be cycle or sequence, got {r.order!r}")
+    if not r.blocks:
+        if r.relax_rank:
+            raise ConfigError("model.recursion.relax_rank needs model.recursion.blocks > 0")
+        return
+    if r.blocks > cfg.n_layers or cfg.n_layers % r.blocks:
+        raise ConfigError(f"model.recursion.blocks={r.blocks} must divide model.n_layers="
+                          f"{cfg.n_layers}")
+    if cfg.scan_layers:
+        raise ConfigError("model.recursion.blocks > 0 needs model.scan_layers=false")
+    if "e" in cfg.channel_pattern:  # experts are stacked and routed per layer
+        raise ConfigError("model.recursion with MoE layers (model.channel_pattern with 'e') "
+                          "is not supported")
+    for i in range(cfg.n_layers):
+        j = first_layer(cfg, block_of(cfg, i))
+        if (mixers.sequence_mixer(cfg, i) is not mixers.sequence_mixer(cfg, j)
+                or mixers.channel_mixer(cfg, i) is not mixers.channel_mixer(cfg, j)):
+            raise ConfigError(f"model.recursion: layer {i} would share block "
+                              f"{block_of(cfg, i)} with layer {j}, but their mixers differ "
+                              f"(mixer_pattern={cfg.mixer_pattern!r}, channel_pattern="
+                              f"{cfg.channel_pattern!r})")
+
+
+def _relaxable(block_params: dict) -> list[tuple[tuple, int]]:
+    """(path in the block, fan-in axes) of what a relaxation adapts: the attention and
+    MLP matrices low-rank (fan-in axes > 0), and every vector (norm scales, biases) in
+    full (0: a per-layer delta, as cheap as the vector itself, so that a full-rank
+    relaxation is exactly the untied model). Other matrices (a Mamba-2 block's
+    projections) stay strictly shared."""
+    from lm.peft.lora import FAN_IN, NDIM
+    out = []
+
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, prefix + (key,))
+            elif NDIM.get(key) == value.ndim:
+                out.append((prefix + (key,), FAN_IN[key]))
+            elif value.ndim == 1:
+                out.append((prefix + (key,), 0))
+    walk(block_params, ())
+    return out
+
+
+def _delta(ad: dict) -> jax.Array:
+    """A relaxation's update: A @ B, or a vector's own delta."""
+    if "delta" in ad:
+        return ad["delta"]
+    return jnp.tensordot(ad["a"], ad["b"], axes=1)
+
+
+def _key(path: tuple) -> str:
+    return "-".join(map(str, path))
+
+
+def _lora_init(key, w, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
+    """A ~ N(0, 1 / fan_in), B = 0: the relaxation starts at zero (the LoRA init)."""
+    shape_in = w.shape[:fan_in_axes]
+    a = jax.random.normal(key, shape_in + (rank,), jnp.float32) / math.sqrt(math.prod(shape_in))
+    return a.astype(w.dtype), jnp.zeros((rank,) + w.shape[fan_in_axes:], w.dtype)
+
+
+class Relaxations(nnx.Module):
+    """Per layer, (A, B) for each relaxable matrix of its block."""
+
+    def __init__(self, cfg: "ModelConfig", blocks, rngs: nnx.Rngs):
+        r = cfg.recursion.relax_rank
+        state = nnx.state(blocks[0], nnx.Param)
+        axes = {p: tuple(v.get_metadata()["logical_axes"]) for p, v in nnx.to_flat_state(state)}
+        paths = _relaxable(nnx.to_pure_dict(state))
+        if not paths:
+            raise ConfigError("model.recursion.relax_rank > 0, but the blocks have no "
+                              "attention or MLP matrices to relax")
+        self.paths = tuple(p for p, _ in paths)
+        layers = []
+        for i in range(cfg.n_layers):
+            block = nnx.to_pure_dict(nnx.state(blocks[block_of(cfg, i)], nnx.Param))
+            adapters = {}
+            for path, k in paths:
+                w = _get(block, path)
+                if not k:
+                    adapters[_key(path)] = nnx.Dict(delta=nnx.Param(
+                        jnp.zeros_like(w), logical_axes=axes[path]))
+                    continue
+                a, b = _lora_init(rngs.params(), w, k, r)
+                adapters[_key(path)] = nnx.Dict(
+                    a=nnx.Param(a, logical_axes=axes[path][:k] + (None,)),
+                    b=nnx.Param(b, logical_axes=(None,) + axes[path][k:]))
+            layers.append(nnx.Dict(adapters))
+        self.layers = nnx.List(layers)
+
+
+def layer_block(model, layer: int):
+    """The block module layer `layer` runs: its shared block, with that layer's
+    relaxation folded into the weights when there is one."""
+    cfg = model.cfg
+    block = model.blocks[block_of(cfg, layer)]
+    if not cfg.recursion.relax_rank:
+        return block
+    graphdef, state = nnx.split(block)
+    pure = nnx.to_pure_dict(state)
+    adapters = model.relax.layers[layer]
+    for path in model.relax.paths:
+        ad = {name: v[...] for name, v in adapters[_key(path)].items()}
+        node = _get(pure, path[:-1])
+        w = node[path[-1]]
+        node[path[-1]] = w + _delta(ad).astype(w.dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    _get(tree, path[:-1])[path[-1]] = value
+
+
+def untie(params: dict, cfg: "ModelConfig") -> dict:
+    """A recursive model's params -> its untied equivalent's (each layer's effective
+    weights: its block plus its relaxation)."""
+    if not enabled(cfg):
+        return params
+    out = {k: v for k, v in params.items() if k not in ("blocks", "relax")}
+    out["blocks"] = {}
+    for i in range(cfg.n_layers):
+        layer = jax.tree.map(lambda x: x, params["blocks"][block_of(cfg, i)])
+        if cfg.recursion.relax_rank:
+            for key, ad in params["relax"]["layers"][i].items():
+                path = tuple(key.split("-"))
+                w = _get(layer, path)
+                _set(layer, path, w + _delta(ad).astype(w.dtype))
+        out["blocks"][i] = layer
+    return out
+
+
+def _svd_init(residual, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
+    """The rank-`rank` truncated SVD of `residual`, split evenly: A = U sqrt(S),
+    B = sqrt(S) V^T (zero-padded past the matrix's own rank)."""
+    shape_in, shape_out = residual.shape[:fan_in_axes], residual.shape[fan_in_axes:]
+    m = residual.astype(jnp.float32).reshape(math.prod(shape_in), math.prod(shape_out))
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = jnp.sqrt(s[:r])
+    a = jnp.zeros((m.shape[0], rank), jnp.float32).at[:, :r].set(u[:, :r] * root)
+    b = jnp.zeros((rank, m.shape[1]), jnp.float32).at[:r].set(root[:, None] * vt[:r])
+    return (a.reshape(shape_in + (rank,)).astype(residual.dtype),
+            b.reshape((rank,) + shape_out).astype(residual.dtype))
+
+
+def tie(parent: dict, cfg: "ModelConfig", seed: int = 0) -> dict:
+    """An untied model's params -> the recursive model `cfg`'s: each block the average of
+    the layers tied to it, each relaxation the truncated SVD of its layer's residual (a
+    layer alone in its group has no residual: its relaxation gets the LoRA init, since
+    an all-zero A and B would never get a gradient)."""
+    out = {k: v for k, v in parent.items() if k != "blocks"}
+    groups = [[i for i in range(cfg.n_layers) if block_of(cfg, i) == k]
+              for k in range(n_blocks(cfg))]
+    out["blocks"] = {k: jax.tree.map(lambda *ws: sum(ws) / len(ws),
+                                     *(parent["blocks"][i] for i in group))
+                     for k, group in enumerate(groups)}
+    rank = cfg.recursion.relax_rank
+    if rank:
+        key = jax.random.key(seed)
+        layers = {}
+        for i in range(cfg.n_layers):
+            k = block_of(cfg, i)
+            adapters = {}
+            for path, fan_in in _relaxable(out["blocks"][k]):
+                shared, own = _get(out["blocks"][k], path), _get(parent["blocks"][i], path)
+                if not fan_in:
+                    adapters[_key(path)] = {"delta": own - shared}
+                    continue
+                if len(groups[k]) == 1:
+                    key, sub = jax.random.split(key)
+                    a, b = _lora_init(sub, shared, fan_in, rank)
+                else:
+                    a, b = _svd_init(own - shared, fan_in, rank)
+                adapters[_key(path)] = {"a": a, "b": b}
+            layers[i] = adapters
+        out["relax"] = {"layers": layers}
+    return out
+
+
+def convert(params: dict, source: "ModelConfig", target: "ModelConfig", seed: int = 0) -> dict:
+    """Params of model `source` -> model `target`, two models that differ at most in
+    their recursion: untie the source, tie into the target."""
+    if source.recursion == target.recursion:
+        return params
+    return tie(untie(params, source), target, seed) if enabled(target) else untie(params, source)
