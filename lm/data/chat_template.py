@@ -72,14 +72,20 @@ class ChatTemplate:
                 continue
             before = self.render(messages[:i], True, where)
             upto = self.render(messages[:i + 1], False, where)
-            if not (upto.startswith(before) and whole.startswith(upto)) or (
-                    spans and len(before) < spans[-1][1]):
+            if not upto.startswith(before):
+                bad = (f"messages[:{i}] with the generation prompt", f"messages[:{i + 1}]")
+            elif not whole.startswith(upto):
+                bad = (f"messages[:{i + 1}]", f"all {len(messages)} messages")
+            elif spans and len(before) < spans[-1][1]:
+                bad = (f"messages[:{i}]", f"messages[:{i}] with the generation prompt")
+            else:
+                bad = None
+            if bad:
                 raise DataError(
                     f"{where}: the chat template of {self.source} is not prefix-stable "
-                    f"(rendering messages[:{i}] with the generation prompt, then "
-                    f"messages[:{i + 1}], then all {len(messages)} does not extend the text "
-                    "each time), so assistant turn "
-                    f"{i} cannot be located for the loss mask")
+                    f"(rendering {bad[0]} is not the start of rendering {bad[1]}: it "
+                    f"rewrites earlier turns), so assistant turn {i} cannot be located "
+                    "for the loss mask")
             if len(upto) > len(before):
                 spans.append((len(before), len(upto)))
         out, at = [], 0
