@@ -91,7 +91,7 @@ TURNS = {"chatml": [["4.<|im_end|>\n"],
                     ["hi there!<|eot_id|>", "Bye!<|eot_id|>"]]}
 
 
-def byte_bpe() :
+def byte_bpe():
     """A small byte-level BPE tokenizer (every text encodes) with ChatML and Llama-3
     special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -163,8 +163,8 @@ def docs_of(tok_file: Path, chats=CHATS):
     docs = tokenize_records([Chat(tuple(c), f"chat {i}") for i, c in enumerate(chats)], tok,
                             template)
     offs = docs.offsets[0]
-    return tok, template, [(docs.tokens[0][offs[i]:offs[i + 1]], docs.weights[0][offs[i]:offs[i + 1]])
-                           for i in range(len(chats))]
+    return tok, template, [(docs.tokens[0][a:b], docs.weights[0][a:b])
+                           for a, b in zip(offs[:-1], offs[1:])]
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +255,14 @@ def test_without_a_template_chats_stay_role_tagged(tmp_path):
     cfg = DataConfig(corpus=str(chat_file(tmp_path / "c.jsonl", CHATS[1:] * 2)),
                      format="instruction", tokenizer=str(tok_file), seq_len=256,
                      validation_fraction=0.5)
-    rows = packed_rows(cfg, tok, "train")
+    rows = packed_rows(cfg, tok, "train")  # the two copies of CHATS[1]
     row = rows[0]
-    text = tok.tok.decode(row["inputs"][row["segment_ids"] == 1].tolist(),
-                          skip_special_tokens=False)
-    assert "user: Say hi\n\nassistant:  hi there!\nuser: And bye.\nassistant: " in text or \
-        "system: Answer briefly.\nuser: Name a colour.\n" in text
-    assert "<|im_start|>" not in text
+    at = row["segment_ids"] == 1
+    text = tok.tok.decode(row["inputs"][at].tolist(), skip_special_tokens=False)
+    assert text == ("<|begin_of_text|>system: Answer briefly.\nuser: Name a colour.\nassistant: "
+                    "Blue.\nuser: Another one?\nassistant: Green, or café ☕ brown.  ")
+    assert learned_runs(tok, row["targets"][at], row["loss_mask"][at]) == [
+        "Green, or café ☕ brown.  <|end_of_text|>"]  # the last turn and its EOS
 
 
 def test_import_hf_carries_the_template_to_init_from(tmp_path):
