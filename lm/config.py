@@ -101,7 +101,8 @@ class DataConfig:
     seq_len: int = 256
     text_field: str = "text"  # JSONL / Parquet column holding the document text
     # text: documents, every token a target; instruction: JSONL prompt/response records
-    # (or chat `messages`), the loss on response tokens only (lm/data/instruction.py)
+    # (or chat `messages`, with the tokenizer's chat template where it has one), the loss
+    # on response / assistant tokens only (lm/data/instruction.py)
     format: Literal["text", "instruction"] = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"

@@ -8,6 +8,9 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            OUT/tokens.npy; nothing is downloaded
   python hf_reference.py logits TOKENS DIR...   load each DIR with transformers and
                                            write DIR/logits_hf.npy
+  python hf_reference.py chat CASES OUT    each case of CASES (JSON: [{dir, messages,
+                                           add_generation_prompt}]) through AutoTokenizer's
+                                           apply_chat_template: OUT gets [{text, ids}]
 """
 
 from __future__ import annotations
@@ -120,10 +123,23 @@ def reload_logits(tokens_path: Path, dirs: list[Path]) -> None:
         np.save(d / "logits_hf.npy", logits_of(model, tokens))
 
 
+def chat(cases_path: Path, out: Path) -> None:
+    result = []
+    for case in json.loads(cases_path.read_text()):
+        tok = transformers.AutoTokenizer.from_pretrained(case["dir"])
+        kw = dict(add_generation_prompt=case["add_generation_prompt"])
+        text = tok.apply_chat_template(case["messages"], tokenize=False, **kw)
+        ids = tok.apply_chat_template(case["messages"], tokenize=True, return_dict=False, **kw)
+        result.append({"text": text, "ids": [int(i) for i in ids]})
+    out.write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
     elif sys.argv[1] == "logits":
         reload_logits(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    elif sys.argv[1] == "chat":
+        chat(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         sys.exit(f"unknown command {sys.argv[1]!r}")

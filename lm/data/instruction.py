@@ -1,19 +1,24 @@
 """Instruction data (`data.format=instruction`): JSONL records with a prompt and a
-response (`data.prompt_field`, `data.response_field`), or a chat `messages` list ending
-with an assistant turn (rendered as role-tagged lines, "user: ...\nassistant: "; the
-tokenizer's own chat template is not applied yet).
+response (`data.prompt_field`, `data.response_field`), or a chat `messages` list of
+{role, content} ending with an assistant turn.
 
-Each record becomes one document [BOS] + prompt + response + [EOS] whose per-token loss
-weights are 1 on the response tokens and the final EOS, 0 on BOS and the prompt: the
-packed rows' loss_mask then covers only what the model should learn to answer. Records
-are packed like pretraining documents (lm/data/pipeline.py); the train/validation split
-is the same deterministic hold-out by record position (lm/data/sources.py holdout)
-unless data.validation_corpus names a file of its own.
+A prompt/response record becomes one document [BOS] + prompt + response + [EOS] whose
+per-token loss weights are 1 on the response tokens and the final EOS, 0 on BOS and the
+prompt. A chat is rendered with the tokenizer's chat template where it has one
+(lm/data/chat_template.py): the document is the template's text and nothing else (no
+BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the template
+emits it (content and end-of-turn token). Without a template a chat is role-tagged lines,
+"user: ...\nassistant: ", framed like a prompt/response pair, the last assistant message
+being the response. The packed rows' loss_mask then covers only what the model should
+learn to answer. Records are packed like pretraining documents (lm/data/pipeline.py); the
+train/validation split is the same deterministic hold-out by record position
+(lm/data/sources.py holdout) unless data.validation_corpus names a file of its own.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +28,17 @@ from lm.data.shards import TokenDocs
 from lm.data.sources import corpus_files, holdout
 
 
+@dataclass(frozen=True)
+class Chat:
+    """A chat `messages` record, checked ({role, content} strings, ending with an
+    assistant turn), and where it came from (for error lines)."""
+    messages: tuple[dict, ...]
+    where: str
+
+
 def read_records(spec: str, key: str, prompt_field: str, response_field: str
-                 ) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of every JSONL file named by `spec`, in order."""
+                 ) -> list[tuple[str, str] | Chat]:
+    """(prompt, response) pairs and chats of every JSONL file named by `spec`, in order."""
     out = []
     for path in corpus_files(spec, key):
         if not path.name.endswith((".jsonl", ".ndjson")):
@@ -38,15 +51,17 @@ def read_records(spec: str, key: str, prompt_field: str, response_field: str
                     obj = json.loads(line)
                 except ValueError as e:
                     raise DataError(f"{key}: {path} line {n} is not JSON ({e})") from None
-                out.append(_pair(obj, path, n, prompt_field, response_field))
+                out.append(_record(obj, f"{key}: {path} line {n}", path, n, prompt_field,
+                                   response_field))
     if not out:
         raise DataError(f"{key}: {spec} holds no instruction records")
     return out
 
 
-def _pair(obj, path: Path, n: int, prompt_field: str, response_field: str) -> tuple[str, str]:
+def _record(obj, where: str, path: Path, n: int, prompt_field: str, response_field: str
+            ) -> tuple[str, str] | Chat:
     if isinstance(obj, dict) and "messages" in obj and prompt_field not in obj:
-        return _from_messages(obj["messages"], path, n)
+        return _chat(obj["messages"], where)
     if not isinstance(obj, dict) or prompt_field not in obj or response_field not in obj:
         raise DataError(f"data.prompt_field/response_field: {path} line {n} needs fields "
                         f"{prompt_field!r} and {response_field!r} (or a 'messages' list)")
@@ -56,44 +71,84 @@ def _pair(obj, path: Path, n: int, prompt_field: str, response_field: str) -> tu
     return prompt, response
 
 
-def _from_messages(messages, path: Path, n: int) -> tuple[str, str]:
-    """A chat as (everything before the last assistant turn, that turn), without a
-    template: role-tagged lines."""
+def _chat(messages, where: str) -> Chat:
     if (not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-            or messages[-1].get("role") != "assistant"):
-        raise DataError(f"data.corpus: {path} line {n}: 'messages' must be a list of "
-                        "{role, content} ending with an assistant turn")
-    head = "".join(f"{m.get('role')}: {m['content']}\n" for m in messages[:-1])
-    return head + "assistant: ", messages[-1]["content"]
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)
+            or messages[-1]["role"] != "assistant"):
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} strings "
+                        "ending with an assistant turn")
+    # As transformers does: keys whose value is null are dropped (templates test for a
+    # key's presence, e.g. tool_calls, and would render a literal None).
+    return Chat(tuple({k: v for k, v in m.items() if v is not None} for m in messages), where)
 
 
-def tokenize_records(pairs: list[tuple[str, str]], tokenizer) -> TokenDocs:
-    """Frame and tokenize (prompt, response) pairs into one shard with loss weights."""
-    prompts = tokenizer.encode_batch([p for p, _ in pairs])
-    responses = tokenizer.encode_batch([r for _, r in pairs])
+def role_tagged(chat: Chat) -> tuple[str, str]:
+    """A chat without a template: (everything before the last assistant turn as
+    role-tagged lines, that turn)."""
+    head = "".join(f"{m['role']}: {m['content']}\n" for m in chat.messages[:-1])
+    return head + "assistant: ", chat.messages[-1]["content"]
+
+
+def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
+                     template=None) -> TokenDocs:
+    """Frame and tokenize records into one shard with loss weights.
+
+    Each document is a list of (text, learned) segments, tokenized separately (so the
+    mask falls on token boundaries; the template's turn boundaries are special tokens
+    or newlines, where tokenizing the whole text would split anyway). A pair (or a chat
+    without a template) is framed [BOS] prompt response [EOS]. A chat rendered by a
+    template is its text only, as transformers tokenizes apply_chat_template's output
+    (add_special_tokens=False): a template that wants a BOS writes {{ bos_token }}
+    itself (Llama-3) and one that does not gets none (Qwen2's ChatML); adding ours too
+    would double it. Our encode never adds special tokens (the tokenizer.json's
+    post-processor BOS is off), and the end-of-turn token the template emits closes the
+    assistant turn, so no EOS is appended either.
+    """
+    docs: list[tuple[list[tuple[str, bool]], bool]] = []  # (segments, framed)
+    for r in records:
+        if isinstance(r, Chat) and template is not None:
+            docs.append((template.segments(list(r.messages), r.where), False))
+        else:
+            prompt, response = role_tagged(r) if isinstance(r, Chat) else r
+            docs.append(([(prompt, False), (response, True)], True))
+    texts = [t for segs, _ in docs for t, _ in segs]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
     tokens, weights, lengths = [], [], []
-    for p, r in zip(prompts, responses):
-        doc = np.concatenate([[tokenizer.bos_id], p, r, [tokenizer.eos_id]]).astype(np.int32)
-        w = np.concatenate([np.zeros(1 + len(p)), np.ones(len(r) + 1)]).astype(np.float32)
+    for segs, framed in docs:
+        ids, w = [], []
+        if framed:
+            ids.append(np.array([tokenizer.bos_id], np.int32))
+            w.append(np.zeros(1, np.float32))
+        for _, learned in segs:
+            seg = np.asarray(next(encoded), np.int32)
+            ids.append(seg)
+            w.append(np.full(len(seg), 1.0 if learned else 0.0, np.float32))
+        if framed:
+            ids.append(np.array([tokenizer.eos_id], np.int32))
+            w.append(np.ones(1, np.float32))
+        doc = np.concatenate(ids)
         tokens.append(doc)
-        weights.append(w)
+        weights.append(np.concatenate(w))
         lengths.append(len(doc))
-    offsets = np.zeros(len(pairs) + 1, np.int64)
+    offsets = np.zeros(len(records) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return TokenDocs((np.concatenate(tokens),), (offsets,), (np.concatenate(weights),))
 
 
 def instruction_docs(cfg, tokenizer, split: str) -> TokenDocs:
     """The tokens and loss weights of one split of an instruction corpus."""
+    from lm.data.chat_template import find_chat_template
     if split == "validation" and cfg.validation_corpus:
-        pairs = read_records(cfg.validation_corpus, "data.validation_corpus",
-                             cfg.prompt_field, cfg.response_field)
+        records = read_records(cfg.validation_corpus, "data.validation_corpus",
+                               cfg.prompt_field, cfg.response_field)
     else:
-        pairs = read_records(cfg.corpus, "data.corpus", cfg.prompt_field, cfg.response_field)
+        records = read_records(cfg.corpus, "data.corpus", cfg.prompt_field, cfg.response_field)
         if not cfg.validation_corpus:
-            if len(pairs) < 2:
+            if len(records) < 2:
                 raise DataError(f"data.corpus: {cfg.corpus} has one record: nothing to hold "
                                 "out for validation (add records or set data.validation_corpus)")
-            pairs = holdout(pairs, cfg.validation_fraction, split)
-    return tokenize_records(pairs, tokenizer)
+            records = holdout(records, cfg.validation_fraction, split)
+    template = (find_chat_template(tokenizer)
+                if any(isinstance(r, Chat) for r in records) else None)
+    return tokenize_records(records, tokenizer, template)

@@ -1,7 +1,8 @@
 """`lm import hf PATH --run-dir DIR`: a local Hugging Face model directory (config.json,
 *.safetensors, single or sharded with model.safetensors.index.json, tokenizer.json) ->
 an lmlab run directory: config.json with the mapped model knobs, an orbax checkpoint at
-step 0 (the train state: the weights, a fresh optimizer state), the tokenizer, and a
+step 0 (the train state: the weights, a fresh optimizer state), the tokenizer (with its
+tokenizer_config.json / chat_template.jinja where the source has them), and a
 summary.json saying where it came from. `lm eval`, `lm sample`, `lm compile` and `lm
 train --init-from` read it like any run.
 
@@ -185,7 +186,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
     state = fresh_state(setup.pieces, params)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tok, run_dir / "tokenizer.json")
-    for extra in ("tokenizer_config.json", "generation_config.json"):
+    # Beside the tokenizer, as in the HF dir: its chat template (chat_template.jinja, or
+    # tokenizer_config.json's chat_template) and special-token strings, which instruction
+    # data of a run --init-from this one renders chats with (lm/data/chat_template.py).
+    for extra in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (hf_dir / extra).is_file():
             shutil.copyfile(hf_dir / extra, run_dir / extra)
     (run_dir / "config.json").write_text(config_lib.to_json(cfg))
