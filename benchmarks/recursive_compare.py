@@ -1,9 +1,10 @@
 """Relaxed recursive transformers against their untied parent: from one trained run,
 models whose layers share K blocks (averaged from the parent's layers), with per-layer
 LoRA relaxations of several ranks (SVD of each layer's residual), each uptrained for
---steps; the parent is trained on for the same steps as the reference. Prints a
-markdown table: stored parameters, FLOPs per token, validation loss at the start
-(eval @ 0, right after tying) and after uptraining, tokens/s.
+--steps; the parent is trained on for the same steps as the reference, and a 2-layer
+untied model (the size of two blocks) is trained from scratch on the same total tokens.
+Prints a markdown table: stored parameters, FLOPs per token, validation loss at the
+start (eval @ 0, right after tying) and after uptraining, tokens/s.
 
     python benchmarks/recursive_compare.py --workdir /tmp/rrcmp --base-steps 800 --steps 200
 
@@ -38,6 +39,30 @@ def evals(run: Path) -> dict[int, float]:
             if r.get("kind") == "eval"}
 
 
+def completed(run: Path) -> bool:
+    return (run / "summary.json").is_file() and json.loads(
+        (run / "summary.json").read_text())["status"] == "completed"
+
+
+def train_once(run: Path, *args: str) -> str:
+    """`lm train ... --run-dir run` unless it completed before; its stdout (kept in
+    run.log beside it: the start-up lines hold the counts)."""
+    log = run.with_suffix(".log")
+    if not completed(run):
+        log.write_text(lm("train", "--run-dir", str(run), *args))
+    return log.read_text()
+
+
+def counts_and_speed(run: Path, stdout: str) -> list[str]:
+    """[params, non-embedding params, MFLOP/token] from the start-up line, and the mean
+    tokens/s after the first (compiling) log interval."""
+    counts = re.search(r"([\d,]+) params \(([\d,]+) non-embedding.*?([\d.]+) MFLOP/token",
+                       stdout)
+    speeds = [r["tokens_per_s"] for r in map(json.loads, (run / "metrics.jsonl").open())
+              if r.get("kind") == "train" and "tokens_per_s" in r][1:]
+    return [*counts.groups(), f"{sum(speeds) / max(len(speeds), 1):,.0f}"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", required=True)
@@ -47,9 +72,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
     base = Path(args.base) if args.base else work / "base"
-    if not args.base and not ((base / "summary.json").is_file() and json.loads(
-            (base / "summary.json").read_text())["status"] == "completed"):
+    if not args.base and not completed(base):
         lm("train", "--run-dir", str(base), *sets(f"steps={args.base_steps}"))
     base_summary = json.loads((base / "summary.json").read_text())
     common = sets(f"steps={args.steps}", f"eval_every={args.steps}", "optim.schedule=cosine",
@@ -57,19 +82,17 @@ def main() -> None:
     rows = []
     for i, (name, extra) in enumerate(ARMS):
         run = work / f"arm{i}"
-        log = work / f"arm{i}.log"
-        if not (run / "summary.json").is_file() or json.loads(
-                (run / "summary.json").read_text())["status"] != "completed":
-            log.write_text(lm("train", "--init-from", str(base), "--run-dir", str(run),
-                              *common, *sets(*extra)))
-        out = log.read_text()
-        counts = re.search(r"([\d,]+) params \(([\d,]+) non-embedding.*?([\d.]+) MFLOP/token",
-                           out)
-        speeds = [r["tokens_per_s"] for r in map(json.loads, (run / "metrics.jsonl").open())
-                  if r.get("kind") == "train" and "tokens_per_s" in r][1:]  # after compiling
+        out = train_once(run, "--init-from", str(base), *common, *sets(*extra))
         ev = evals(run)
-        rows.append([name, *counts.groups(), f"{ev[0]:.4f}", f"{ev[args.steps]:.4f}",
-                     f"{sum(speeds) / max(len(speeds), 1):,.0f}"])
+        *counts, speed = counts_and_speed(run, out)
+        rows.append([name, *counts, f"{ev[0]:.4f}", f"{ev[args.steps]:.4f}", speed])
+    # The same-size baseline: an untied model with as many layers as K=2 has blocks,
+    # trained from scratch on as many tokens as the parent and the uptraining together.
+    small, steps = work / "small", base_summary["steps"] + args.steps
+    out = train_once(small, *sets(f"steps={steps}", f"eval_every={steps}", "model.n_layers=2"))
+    *counts, speed = counts_and_speed(small, out)
+    rows.append([f"2-layer untied, from scratch ({steps} steps)", *counts, "—",
+                 f"{evals(small)[steps]:.4f}", speed])
     print(f"base: {base}, {base_summary['steps']} steps, final val loss "
           f"{base_summary['final_val_loss']:.4f}, {base_summary['params']:,} params; each arm "
           f"+{args.steps} steps, LR {args.lr} cosine")
