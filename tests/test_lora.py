@@ -208,7 +208,8 @@ def test_lora_checkpoints_hold_the_adapters_and_a_pinned_reference_to_the_base(
     _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"), str(base), "is gone")
     _one_error_line(train(run), str(base))  # (its config is read first: no config.json there)
     (run / "lora_base.json").rename(tmp_path / "ref")
-    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"), "lora_base.json is missing")
+    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"),
+                    "lora_base.json is missing")
     assert untouched() == before
     (tmp_path / "moved").rename(base)
     (tmp_path / "ref").rename(run / "lora_base.json")

@@ -72,7 +72,8 @@ def load_base(pieces, ref: dict | None = None) -> tuple[dict, dict]:
     `ref` names, checked to be unchanged (ConfigError, one line, if it is not there)."""
     from lm.train.init_from import _run_params, source_kind
     cfg = pieces.cfg
-    if ref is None:
+    pinning = ref is None
+    if pinning:
         if not cfg.init_from:
             ref = {"kind": "init", "seed": cfg.seed}
         else:
@@ -80,9 +81,6 @@ def load_base(pieces, ref: dict | None = None) -> tuple[dict, dict]:
             ref = {"kind": source_kind(str(path)), "path": str(path)}
             if ref["kind"] == "hf":
                 ref["files"] = fingerprint(path)
-        pinning = True
-    else:
-        pinning = False
     kind = ref.get("kind")
     if kind == "init":
         if ref.get("seed") != cfg.seed:
@@ -137,7 +135,8 @@ def restore_step(ckpt, step: int, read, source: Path):
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 (unreadable: one line)
-        raise ConfigError(f"checkpoint step {step} of {source} is unreadable ({_reason(e)})") from None
+        raise ConfigError(f"checkpoint step {step} of {source} is unreadable "
+                          f"({_reason(e)})") from None
 
 
 class Layout:

@@ -6,7 +6,9 @@ counter at 0. The model section is the source's (the weights fix it), with the
 the tokenizer is the source's unless the command sets `data.tokenizer`.
 
 The source is read only when the run dir holds no checkpoint: rerunning the same
-command resumes the fine-tune from its own checkpoints, never the base again.
+command resumes the fine-tune from its own checkpoints, never the base again. (Except a
+LoRA run's frozen base, which its checkpoints leave out: it is read again, from the
+source checkpoint step pinned at the first start, lm/peft/base_ref.py.)
 """
 
 from __future__ import annotations
