@@ -147,3 +147,154 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path):
     want, _ = nnx.merge(ft_setup.pieces.graphdef, ft)(jnp.asarray(tokens))
     np.testing.assert_allclose(logits_of(tmp_path / "back", tokens), np.asarray(want),
                                atol=1e-4)
+
+
+def _stored(step_dir, prefix=()):
+    """From a checkpoint's tree metadata: {path: shape} of the train state's arrays as
+    orbax wrote them, and their bytes (all 4-byte dtypes here) under `prefix`."""
+    meta = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
+    shapes = {tuple(k["key"] for k in v["key_metadata"]): v["value_metadata"]["write_shape"]
+              for v in meta.values() if "write_shape" in v["value_metadata"]}
+    return shapes, sum(4 * int(np.prod(s)) for p, s in shapes.items() if p[:len(prefix)] == prefix)
+
+
+def _one_error_line(result, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_lora_checkpoints_hold_the_adapters_and_a_pinned_reference_to_the_base(
+        tiny_run, tmp_path, lm_here):
+    """A LoRA fine-tune of a run: its checkpoints hold no base array, lora_base.json pins
+    the source's checkpoint step; a resume rebuilds the base from it and reproduces the
+    uninterrupted run; lm eval gives the training-end val loss. The base gone (the
+    source moved, its pinned step deleted, the reference deleted): exit 2, one line, and
+    the run's checkpoints stay as they were (none renamed aside as unreadable)."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run, base)  # the session's run is shared: move a copy around
+    args = sets(*TINY, "log_every=1", "lora.rank=4", "optim.lr=1e-2")
+
+    def train(run, env=None):
+        return lm("train", "--init-from", str(base), "--run-dir", str(run), *args, env=env)
+
+    full, run = tmp_path / "full", tmp_path / "lora"
+    assert train(full).returncode == 0
+    first = train(run, env={"LMLAB_FAULT": "sigterm@6"})
+    assert first.returncode == 143, first.stderr[-2000:]
+    assert json.loads((run / "lora_base.json").read_text()) == {
+        "kind": "run", "path": str(base), "step": 12}  # the source's newest, pinned
+    shapes, data = _stored(run / "checkpoints" / "6")
+    assert not [p for p in shapes if p[:2] == ("params", "base")]
+    assert [p for p in shapes if p[:2] == ("params", "adapters")]
+    assert {p[0] for p in shapes} == {"params", "opt_state", "step", "rng"}
+    _, base_bytes = _stored(base / "checkpoints" / "12", ("params",))
+    assert data < base_bytes / 4, (data, base_bytes)  # adapters, their Adam moments, step
+
+    def untouched():
+        return sorted(p.name for p in (run / "checkpoints").iterdir())
+    before = untouched()
+    step12 = base / "checkpoints" / "12"
+    shutil.move(step12, tmp_path / "12")  # the source trained on: keep_checkpoints dropped it
+    resume = train(run)
+    _one_error_line(resume, "checkpoint step 12 of", str(base), "is gone")
+    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"), "is gone")
+    assert untouched() == before and not (run / "summary.json").read_text().count("completed")
+    shutil.move(tmp_path / "12", step12)
+    base.rename(tmp_path / "moved")
+    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"), str(base), "is gone")
+    _one_error_line(train(run), str(base))  # (its config is read first: no config.json there)
+    (run / "lora_base.json").rename(tmp_path / "ref")
+    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"),
+                    "lora_base.json is missing")
+    assert untouched() == before
+    (tmp_path / "moved").rename(base)
+    (tmp_path / "ref").rename(run / "lora_base.json")
+
+    again = train(run)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 6" in again.stdout and "initialised from" not in again.stdout
+    a, b = train_losses(full), train_losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=0, atol=1e-6)
+    result = lm_here("eval", "--run", str(run), "--batches", "2")  # TINY's eval_batches
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    want = json.loads((run / "summary.json").read_text())["final_val_loss"]
+    assert got["step"] == 12 and abs(got["val_loss"] - want) < 1e-6, (got, want)
+
+
+@pytest.mark.slow
+def test_lora_base_of_a_hugging_face_dir_is_fingerprinted(tmp_path, lm_here):
+    """init_from an HF dir: lora_base.json names it with a fingerprint of its
+    safetensors files; lm eval rebuilds the base from it, and refuses in one line once a
+    file changed (same size, other values)."""
+    from safetensors.numpy import load_file, save_file
+    from test_interop_hf import write_hf_dir
+    hf_dir, _ = write_hf_dir(tmp_path / "hf")
+    run = tmp_path / "lora"
+    result = lm("train", "--init-from", str(hf_dir), "--run-dir", str(run),
+                *sets(*[o for o in TINY if not o.startswith("model.")], "steps=4",
+                      "eval_every=4", "lora.rank=2", "optim.lr=1e-2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ref = json.loads((run / "lora_base.json").read_text())
+    files = sorted(hf_dir.glob("*.safetensors"))
+    assert ref["kind"] == "hf" and ref["path"] == str(hf_dir)
+    assert [(f["name"], f["bytes"]) for f in ref["files"]] == [
+        (f.name, f.stat().st_size) for f in files]
+    shapes, _ = _stored(run / "checkpoints" / "4")
+    assert not [p for p in shapes if p[:2] == ("params", "base")]
+    ok = lm_here("eval", "--run", str(run), "--batches", "2")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    got = json.loads(ok.stdout.strip().splitlines()[-1])["val_loss"]
+    assert abs(got - json.loads((run / "summary.json").read_text())["final_val_loss"]) < 1e-6
+    tensors = load_file(files[0])
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.5  # another fine-tune of the same architecture
+    save_file(tensors, files[0])
+    assert files[0].stat().st_size == ref["files"][0]["bytes"]
+    _one_error_line(lm_here("eval", "--run", str(run), "--batches", "1"), files[0].name,
+                    "changed since the run started")
+    assert (run / "checkpoints" / "4").is_dir()
+
+
+def test_lora_run_of_its_own_init_rebuilds_the_base_and_older_checkpoints_restore(tmp_path):
+    """No init_from: lora_base.json records the seed and a restore recomputes the base,
+    bit for bit the run's init. A checkpoint written before this change (the whole
+    state, base included; no lora_base.json) restores as it is."""
+    import shutil
+
+    from lm.config import to_json
+    from lm.interop.hf_import import save_state
+    from lm.peft.base_ref import checkpoint_layout
+    from lm.train.setup import restore_for_inference, setup_run
+    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
+                      data=DataConfig(seq_len=32), batch_size=4, steps=4,
+                      lora=LoRAConfig(rank=4, targets=TARGETS))
+    run = setup_run(cfg)
+    state = run.pieces.init_state()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(to_json(run.cfg))
+    save_state(old, state, step=3)
+    _, params, step = restore_for_inference(old)
+    assert step == 3 and not (old / "lora_base.json").exists()
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    shutil.rmtree(new / "checkpoints")
+    layout = checkpoint_layout(new, run.pieces)
+    fresh = layout.start()  # what lm train does at a first start
+    assert json.loads((new / "lora_base.json").read_text()) == {"kind": "init", "seed": 0}
+    save_state(new, layout.saved(fresh), step=2)  # what Checkpointer(layout=).save writes
+    shapes, _ = _stored(new / "checkpoints" / "2")
+    assert not [p for p in shapes if p[:2] == ("params", "base")]
+    _, params, step = restore_for_inference(new)
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

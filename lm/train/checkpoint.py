@@ -11,6 +11,10 @@ A committed checkpoint can still be damaged on disk (a bad sector, a partial cop
 `restore_newest_intact` tries the steps newest first and takes the first that restores
 and holds only finite values; the trainer renames the others `<step>.corrupt-<n>`
 (kept, and no longer a step to orbax), eval and sampling only skip them.
+
+A `layout` (lm/peft/base_ref.py) says what a step holds when it is not the whole state: a
+LoRA run's checkpoints leave out the frozen base, which a restore rebuilds from the run's
+reference to it.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ def check_finite(state, step: int) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, every: int, keep: int):
+    def __init__(self, directory: Path, every: int, keep: int, layout=None):
+        self.layout = layout  # None: a step holds the whole state
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True)
         self.directory = Path(directory).absolute()
@@ -165,8 +170,8 @@ class Checkpointer:
         for step in steps:
             try:
                 value = read(step)
-            except (KeyboardInterrupt, SystemExit):
-                raise
+            except (KeyboardInterrupt, SystemExit, ConfigError):
+                raise  # ConfigError: the user's setup (e.g. a LoRA base gone), not damage
             except Exception as e:  # noqa: BLE001 (any failure to read it back)
                 reason = _reason(e)
             else:
@@ -195,24 +200,30 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
         """Starts an async save when `step` is on the interval (or `force`)."""
+        if self.layout is not None:
+            state = self.layout.saved(state)
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
 
+    def _restore(self, step: int, abstract_state, **items):
+        complete = None
+        if self.layout is not None:
+            abstract_state, complete = self.layout.reading(self.directory / str(step),
+                                                           abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), **items))
+        check_finite(restored["state"], step)
+        return restored["state"] if complete is None else complete(restored["state"])
+
     def restore(self, step: int, abstract_state, data_iterator):
         """Returns the state; the data iterator is restored in place."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        check_finite(restored["state"], step)
-        return restored["state"]
+        return self._restore(step, abstract_state,
+                             data=grain.checkpoint.CheckpointRestore(data_iterator))
 
     def restore_params(self, step: int, abstract_state):
         """Only the train state (for eval and sampling, which need no data iterator)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        check_finite(restored["state"], step)
-        return restored["state"]
+        return self._restore(step, abstract_state)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

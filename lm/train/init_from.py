@@ -8,7 +8,9 @@ the tokenizer is the source's unless the command sets `data.tokenizer`. Setting
 (lm/model/recursive.py).
 
 The source is read only when the run dir holds no checkpoint: rerunning the same
-command resumes the fine-tune from its own checkpoints, never the base again.
+command resumes the fine-tune from its own checkpoints, never the base again. (Except a
+LoRA run's frozen base, which its checkpoints leave out: it is read again, from the
+source checkpoint step pinned at the first start, lm/peft/base_ref.py.)
 """
 
 from __future__ import annotations
@@ -71,26 +73,26 @@ def initial_state(pieces) -> dict:
     from lm.interop.hf_import import fresh_state, load_params
     cfg = pieces.cfg
     source = Path(cfg.init_from)
-    lora = bool(cfg.lora.rank)
+    if cfg.lora.rank:  # the source is the frozen base, pinned by lm/peft/base_ref.py
+        from lm.peft.base_ref import initial_state as lora_initial_state
+        return lora_initial_state(pieces)[1]
     if source_kind(str(source)) == "hf" and recursive.enabled(cfg.model):
         # A Hugging Face model is untied: load it as the parent, then tie its layers.
         from lm.train.state import build
         parent = build(dataclasses.replace(cfg, model=recursive.untied(cfg.model)), pieces.mesh)
         base = _converted(load_params(source, parent.cfg, parent), parent.cfg.model, pieces)
     elif source_kind(str(source)) == "hf":
-        base = load_params(source, cfg, pieces, prefix=("base",) if lora else ())
+        base = load_params(source, cfg, pieces)
     else:
-        base = _run_params(source, pieces)
-    if not lora:
-        return fresh_state(pieces, base)
-    # LoRA: the source is the frozen base; the adapters start as the run's own init.
-    adapters = jax.jit(lambda: pieces._init()["params"]["adapters"],
-                       out_shardings=pieces.state_shardings["params"]["adapters"])()
-    return fresh_state(pieces, {"base": base, "adapters": adapters})
+        step, base = _run_params(source, pieces)
+        print(f"initialised from {source} (checkpoint step {step})", flush=True)
+    return fresh_state(pieces, base)
 
 
-def _run_params(source: Path, pieces) -> dict:
-    """The params of a run's newest intact checkpoint, restored onto this run's mesh."""
+def _run_params(source: Path, pieces, step: int | None = None) -> tuple[int, dict]:
+    """(step, params) of a run's newest intact checkpoint (or of checkpoint `step`: a
+    pinned LoRA base, lm/peft/base_ref.py), restored onto this run's mesh."""
+    from lm.peft.base_ref import checkpoint_layout, restore_step
     from lm.train.checkpoint import Checkpointer
     from lm.train.state import build
     src_cfg = config_lib.load_run_config(source / "config.json")
@@ -111,18 +113,19 @@ def _run_params(source: Path, pieces) -> dict:
     if src_cfg.lora.rank:  # a LoRA source: its adapters folded into its base
         from lm.peft.lora import merged_params
         merge = lambda p: merged_params(src_cfg.model, src_cfg.lora, p)  # noqa: E731
-    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint_every, src_cfg.keep_checkpoints)
+    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint_every, src_cfg.keep_checkpoints,
+                        layout=checkpoint_layout(source, src_pieces))
+    read = lambda s: ckpt.restore_params(s, src_pieces.abstract_state())  # noqa: E731
     try:
-        restored = ckpt.restore_newest_intact(
-            lambda step: ckpt.restore_params(step, src_pieces.abstract_state()), rename=False)
+        restored = (ckpt.restore_newest_intact(read, rename=False) if step is None
+                    else restore_step(ckpt, step, read, source))
     finally:
         ckpt.close()
     if restored is None:
         raise ConfigError(f"init_from={source}: the run has no checkpoint yet")
     step, state = restored
-    print(f"initialised from {source} (checkpoint step {step})", flush=True)
     params = state["params"] if merge is None else jax.jit(merge)(state["params"])
-    return _converted(params, src_cfg.model, pieces)
+    return step, _converted(params, src_cfg.model, pieces)
 
 
 def _converted(params: dict, source_model, pieces) -> dict:
@@ -137,8 +140,11 @@ def _converted(params: dict, source_model, pieces) -> dict:
               f"{model.recursion.relax_rank} (SVD of each layer's residual)", flush=True)
     else:
         print(f"recursion: untied into {model.n_layers} layers", flush=True)
+    shardings = pieces.state_shardings["params"]
+    if pieces.cfg.lora.rank:  # (a LoRA run's model params are its frozen base)
+        shardings = shardings["base"]
     return jax.jit(lambda p: recursive.convert(p, source_model, model, pieces.cfg.seed),
-                   out_shardings=pieces.state_shardings["params"])(params)
+                   out_shardings=shardings)(params)
 
 
 # Model fields that change how the weights are computed with, not their shapes.

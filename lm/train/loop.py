@@ -50,6 +50,7 @@ from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lo
 from lm.parallel.guard import resume_hint, tell
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
+from lm.peft.base_ref import checkpoint_layout
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
@@ -237,13 +238,19 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
+    # A LoRA run's checkpoints leave out the frozen base (lm/peft/base_ref.py).
+    layout = checkpoint_layout(run_dir, pieces)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints,
+                        layout=layout)
     # The newest checkpoint that restores; unreadable ones are renamed aside (this
-    # process owns the run dir). Restores the prefetcher's position too (and starts it).
+    # process owns the run dir; a LoRA base gone is a ConfigError, nothing renamed).
+    # Restores the prefetcher's position too (and starts it).
     restored = ckpt.restore_newest_intact(
         lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
     if restored is None:
-        if cfg.init_from:  # a fine-tune's first start (a rerun resumes its own checkpoints)
+        if layout is not None:  # LoRA: the base pinned in lora_base.json before any save
+            state, start = layout.start(), 0
+        elif cfg.init_from:  # a fine-tune's first start (a rerun resumes its own checkpoints)
             from lm.train.init_from import initial_state
             state, start = initial_state(pieces), 0
         else:

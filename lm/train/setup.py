@@ -88,7 +88,9 @@ def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunS
             raise ConfigError(f"--lora-rank: {run_dir} is not a LoRA run")
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, eval_rank=lora_rank))
     setup = setup_run(cfg)
-    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
+    from lm.peft.base_ref import checkpoint_layout
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints,
+                        layout=checkpoint_layout(run, setup.pieces))  # a LoRA base rebuilt
     try:
         # A reader does not own the run dir (a trainer may be writing it): an unreadable
         # checkpoint is reported and skipped, never renamed.
