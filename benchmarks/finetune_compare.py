@@ -1,5 +1,5 @@
 """LoRA vs full fine-tuning from one base run: trainable params, optimizer state bytes,
-tokens/s and final validation loss. Prints a markdown table.
+tokens/s, checkpoint bytes and final validation loss. Prints a markdown table.
 
     python benchmarks/finetune_compare.py --workdir /tmp/ftcmp --base-steps 200 --steps 100
 
@@ -31,6 +31,13 @@ def sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+def checkpoint_bytes(run: Path) -> int:
+    """Bytes on disk of the run's newest checkpoint (a LoRA one holds no base)."""
+    newest = max((p for p in (run / "checkpoints").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+
+
 def describe(run: Path, stdout: str, full_params: int) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     speeds = [r["tokens_per_s"] for r in map(json.loads, (run / "metrics.jsonl").open())
@@ -41,6 +48,7 @@ def describe(run: Path, stdout: str, full_params: int) -> dict:
             "optimizer MiB": float(lora.group(2)) if lora else None,
             "params+optimizer MiB": float(state.group(1)),
             "tokens/s": sum(speeds) / max(len(speeds), 1),
+            "checkpoint MiB": checkpoint_bytes(run) / 2**20,
             "final val loss": summary["final_val_loss"]}
 
 
