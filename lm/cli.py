@@ -124,7 +124,7 @@ def cmd_import_hf(args) -> int:
 
 def cmd_export_hf(args) -> int:
     from lm.interop.hf_export import export_hf
-    return export_hf(args.run, args.out)
+    return export_hf(args.run, args.out, peft=args.peft)
 
 
 def cmd_bench(args) -> int:
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hf", help="a run's latest checkpoint -> a Hugging Face model directory")
     q.add_argument("run", help="run directory")
     q.add_argument("--out", required=True)
+    q.add_argument("--peft", action="store_true",
+                   help="a LoRA run as a PEFT adapter directory (default: merged weights)")
     q.set_defaults(fn=cmd_export_hf)
 
     _add_launch(sub)

@@ -8,6 +8,9 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            OUT/tokens.npy; nothing is downloaded
   python hf_reference.py logits TOKENS DIR...   load each DIR with transformers and
                                            write DIR/logits_hf.npy
+  python hf_reference.py peft TOKENS ADAPTER...   each PEFT adapter dir loaded onto its
+                                           base (adapter_config.json names it) with
+                                           peft.PeftModel: ADAPTER/logits_peft.npy
   python hf_reference.py chat CASES OUT    each case of CASES (JSON: [{dir, messages,
                                            add_generation_prompt}]) through AutoTokenizer's
                                            apply_chat_template: OUT gets [{text, ids}]
@@ -123,6 +126,18 @@ def reload_logits(tokens_path: Path, dirs: list[Path]) -> None:
         np.save(d / "logits_hf.npy", logits_of(model, tokens))
 
 
+def peft_logits(tokens_path: Path, adapters: list[Path]) -> None:
+    import peft
+    tokens = np.load(tokens_path)
+    for d in adapters:
+        base_dir = json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, attn_implementation="eager")
+        model = peft.PeftModel.from_pretrained(base, d)
+        model.eval()
+        np.save(d / "logits_peft.npy", logits_of(model, tokens))
+
+
 def chat(cases_path: Path, out: Path) -> None:
     result = []
     for case in json.loads(cases_path.read_text()):
@@ -139,6 +154,8 @@ if __name__ == "__main__":
         make(Path(sys.argv[2]))
     elif sys.argv[1] == "logits":
         reload_logits(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    elif sys.argv[1] == "peft":
+        peft_logits(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     elif sys.argv[1] == "chat":
         chat(Path(sys.argv[2]), Path(sys.argv[3]))
     else:

@@ -225,3 +225,45 @@ def test_export_refuses_a_model_hf_cannot_express(tmp_path, capfd):
     code, err = _err(capfd, ["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
     assert code == 2 and len(err) == 1 and "model.logit_softcap" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@needs_hf
+@pytest.mark.slow
+def test_lora_runs_export_as_peft_adapters_that_peft_loads(reference, tmp_path):
+    """`lm export hf --peft`: a LoRA fine-tune of a transformers-made model (qwen2: GQA,
+    q/k/v biases, tied embeddings) becomes an adapter directory that peft.PeftModel loads
+    onto that HF directory; a LoRA run from its own init writes its base beside the
+    adapter. Both give the lmlab adapter model's logits."""
+    from conftest import TINY, lm, sets
+
+    from lm.interop.hf_import import import_hf
+    tokens = np.load(reference / "tokens.npy")
+    common = [o for o in TINY if not o.startswith("model.")] + [
+        "steps=6", "optim.lr=3e-2", "lora.rank=4", "lora.alpha=8",
+        "lora.targets=*.mixer.w[qkvo],*.channel.w_*"]
+    assert import_hf(reference / "qwen2", tmp_path / "base") == 0
+    runs = {"hf": ["--init-from", str(reference / "qwen2")],
+            "own": sets("model.mlp.activation=swiglu", "model.n_kv_heads=1")}
+    for name, extra in runs.items():
+        result = lm("train", "--run-dir", str(tmp_path / name), *extra, *sets(*common))
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = lm("export", "hf", str(tmp_path / name), "--out", str(tmp_path / f"{name}-peft"),
+                 "--peft")
+        assert out.returncode == 0 and "PEFT LoRA adapter" in out.stdout, out.stderr[-2000:]
+    config = json.loads((tmp_path / "hf-peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(reference / "qwen2")
+    assert len(config["target_modules"]) == 2 * 7  # q k v o gate up down, 2 layers
+    assert (tmp_path / "own-peft" / "base" / "model.safetensors").is_file()
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "peft",
+                    str(reference / "tokens.npy"),
+                    *(str(tmp_path / f"{n}-peft") for n in runs)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    for name in runs:
+        want = logits_of(tmp_path / name, tokens)
+        got = np.load(tmp_path / f"{name}-peft" / "logits_peft.npy")
+        print(f"\nPEFT adapter of the {name} LoRA run: max abs logit diff "
+              f"{np.max(np.abs(got - want)):.2e}")
+        assert np.max(np.abs(got - want)) < TOL, (name, np.max(np.abs(got - want)))
+    # Not vacuous: the adapters moved the logits away from the base's.
+    base = np.load(reference / "qwen2" / "logits.npy")
+    assert np.max(np.abs(logits_of(tmp_path / "hf", tokens) - base)) > 1e-2

@@ -1,0 +1,87 @@
+"""`lm export hf RUN --out DIR --peft`: a LoRA run as a PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
+loads onto the Hugging Face base model, with the adapter model's logits.
+
+The factors are re-derived in the HF layout rather than reshaped from lmlab's: each
+adapted weight's update A @ B (lmlab layout) goes through the same conversion as the
+weight itself (lm/interop/hf_tensors.py: HF [out, in]), and its rank-r SVD (exact: the
+update has rank <= r) is split into PEFT's lora_B [out, r] and lora_A [r, in]. So every
+layout difference of the export table (transposes, head reshapes, the MLP's output
+projection stored [d_model, d_ff]) is handled in one place, the table. PEFT scales by
+lora_alpha / r, as lmlab does; a DyLoRA adapter is written at its full rank.
+
+The base: when the run's `init_from` is a Hugging Face directory, adapter_config.json
+names it (base_model_name_or_path); otherwise (an lmlab run or the run's own init) the
+frozen base is written beside the adapter as a plain HF model in DIR/base and named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lm.config import ConfigError
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def lora_factors(update: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """An [out, in] update of rank <= `rank` -> (B [out, rank], A [rank, in]), B @ A =
+    update (the SVD split evenly; zero-padded past the update's own size)."""
+    u, s, vt = np.linalg.svd(update.astype(np.float64), full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = np.sqrt(s[:r])
+    b = np.zeros((update.shape[0], rank))
+    a = np.zeros((rank, update.shape[1]))
+    b[:, :r], a[:r] = u[:, :r] * root, root[:, None] * vt[:r]
+    return b.astype(np.float32), a.astype(np.float32)
+
+
+def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
+    """The LoRA run `run` (a RunSetup; `params` its restored params) -> the adapter
+    directory out_dir (and its base, where it is not a Hugging Face directory)."""
+    from safetensors.numpy import save_file
+
+    from lm.interop.hf_config import family_for
+    from lm.interop.hf_export import write_model
+    from lm.interop.hf_tensors import entries
+    from lm.peft.lora import _key, target_paths
+    from lm.train.init_from import source_kind
+    cfg = run.cfg
+    lora = cfg.lora
+    if not lora.rank:
+        raise ConfigError(f"lm export hf --peft: {run_dir} is not a LoRA run (lora.rank = 0)")
+    family = family_for(cfg.model)
+    table = {e.path: e for e in entries(cfg.model, family)}
+    tensors, modules = {}, []
+    for path in target_paths(lora, params["base"]):
+        ad = params["adapters"][_key(path)]
+        update = np.tensordot(np.asarray(jax.device_get(ad["a"]), np.float64),
+                              np.asarray(jax.device_get(ad["b"]), np.float64), axes=1)
+        entry = table[path]
+        (hf_update,) = entry.to_hf(update)
+        b, a = lora_factors(hf_update, lora.rank)
+        module = entry.hf_names[0].removesuffix(".weight")
+        modules.append(module)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.init_from and source_kind(cfg.init_from) == "hf":
+        base, base_note = str(Path(cfg.init_from).absolute()), f"base {cfg.init_from}"
+    else:
+        base = str((out_dir / "base").absolute())
+        base_note = "base in base/ as " + write_model(out_dir / "base", cfg, run.tokenizer,
+                                                      params["base"])
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "bias": "none",
+        "target_modules": modules, "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "base_model_name_or_path": base,
+    }
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return (f"a PEFT LoRA adapter (r={lora.rank}, alpha={lora.alpha}, {len(modules)} "
+            f"modules): {ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}; {base_note}")
