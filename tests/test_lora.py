@@ -39,12 +39,20 @@ def test_merged_weights_give_the_adapter_forward():
     assert float(jnp.abs(with_adapters - without).max()) > 1e-2  # the adapters matter
 
 
-def test_only_adapters_have_optimizer_state_and_change():
+@pytest.mark.parametrize("moe", [False, True])
+def test_only_adapters_have_optimizer_state_and_change(moe):
+    """Dense, and MoE (every other layer, with the rule-based balancing bias on): the
+    base, router and its bias included, stays frozen."""
     from lm.train.setup import setup_run
     from lm.data import train_iterator
-    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
-                      data=DataConfig(seq_len=32), batch_size=4, steps=10,
-                      lora=LoRAConfig(rank=4, targets=TARGETS))
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    targets = TARGETS
+    if moe:
+        model = dataclasses.replace(model, channel_pattern="fe", moe=dataclasses.replace(
+            model.moe, n_experts=4, top_k=2, bias_rate=1e-2))
+        targets = "*.mixer.w[qkvo],blocks.0.channel.w_*"  # experts (stacked) are not adapted
+    cfg = TrainConfig(model=model, data=DataConfig(seq_len=32), batch_size=4, steps=10,
+                      lora=LoRAConfig(rank=4, targets=targets))
     run = setup_run(cfg)
     state = run.pieces.init_state()
     opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
@@ -96,6 +104,8 @@ def test_dylora_one_adapter_serves_every_rank():
     (["lora.rank=4", "lora.dropout=0.1"], "lora.dropout > 0 is not supported"),
     (["lora.rank=4", "lora.targets=*.nothing"], "matches no parameter"),
     (["lora.rank=-1"], "lora.rank must be >= 0"),
+    (["lora.rank=4", "model.channel_pattern=e", "lora.targets=*.channel.w_in"],
+     "is not a weight LoRA adapts here"),  # stacked experts
 ])
 def test_bad_lora_config_is_one_line(tmp_path, lm_here, overrides, message):
     result = lm_here("train", "--run-dir", str(tmp_path / "r"), *sets(*TINY, *overrides))

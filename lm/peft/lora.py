@@ -69,9 +69,6 @@ def validate(cfg: LoRAConfig, model_cfg) -> None:
     if model_cfg.recursion.blocks:  # its relaxations are per-layer LoRA already
         raise ConfigError("lora.rank > 0 with model.recursion.blocks > 0 is not supported "
                           "(train the model's own relaxations: model.recursion.relax_rank)")
-    if "e" in model_cfg.channel_pattern:  # (its rule-based router update needs the plain tree)
-        raise ConfigError("lora.rank > 0 with MoE layers (model.channel_pattern with 'e') is "
-                          "not supported yet")
 
 
 def _patterns(cfg: LoRAConfig) -> list[str]:

@@ -90,7 +90,9 @@ class RunPieces:
     def train_step(self):
         """The jitted, state-donating train step with explicit in/out shardings."""
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
-                               self.cfg.grad_accum, self.loss_chunk, self.cfg.model)
+                               self.cfg.grad_accum, self.loss_chunk,
+                               # LoRA freezes the whole base, MoE's balancing bias included
+                               None if self.cfg.lora.rank else self.cfg.model)
         return jax.jit(self._traced_with_mesh(step),
                        in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
