@@ -2,7 +2,8 @@
 models whose layers share K blocks (averaged from the parent's layers), with per-layer
 LoRA relaxations of several ranks (SVD of each layer's residual), each uptrained for
 --steps; the parent is trained on for the same steps as the reference, and a 2-layer
-untied model (the size of two blocks) is trained from scratch on the same total tokens.
+untied model (the size of two blocks) is trained from scratch for --steps and for the
+parent's steps + --steps (the default config's schedule over those steps).
 Prints a markdown table: stored parameters, FLOPs per token, validation loss at the
 start (eval @ 0, right after tying) and after uptraining, tokens/s.
 
@@ -86,13 +87,16 @@ def main() -> None:
         ev = evals(run)
         *counts, speed = counts_and_speed(run, out)
         rows.append([name, *counts, f"{ev[0]:.4f}", f"{ev[args.steps]:.4f}", speed])
-    # The same-size baseline: an untied model with as many layers as K=2 has blocks,
-    # trained from scratch on as many tokens as the parent and the uptraining together.
-    small, steps = work / "small", base_summary["steps"] + args.steps
-    out = train_once(small, *sets(f"steps={steps}", f"eval_every={steps}", "model.n_layers=2"))
-    *counts, speed = counts_and_speed(small, out)
-    rows.append([f"2-layer untied, from scratch ({steps} steps)", *counts, "—",
-                 f"{evals(small)[steps]:.4f}", speed])
+    # Same-size baselines: an untied model with as many layers as K=2 has blocks, trained
+    # from scratch for as many steps as the uptraining, and on as many tokens as the
+    # parent and the uptraining together.
+    for steps in (args.steps, base_summary["steps"] + args.steps):
+        small = work / f"small{steps}"
+        out = train_once(small, *sets(f"steps={steps}", f"eval_every={steps}",
+                                      "model.n_layers=2"))
+        *counts, speed = counts_and_speed(small, out)
+        rows.append([f"2-layer untied, from scratch ({steps} steps)", *counts, "—",
+                     f"{evals(small)[steps]:.4f}", speed])
     print(f"base: {base}, {base_summary['steps']} steps, final val loss "
           f"{base_summary['final_val_loss']:.4f}, {base_summary['params']:,} params; each arm "
           f"+{args.steps} steps, LR {args.lr} cosine")
