@@ -178,8 +178,12 @@ def lost_peer(detail: str) -> NoReturn:
         except Exception:  # noqa: BLE001 (the line matters more than the record)
             extra = ""
     sys.stdout.flush()
-    print(f"error: the pod lost {lost}" + (f"; {extra}" if extra else ""), file=sys.stderr,
-          flush=True)
+    sys.stderr.flush()
+    # One write(2) of the whole line: a native thread (the coordination service's log)
+    # may write to the same fd meanwhile, and a line split across writes (print's text,
+    # then its newline, when stderr is unbuffered) can get its log line glued on.
+    line = f"error: the pod lost {lost}" + (f"; {extra}" if extra else "") + "\n"
+    os.write(2, line.encode())
     os._exit(EXIT_POD_PEER_LOST)
 
 
