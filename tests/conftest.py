@@ -120,6 +120,32 @@ def assert_train_refused(lm_here, run: Path, overrides: list[str], message: str)
     assert not run.exists()
 
 
+def overfit_losses(model, tx, tokens_BT, steps: int) -> list[float]:
+    """Next-token loss of `model` trained by optax `tx` on one batch, per step (the
+    overfit check of a model or an optimizer)."""
+    import jax
+    import optax
+    from flax import nnx
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+
+    def loss_fn(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens_BT[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    state, losses = tx.init(params), []
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    return losses
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

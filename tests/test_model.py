@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import overfit_losses
 from flax import nnx
 
 from lm.config import ModelConfig
@@ -150,27 +151,7 @@ def test_every_block_variant_overfits_a_tiny_batch(position, qk_norm, parallel, 
         TINY, norm_position=position, qk_norm=qk_norm, parallel_block=parallel, init=init,
         layernorm_scaling=position == "pre" and parallel, mlp=MLPConfig("swiglu" if qk_norm else "gelu"),
         norm="layer" if init == "mup" else "rms", tie_embeddings=not parallel)
-    model = make(cfg)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    x = tokens(4, 16, seed=7)
-    tx = optax.adam(1e-2)
-
-    def loss_fn(p):
-        logits, _ = nnx.merge(graphdef, p)(x[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, s):
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
-    state = tx.init(params)
-    losses = []
-    for _ in range(40):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    losses = overfit_losses(make(cfg), optax.adam(1e-2), tokens(4, 16, seed=7), 40)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, TINY, assert_train_refused, lm, sets, xla_flags
+from conftest import ROOT, TINY, assert_train_refused, lm, overfit_losses, sets, xla_flags
 from flax import nnx
 
 from lm.config import ModelConfig, OptimConfig
@@ -46,25 +46,9 @@ LRS = {"adamw": 1e-2, "lion": 5e-3, "adafactor": 1e-2, "muon": 2e-2, "sgd_sai": 
 @pytest.mark.parametrize("name", list(LRS))
 def test_each_direction_overfits_a_tiny_batch(name):
     model = Transformer(MODEL, nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
     tx = chain(name, LRS[name], axes=param_axes(model))
     x = jax.random.randint(jax.random.PRNGKey(7), (4, 17), 0, MODEL.vocab_size)
-
-    def loss_fn(p):
-        logits, _ = nnx.merge(graphdef, p)(x[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, s):
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
-
-    state, losses = tx.init(params), []
-    for _ in range(30):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
+    losses = overfit_losses(model, tx, x, 30)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 

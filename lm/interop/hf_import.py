@@ -25,7 +25,8 @@ import numpy as np
 from lm import config as config_lib
 from lm.config import ConfigError, DataConfig, TrainConfig
 from lm.interop.hf_config import model_config_from_hf
-from lm.interop.hf_tensors import IGNORABLE_SUFFIXES, entries, set_path
+from lm.interop.hf_tensors import IGNORABLE_SUFFIXES, entries
+from lm.tree import get_path, set_path
 
 
 def read_hf_config(path: Path) -> dict:
@@ -108,8 +109,8 @@ def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> d
     family = read_hf_config(hf_dir)["model_type"]
     tensors = SafetensorsDir(hf_dir)
     table = entries(cfg.model, family)
-    abstract = _get(pieces.abstract_state()["params"], prefix)
-    shardings = _get(pieces.state_shardings["params"], prefix)
+    abstract = get_path(pieces.abstract_state()["params"], prefix)
+    shardings = get_path(pieces.state_shardings["params"], prefix)
     wanted = {n for e in table for n in e.hf_names}
     missing = [n for e in table for n in e.hf_names if n not in tensors.names()]
     if missing:
@@ -123,7 +124,7 @@ def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> d
                           f"mapped model ({len(extra)} such tensor(s))")
     params: dict = {}
     for entry in table:
-        target = _get(abstract, entry.path)
+        target = get_path(abstract, entry.path)
         try:
             value = entry.to_lm([tensors.get(n) for n in entry.hf_names])
         except ValueError:  # a reshape that does not fit, experts of different shapes
@@ -134,17 +135,11 @@ def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> d
                               f"{'/'.join(map(str, entry.path))} {list(target.shape)} "
                               "(config.json and the weights disagree)")
         value = np.asarray(value).astype(target.dtype)
-        sharding = _get(shardings, entry.path)
+        sharding = get_path(shardings, entry.path)
         set_path(params, entry.path, jax.make_array_from_callback(
             value.shape, sharding, lambda idx, v=value: v[idx]))
         del value  # this tensor's host copy goes now; only its shards stay on the devices
     return params
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def fresh_state(pieces, params: dict) -> dict:

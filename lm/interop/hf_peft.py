@@ -28,18 +28,6 @@ from lm.config import ConfigError
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def lora_factors(update: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """An [out, in] update of rank <= `rank` -> (B [out, rank], A [rank, in]), B @ A =
-    update (the SVD split evenly; zero-padded past the update's own size)."""
-    u, s, vt = np.linalg.svd(update.astype(np.float64), full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = np.sqrt(s[:r])
-    b = np.zeros((update.shape[0], rank))
-    a = np.zeros((rank, update.shape[1]))
-    b[:, :r], a[:r] = u[:, :r] * root, root[:, None] * vt[:r]
-    return b.astype(np.float32), a.astype(np.float32)
-
-
 def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
     """The LoRA run `run` (a RunSetup; `params` its restored params) -> the adapter
     directory out_dir (and its base, where it is not a Hugging Face directory)."""
@@ -48,7 +36,8 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
     from lm.interop.hf_config import family_for
     from lm.interop.hf_export import write_model
     from lm.interop.hf_tensors import entries
-    from lm.peft.lora import _key, target_paths
+    from lm.peft.lora import low_rank_factors, target_paths
+    from lm.tree import path_key
     from lm.train.init_from import source_kind
     cfg = run.cfg
     lora = cfg.lora
@@ -58,12 +47,12 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
     table = {e.path: e for e in entries(cfg.model, family)}
     tensors, modules = {}, []
     for path in target_paths(lora, params["base"]):
-        ad = params["adapters"][_key(path)]
+        ad = params["adapters"][path_key(path)]
         update = np.tensordot(np.asarray(jax.device_get(ad["a"]), np.float64),
                               np.asarray(jax.device_get(ad["b"]), np.float64), axes=1)
         entry = table[path]
-        (hf_update,) = entry.to_hf(update)
-        b, a = lora_factors(hf_update, lora.rank)
+        (hf_update,) = entry.to_hf(update)  # [out, in]
+        b, a = map(np.asarray, low_rank_factors(hf_update, lora.rank))
         module = entry.hf_names[0].removesuffix(".weight")
         modules.append(module)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a

@@ -100,15 +100,3 @@ def entries(cfg: ModelConfig, family: str) -> list[Entry]:
 # Tensors some checkpoints carry that hold nothing lmlab needs: RoPE's inverse
 # frequencies (recomputed from rope_theta) and, for tied embeddings, a copy of the table.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def get_path(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.tree import get_path, leaf_paths, path_key, set_path, with_pure_params
 
 if TYPE_CHECKING:
     from lm.config import ModelConfig
@@ -123,62 +124,46 @@ def _relaxable(block_params: dict) -> list[tuple[tuple, int]]:
     relaxation is exactly the untied model). Other matrices (a Mamba-2 block's
     projections) stay strictly shared."""
     from lm.peft.lora import FAN_IN, NDIM
-    out = []
-
-    def walk(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(value, prefix + (key,))
-            elif NDIM.get(key) == value.ndim:
-                out.append((prefix + (key,), FAN_IN[key]))
-            elif value.ndim == 1:
-                out.append((prefix + (key,), 0))
-    walk(block_params, ())
-    return out
+    return [(path, FAN_IN[path[-1]] if NDIM.get(path[-1]) == leaf.ndim else 0)
+            for path, leaf in leaf_paths(block_params)
+            if NDIM.get(path[-1]) == leaf.ndim or leaf.ndim == 1]
 
 
-def _delta(ad: dict) -> jax.Array:
-    """A relaxation's update: A @ B, or a vector's own delta."""
-    if "delta" in ad:
-        return ad["delta"]
-    return jnp.tensordot(ad["a"], ad["b"], axes=1)
-
-
-def _key(path: tuple) -> str:
-    return "-".join(map(str, path))
-
-
-def _lora_init(key, w, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
-    """A ~ N(0, 1 / fan_in), B = 0: the relaxation starts at zero (the LoRA init)."""
-    shape_in = w.shape[:fan_in_axes]
-    a = jax.random.normal(key, shape_in + (rank,), jnp.float32) / math.sqrt(math.prod(shape_in))
-    return a.astype(w.dtype), jnp.zeros((rank,) + w.shape[fan_in_axes:], w.dtype)
+def _relax(block: dict, adapters) -> dict:
+    """A block's params (a pure dict, updated in place) plus one layer's relaxation:
+    A @ B on each matrix, a vector's own delta. `adapters`: arrays or nnx Params."""
+    for path, _ in _relaxable(block):
+        ad = adapters[path_key(path)]
+        w = get_path(block, path)
+        update = (ad["delta"][...] if "delta" in ad
+                  else jnp.tensordot(ad["a"][...], ad["b"][...], axes=1))
+        set_path(block, path, w + update.astype(w.dtype))
+    return block
 
 
 class Relaxations(nnx.Module):
-    """Per layer, (A, B) for each relaxable matrix of its block."""
+    """Per layer, (A, B) for each relaxable matrix of its block, a delta per vector."""
 
     def __init__(self, cfg: "ModelConfig", blocks, rngs: nnx.Rngs):
-        r = cfg.recursion.relax_rank
-        state = nnx.state(blocks[0], nnx.Param)
+        from lm.peft.lora import init_pair
+        state = nnx.state(blocks[0], nnx.Param)  # every block has the same shapes
         axes = {p: tuple(v.get_metadata()["logical_axes"]) for p, v in nnx.to_flat_state(state)}
-        paths = _relaxable(nnx.to_pure_dict(state))
+        block = nnx.to_pure_dict(state)
+        paths = _relaxable(block)
         if not paths:
             raise ConfigError("model.recursion.relax_rank > 0, but the blocks have no "
                               "attention or MLP matrices to relax")
-        self.paths = tuple(p for p, _ in paths)
         layers = []
-        for i in range(cfg.n_layers):
-            block = nnx.to_pure_dict(nnx.state(blocks[block_of(cfg, i)], nnx.Param))
+        for _ in range(cfg.n_layers):
             adapters = {}
             for path, k in paths:
-                w = _get(block, path)
+                w = get_path(block, path)
                 if not k:
-                    adapters[_key(path)] = nnx.Dict(delta=nnx.Param(
+                    adapters[path_key(path)] = nnx.Dict(delta=nnx.Param(
                         jnp.zeros_like(w), logical_axes=axes[path]))
                     continue
-                a, b = _lora_init(rngs.params(), w, k, r)
-                adapters[_key(path)] = nnx.Dict(
+                a, b = init_pair(rngs.params(), w, k, cfg.recursion.relax_rank)
+                adapters[path_key(path)] = nnx.Dict(
                     a=nnx.Param(a, logical_axes=axes[path][:k] + (None,)),
                     b=nnx.Param(b, logical_axes=(None,) + axes[path][k:]))
             layers.append(nnx.Dict(adapters))
@@ -192,26 +177,7 @@ def layer_block(model, layer: int):
     block = model.blocks[block_of(cfg, layer)]
     if not cfg.recursion.relax_rank:
         return block
-    graphdef, state = nnx.split(block)
-    pure = nnx.to_pure_dict(state)
-    adapters = model.relax.layers[layer]
-    for path in model.relax.paths:
-        ad = {name: v[...] for name, v in adapters[_key(path)].items()}
-        node = _get(pure, path[:-1])
-        w = node[path[-1]]
-        node[path[-1]] = w + _delta(ad).astype(w.dtype)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    _get(tree, path[:-1])[path[-1]] = value
+    return with_pure_params(block, lambda pure: _relax(pure, model.relax.layers[layer]))
 
 
 def untie(params: dict, cfg: "ModelConfig") -> dict:
@@ -222,26 +188,19 @@ def untie(params: dict, cfg: "ModelConfig") -> dict:
     out = {k: v for k, v in params.items() if k not in ("blocks", "relax")}
     out["blocks"] = {}
     for i in range(cfg.n_layers):
-        layer = jax.tree.map(lambda x: x, params["blocks"][block_of(cfg, i)])
+        layer = jax.tree.map(lambda x: x, params["blocks"][block_of(cfg, i)])  # a copy
         if cfg.recursion.relax_rank:
-            for key, ad in params["relax"]["layers"][i].items():
-                path = tuple(key.split("-"))
-                w = _get(layer, path)
-                _set(layer, path, w + _delta(ad).astype(w.dtype))
+            layer = _relax(layer, params["relax"]["layers"][i])
         out["blocks"][i] = layer
     return out
 
 
 def _svd_init(residual, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
-    """The rank-`rank` truncated SVD of `residual`, split evenly: A = U sqrt(S),
-    B = sqrt(S) V^T (zero-padded past the matrix's own rank)."""
+    """The rank-`rank` truncated SVD of `residual` as (A [fan-in..., rank],
+    B [rank, fan-out...])."""
+    from lm.peft.lora import low_rank_factors
     shape_in, shape_out = residual.shape[:fan_in_axes], residual.shape[fan_in_axes:]
-    m = residual.astype(jnp.float32).reshape(math.prod(shape_in), math.prod(shape_out))
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = jnp.sqrt(s[:r])
-    a = jnp.zeros((m.shape[0], rank), jnp.float32).at[:, :r].set(u[:, :r] * root)
-    b = jnp.zeros((rank, m.shape[1]), jnp.float32).at[:r].set(root[:, None] * vt[:r])
+    a, b = low_rank_factors(residual.reshape(math.prod(shape_in), math.prod(shape_out)), rank)
     return (a.reshape(shape_in + (rank,)).astype(residual.dtype),
             b.reshape((rank,) + shape_out).astype(residual.dtype))
 
@@ -259,22 +218,24 @@ def tie(parent: dict, cfg: "ModelConfig", seed: int = 0) -> dict:
                      for k, group in enumerate(groups)}
     rank = cfg.recursion.relax_rank
     if rank:
+        from lm.peft.lora import init_pair
         key = jax.random.key(seed)
         layers = {}
         for i in range(cfg.n_layers):
             k = block_of(cfg, i)
             adapters = {}
             for path, fan_in in _relaxable(out["blocks"][k]):
-                shared, own = _get(out["blocks"][k], path), _get(parent["blocks"][i], path)
+                shared = get_path(out["blocks"][k], path)
+                own = get_path(parent["blocks"][i], path)
                 if not fan_in:
-                    adapters[_key(path)] = {"delta": own - shared}
+                    adapters[path_key(path)] = {"delta": own - shared}
                     continue
                 if len(groups[k]) == 1:
                     key, sub = jax.random.split(key)
-                    a, b = _lora_init(sub, shared, fan_in, rank)
+                    a, b = init_pair(sub, shared, fan_in, rank)
                 else:
                     a, b = _svd_init(own - shared, fan_in, rank)
-                adapters[_key(path)] = {"a": a, "b": b}
+                adapters[path_key(path)] = {"a": a, "b": b}
             layers[i] = adapters
         out["relax"] = {"layers": layers}
     return out

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.tree import get_path, leaf_paths, path_key, set_path, with_pure_params
 
 # Leading (contracted) axes of each adaptable weight, by its name in the parameter tree,
 # and its number of axes (stacked MoE experts, 3-D w_in, are not adapted).
@@ -79,7 +80,7 @@ def target_paths(cfg: LoRAConfig, base_params: dict) -> list[tuple]:
     """The paths of the base parameters that get adapters (ConfigError if none, or if a
     pattern names a weight LoRA cannot adapt, e.g. stacked MoE experts)."""
     out = []
-    for path, leaf in _flat(base_params):
+    for path, leaf in leaf_paths(base_params):
         name = ".".join(map(str, path))
         if not any(fnmatch.fnmatchcase(name, p) for p in _patterns(cfg)):
             continue
@@ -92,22 +93,24 @@ def target_paths(cfg: LoRAConfig, base_params: dict) -> list[tuple]:
     return out
 
 
-def _flat(tree: dict, prefix: tuple = ()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
+def low_rank_factors(m, rank: int) -> tuple[jax.Array, jax.Array]:
+    """A 2-D matrix's best rank-`rank` factors (truncated SVD, split evenly): L = U sqrt(S)
+    [rows, rank], R = sqrt(S) V^T [rank, cols], L @ R ~ m (exact when m's rank is at most
+    `rank`); zero-padded past the matrix's own size. In float32."""
+    u, s, vt = jnp.linalg.svd(jnp.asarray(m, jnp.float32), full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = jnp.sqrt(s[:r])
+    left = jnp.zeros((m.shape[0], rank), jnp.float32).at[:, :r].set(u[:, :r] * root)
+    right = jnp.zeros((rank, m.shape[1]), jnp.float32).at[:r].set(root[:, None] * vt[:r])
+    return left, right
 
 
-def _key(path: tuple) -> str:
-    return "-".join(map(str, path))
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
+def init_pair(key, w, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
+    """The adapter of weight `w` at its init: A [fan-in..., rank] ~ N(0, 1 / fan_in),
+    B [rank, fan-out...] = 0, so the update A @ B starts at 0."""
+    shape_in = w.shape[:fan_in_axes]
+    a = jax.random.normal(key, shape_in + (rank,), jnp.float32) / math.sqrt(math.prod(shape_in))
+    return a.astype(w.dtype), jnp.zeros((rank,) + w.shape[fan_in_axes:], w.dtype)
 
 
 class LoRAModel(nnx.Module):
@@ -125,14 +128,11 @@ class LoRAModel(nnx.Module):
         self.targets = tuple(target_paths(lora, base))
         adapters = {}
         for path in self.targets:
-            w, axes, k = _get(base, path), tuple(flat_axes[path]), FAN_IN[path[-1]]
-            fan_in = math.prod(w.shape[:k])
-            a = jax.random.normal(rngs.params(), w.shape[:k] + (lora.rank,), jnp.float32)
-            adapters[_key(path)] = nnx.Dict(
-                a=nnx.Param((a / math.sqrt(fan_in)).astype(w.dtype),
-                            logical_axes=axes[:k] + (None,)),
-                b=nnx.Param(jnp.zeros((lora.rank,) + w.shape[k:], w.dtype),
-                            logical_axes=(None,) + axes[k:]))
+            axes, k = tuple(flat_axes[path]), FAN_IN[path[-1]]
+            a, b = init_pair(rngs.params(), get_path(base, path), k, lora.rank)
+            adapters[path_key(path)] = nnx.Dict(
+                a=nnx.Param(a, logical_axes=axes[:k] + (None,)),
+                b=nnx.Param(b, logical_axes=(None,) + axes[k:]))
         self.adapters = nnx.Dict(adapters)
 
     def active_rank(self, tokens_BT) -> jax.Array:
@@ -147,7 +147,7 @@ class LoRAModel(nnx.Module):
 
     def delta(self, path, r) -> jax.Array:
         """scale * A[..., :r] @ B[:r] (a mask, so r may be traced), scale = alpha / r."""
-        ad = self.adapters[_key(path)]
+        ad = self.adapters[path_key(path)]
         a, b = ad["a"][...], ad["b"][...]
         keep = (jnp.arange(self.rank) < r).astype(a.dtype)
         scale = self.alpha / r.astype(jnp.float32)
@@ -156,15 +156,13 @@ class LoRAModel(nnx.Module):
     def merged(self, tokens_BT):
         """The base Transformer with effective weights W0 + scale * A @ B (W0 frozen)."""
         r = self.active_rank(tokens_BT)
-        graphdef, state = nnx.split(self.base)
-        pure = jax.tree.map(jax.lax.stop_gradient, nnx.to_pure_dict(state))
-        for path in self.targets:
-            node = pure
-            for k in path[:-1]:
-                node = node[k]
-            node[path[-1]] = node[path[-1]] + self.delta(path, r)
-        nnx.replace_by_pure_dict(state, pure)
-        return nnx.merge(graphdef, state)
+
+        def effective(pure):
+            pure = jax.tree.map(jax.lax.stop_gradient, pure)
+            for path in self.targets:
+                set_path(pure, path, get_path(pure, path) + self.delta(path, r))
+            return pure
+        return with_pure_params(self.base, effective)
 
     def __call__(self, tokens_BT, *args, **kwargs):
         return self.merged(tokens_BT)(tokens_BT, *args, **kwargs)
@@ -189,12 +187,10 @@ def merged_params(model_cfg, lora: LoRAConfig, params: dict) -> dict:
     r = lora.eval_rank or lora.rank
     scale = lora.alpha / r
     for path in target_paths(lora, base):
-        ad = params["adapters"][_key(path)]
-        node = base
-        for k in path[:-1]:
-            node = node[k]
+        ad = params["adapters"][path_key(path)]
+        w = get_path(base, path)
         delta = scale * jnp.tensordot(ad["a"][..., :r], ad["b"][:r], axes=1)
-        node[path[-1]] = node[path[-1]] + delta.astype(node[path[-1]].dtype)
+        set_path(base, path, w + delta.astype(w.dtype))
     return base
 
 

@@ -86,6 +86,14 @@ def initial_summary(cfg: TrainConfig, start: int, previous: dict, **extra) -> di
     }
 
 
+def due(cfg: TrainConfig, step: int, signum) -> tuple[bool, bool]:
+    """(evaluate now, save now) after `step`: on their intervals, at the last step, and
+    a save when a stop signal arrived."""
+    last = step == cfg.steps
+    return (step % cfg.eval_every == 0 or last,
+            step % cfg.checkpoint_every == 0 or last or bool(signum))
+
+
 def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
     nll_sum, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
@@ -361,8 +369,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                     faults.settled(pending[0])
                 pending = (step, metrics)
                 signum = stop.requested(step)
-                evaluate_now = step % cfg.eval_every == 0 or step == cfg.steps
-                save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps or signum
+                evaluate_now, save_now = due(cfg, step, signum)
                 if evaluate_now or save_now:
                     # The next step would take (donate) this state: verify it first.
                     pending = None

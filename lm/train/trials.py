@@ -431,7 +431,7 @@ class _AllCheckpointers:
 
 def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag,
            Faults) -> list[int]:
-    from lm.train.loop import initial_summary, write_json
+    from lm.train.loop import due, initial_summary, write_json
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
     first = group.setup.cfg
     names = [c.name for c in cfgs]
@@ -551,8 +551,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                     faults.settled(pending[0])
                 pending = (step, metrics)
                 signum = stop.requested(step)
-                evaluate_now = step % first.eval_every == 0 or step == first.steps
-                save_now = step % first.checkpoint_every == 0 or step == first.steps or signum
+                evaluate_now, save_now = due(first, step, signum)
                 if evaluate_now or save_now:
                     pending = None
                     settle(step, metrics)
