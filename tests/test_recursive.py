@@ -213,3 +213,14 @@ def test_recursive_model_trains_with_the_standard_step(tmp_path):
     assert float(jnp.abs(params["relax"]["layers"][3]["channel-w_in"]["b"]).max()) > 0
     losses = train_losses(run)
     assert losses[8] < losses[2]
+
+
+def test_blocks_of_different_mixers_each_get_their_own_relaxations():
+    """mixer_pattern "am" over 2 cycled blocks: block 0 attention, block 1 Mamba-2; each
+    layer's relaxation covers its own block's parameters."""
+    cfg = dataclasses.replace(PARENT, mixer_pattern="am",
+                              recursion=Recursion(blocks=2, relax_rank=2))
+    model = Transformer(cfg, nnx.Rngs(0))
+    assert "mixer-wq" in model.relax.layers[0] and "mixer-wq" not in model.relax.layers[1]
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, PARENT.vocab_size)
+    assert bool(jnp.all(jnp.isfinite(model(tokens)[0])))

@@ -146,15 +146,15 @@ class Relaxations(nnx.Module):
 
     def __init__(self, cfg: "ModelConfig", blocks, rngs: nnx.Rngs):
         from lm.peft.lora import init_pair
-        state = nnx.state(blocks[0], nnx.Param)  # every block has the same shapes
-        axes = {p: tuple(v.get_metadata()["logical_axes"]) for p, v in nnx.to_flat_state(state)}
-        block = nnx.to_pure_dict(state)
-        paths = _relaxable(block)
-        if not paths:
-            raise ConfigError("model.recursion.relax_rank > 0, but the blocks have no "
-                              "attention or MLP matrices to relax")
+        per_block = []  # (params, logical axes, relaxable paths) of each block
+        for blk in blocks:  # (blocks may differ: mixer_pattern "am" over 2 blocks)
+            state = nnx.state(blk, nnx.Param)
+            pure = nnx.to_pure_dict(state)
+            per_block.append((pure, {p: tuple(v.get_metadata()["logical_axes"])
+                                     for p, v in nnx.to_flat_state(state)}, _relaxable(pure)))
         layers = []
-        for _ in range(cfg.n_layers):
+        for i in range(cfg.n_layers):
+            block, axes, paths = per_block[block_of(cfg, i)]
             adapters = {}
             for path, k in paths:
                 w = get_path(block, path)

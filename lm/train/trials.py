@@ -48,7 +48,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kernels.dispatch import compiling_for
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
@@ -56,7 +55,6 @@ from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
 from lm.model import flops_per_token, logit_layers
 from lm.optim import make_optimizer, schedule
-from lm.parallel.sharding import activation_sharding
 from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
@@ -236,17 +234,6 @@ class Group:
         return (cfg, make_optimizer(cfg.optim, cfg.model, self.pieces.axes, cfg.steps),
                 schedule(cfg.optim, cfg.steps))
 
-    def _traced(self, fn):
-        """fn with the mesh's activation constraints and the kernels of its platform
-        (a TPU topology's when compiling for one from this host)."""
-        mesh, rules = self.pieces.mesh, self.pieces.rules
-        platform = self.pieces.target_platform or mesh.devices.flat[0].platform
-
-        def wrapped(*args):
-            with activation_sharding(mesh, rules), compiling_for(platform):
-                return fn(*args)
-        return wrapped
-
     def _vmap(self, fn, in_axes):
         return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=self.axes or None)
 
@@ -262,7 +249,7 @@ class Group:
         def init(values):
             return {"trials": self._vmap(init_one, 0)(values),
                     "alive": jnp.ones([self.k], bool)}
-        return jax.jit(self._traced(init), in_shardings=(self.values_sharding(),),
+        return jax.jit(self.pieces._traced_with_mesh(init), in_shardings=(self.values_sharding(),),
                        out_shardings=self.state_shardings())
 
     def step_fn(self):
@@ -284,7 +271,7 @@ class Group:
                 new, group["trials"])
             return {"trials": trials, "alive": keep}, metrics
 
-        return jax.jit(self._traced(step),
+        return jax.jit(self.pieces._traced_with_mesh(step),
                        in_shardings=(self.state_shardings(), self.values_sharding(),
                                      self.batch_sharding()),
                        out_shardings=(self.state_shardings(), NamedSharding(pieces.mesh, P())),
@@ -292,7 +279,7 @@ class Group:
 
     def eval_fn(self):
         single = make_eval_step(self.pieces.graphdef, self.pieces.loss_chunk)
-        return jax.jit(self._traced(self._vmap(single, (0, None))),
+        return jax.jit(self.pieces._traced_with_mesh(self._vmap(single, (0, None))),
                        in_shardings=(self.state_shardings()["trials"]["params"],
                                      self.pieces.batch_sharding))
 
