@@ -15,10 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from lm.config import ConfigError, validate
+from lm.config import ConfigError
 from lm.data import eval_batches
-from lm.evals.overrides import eval_time_config
-from lm.train.state import build
+from lm.evals.overrides import eval_time_pieces
 from lm.train.step import token_losses
 
 CURVE_BINS = 64
@@ -57,8 +56,8 @@ def loss_by_length(run, params, lengths: list[int], overrides: list[str], *,
     tokens = batch_tokens or run.cfg.batch_size * run.cfg.data.seq_len
     out = []
     for length in lengths:
-        cfg = validate(eval_time_config(run.cfg, overrides, length))
-        pieces = build(cfg, mesh)
+        pieces = eval_time_pieces(run, overrides, length)
+        cfg = pieces.cfg
         fn = pieces.params_batch_fn("loss_by_position",
                                     _per_position(pieces.graphdef, pieces.loss_chunk))
         sums, counts = np.zeros(length), np.zeros(length)

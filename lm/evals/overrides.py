@@ -39,12 +39,18 @@ def eval_time_config(cfg: TrainConfig, overrides: list[str], length: int = 0) ->
     return dataclasses.replace(cfg, model=m)
 
 
-def eval_time_graphdef(run, overrides: list[str]):
-    """(graphdef, config) of a restored run with eval-time overrides (the run's own
-    without any); the run's parameters fit it unchanged."""
-    if not overrides:
-        return run.pieces.graphdef, run.cfg
+def eval_time_pieces(run, overrides: list[str], length: int = 0):
+    """The RunPieces of a restored run with eval-time overrides (and rows of `length`),
+    on the run's mesh; the run's parameters fit them unchanged."""
     from lm.config import validate
     from lm.train.state import build
-    cfg = validate(eval_time_config(run.cfg, overrides))
-    return build(cfg, run.pieces.mesh).graphdef, cfg
+    return build(validate(eval_time_config(run.cfg, overrides, length)), run.pieces.mesh)
+
+
+def eval_time_graphdef(run, overrides: list[str]):
+    """(graphdef, config) of a restored run with eval-time overrides (the run's own
+    without any)."""
+    if not overrides:
+        return run.pieces.graphdef, run.cfg
+    pieces = eval_time_pieces(run, overrides)
+    return pieces.graphdef, pieces.cfg

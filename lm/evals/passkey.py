@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.config import ConfigError, validate
+from lm.config import ConfigError
 from lm.data import passkey
 from lm.evals.lengths import rows_per_batch
-from lm.evals.overrides import eval_time_config
-from lm.train.state import build
+from lm.evals.overrides import eval_time_pieces
 
 
 def parse_depths(text: str) -> list[float]:
@@ -83,8 +82,7 @@ def run_passkey(run, params, lengths: list[int], depths: list[float], overrides:
     mesh, tok = run.pieces.mesh, run.tokenizer
     acc, cells = [], []
     for length in lengths:
-        cfg = validate(eval_time_config(run.cfg, overrides, length))
-        pieces = build(cfg, mesh)
+        pieces = eval_time_pieces(run, overrides, length)
         fn = pieces.params_batch_fn("passkey_argmax", _argmax_fn(pieces.graphdef))
         rows = make_trials(tok, length, depths, n, seed)
         bs = rows_per_batch(run.cfg.batch_size * run.cfg.data.seq_len, length, mesh.size)

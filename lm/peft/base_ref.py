@@ -106,8 +106,6 @@ def load_base(pieces, ref: dict | None = None) -> tuple[dict, dict]:
         if not (path / "config.json").is_file():
             raise ConfigError(f"the run {path} is gone (no config.json there)")
         step, base = _run_params(path, pieces, None if pinning else ref["step"])
-        if pinning:
-            print(f"initialised from {path} (checkpoint step {step})", flush=True)
         return {**ref, "step": step}, base
     raise ConfigError(f"unknown kind of base {kind!r}")
 

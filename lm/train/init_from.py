@@ -84,8 +84,7 @@ def initial_state(pieces) -> dict:
     elif source_kind(str(source)) == "hf":
         base = load_params(source, cfg, pieces)
     else:
-        step, base = _run_params(source, pieces)
-        print(f"initialised from {source} (checkpoint step {step})", flush=True)
+        _, base = _run_params(source, pieces)
     return fresh_state(pieces, base)
 
 
@@ -123,9 +122,11 @@ def _run_params(source: Path, pieces, step: int | None = None) -> tuple[int, dic
         ckpt.close()
     if restored is None:
         raise ConfigError(f"init_from={source}: the run has no checkpoint yet")
-    step, state = restored
+    got, state = restored
+    if step is None:  # a fine-tune's first start (a pinned step is a LoRA base's rebuild)
+        print(f"initialised from {source} (checkpoint step {got})", flush=True)
     params = state["params"] if merge is None else jax.jit(merge)(state["params"])
-    return step, _converted(params, src_cfg.model, pieces)
+    return got, _converted(params, src_cfg.model, pieces)
 
 
 def _converted(params: dict, source_model, pieces) -> dict:
@@ -155,6 +156,5 @@ _FREE_MODEL_FIELDS = {"model.remat", "model.compute_dtype",
                       # sees change, its parameters do not.
                       "model.max_seq_len", "model.rope_theta", "model.attention.window",
                       "model.attention.sinks",
-                      *(f"model.rope_scaling.{f}" for f in (
-                          "type", "factor", "original_max_seq_len", "low_freq_factor",
-                          "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"))}
+                      *(f"model.rope_scaling.{f.name}"
+                        for f in dataclasses.fields(config_lib.RopeScaling))}

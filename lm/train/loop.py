@@ -67,11 +67,11 @@ def write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def initial_summary(cfg: TrainConfig, start: int, previous: dict, **extra) -> dict:
-    """summary.json of a run (re)starting at `start`: sizes, FLOPs, progress, and the
-    evaluation results an earlier start recorded (`previous`). Also batched trials'."""
-    counts = count_params(cfg.model)
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+def initial_summary(cfg: TrainConfig, start: int, previous: dict, counts: dict, fpt: float,
+                    **extra) -> dict:
+    """summary.json of a run (re)starting at `start`: sizes (`counts`: count_params),
+    FLOPs (`fpt`: flops_per_token), progress, and the evaluation results an earlier
+    start recorded (`previous`). Also batched trials'."""
     tokens = cfg.batch_size * cfg.data.seq_len
     return {
         "status": "running", "steps": start, "tokens_seen": start * tokens,
@@ -271,7 +271,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     optim_line, optim_bytes = optim_lib.describe(cfg.optim, cfg.model, pieces.abstract_state())
     summary_path = run_dir / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary = initial_summary(cfg, start, previous, optimizer_state_bytes_per_param=optim_bytes)
+    summary = initial_summary(cfg, start, previous, counts, fpt,
+                              optimizer_state_bytes_per_param=optim_bytes)
     write_json(summary_path, summary)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
     print(f"{cfg.name}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding"

@@ -99,10 +99,7 @@ class RunPieces:
                        donate_argnums=0)
 
     def eval_step(self):
-        return self._jit("eval", lambda: jax.jit(
-            self._traced_with_mesh(make_eval_step(self.graphdef, self.loss_chunk)),
-            in_shardings=(self.state_shardings["params"], self.batch_sharding),
-            out_shardings=replicated(self.mesh)))
+        return self.params_batch_fn("eval", make_eval_step(self.graphdef, self.loss_chunk))
 
     def params_batch_fn(self, name: str, fn: Callable):
         """fn(params, batch) -> replicated outputs, jitted on this mesh like eval_step:
@@ -120,10 +117,7 @@ class RunPieces:
     def compile_train_step(self):
         """Ahead-of-time compiled train step and its per-device memory estimate (bytes)."""
         compiled = self.train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
-        mem = compiled.memory_analysis()
-        estimate = {k: getattr(mem, f"{k}_size_in_bytes", None)
-                    for k in ("argument", "output", "temp", "alias")} if mem else {}
-        return compiled, estimate
+        return compiled, memory_estimate(compiled)
 
     def global_batch(self, local: dict) -> dict:
         """This process's rows of a batch -> global arrays sharded over the mesh."""
@@ -135,6 +129,14 @@ class RunPieces:
         return {k: jax.make_array_from_callback(v.shape, self.batch_sharding,
                                                 lambda idx, v=v: np.asarray(v[idx]))
                 for k, v in full.items()}
+
+
+def memory_estimate(compiled) -> dict:
+    """A compiled step's per-device memory analysis (bytes; {} where the backend has
+    none)."""
+    mem = compiled.memory_analysis()
+    return {k: getattr(mem, f"{k}_size_in_bytes", None)
+            for k in ("argument", "output", "temp", "alias")} if mem else {}
 
 
 def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
@@ -158,17 +160,15 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     abstract = nnx.eval_shape(lambda: make_model(cfg, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract)
     axes = param_axes(abstract)
-    p_sh = param_shardings(axes, nnx.to_pure_dict(abstract_params), mesh, rules)
-    tx = inner = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
-    inner_sh = p_sh
+    pure = nnx.to_pure_dict(abstract_params)
+    p_sh = param_shardings(axes, pure, mesh, rules)
+    tx = make_optimizer(cfg.optim, cfg.model, axes, cfg.steps)
+    inner_sh, inner_params = p_sh, pure  # what the optimizer's state is shaped like
     if cfg.lora.rank:  # optimizer state for the adapters only (lm/peft/lora.py)
         from lm.peft.lora import adapter_optimizer
-        inner = make_optimizer(cfg.optim, cfg.model, axes["adapters"], cfg.steps)
-        tx, inner_sh = adapter_optimizer(inner), p_sh["adapters"]
-    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
-    inner_params = nnx.to_pure_dict(abstract_params)
-    if cfg.lora.rank:
-        inner_params = inner_params["adapters"]
+        tx = adapter_optimizer(make_optimizer(cfg.optim, cfg.model, axes["adapters"], cfg.steps))
+        inner_sh, inner_params = p_sh["adapters"], pure["adapters"]
+    abstract_opt = jax.eval_shape(tx.init, pure)
     opt_sh = optim_state_shardings(abstract_opt, inner_params, inner_sh, replicated(mesh))
     state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
                 "rng": replicated(mesh)}

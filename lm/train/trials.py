@@ -53,13 +53,14 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
-from lm.model import flops_per_token, logit_layers
+from lm.model import count_params, flops_per_token, logit_layers
 from lm.optim import make_optimizer, schedule
 from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
 from lm.train.setup import check_resumable, setup_run, with_vocab
+from lm.train.state import memory_estimate
 from lm.train.step import make_eval_step, make_train_step
 
 # Fields that may differ between the trials of a group and enter the step as traced
@@ -302,9 +303,7 @@ class Group:
         """The AOT-compiled group step and its per-device memory (bytes)."""
         compiled = self.step_fn().lower(self.abstract_state(), self.abstract_values(),
                                         self.abstract_batch()).compile()
-        mem = compiled.memory_analysis()
-        return compiled, ({k: getattr(mem, f"{k}_size_in_bytes", None)
-                           for k in ("argument", "output", "temp", "alias")} if mem else {})
+        return compiled, memory_estimate(compiled)
 
 
 def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
@@ -432,14 +431,15 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
         print(f"resumed {k} trials from step {start}", flush=True)
     batches.start_prefetch()
 
+    # One model shape and sequence length for the group (group_key): its sizes once.
+    counts, fpt = count_params(first.model), flops_per_token(first.model, first.data.seq_len)
     summaries, sinks = [], []
     for c, d in zip(cfgs, dirs):
         path = d / "summary.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
-        summaries.append(initial_summary(c, start, previous, batched_with=names))
+        summaries.append(initial_summary(c, start, previous, counts, fpt, batched_with=names))
         write_json(path, summaries[-1])
         sinks.append(MetricsSink(d, c.tensorboard, resume_step=start))
-    fpt = flops_per_token(first.model, first.data.seq_len)
     peak, _ = device_peak_flops()
     tokens_per_step = first.batch_size * first.data.seq_len
     print(f"{k} trials batched as one program ({'one shared' if group.shared_data else 'own'} "
@@ -465,21 +465,23 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
         window.update(t=time.perf_counter(), step=step)
 
     def settle(step: int, metrics) -> None:
-        host = jax.tree.map(np.asarray, jax.device_get(metrics))
+        # Every step reads back only what divergence needs; the whole tree on log steps.
+        loss, finite = map(np.asarray, jax.device_get((metrics["loss"], metrics["finite"])))
         for i in range(k):
             if status[i] is not None:
                 continue
-            if not host["finite"][i]:
+            if not finite[i]:
                 status[i] = f"diverged at step {step}"
                 codes[i] = EXIT_DIVERGED
                 alive[i] = False
-                print(f"trial {names[i]}: non-finite step {step} (loss {host['loss'][i]}): "
+                print(f"trial {names[i]}: non-finite step {step} (loss {loss[i]}): "
                       "masked; its last good checkpoint is kept", flush=True)
                 continue
             summaries[i].update(steps=step, tokens_seen=step * tokens_per_step,
                                 training_flops=fpt * step * tokens_per_step)
         if step % first.log_every and step != first.steps:
             return
+        host = jax.tree.map(np.asarray, jax.device_get(metrics))
         step_time = (time.perf_counter() - window["t"]) / max(step - window["step"], 1)
         restart_window(step)
         tps = tokens_per_step / step_time  # per trial: each trial's own tokens

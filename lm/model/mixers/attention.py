@@ -32,7 +32,7 @@ from flax import nnx
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.model.mixers import SequenceMixer, register
-from lm.parallel.ring import sequence_attention_mode
+from lm.parallel.ring import ring_attention, sequence_attention_mode
 from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
 
 if TYPE_CHECKING:
@@ -214,7 +214,6 @@ class Attention(SequenceMixer):
                      self.rope_scaling)
         if cache is None and is_sharded("seq", q_BTHD.shape[1]) and \
                 sequence_attention_mode() == "ring":
-            from lm.parallel.ring import ring_attention
             out_BTHD, max_logit = ring_attention(
                 q_BTHD, *self._kv_for_heads(k_BTKD, v_BTKD), positions_BT, segment_ids_BT,
                 scale=self.scale, window=self.window, sinks=self.sinks, softcap=self.softcap)
