@@ -66,11 +66,13 @@ def make_trials(tokenizer, length: int, depths: list[float], n: int, seed: int) 
     return rows
 
 
-def _argmax_fn(graphdef):
+def _argmax_fn(graphdef, tail: int):
+    """The greedy next tokens at the last `tail` positions (only those are scored: the
+    readout of every position would be [rows, length, vocab] floats at long lengths)."""
     def fn(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"],
-                                                batch["segment_ids"])
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        model = nnx.merge(graphdef, params)
+        x, _ = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+        return jnp.argmax(model.readout(x[:, -tail:]), axis=-1).astype(jnp.int32)
     return fn
 
 
@@ -83,8 +85,9 @@ def run_passkey(run, params, lengths: list[int], depths: list[float], overrides:
     acc, cells = [], []
     for length in lengths:
         pieces = eval_time_pieces(run, overrides, length)
-        fn = pieces.params_batch_fn("passkey_argmax", _argmax_fn(pieces.graphdef))
         rows = make_trials(tok, length, depths, n, seed)
+        tail = max(len(r["answer"]) for r in rows)
+        fn = pieces.params_batch_fn("passkey_argmax", _argmax_fn(pieces.graphdef, tail))
         bs = rows_per_batch(run.cfg.batch_size * run.cfg.data.seq_len, length, mesh.size)
         right = {d: 0 for d in depths}
         for s in range(0, len(rows), bs):

@@ -162,12 +162,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     n_layers = int(_need(hf, "num_hidden_layers"))
     n_heads = int(_need(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim") or d // n_heads
+    rope_theta, rope_scaling = _rope(hf)
     kw = dict(
         vocab_size=int(_need(hf, "vocab_size")), d_model=d, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim), norm="rms", norm_position="pre",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm,
-        rope_theta=_rope(hf)[0], max_seq_len=int(_need(hf, "max_position_embeddings")),
+        rope_theta=rope_theta, max_seq_len=int(_need(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), mixer_pattern="a")
     used |= {"hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
              "vocab_size", "num_key_value_heads", "rms_norm_eps", "rope_theta",
@@ -223,7 +224,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     cfg = dataclasses.replace(
         base, **kw, attention=dataclasses.replace(base.attention, **attention),
         mlp=dataclasses.replace(base.mlp, **mlp),
-        rope_scaling=dataclasses.replace(base.rope_scaling, **_rope(hf)[1]))
+        rope_scaling=dataclasses.replace(base.rope_scaling, **rope_scaling))
     if moe is not None:
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(base.moe, **moe))
     return cfg

@@ -92,7 +92,7 @@ def validate(cfg: "OptimConfig") -> None:
 
 def validate_mup(cfg: "OptimConfig", model_cfg: "ModelConfig") -> None:
     """model.init=mup needs a direction with a muP rule (for its settings)."""
-    if model_cfg.init == "mup" and DIRECTIONS[cfg.name].mup_rule(getattr(cfg, cfg.name)) is None:
+    if model_cfg.init == "mup" and mup_rule(cfg) is None:
         raise ConfigError(f"model.init=mup: optim.name={cfg.name} has no muP rule with these "
                           f"settings (see lm/optim/{cfg.name}.py); use model.init=standard")
 
@@ -188,7 +188,7 @@ def is_hidden_matrix(axes: tuple[str, ...]) -> bool:
     return len(axes) >= 2 and "vocab" not in axes and "conv" not in axes
 
 
-def _size_ratios(cfg: "ModelConfig", axes_tree: Any) -> Any:
+def _size_ratios(cfg: "ModelConfig") -> Any:
     """Each parameter's element count at d_model = mup_base_width over its count now."""
     import dataclasses as dc
 
@@ -214,7 +214,7 @@ def lr_multipliers(axes_tree: Any, cfg: "ModelConfig", direction: str = "adamw",
     ratio = cfg.mup_base_width / cfg.d_model
     if d.mup_needs_sizes:
         return jax.tree.map(lambda axes, r: d.mup_lr_scale(ratio, axes, section, r),
-                            axes_tree, _size_ratios(cfg, axes_tree), is_leaf=is_axes)
+                            axes_tree, _size_ratios(cfg), is_leaf=is_axes)
     return jax.tree.map(lambda axes: d.mup_lr_scale(ratio, axes, section), axes_tree,
                         is_leaf=is_axes)
 

@@ -125,4 +125,4 @@ class Muon(Direction):
     def mup_lr_scale(width_ratio, axes, section, size_ratio=None) -> float:
         if muon_dims(axes) is not None:
             return math.sqrt(width_ratio)
-        return width_ratio if is_hidden_matrix(axes) else 1.0
+        return Direction.mup_lr_scale(width_ratio, axes, section)  # the Adam part

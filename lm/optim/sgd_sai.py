@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
-from lm.optim import BLOCK_AXES, Direction, is_hidden_matrix, register
+from lm.optim import BLOCK_AXES, Direction, register
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,12 @@ class SGDSaIState(NamedTuple):
     mu: Any  # the momentum, shaped like the parameters
 
 
-def block_axes(axes: tuple[str, ...]) -> tuple[int, ...]:
-    """Leading axes that index independent blocks (stacked layers, experts)."""
+def block_axes(axes: tuple[str, ...]) -> int:
+    """How many leading axes index independent blocks (stacked layers, experts)."""
     n = 0
     while n < len(axes) and axes[n] in BLOCK_AXES:
         n += 1
-    return tuple(range(n))
+    return n
 
 
 def gsnr(g: jax.Array, n_block_axes: int, eps: float) -> jax.Array:
@@ -69,7 +69,7 @@ def gsnr(g: jax.Array, n_block_axes: int, eps: float) -> jax.Array:
 
 def scale_by_sgd_sai(momentum: float, eps: float, axes_tree: Any) -> optax.GradientTransformation:
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
-    n_blocks = jax.tree.map(lambda a: len(block_axes(a)), axes_tree, is_leaf=is_axes)
+    n_blocks = jax.tree.map(block_axes, axes_tree, is_leaf=is_axes)
 
     def init_fn(params):
         return SGDSaIState(
@@ -114,5 +114,4 @@ class SGDSaI(Direction):
 
     @staticmethod
     def mup_lr_scale(width_ratio, axes, section, size_ratio=None) -> float:
-        adam = width_ratio if is_hidden_matrix(axes) else 1.0
-        return adam * math.sqrt(size_ratio)
+        return Direction.mup_lr_scale(width_ratio, axes, section) * math.sqrt(size_ratio)

@@ -197,3 +197,13 @@ class Layout:
 def checkpoint_layout(run_dir: Path, pieces) -> Layout | None:
     """The Checkpointer layout of a run: a LoRA run's, or None (the whole state)."""
     return Layout(run_dir, pieces) if pieces.cfg.lora.rank else None
+
+
+def run_checkpointer(run_dir: Path, pieces):
+    """The Checkpointer of the run in `run_dir` (built from `pieces`), with its layout:
+    every reader and writer of a run's checkpoints gets one here, so none can forget
+    that a LoRA run's leave out the base."""
+    from lm.train.checkpoint import Checkpointer
+    cfg = pieces.cfg
+    return Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint_every,
+                        cfg.keep_checkpoints, layout=checkpoint_layout(Path(run_dir), pieces))

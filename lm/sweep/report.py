@@ -93,6 +93,24 @@ def _config_columns(df, vary: list[str]) -> list[str]:
     return group_columns(df, [c for c in vary if c not in (*SEED_COLUMNS, "steps")])
 
 
+def _paired_arm_lines(df, metric: str, by: list[str], pair: str, arm_order, fmt: str,
+                      names: dict | None = None, count_pairs: bool = False) -> list[str]:
+    """One line per arm after the first and configuration: its `metric` minus the first
+    arm's, paired by `pair` (a seed column), with the 95% interval."""
+    from lm.analysis import seeds
+    arms = list(dict.fromkeys(arm_order))
+    rest = [c for c in by if c != "arm"]
+    lines = []
+    for other in arms[1:]:
+        d = seeds.paired_difference(df, metric, "arm", other, arms[0], rest, pair=pair)
+        for _, r in d.iterrows():
+            where = ", ".join(f"{(names or {}).get(c, c)}={r[c]}" for c in rest)
+            lines.append(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
+                         f"{r['diff']:+{fmt}} [{r['ci_lo']:+{fmt}}, {r['ci_hi']:+{fmt}}]"
+                         + (f" ({r['pairs']} pairs)" if count_pairs else ""))
+    return lines
+
+
 def seeds_report(df, vary: list[str], metric: str = "final_val_loss") -> str:
     """With several seeds: the metric's mean and 95% interval per configuration, the
     noise floor, and each arm against the first paired by seed. "" otherwise."""
@@ -120,16 +138,9 @@ def seeds_report(df, vary: list[str], metric: str = "final_val_loss") -> str:
                + shown.to_string(index=False)
                + f"\nnoise floor (seed-to-seed std of {metric}, pooled): {floor:.4f}")
     if "arm" in by and done["arm"].nunique() > 1:
-        arms = list(dict.fromkeys(done["arm"]))
-        rest = [c for c in by if c != "arm"]
-        lines = []
-        for other in arms[1:]:
-            d = seeds.paired_difference(done, metric, "arm", other, arms[0], rest, pair=seed)
-            for _, r in d.iterrows():
-                where = ", ".join(f"{short_names(rest)[c]}={r[c]}" for c in rest)
-                lines.append(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
-                             f"{r['diff']:+.4f} [{r['ci_lo']:+.4f}, {r['ci_hi']:+.4f}] "
-                             f"({r['pairs']} pairs)")
+        lines = _paired_arm_lines(done, metric, by, seed, done["arm"], ".4f",
+                                  names=short_names([c for c in by if c != "arm"]),
+                                  count_pairs=True)
         out += (f"\npaired by {seed} (difference of {metric}, 95% CI; noise floor "
                 f"{floor:.4f}):\n" + "\n".join(lines))
     return out
@@ -160,17 +171,12 @@ def _lr_sensitivity_over_seeds(finished, by: list[str], seed: str) -> None:
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if "arm" in by and per_seed["arm"].nunique() > 1:
-        arms = list(dict.fromkeys(finished["arm"]))
-        rest = [c for c in by if c != "arm"]
-        print(f"paired by {seed}: LR sensitivity of each arm minus {arms[0]} "
+        first = next(iter(dict.fromkeys(finished["arm"])))
+        print(f"paired by {seed}: LR sensitivity of each arm minus {first} "
               f"(95% CI; noise floor {floor:.4g}):")
-        for other in arms[1:]:
-            d = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", other, arms[0],
-                                        rest, pair="seed")
-            for _, r in d.iterrows():
-                where = ", ".join(f"{c}={r[c]}" for c in rest)
-                print(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
-                      f"{r['diff']:+.4g} [{r['ci_lo']:+.4g}, {r['ci_hi']:+.4g}]")
+        for line in _paired_arm_lines(per_seed, "lr_sensitivity", by, "seed",
+                                      finished["arm"], ".4g"):
+            print(line)
 
 
 def _precursors(finished, by: list[str], out: Path) -> None:

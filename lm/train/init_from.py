@@ -91,8 +91,7 @@ def initial_state(pieces) -> dict:
 def _run_params(source: Path, pieces, step: int | None = None) -> tuple[int, dict]:
     """(step, params) of a run's newest intact checkpoint (or of checkpoint `step`: a
     pinned LoRA base, lm/peft/base_ref.py), restored onto this run's mesh."""
-    from lm.peft.base_ref import checkpoint_layout, restore_step
-    from lm.train.checkpoint import Checkpointer
+    from lm.peft.base_ref import restore_step, run_checkpointer
     from lm.train.state import build
     src_cfg = config_lib.load_run_config(source / "config.json")
     src_model, model = src_cfg.model, pieces.cfg.model
@@ -112,8 +111,7 @@ def _run_params(source: Path, pieces, step: int | None = None) -> tuple[int, dic
     if src_cfg.lora.rank:  # a LoRA source: its adapters folded into its base
         from lm.peft.lora import merged_params
         merge = lambda p: merged_params(src_cfg.model, src_cfg.lora, p)  # noqa: E731
-    ckpt = Checkpointer(source / "checkpoints", src_cfg.checkpoint_every, src_cfg.keep_checkpoints,
-                        layout=checkpoint_layout(source, src_pieces))
+    ckpt = run_checkpointer(source, src_pieces)
     read = lambda s: ckpt.restore_params(s, src_pieces.abstract_state())  # noqa: E731
     try:
         restored = (ckpt.restore_newest_intact(read, rename=False) if step is None

@@ -50,7 +50,7 @@ from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lo
 from lm.parallel.guard import resume_hint, tell
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
-from lm.peft.base_ref import checkpoint_layout
+from lm.peft.base_ref import run_checkpointer
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
@@ -95,14 +95,18 @@ def due(cfg: TrainConfig, step: int, signum) -> tuple[bool, bool]:
 
 
 def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
-    nll_sum, count, nbytes = 0.0, 0.0, 0.0
+    """{"loss": mean token loss, "bpb": bits per byte} over `batches`: floats, or arrays
+    [K] when eval_step returns K sums (a batched group's trials, lm/train/trials.py)."""
+    nll, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
         s, c = eval_step(params, pieces.replicated_batch(batch))
-        nll_sum += float(s)
-        count += float(c)
+        nll = nll + np.asarray(s, np.float64)
+        count = count + np.asarray(c, np.float64)
         nbytes += float(np.sum(target_bytes(batch, tokenizer)))
-    return {"loss": nll_sum / max(count, 1.0),
-            "bpb": nll_sum / math.log(2) / max(nbytes, 1.0)}
+    loss, bpb = nll / np.maximum(count, 1.0), nll / math.log(2) / max(nbytes, 1.0)
+    if np.ndim(loss) == 0:
+        return {"loss": float(loss), "bpb": float(bpb)}
+    return {"loss": loss, "bpb": bpb}
 
 
 class _StopFlag:
@@ -247,9 +251,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
     # A LoRA run's checkpoints leave out the frozen base (lm/peft/base_ref.py).
-    layout = checkpoint_layout(run_dir, pieces)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints,
-                        layout=layout)
+    ckpt = run_checkpointer(run_dir, pieces)
+    layout = ckpt.layout
     # The newest checkpoint that restores; unreadable ones are renamed aside (this
     # process owns the run dir; a LoRA base gone is a ConfigError, nothing renamed).
     # Restores the prefetcher's position too (and starts it).

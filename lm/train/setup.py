@@ -76,7 +76,6 @@ def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunS
     hand: the training mesh may have had more, so the run's config gets the data-parallel
     mesh over these devices and orbax reshards the checkpoint onto it. `lora_rank`: a
     LoRA run's adapters used up to this rank (lm/peft/lora.py eval_rank; 0 = all)."""
-    from lm.train.checkpoint import Checkpointer
 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
@@ -88,9 +87,8 @@ def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunS
             raise ConfigError(f"--lora-rank: {run_dir} is not a LoRA run")
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, eval_rank=lora_rank))
     setup = setup_run(cfg)
-    from lm.peft.base_ref import checkpoint_layout
-    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints,
-                        layout=checkpoint_layout(run, setup.pieces))  # a LoRA base rebuilt
+    from lm.peft.base_ref import run_checkpointer
+    ckpt = run_checkpointer(run, setup.pieces)  # (a LoRA run's base rebuilt)
     try:
         # A reader does not own the run dir (a trainer may be writing it): an unreadable
         # checkpoint is reported and skipped, never renamed.

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
-from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
+from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
 from lm.model import count_params, flops_per_token, logit_layers
@@ -417,7 +416,7 @@ class _AllCheckpointers:
 
 def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag,
            Faults) -> list[int]:
-    from lm.train.loop import due, initial_summary, write_json
+    from lm.train.loop import _StepTimer, due, evaluate, initial_summary, write_json
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
     first = group.setup.cfg
     names = [c.name for c in cfgs]
@@ -459,12 +458,10 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
     codes = [EXIT_OK] * k
     alive = np.ones([k], bool)
 
-    window = {"t": time.perf_counter(), "step": start}  # step time since the last log
-
-    def restart_window(step: int) -> None:
-        window.update(t=time.perf_counter(), step=step)
+    timer = _StepTimer()  # as a lone run measures it (lm/train/loop.py)
 
     def settle(step: int, metrics) -> None:
+        timer.settled += 1
         # Every step reads back only what divergence needs; the whole tree on log steps.
         loss, finite = map(np.asarray, jax.device_get((metrics["loss"], metrics["finite"])))
         for i in range(k):
@@ -482,8 +479,8 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
         if step % first.log_every and step != first.steps:
             return
         host = jax.tree.map(np.asarray, jax.device_get(metrics))
-        step_time = (time.perf_counter() - window["t"]) / max(step - window["step"], 1)
-        restart_window(step)
+        step_time = timer.step_time()
+        timer.restart()
         tps = tokens_per_step / step_time  # per trial: each trial's own tokens
         for i in range(k):
             if status[i] is not None:
@@ -500,22 +497,17 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                       extra=f"{int(alive.sum())}/{k} trials, loss {np.min(live):.3f}..{np.max(live):.3f}")
 
     def run_eval(step: int, params) -> None:
-        sums, counts, nbytes = np.zeros([k]), np.zeros([k]), 0.0
-        for batch in eval_data:
-            s, c = eval_fn(params, pieces.replicated_batch(batch))
-            sums += np.asarray(s)
-            counts += np.asarray(c)
-            nbytes += float(np.sum(target_bytes(batch, group.setup.tokenizer)))
+        per_trial = evaluate(pieces, eval_fn, params, eval_data, group.setup.tokenizer)
         for i in range(k):
             if status[i] is not None:
                 continue
-            loss = sums[i] / max(counts[i], 1.0)
-            result = {"loss": loss, "bpb": sums[i] / math.log(2) / max(nbytes, 1.0)}
+            loss = float(per_trial["loss"][i])
+            result = {"loss": loss, "bpb": float(per_trial["bpb"][i])}
             sinks[i].write(step, result, kind="eval")
             best = summaries[i]["best_val_loss"]
             summaries[i].update(final_val_loss=loss, final_val_bpb=result["bpb"],
                                 best_val_loss=loss if best is None else min(best, loss))
-        live = [sums[i] / max(counts[i], 1.0) for i in range(k) if status[i] is None]
+        live = [float(per_trial["loss"][i]) for i in range(k) if status[i] is None]
         if live:
             print(f"  eval @ {step}: val loss {min(live):.4f}..{max(live):.4f} over "
                   f"{len(live)} trials", flush=True)
@@ -529,11 +521,12 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
     with StopFlag(first.stop_sync_every) as stop:
         try:
             step, pending = start, None
-            restart_window(start)
+            timer.restart()
             while step < first.steps and alive.any():
                 batch = faults.batch(step + 1, next(batches))
                 state, metrics = step_fn(state, values, batch)
                 step += 1
+                timer.dispatched += 1
                 faults.dispatched(step)
                 if pending is not None:
                     settle(*pending)
@@ -549,7 +542,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                     if save_now:
                         save(step)
                     faults.settled(step)
-                    restart_window(step)
+                    timer.restart()
                 if signum:
                     for i in range(k):
                         if status[i] is None:
