@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ from lm.model import count_params, flops_per_token, logit_layers
 from lm.optim import make_optimizer, schedule
 from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
+from lm.train.loop import (_Faults, _StepTimer, _StopFlag, due, evaluate, initial_summary,
+                           write_json)
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
 from lm.train.setup import check_resumable, setup_run, with_vocab
@@ -349,8 +352,6 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
     from contextlib import ExitStack
 
-    from lm.train.loop import _Faults, _StopFlag
-
     group = make_group(cfgs, [Path(d) for d in run_dirs], mesh)
     cfgs, dirs, k = group.cfgs, group.run_dirs, group.k
     if len(dirs) != k or len(set(dirs)) != k:
@@ -376,7 +377,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
         for c, d in zip(cfgs, dirs):
             check_resumable(c, d)
             (d / "config.json").write_text(config_lib.to_json(c))
-        return _train(group, batches, index, eval_data, _StopFlag, _Faults)
+        return _train(group, batches, index, eval_data)
 
 
 def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index: list):
@@ -414,9 +415,7 @@ class _AllCheckpointers:
             c.wait()
 
 
-def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, StopFlag,
-           Faults) -> list[int]:
-    from lm.train.loop import _StepTimer, due, evaluate, initial_summary, write_json
+def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> list[int]:
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
     first = group.setup.cfg
     names = [c.name for c in cfgs]
@@ -453,7 +452,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
     eval_fn = group.eval_fn()
     layers = logit_layers(first.model)
     progress = Progress(first.steps)
-    faults = Faults(_AllCheckpointers(ckpts))  # LMLAB_FAULT, as in lm/train/loop.py
+    faults = _Faults(_AllCheckpointers(ckpts))  # LMLAB_FAULT, as in lm/train/loop.py
     status = [None] * k  # final status per trial once it diverged
     codes = [EXIT_OK] * k
     alive = np.ones([k], bool)
@@ -518,7 +517,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
                 ckpts[i].save(step, _slice(state["trials"], i), _TrialData(batches, index[i]),
                               force=True)
 
-    with StopFlag(first.stop_sync_every) as stop:
+    with _StopFlag(first.stop_sync_every) as stop:
         try:
             step, pending = start, None
             timer.restart()
@@ -553,8 +552,16 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list, Stop
             if pending is not None:
                 settle(*pending)
         finally:
+            # All of them, whatever fails (as lm/train/loop.py): a checkpointer left
+            # unclosed would drop its pending async save.
+            failures = []
             for close in [batches.close, *(c.close for c in ckpts), *(s.close for s in sinks)]:
-                close()
+                try:
+                    close()
+                except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
+                    failures.append(e)
+            if failures and sys.exc_info()[0] is None:
+                raise failures[0]
         for i in range(k):
             summaries[i]["status"] = status[i] or "completed"
             write_json(dirs[i] / "summary.json", summaries[i])
