@@ -56,6 +56,8 @@ def test_batched_trials_reproduce_each_trial_alone(batched_and_alone):
         assert sg["status"] == sa["status"] == "completed"
         assert sg["final_val_loss"] == pytest.approx(sa["final_val_loss"], abs=1e-5)
         assert sg["batched_with"] == ["a", "b", "c"]
+        # What lm analyze --optimizers reads, as a lone run records it.
+        assert sg["optimizer_state_bytes_per_param"] == sa["optimizer_state_bytes_per_param"]
     # The losses of a and b differ (each trial really got its own values).
     assert train_losses(root / "group" / "a")[6] != train_losses(root / "group" / "b")[6]
 

@@ -54,6 +54,7 @@ from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
 from lm.model import count_params, flops_per_token, logit_layers
+from lm import optim as optim_lib
 from lm.optim import make_optimizer, schedule
 from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
@@ -429,13 +430,15 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
         print(f"resumed {k} trials from step {start}", flush=True)
     batches.start_prefetch()
 
-    # One model shape and sequence length for the group (group_key): its sizes once.
+    # One model shape, sequence length and optimizer for the group (group_key): once.
     counts, fpt = count_params(first.model), flops_per_token(first.model, first.data.seq_len)
+    _, optim_bytes = optim_lib.describe(first.optim, first.model, pieces.abstract_state())
     summaries, sinks = [], []
     for c, d in zip(cfgs, dirs):
         path = d / "summary.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
-        summaries.append(initial_summary(c, start, previous, counts, fpt, batched_with=names))
+        summaries.append(initial_summary(c, start, previous, counts, fpt, batched_with=names,
+                                         optimizer_state_bytes_per_param=optim_bytes))
         write_json(path, summaries[-1])
         sinks.append(MetricsSink(d, c.tensorboard, resume_step=start))
     peak, _ = device_peak_flops()
