@@ -19,7 +19,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_xprof_traceme=true")
 
 import jax  # noqa: E402
 
-from lm.cli import _load  # noqa: E402
+from lm.cli.command import load_config as _load  # noqa: E402
 from lm.data import train_iterator  # noqa: E402
 from lm.train.setup import setup_run  # noqa: E402
 

@@ -311,3 +311,56 @@ def test_residual_growth_reads_the_last_train_record(tmp_path):
     assert table["growth"].tolist() == [6.0] and table["profile"].tolist() == ["1.5 6 9"]
     path = stability.plot_residual_growth(table, tmp_path / "g.png", label=["optim.lr"])
     assert path.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- lm analyze's registry
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """lm.analysis.analyses with a private copy of the registry (plug-ins added here
+    leave the real one alone)."""
+    from lm.analysis import analyses
+    monkeypatch.setattr(analyses, "ANALYSES", list(analyses.ANALYSES))
+    return analyses
+
+
+def test_a_registered_analysis_runs_when_it_applies_with_its_own_option(sweep, registry,
+                                                                        lm_here):
+    registry.register(registry.Analysis(
+        "run-count", lambda s: print(f"\n{len(s.finished)} finished of {len(s.runs)}"),
+        applies=lambda s: len(s.runs) >= s.options.min_runs, when="--min-runs runs",
+        options=lambda p: p.add_argument("--min-runs", type=int, default=2)))
+    registry.register(registry.Analysis("hello", lambda s: print(f"hello {s.workdir}"),
+                                        flag="hello", help="greet the workdir"))
+    r = lm_here("analyze", str(sweep))
+    assert r.returncode == 0, r.stderr
+    # The built-in LR analysis first (the sweep varies optim.lr), then the plug-in.
+    assert r.stdout.index("LR sensitivity") < r.stdout.index("\n2 finished of 4\n")
+    r = lm_here("analyze", "--min-runs", "5", str(sweep))
+    assert "finished of" not in r.stdout
+    r = lm_here("analyze", "--hello", str(sweep))  # on request: that analysis alone
+    assert (r.returncode, r.stdout) == (0, f"hello {sweep}\n")
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(registry.Analysis("hello", print, flag="hi"))
+    with pytest.raises(TypeError):
+        registry.Analysis("neither", print)
+
+
+def test_nothing_to_analyze_names_what_each_analysis_needs(tmp_path, registry):
+    for n_layers in (2, 3):
+        run = tmp_path / f"l{n_layers}"
+        _write_run(run, lr=1e-3, d_model=64, summary=_summary("completed", 100, 2.0))
+        config = json.loads((run / "config.json").read_text())
+        config["model"]["n_layers"] = n_layers
+        (run / "config.json").write_text(json.dumps(config))
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert registry.analyze(str(tmp_path)) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "2 runs (2 finished); varying: model.n_layers"
+    assert lines[1].startswith("nothing to analyze: ")
+    for a in registry.ANALYSES:
+        assert (f"{a.name} needs {a.when}" in lines[1]) == (a.applies is not None)

@@ -1,9 +1,14 @@
 """Analysis of finished runs: load a sweep, fit scaling laws, measure LR sensitivity.
 
-    results    load(workdir) -> one row per run; metrics(run_dir) -> metrics.jsonl
+    results    load(workdir) -> one row per run; metrics(run_dir) -> metrics.jsonl;
+               load_sweep(workdir) adds the sweep's tags (arm, size) and its axes
     scaling    Chinchilla approach 2 (IsoFLOP parabolas) and approach 3 (parametric law,
                Huber fit, bootstrap), compute-optimal allocation, plots
     stability  Wortsman et al. (2023) LR sensitivity, attention-logit / log Z curves, plots
+    seeds      intervals over seeds, paired differences between arms, noise floors
+    moe, transfer, coord_check   MoE load balance, LR transfer across width, muP checks
+    analyses   `lm analyze`: each analysis registered with when it applies
+    table      `lm results`: the table of a sweep's runs
 
 The modules are imported explicitly (``from lm.analysis import scaling``) so that using
 one does not pull in the others' dependencies (pandas, matplotlib) and nothing here

@@ -181,3 +181,64 @@ def _number(v):
         except ValueError:
             return v
     return v
+
+
+# ------------------------------------------------------------------ a sweep's runs
+
+#: Trial tags of sweep.json that become columns of `load_sweep` (a study's arms and sizes).
+TAG_COLUMNS = ("arm", "size")
+# Bookkeeping fields (they do not change what is trained): never shown as sweep axes.
+_BOOKKEEPING = {"name", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                "keep_checkpoints", "tensorboard"}
+
+
+def load_sweep(workdir: str) -> pd.DataFrame:
+    """`load`, plus `arm` / `size` columns from sweep.json's trial tags (all tags, by
+    trial name, in `df.attrs["tags"]`); a missing or empty workdir is one ConfigError."""
+    from pathlib import Path
+
+    from lm.errors import ConfigError
+    if not Path(workdir).is_dir() and "://" not in workdir:
+        raise ConfigError(f"{workdir}: no such directory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = load(workdir)
+    if df.empty:
+        raise ConfigError(f"{workdir}: no runs (no */config.json) there")
+    tags = _tags(Path(workdir))
+    df.attrs["tags"] = tags  # trial name -> tags (arm, size, budget, ...) for analyze
+    for col in TAG_COLUMNS:
+        if any(col in t for t in tags.values()) and col not in df:
+            df.insert(2, col, [tags.get(r, {}).get(col) for r in df["run"]])
+    return df
+
+
+def _tags(workdir) -> dict[str, dict]:
+    try:
+        spec = json.loads((workdir / "sweep.json").read_text())
+        return {t["name"]: t.get("tags", {}) for t in spec["trials"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def varying_columns(df: pd.DataFrame) -> list[str]:
+    """Config columns whose value differs between runs (the sweep's axes)."""
+    cols = []
+    for c in df.columns:
+        if c not in CONFIG_DEFAULTS or c in _BOOKKEEPING:
+            continue
+        if df[c].astype(str).nunique(dropna=False) > 1:
+            cols.append(c)
+    return cols
+
+
+def group_columns(df: pd.DataFrame, vary: list[str]) -> list[str]:
+    """The arm/size tags, then varying config columns they do not already determine."""
+    tags = [c for c in TAG_COLUMNS if c in df and df[c].astype(str).nunique() > 1]
+    out = list(tags)
+    for c in vary:
+        if tags and (df.groupby(tags, dropna=False)[c]
+                     .agg(lambda x: x.astype(str).nunique()) <= 1).all():
+            continue
+        out.append(c)
+    return out

@@ -107,3 +107,20 @@ def paired_difference(df: pd.DataFrame, metric: str, arm: str, a, b, by: Sequenc
         rows.append({**dict(zip(by, key)), "arm_a": a, "arm_b": b, "diff": iv.mean,
                      "ci_lo": iv.lo, "ci_hi": iv.hi, "pairs": iv.n})
     return pd.DataFrame(rows)
+
+
+def paired_arm_lines(df: pd.DataFrame, metric: str, by: Sequence[str], pair: str, arm_order,
+                     fmt: str, names: dict | None = None, count_pairs: bool = False) -> list[str]:
+    """One line per arm after the first and configuration: its `metric` minus the first
+    arm's, paired by `pair` (a seed column), with the 95% interval."""
+    arms = list(dict.fromkeys(arm_order))
+    rest = [c for c in by if c != "arm"]
+    lines = []
+    for other in arms[1:]:
+        d = paired_difference(df, metric, "arm", other, arms[0], rest, pair=pair)
+        for _, r in d.iterrows():
+            where = ", ".join(f"{(names or {}).get(c, c)}={r[c]}" for c in rest)
+            lines.append(f"  {other} - {arms[0]}{' @ ' + where if where else ''}: "
+                         f"{r['diff']:+{fmt}} [{r['ci_lo']:+{fmt}}, {r['ci_hi']:+{fmt}}]"
+                         + (f" ({r['pairs']} pairs)" if count_pairs else ""))
+    return lines

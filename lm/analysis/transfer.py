@@ -133,8 +133,8 @@ def _fmt(df: pd.DataFrame) -> str:
 
 
 def report(workdir: str, optimizers: bool = False) -> str:
-    from lm.sweep.report import load_runs
-    runs = load_runs(workdir)
+    from lm.analysis.results import load_sweep
+    runs = load_sweep(workdir)
     if "arm" not in runs:
         runs["arm"] = "all"
     lines = []

@@ -1,0 +1,97 @@
+"""`lm eval`: a run's validation loss and bits-per-byte; with --lengths / --task passkey /
+--set, the long-context evaluations (lm/evals): loss by length and position, passkey
+retrieval, with eval-time attention / RoPE-scaling overrides."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lm.cli.command import Command, overrides_option, run_option
+
+
+def arguments(p) -> None:
+    run_option(p)
+    p.add_argument("--batches", type=int, default=0, help="0 = whole validation split "
+                   "(with --lengths: 0 = 4 batches per length)")
+    p.add_argument("--task", choices=("loss", "passkey"), default="loss")
+    p.add_argument("--lengths", default="", help="e.g. 256,1024,4096: loss per length and "
+                   "by position (with --task passkey: the prompt lengths)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--task passkey: where the "
+                   "key sits, as fractions of the filler")
+    p.add_argument("--trials", type=int, default=20, help="--task passkey: keys per cell")
+    p.add_argument("--seed", type=int, default=0, help="--task passkey: the keys and filler")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="--lengths: tokens per batch (0 = the run's batch_size x seq_len)")
+    p.add_argument("--plot", default="", metavar="PNG", help="write the curve / heat map here")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON")
+    overrides_option(p, "eval-time model knob, e.g. --set model.attention.window=256 --set "
+                        "model.attention.sinks=4 (Λ mask), --set model.rope_scaling.type=yarn")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="a LoRA / DyLoRA run's adapters up to this rank (0 = all)")
+
+
+def evaluate(args) -> int:
+    if args.lengths or args.task != "loss" or args.overrides:
+        if args.lora_rank:
+            from lm.errors import ConfigError
+            raise ConfigError("lm eval --lora-rank works with the plain loss evaluation "
+                              "only (not with --lengths / --task / --set)")
+        return long_context(args)
+    from lm.data import eval_batches
+    from lm.train.loop import evaluate
+    from lm.train.setup import restore_for_inference
+    run, params, step = restore_for_inference(args.run, lora_rank=args.lora_rank)
+    batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
+    result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
+    print(json.dumps({"step": step, "val_loss": result["loss"], "val_bpb": result["bpb"],
+                      "batches": len(batches)}))
+    return 0
+
+
+def long_context(args) -> int:
+    """Loss per length (and by position), or passkey retrieval per length and depth."""
+    from lm.config import validate
+    from lm.errors import ConfigError
+    from lm.evals.lengths import loss_by_length, parse_lengths, plot_loss_by_position
+    from lm.evals.overrides import check_keys, eval_time_config
+    from lm.train.setup import restore_for_inference
+    lengths = parse_lengths(args.lengths) if args.lengths else []
+    if args.task == "loss" and not lengths:
+        raise ConfigError("lm eval --set needs --lengths (or --task passkey)")
+    if args.batches < 0:
+        raise ConfigError(f"--batches must be >= 0, got {args.batches}")
+    check_keys(args.overrides)  # before the run is read
+    run, params, step = restore_for_inference(args.run)
+    validate(eval_time_config(run.cfg, args.overrides))  # bad values: one line, now
+    if args.task == "loss":
+        results = loss_by_length(run, params, lengths, args.overrides,
+                                 max_batches=args.batches or 4, batch_tokens=args.batch_tokens)
+        for r in results:
+            print(json.dumps({"step": step, "length": r["length"], "val_loss": r["loss"],
+                              "tokens": r["tokens"]}))
+        report = {"step": step, "overrides": args.overrides, "lengths": results}
+        if args.plot:
+            path = plot_loss_by_position(results, args.plot,
+                                         trained_length=run.cfg.data.seq_len,
+                                         title=" ".join(args.overrides) or "loss by position")
+            print(f"wrote {path}", file=sys.stderr)
+    else:
+        from lm.evals.passkey import parse_depths, plot_heatmap, run_passkey
+        depths = parse_depths(args.depths)
+        if args.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+        report = run_passkey(run, params, lengths or [run.cfg.data.seq_len], depths,
+                             args.overrides, trials=args.trials, seed=args.seed)
+        report["step"] = step
+        for cell in report["cells"]:
+            print(json.dumps(cell))
+        if args.plot:
+            print(f"wrote {plot_heatmap(report, args.plot)}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS = [Command("eval", "validation loss and bits-per-byte of a run", arguments, evaluate)]

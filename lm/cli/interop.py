@@ -1,0 +1,37 @@
+"""`lm import hf` and `lm export hf`: models in and out of other formats."""
+
+from __future__ import annotations
+
+from lm.cli.command import Command
+
+
+def import_arguments(p) -> None:
+    p.add_argument("path", help="directory with config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--run-dir", required=True)
+
+
+def import_hf(args) -> int:
+    from lm.interop.hf_import import import_hf
+    return import_hf(args.path, args.run_dir)
+
+
+def export_arguments(p) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--peft", action="store_true",
+                   help="a LoRA run as a PEFT adapter directory (default: merged weights)")
+
+
+def export_hf(args) -> int:
+    from lm.interop.hf_export import export_hf
+    return export_hf(args.run, args.out, peft=args.peft)
+
+
+COMMANDS = [
+    Command("import", "bring a model in from another format", subcommands=[
+        Command("hf", "a local Hugging Face model directory -> an lmlab run directory",
+                import_arguments, import_hf)]),
+    Command("export", "write a run's checkpoint in another format", subcommands=[
+        Command("hf", "a run's latest checkpoint -> a Hugging Face model directory",
+                export_arguments, export_hf)]),
+]

@@ -1,0 +1,60 @@
+"""`lm sample`: generate text from a run's latest checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+from lm.cli.command import Command, overrides_option, run_option
+
+
+def arguments(p) -> None:
+    run_option(p)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    overrides_option(p, "eval-time model knob (as for lm eval), e.g. --set "
+                        "model.max_seq_len=1024 --set model.attention.window=128")
+
+
+def check_sampling_flags(args) -> None:
+    """Refuse values that would sample nonsense (a negative temperature flips the
+    distribution, top-p > 1 or top-k < 0 silently mean "off") before a run is read."""
+    from lm.errors import ConfigError
+    for flag, value, ok, want in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")):
+        if not ok:  # (NaN fails every comparison)
+            raise ConfigError(f"lm sample {flag} must be {want}, got {value}")
+
+
+def sample(args) -> int:
+    from lm.evals.overrides import check_keys, eval_time_graphdef
+    from lm.sample import generate
+    from lm.train.setup import restore_for_inference
+    check_sampling_flags(args)
+    check_keys(args.overrides)
+    run, params, step = restore_for_inference(args.run)
+    print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
+    # Eval-time knobs (a Λ mask, RoPE scaling, a longer max_seq_len = a longer KV cache).
+    graphdef, cfg = eval_time_graphdef(run, args.overrides)
+    tokenizer = run.tokenizer
+    prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
+    outs = generate(graphdef, params, prompt, args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, num_samples=args.num_samples,
+                    max_seq_len=cfg.model.max_seq_len, eos_id=tokenizer.eos_id)
+    for i, ids in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i}")
+        print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+COMMANDS = [Command("sample", "generate text from a run's latest checkpoint", arguments, sample)]
