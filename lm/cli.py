@@ -30,8 +30,8 @@ def _load(args):
     if getattr(args, "init_from", ""):
         overrides.append(f"init_from={args.init_from}")
     cfg = resolve(args.config, overrides)
-    if cfg.init_from:  # the source fixes the model (lm/train/init_from.py)
-        from lm.train.init_from import with_source_model
+    if cfg.init_from:  # the source fixes the model (lm/train/param_source.py)
+        from lm.train.param_source import with_source_model
         cfg = with_source_model(cfg, overrides)
     return cfg
 
@@ -64,7 +64,7 @@ def cmd_train_group(args) -> int:
 def cmd_eval(args) -> int:
     from lm.data import eval_batches
     from lm.train.loop import evaluate
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     if args.lengths or args.task != "loss" or args.overrides:
         if args.lora_rank:
             from lm.config import ConfigError
@@ -96,7 +96,7 @@ def _check_sampling_flags(args) -> None:
 
 def cmd_sample(args) -> int:
     from lm.sample import generate
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     from lm.evals.overrides import check_keys, eval_time_graphdef
     _check_sampling_flags(args)
     check_keys(args.overrides)

@@ -122,7 +122,7 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path):
     from test_interop_hf import logits_of, write_hf_dir
 
     from lm.interop.hf_import import import_hf
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     hf_dir, _ = write_hf_dir(tmp_path / "hf")
     base = tmp_path / "base"
     assert import_hf(hf_dir, base) == 0
@@ -279,8 +279,8 @@ def test_lora_run_of_its_own_init_rebuilds_the_base_and_older_checkpoints_restor
 
     from lm.config import to_json
     from lm.interop.hf_import import save_state
-    from lm.peft.base_ref import checkpoint_layout
-    from lm.train.setup import restore_for_inference, setup_run
+    from lm.train.param_source import checkpoint_layout, restore_for_inference
+    from lm.train.setup import setup_run
     cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
                       data=DataConfig(seq_len=32), batch_size=4, steps=4,
                       lora=LoRAConfig(rank=4, targets=TARGETS))

@@ -12,7 +12,7 @@ from lm.config import ConfigError, validate
 def run_eval(args) -> int:
     from lm.evals.lengths import loss_by_length, parse_lengths, plot_loss_by_position
     from lm.evals.overrides import check_keys, eval_time_config
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     lengths = parse_lengths(args.lengths) if args.lengths else []
     if args.task == "loss" and not lengths:
         raise ConfigError("lm eval --set needs --lengths (or --task passkey)")

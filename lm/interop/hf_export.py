@@ -73,7 +73,7 @@ def write_model(out_dir: Path, cfg, tok, params: dict) -> str:
 def export_hf(run_dir: str | Path, out_dir: str | Path, peft: bool = False) -> int:
     """`peft`: a LoRA run as a PEFT adapter directory (lm/interop/hf_peft.py) instead of
     a merged model."""
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
 
     out_dir = Path(out_dir)
     _check_empty(out_dir)

@@ -38,7 +38,7 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
     from lm.interop.hf_tensors import entries
     from lm.peft.lora import low_rank_factors, target_paths
     from lm.tree import path_key
-    from lm.train.init_from import source_kind
+    from lm.train.param_source import HFDirectory, from_init_from
     cfg = run.cfg
     lora = cfg.lora
     if not lora.rank:
@@ -58,7 +58,7 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.init_from and source_kind(cfg.init_from) == "hf":
+    if cfg.init_from and isinstance(from_init_from(cfg.init_from), HFDirectory):
         base, base_note = str(Path(cfg.init_from).absolute()), f"base {cfg.init_from}"
     else:
         base = str((out_dir / "base").absolute())
