@@ -26,7 +26,7 @@ from pathlib import Path
 from lm.cli import main as lm_main
 from lm.evals.lengths import loss_by_length, plot_loss_by_position
 from lm.evals.passkey import plot_heatmap, run_passkey
-from lm.train.setup import restore_for_inference
+from lm.train.param_source import restore_for_inference
 
 MODEL = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "tensorboard=false"]
 SCALE = {

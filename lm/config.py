@@ -199,7 +199,7 @@ class TrainConfig:
     name: str = "run"
     seed: int = 0
     # Start from these weights (a run dir or a Hugging Face model dir) instead of a
-    # random init; the model section is the source's (lm/train/init_from.py).
+    # random init; the model section is the source's (lm/train/param_source.py).
     init_from: str = ""
     steps: int = 1000
     batch_size: int = 32  # global batch, in sequences

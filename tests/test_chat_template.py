@@ -271,7 +271,7 @@ def test_import_hf_carries_the_template_to_init_from(tmp_path):
     imported run (or the HF dir itself) renders chats with that template."""
     from lm.config import TrainConfig
     from lm.interop.hf_import import import_hf
-    from lm.train.init_from import with_source_model
+    from lm.train.param_source import with_source_model
     vocab = byte_bpe().get_vocab_size() + 8  # room for the PAD id lmlab appends
     hf_dir, _ = write_hf_dir(tmp_path / "hf", vocab_size=vocab, max_seq_len=256)
     jinja_dir(tmp_path / "hf")  # replaces the tokenizer, adds the template files

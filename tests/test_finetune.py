@@ -62,8 +62,8 @@ def test_instruction_data_errors_are_one_line(tmp_path):
 
 def test_init_from_starts_at_the_source_weights_with_a_fresh_optimizer(tiny_run, tmp_path):
     from lm.config import TrainConfig
-    from lm.train.init_from import initial_state, with_source_model
-    from lm.train.setup import restore_for_inference, setup_run
+    from lm.train.param_source import initial_state, restore_for_inference, with_source_model
+    from lm.train.setup import setup_run
     cfg = dataclasses.replace(TrainConfig(), init_from=str(tiny_run), batch_size=4,
                               data=DataConfig(seq_len=32), optim=dataclasses.replace(
                                   TrainConfig().optim, lr=1e-4))
@@ -101,8 +101,8 @@ def test_context_extension_init_from_changes_positions_not_parameters(tiny_run):
     RoPE scaling starts from the source's weights; a knob that changes shapes (width)
     is still refused in one line."""
     from lm.config import ConfigError, TrainConfig, apply_overrides
-    from lm.train.init_from import initial_state, with_source_model
-    from lm.train.setup import restore_for_inference, setup_run
+    from lm.train.param_source import initial_state, restore_for_inference, with_source_model
+    from lm.train.setup import setup_run
     base = dataclasses.replace(TrainConfig(), init_from=str(tiny_run), batch_size=4,
                                data=DataConfig(seq_len=128))
     extend = [ "model.max_seq_len=128", "model.rope_scaling.type=yarn",

@@ -41,7 +41,7 @@ needs_hf = pytest.mark.skipif(
 
 
 def logits_of(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     run, params, _ = restore_for_inference(run_dir)
     logits, _ = nnx.merge(run.pieces.graphdef, params)(jnp.asarray(tokens))
     return np.asarray(logits)

@@ -122,7 +122,7 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path):
     from test_interop_hf import logits_of, write_hf_dir
 
     from lm.interop.hf_import import import_hf
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     hf_dir, _ = write_hf_dir(tmp_path / "hf")
     base = tmp_path / "base"
     assert import_hf(hf_dir, base) == 0
@@ -279,8 +279,8 @@ def test_lora_run_of_its_own_init_rebuilds_the_base_and_older_checkpoints_restor
 
     from lm.config import to_json
     from lm.interop.hf_import import save_state
-    from lm.peft.base_ref import checkpoint_layout
-    from lm.train.setup import restore_for_inference, setup_run
+    from lm.train.param_source import checkpoint_layout, restore_for_inference
+    from lm.train.setup import setup_run
     cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64),
                       data=DataConfig(seq_len=32), batch_size=4, steps=4,
                       lora=LoRAConfig(rank=4, targets=TARGETS))
@@ -308,3 +308,46 @@ def test_lora_run_of_its_own_init_rebuilds_the_base_and_older_checkpoints_restor
     assert step == 2
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_lora_run_written_by_77d21ee_evaluates_samples_and_resumes(tmp_path, lm_here):
+    """A LoRA run of its own init as lmlab wrote it at 77d21ee (tests/fixtures/
+    lora_run_77d21ee, recipe.sh: stopped by SIGTERM at step 4 of 8; its checkpoint holds
+    the adapters only, lora_base.json {"kind": "init", "seed": 0}): lm eval gives the val
+    loss it recorded, lm sample the greedy text 77d21ee sampled, and lm train resumes it
+    and reproduces the losses of the uninterrupted run 77d21ee wrote."""
+    import shutil
+    from pathlib import Path
+    fixture = Path(__file__).parent / "fixtures" / "lora_run_77d21ee"
+    run = tmp_path / "lora"
+    shutil.copytree(fixture / "run", run)
+    want = json.loads((fixture / "uninterrupted.json").read_text())
+    assert json.loads((run / "lora_base.json").read_text()) == {"kind": "init", "seed": 0}
+    shapes, _ = _stored(run / "checkpoints" / "4")
+    assert not [p for p in shapes if p[:2] == ("params", "base")]
+
+    ev = lm_here("eval", "--run", str(run), "--batches", "1")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    got = json.loads(ev.stdout.strip().splitlines()[-1])
+    recorded = json.loads((run / "summary.json").read_text())["final_val_loss"]
+    assert got["step"] == 4 and abs(got["val_loss"] - recorded) < 1e-6, (got, recorded)
+    sample = lm_here("sample", "--run", str(run), "--prompt", "ab", "--temperature", "0",
+                     "--max-new-tokens", "8")
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert sample.stdout == (fixture / "sample_greedy_ab_8.txt").read_text()
+
+    recipe = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+              "model.max_seq_len=64", "data.seq_len=32", "batch_size=4", "log_every=1",
+              "eval_every=4", "eval_batches=1", "checkpoint_every=4", "keep_checkpoints=1",
+              "optim.warmup_steps=2", "optim.lr=1e-2", "lora.rank=2", "steps=8"]
+    resumed = lm("train", "--run-dir", str(run), *sets(*recipe))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 4" in resumed.stdout
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    np.testing.assert_allclose([losses[s] for s in range(1, 9)],
+                               [want["train_loss"][str(s)] for s in range(1, 9)], rtol=0, atol=1e-6)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert abs(summary["final_val_loss"] - want["final_val_loss"]) < 1e-6

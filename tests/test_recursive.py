@@ -134,7 +134,7 @@ def test_relaxed_recursive_model_from_a_trained_run(tmp_path):
     from lm.config import DataConfig, TrainConfig
     from lm.interop.hf_config import model_config_from_hf
     from lm.interop.hf_import import load_params, read_hf_config
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     from lm.train.state import build
     model = ["model.n_layers=4", "model.mlp.activation=swiglu", "model.tie_embeddings=false"]
     base = tmp_path / "parent"
@@ -184,7 +184,7 @@ def test_hf_source_is_tied_on_load(tmp_path):
     from test_interop_hf import write_hf_dir
 
     from lm.config import DataConfig, TrainConfig, apply_overrides
-    from lm.train.init_from import initial_state, with_source_model
+    from lm.train.param_source import initial_state, with_source_model
     from lm.train.setup import setup_run
     hf_dir, model = write_hf_dir(tmp_path / "hf", n_layers=4)
     over = ["model.recursion.blocks=2", "model.recursion.order=sequence",
@@ -202,7 +202,7 @@ def test_hf_source_is_tied_on_load(tmp_path):
 
 def test_recursive_model_trains_with_the_standard_step(tmp_path):
     """From scratch (no parent): shared blocks and relaxations all get gradients."""
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     run = tmp_path / "r"
     result = lm("train", "--run-dir", str(run), *sets(
         *TINY, "model.n_layers=4", "model.recursion.blocks=1", "model.recursion.relax_rank=2",

@@ -115,7 +115,7 @@ def _checkpoint_steps(run) -> list[int]:
 # checkpoint step itself, whose state must be verified before it is saved.
 @pytest.mark.parametrize("at", [7, 8])
 def test_nan_at_a_known_step_is_diverged_there_and_never_checkpointed(tmp_path, at):
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
 
     run = tmp_path / "nan"
     result = lm("train", "--run-dir", str(run), *sets(*TINY, "log_every=1"),

@@ -77,7 +77,7 @@ def test_a_diverging_trial_is_masked_and_the_others_go_on(batched_and_alone):
 def test_a_trial_of_a_group_resumes_alone(batched_and_alone, tmp_path):
     """A trial's run dir is an ordinary run dir: `lm train` on it alone finds the run
     complete, `lm eval` reads its checkpoint."""
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     root, _, _ = batched_and_alone
     setup, params, step = restore_for_inference(root / "group" / "b")
     assert step == 6 and setup.cfg.optim.lr == 4e-3

@@ -102,7 +102,7 @@ def load_config(args):
     if getattr(args, "init_from", ""):
         overrides.append(f"init_from={args.init_from}")
     cfg = resolve(args.config, overrides)
-    if cfg.init_from:  # the source fixes the model (lm/train/init_from.py)
-        from lm.train.init_from import with_source_model
+    if cfg.init_from:  # the source fixes the model (lm/train/param_source.py)
+        from lm.train.param_source import with_source_model
         cfg = with_source_model(cfg, overrides)
     return cfg

@@ -41,7 +41,7 @@ def evaluate(args) -> int:
         return long_context(args)
     from lm.data import eval_batches
     from lm.train.loop import evaluate
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     run, params, step = restore_for_inference(args.run, lora_rank=args.lora_rank)
     batches = eval_batches(run.cfg.data, run.tokenizer, run.cfg.batch_size, args.batches)
     result = evaluate(run.pieces, run.pieces.eval_step(), params, batches, run.tokenizer)
@@ -56,7 +56,7 @@ def long_context(args) -> int:
     from lm.errors import ConfigError
     from lm.evals.lengths import loss_by_length, parse_lengths, plot_loss_by_position
     from lm.evals.overrides import check_keys, eval_time_config
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     lengths = parse_lengths(args.lengths) if args.lengths else []
     if args.task == "loss" and not lengths:
         raise ConfigError("lm eval --set needs --lengths (or --task passkey)")

@@ -37,7 +37,7 @@ def check_sampling_flags(args) -> None:
 def sample(args) -> int:
     from lm.evals.overrides import check_keys, eval_time_graphdef
     from lm.sample import generate
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     check_sampling_flags(args)
     check_keys(args.overrides)
     run, params, step = restore_for_inference(args.run)

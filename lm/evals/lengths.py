@@ -50,7 +50,7 @@ def rows_per_batch(tokens: int, length: int, ways: int) -> int:
 def loss_by_length(run, params, lengths: list[int], overrides: list[str], *,
                    max_batches: int = 4, batch_tokens: int = 0) -> list[dict]:
     """[{length, loss, tokens, positions (bin starts), curve (mean loss per bin)}] for a
-    restored run (lm.train.setup.restore_for_inference). batch_tokens 0 = the run's
+    restored run (lm.train.param_source.restore_for_inference). batch_tokens 0 = the run's
     batch_size x seq_len."""
     mesh = run.pieces.mesh
     tokens = batch_tokens or run.cfg.batch_size * run.cfg.data.seq_len

@@ -73,7 +73,7 @@ def write_model(out_dir: Path, cfg, tok, params: dict) -> str:
 def export_hf(run_dir: str | Path, out_dir: str | Path, peft: bool = False) -> int:
     """`peft`: a LoRA run as a PEFT adapter directory (lm/interop/hf_peft.py) instead of
     a merged model."""
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
 
     out_dir = Path(out_dir)
     _check_empty(out_dir)
@@ -81,7 +81,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, peft: bool = False) -> i
     cfg = run.cfg
     if peft:
         from lm.interop.hf_peft import write_adapter
-        what = write_adapter(out_dir, run, params, run_dir)
+        what = write_adapter(out_dir, run, params, run_dir, lambda base_dir: write_model(
+            base_dir, cfg, run.tokenizer, params["base"]))
     elif cfg.lora.rank:  # one plain model: the adapters folded into the weights
         from lm.peft.lora import merged_params
         what = write_model(out_dir, cfg, run.tokenizer,

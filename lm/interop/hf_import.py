@@ -142,16 +142,6 @@ def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> d
     return params
 
 
-def fresh_state(pieces, params: dict) -> dict:
-    """A train state around given params: a fresh optimizer state, step 0."""
-    import jax.numpy as jnp
-    sh = pieces.state_shardings
-    opt_state = jax.jit(pieces.tx.init, out_shardings=sh["opt_state"])(params)
-    return {"params": params, "opt_state": opt_state,
-            "step": jax.device_put(jnp.zeros([], jnp.int32), sh["step"]),
-            "rng": jax.device_put(jax.random.PRNGKey(pieces.cfg.seed + 1), sh["rng"])}
-
-
 def save_state(run_dir: Path, state: dict, step: int = 0) -> None:
     """An orbax checkpoint holding only the train state (no data iterator: nothing was
     read yet), which restore_for_inference and --init-from read."""
@@ -178,7 +168,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
     probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok)))
     setup = setup_run(probe)
     params = load_params(hf_dir, setup.cfg, setup.pieces)
-    state = fresh_state(setup.pieces, params)
+    state = setup.pieces.fresh_state(params)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tok, run_dir / "tokenizer.json")
     # Beside the tokenizer, as in the HF dir: its chat template (chat_template.jinja, or

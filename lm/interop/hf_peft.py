@@ -18,6 +18,7 @@ frozen base is written beside the adapter as a plain HF model in DIR/base and na
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,17 +29,19 @@ from lm.config import ConfigError
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
+def write_adapter(out_dir: Path, run, params: dict, run_dir,
+                  write_base: Callable[[Path], str]) -> str:
     """The LoRA run `run` (a RunSetup; `params` its restored params) -> the adapter
-    directory out_dir (and its base, where it is not a Hugging Face directory)."""
+    directory out_dir, and its base where that is not a Hugging Face directory:
+    `write_base(dir)` writes the base model there (hf_export.py write_model) and
+    describes it."""
     from safetensors.numpy import save_file
 
     from lm.interop.hf_config import family_for
-    from lm.interop.hf_export import write_model
     from lm.interop.hf_tensors import entries
     from lm.peft.lora import low_rank_factors, target_paths
     from lm.tree import path_key
-    from lm.train.init_from import source_kind
+    from lm.train.param_source import HFDirectory, from_init_from
     cfg = run.cfg
     lora = cfg.lora
     if not lora.rank:
@@ -58,12 +61,11 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir) -> str:
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.init_from and source_kind(cfg.init_from) == "hf":
+    if cfg.init_from and isinstance(from_init_from(cfg.init_from), HFDirectory):
         base, base_note = str(Path(cfg.init_from).absolute()), f"base {cfg.init_from}"
     else:
         base = str((out_dir / "base").absolute())
-        base_note = "base in base/ as " + write_model(out_dir / "base", cfg, run.tokenizer,
-                                                      params["base"])
+        base_note = "base in base/ as " + write_base(out_dir / "base")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "bias": "none",

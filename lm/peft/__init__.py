@@ -1,5 +1,6 @@
 """Parameter-efficient fine-tuning: LoRA (lora.py); a LoRA run's checkpoints leave out
-its frozen base, which lora_base.json names and every restore rebuilds (base_ref.py).
+its frozen base, which lora_base.json names and every restore rebuilds
+(lm/train/param_source.py).
 
     make_model(cfg: TrainConfig, rngs)  -> the run's model: a Transformer, or a LoRAModel
                                            (frozen base + adapters) when lora.rank > 0

@@ -12,7 +12,7 @@ A committed checkpoint can still be damaged on disk (a bad sector, a partial cop
 and holds only finite values; the trainer renames the others `<step>.corrupt-<n>`
 (kept, and no longer a step to orbax), eval and sampling only skip them.
 
-A `layout` (lm/peft/base_ref.py) says what a step holds when it is not the whole state: a
+A `layout` (lm/train/param_source.py) says what a step holds when it is not the whole state: a
 LoRA run's checkpoints leave out the frozen base, which a restore rebuilds from the run's
 reference to it.
 """
@@ -98,7 +98,7 @@ class CheckpointUnreadable(Exception):
     """A committed checkpoint restored to something no train loop saved."""
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """One short line for why a checkpoint did not restore: tensorstore's messages run to
     kilobytes (specs in brackets) and name the root cause last."""
     text = str(e).split(" [tensorstore_spec", 1)[0].strip()
@@ -173,7 +173,7 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit, ConfigError):
                 raise  # ConfigError: the user's setup (e.g. a LoRA base gone), not damage
             except Exception as e:  # noqa: BLE001 (any failure to read it back)
-                reason = _reason(e)
+                reason = failure_reason(e)
             else:
                 for line in warnings:
                     log(f"{line}; using step {step}")

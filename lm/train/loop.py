@@ -50,10 +50,10 @@ from lm.parallel.distributed import (coordination_client, is_lost_peer_error, lo
 from lm.parallel.guard import resume_hint, tell
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
-from lm.peft.base_ref import run_checkpointer
 from lm.train.checkpoint import Checkpointer
 from lm.train.metrics import MetricsSink, Progress
 from lm.train.mfu import device_peak_flops, mfu
+from lm.train.param_source import first_state, run_checkpointer
 from lm.train.setup import RunSetup, check_resumable, setup_run
 
 STOP_BARRIER_TIMEOUT_MS = 30 * 60 * 1000  # a pod's processes reach a sync step together
@@ -250,22 +250,15 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
-    # A LoRA run's checkpoints leave out the frozen base (lm/peft/base_ref.py).
+    # A LoRA run's checkpoints leave out the frozen base (lm/train/param_source.py).
     ckpt = run_checkpointer(run_dir, pieces)
-    layout = ckpt.layout
     # The newest checkpoint that restores; unreadable ones are renamed aside (this
     # process owns the run dir; a LoRA base gone is a ConfigError, nothing renamed).
     # Restores the prefetcher's position too (and starts it).
     restored = ckpt.restore_newest_intact(
         lambda step: ckpt.restore(step, pieces.abstract_state(), batches), rename=True)
-    if restored is None:
-        if layout is not None:  # LoRA: the base pinned in lora_base.json before any save
-            state, start = layout.start(), 0
-        elif cfg.init_from:  # a fine-tune's first start (a rerun resumes its own checkpoints)
-            from lm.train.init_from import initial_state
-            state, start = initial_state(pieces), 0
-        else:
-            state, start = pieces.init_state(), 0
+    if restored is None:  # the seed's init, or init_from's weights (a LoRA base pinned)
+        state, start = first_state(pieces, ckpt), 0
         batches.start_prefetch()
     else:
         start, state = restored

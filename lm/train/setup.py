@@ -2,8 +2,9 @@
 pieces (mesh checked against the devices, model graph, optimizer, shardings).
 
 Every command that runs a model starts here: `lm train` (`train`), `lm bench`, and `lm
-eval` / `lm sample` (`restore_for_inference`, from a run directory). Everything in it that
-can fail on user input raises ConfigError / DataError before anything is written.
+eval` / `lm sample` (lm/train/param_source.py `restore_for_inference`, from a run
+directory). Everything in it that can fail on user input raises ConfigError / DataError
+before anything is written.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from jax.sharding import Mesh
 
@@ -69,35 +69,3 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     if diff:
         raise ConfigError(f"{run_dir} holds a run with a different config "
                           f"({'; '.join(diff[:3])}); use another --run-dir")
-
-
-def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunSetup, Any, int]:
-    """(setup, params, step) of the latest checkpoint in a run dir, on the devices at
-    hand: the training mesh may have had more, so the run's config gets the data-parallel
-    mesh over these devices and orbax reshards the checkpoint onto it. `lora_rank`: a
-    LoRA run's adapters used up to this rank (lm/peft/lora.py eval_rank; 0 = all)."""
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ConfigError(f"--run {run_dir}: no config.json there (not a run directory)")
-    cfg = config_lib.load_run_config(run / "config.json")
-    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(rules=cfg.mesh.rules))
-    if lora_rank:
-        if not cfg.lora.rank:
-            raise ConfigError(f"--lora-rank: {run_dir} is not a LoRA run")
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, eval_rank=lora_rank))
-    setup = setup_run(cfg)
-    from lm.peft.base_ref import run_checkpointer
-    ckpt = run_checkpointer(run, setup.pieces)  # (a LoRA run's base rebuilt)
-    try:
-        # A reader does not own the run dir (a trainer may be writing it): an unreadable
-        # checkpoint is reported and skipped, never renamed.
-        restored = ckpt.restore_newest_intact(
-            lambda step: ckpt.restore_params(step, setup.pieces.abstract_state()), rename=False)
-        if restored is None:
-            raise ConfigError(f"--run {run_dir}: no checkpoint yet")
-        step, state = restored
-    finally:
-        ckpt.close()
-    return setup, state["params"], step
-

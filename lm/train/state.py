@@ -26,6 +26,7 @@ from lm.parallel.sharding import (activation_sharding, batch_sharding, param_sha
                                   parse_rules, replicated)
 from lm.parallel.ring import sequence_attention
 from lm.train.step import loss_chunk_for, make_eval_step, make_train_step
+from lm.tree import get_path
 
 
 @dataclass
@@ -66,6 +67,21 @@ class RunPieces:
 
     def init_state(self) -> dict:
         return self._jit("init", lambda: jax.jit(self._init, out_shardings=self.state_shardings))()
+
+    def init_params(self, *path: str) -> dict:
+        """The seed's init of the params under `path` (e.g. a LoRA run's "adapters"; only
+        that part is computed), on their shardings: what init_state holds there."""
+        return jax.jit(lambda: get_path(self._init()["params"], path),
+                       out_shardings=get_path(self.state_shardings["params"], path))()
+
+    def fresh_state(self, params: dict) -> dict:
+        """A train state around given params (e.g. restored from elsewhere, on their
+        shardings): a fresh optimizer state, step 0."""
+        sh = self.state_shardings
+        return {"params": params,
+                "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+                "step": jax.device_put(jnp.zeros([], jnp.int32), sh["step"]),
+                "rng": jax.device_put(jax.random.PRNGKey(self.cfg.seed + 1), sh["rng"])}
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (the target of a resharding restore).
