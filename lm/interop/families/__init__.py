@@ -130,8 +130,9 @@ def for_model(cfg: ModelConfig) -> Family:
 
 
 # The built-in families, in export preference order (llama before mistral: a model
-# without a window is written as Llama).
-BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# without a window is written as Llama; Helium, which expresses only what Llama does,
+# is read on import and written only when asked for by name).
+BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "helium")
 for _name in BUILTIN:
     __import__(f"{__name__}.{_name}")
 
