@@ -407,3 +407,13 @@ def test_helium_written_as_helium_is_the_same_checkpoint(reference, tmp_path):
                    check=True, capture_output=True, text=True, timeout=600)
     got, want = np.load(out / "logits_hf.npy"), np.load(reference / "helium" / "logits.npy")
     assert np.max(np.abs(got - want)) < TOL
+
+
+def test_export_refuses_a_channel_mixer_no_family_has():
+    import dataclasses
+
+    from lm.config import ConfigError
+    from lm.interop.hf_config import family_for
+    cfg = dataclasses.replace(_model_of("llama"), channel_pattern="fg")  # g: a plug-in's
+    with pytest.raises(ConfigError, match="model.channel_pattern .a channel mixer other"):
+        family_for(cfg)

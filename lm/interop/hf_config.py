@@ -232,6 +232,8 @@ DECODER_UNSUPPORTED = (
     ("model.logit_softcap", lambda c: bool(c.logit_softcap)),
     ("model.init=mup", lambda c: c.init == "mup"),
     ("model.mixer_pattern", lambda c: set(c.mixer_pattern) != {"a"}),
+    ("model.channel_pattern (a channel mixer other than mlp / moe)",
+     lambda c: bool(set(c.channel_pattern) - {"f", "e"})),
     ("model.attention.softcap", lambda c: bool(c.attention.softcap)),
     ("model.attention.sinks", lambda c: bool(c.attention.sinks)),
     ("model.mlp.activation", lambda c: "f" in c.channel_pattern and c.mlp.activation != "swiglu"),
