@@ -652,7 +652,7 @@ def format_suggestions(reports: list[Report], considered: int) -> str:
     for i, r in enumerate(reports, 1):
         mesh = " x ".join(f"{a}={s}" for a, s in r.mesh.items())
         calibrated = r.fits and r.mfu_high > 0
-        step = (_step_range(r) if calibrated else f"<= {_ms(r.t_overlap)}" if r.fits else "-")
+        step = (_step_range(r) if calibrated else f">= {_ms(r.t_overlap)}" if r.fits else "-")
         mfu = _pct_range(r) if calibrated else (
             f"<= {100 * r.mfu_overlap:.0f}%" if r.fits else "-")
         peak = _gib(r.peak_bytes) if not r.error else "refused"
