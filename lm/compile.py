@@ -16,12 +16,17 @@ What is measured and what is estimated:
     4/3 under full remat (the forward runs twice); XLA's cost_analysis() is shown beside
     it but counts a loop body once;
   * time: an ESTIMATE from a roofline over the chip's published peak bf16 FLOP/s, HBM
-    and interconnect bandwidths (CHIPS below), bracketed by perfect overlap (the largest
+    and interconnect bandwidths (lm/chips.py), bracketed by perfect overlap (the largest
     term) and none (compute or HBM, plus the collectives). HBM traffic comes from
     cost_analysis(), which counts a loop body once: under scanned layers the HBM term is
     a LOWER bound (scaling it by the FLOPs it missed was tried and overshot). A
-    compute-bound step therefore shows up to 100% MFU with perfect overlap: the roofline
-    knows nothing of kernel efficiency; read the range as bounds, not a forecast.
+    compute-bound step therefore reaches 100% MFU with perfect overlap: the roofline
+    knows nothing of kernel efficiency, so that is a bound, never a forecast;
+  * expected MFU: the perfect-overlap bound times the range of MFU that tuned training
+    of large dense models is published to reach on the chip (MaxText's tables, lm/chips.py
+    `achieved_mfu`: e.g. 55-71% on v5p). That is what `--suggest` ranks and prints. It
+    is calibrated on 8B-1T models; smaller ones (narrow matmuls, relatively more
+    non-matmul work) usually reach less, and no published figure says how much.
 """
 
 from __future__ import annotations
@@ -33,31 +38,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+from lm.chips import TPUS, Chip
 from lm.config import ConfigError, TrainConfig
 from lm.parallel.sharding import MESH_AXES
 
 GiB = 2**30
 
 
-@dataclass(frozen=True)
-class Chip:
-    """Published per-chip figures (Google Cloud TPU system architecture pages)."""
-    generation: str
-    peak_flops: float   # dense bf16 FLOP/s
-    hbm_bytes: int
-    hbm_bw: float       # bytes/s
-    ici_bw: float       # bytes/s per chip, all links, one direction
-    dcn_bw: float       # bytes/s per chip across slices (host NIC shared by its chips)
-    cores_in_name: int  # TensorCores per chip counted by the "vXp-N" accelerator names
-    dims: int           # torus dimensions of the topology name (3: v4/v5p, 2: v5e/v6e)
-
-
-CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GiB, 1.228e12, 300e9, 6.25e9, 2, 3),
-    "v5e": Chip("v5e", 197e12, 16 * GiB, 0.819e12, 200e9, 6.25e9, 1, 2),
-    "v5p": Chip("v5p", 459e12, 95 * GiB, 2.765e12, 600e9, 6.25e9, 2, 3),
-    "v6e": Chip("v6e", 918e12, 32 * GiB, 1.640e12, 448e9, 12.5e9, 1, 2),
-}
+# The TPU generations a topology can name: the one table of chips (lm/chips.py).
+CHIPS = TPUS
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 
 
@@ -381,8 +370,11 @@ class Report:
     t_dcn: float = 0.0
     t_overlap: float = 0.0
     t_serial: float = 0.0
-    mfu_overlap: float = 0.0
+    mfu_overlap: float = 0.0      # the roofline's bounds (perfect overlap, none)
     mfu_serial: float = 0.0
+    mfu_low: float = 0.0          # expected: mfu_overlap x the chip's published achieved
+    mfu_high: float = 0.0         # MFU range (lm/chips.py); 0 where none is published
+    mfu_basis: str = ""
     custom_calls: int = 0
     compile_s: float = 0.0
     error: str = ""
@@ -503,6 +495,11 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     ideal = report.model_flops / (n * chip.peak_flops)
     report.mfu_overlap = ideal / report.t_overlap if report.t_overlap else 0.0
     report.mfu_serial = ideal / report.t_serial if report.t_serial else 0.0
+    achieved = chip.achieved_range()
+    if achieved:
+        report.mfu_low, report.mfu_high = (report.mfu_overlap * a for a in achieved)
+        report.mfu_basis = (f"{100 * achieved[0]:.0f}-{100 * achieved[1]:.0f}% published for "
+                            f"tuned large dense models on {chip.name}")
     if eval_step:
         e = pieces.eval_step().trace(state["params"], pieces.abstract_batch()).lower().compile()
         report.eval_peak_bytes = _peak(_memory(e))
@@ -519,6 +516,19 @@ def _gib(b: float) -> str:
 
 def _ms(t: float) -> str:
     return f"{1e3 * t:.1f} ms" if t >= 1e-3 else f"{1e6 * t:.0f} us"
+
+
+def _pct_range(r: Report) -> str:
+    return f"{100 * r.mfu_low:.0f}-{100 * r.mfu_high:.0f}%"
+
+
+def _step_range(r: Report) -> str:
+    """The step time at the expected MFU (low MFU: the longer step)."""
+    ideal = r.mfu_overlap * r.t_overlap  # model FLOPs / (chips x peak)
+    fast, slow = _ms(ideal / r.mfu_high), _ms(ideal / r.mfu_low)
+    if fast.split()[1] == slow.split()[1]:
+        fast = fast.split()[0]
+    return f"{fast}..{slow}"
 
 
 def format_report(r: Report) -> str:
@@ -552,9 +562,13 @@ def format_report(r: Report) -> str:
         0.9 * r.hw_flops_per_chip else ""
     lines.append(f"ESTIMATE (roofline, not a measurement): compute {_ms(r.t_compute)}, "
                  f"HBM {_ms(r.t_hbm)}{hbm_note}, ICI {_ms(r.t_ici)}, DCN {_ms(r.t_dcn)}"
-                 f" -> step {_ms(r.t_overlap)}..{_ms(r.t_serial)}, MFU "
+                 f" -> step {_ms(r.t_overlap)}..{_ms(r.t_serial)}, MFU bound "
                  f"{100 * r.mfu_serial:.0f}..{100 * r.mfu_overlap:.0f}% "
                  "(no overlap..perfect overlap)")
+    if r.mfu_high:
+        lines.append(f"expected: MFU {_pct_range(r)}, step {_step_range(r)} (the perfect-"
+                     f"overlap bound x the {r.mfu_basis}, lm/chips.py; smaller models "
+                     "usually reach less)")
     if r.custom_calls:
         lines.append(f"kernels: {r.custom_calls} TPU custom calls (Pallas / Mosaic)")
     return "\n".join(lines)
@@ -631,17 +645,25 @@ def _mesh_label(cfg: TrainConfig) -> str:
 
 
 def format_suggestions(reports: list[Report], considered: int) -> str:
-    head = (f"{'rank':<5}{'mesh':<28}{'remat':<7}{'fits':<6}{'peak/chip':>11}{'est. step':>12}"
-            f"{'est. MFU':>10}")
+    head = (f"{'rank':<5}{'mesh':<28}{'remat':<7}{'fits':<6}{'peak/chip':>11}"
+            f"{'est. step':>20}{'est. MFU':>10}")
     lines = [f"compiled {len(reports)} of {considered} candidate layouts (ranked by fit, then "
-             "estimated step time; estimates are rooflines, not measurements):", head]
+             "estimated step time; estimates, not measurements):", head]
     for i, r in enumerate(reports, 1):
         mesh = " x ".join(f"{a}={s}" for a, s in r.mesh.items())
-        step = _ms(r.t_overlap) if r.fits else "-"
-        mfu = f"{100 * r.mfu_overlap:.0f}%" if r.fits else "-"
+        calibrated = r.fits and r.mfu_high > 0
+        step = (_step_range(r) if calibrated else f">= {_ms(r.t_overlap)}" if r.fits else "-")
+        mfu = _pct_range(r) if calibrated else (
+            f"<= {100 * r.mfu_overlap:.0f}%" if r.fits else "-")
         peak = _gib(r.peak_bytes) if not r.error else "refused"
         lines.append(f"{i:<5}{mesh:<28}{r.remat:<7}{'yes' if r.fits else 'NO':<6}{peak:>11}"
-                     f"{step:>12}{mfu:>10}")
+                     f"{step:>20}{mfu:>10}")
+    basis = next((r.mfu_basis for r in reports if r.fits and r.mfu_high), "")
+    if basis:
+        bounds = ", ".join(f"{100 * r.mfu_overlap:.0f}%" for r in reports if r.fits)
+        lines.append(f"est. = the roofline's perfect-overlap bound (by rank: {bounds}; it knows "
+                     f"no kernel efficiency) x the {basis} (MaxText's tables, lm/chips.py); "
+                     "models under 8B have no published figure and usually reach less")
     return "\n".join(lines)
 
 

@@ -62,6 +62,9 @@ FAMILIES = {
         tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters=dict(
             rope_type="yarn", rope_theta=5e5, factor=4.0, beta_fast=32.0, beta_slow=1.0,
             original_max_position_embeddings=16))),
+    # RoPE on interleaved channel pairs; o_proj square (head_dim = hidden / heads).
+    "helium": (transformers.HeliumConfig, dict(tie_word_embeddings=False, rms_norm_eps=1e-6,
+                                               head_dim=8)),
 }
 SHARDED = "llama"  # saved in several shards with a model.safetensors.index.json
 
@@ -105,7 +108,7 @@ def make(out: Path) -> None:
     tok = tokenizer()
     for i, (family, (cls, extra)) in enumerate(FAMILIES.items()):
         torch.manual_seed(i)
-        cfg = cls(**COMMON, **extra, attn_implementation="eager")
+        cfg = cls(**{**COMMON, **extra}, attn_implementation="eager")
         model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
         randomise(model, i)
         model.eval()

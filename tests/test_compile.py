@@ -5,6 +5,7 @@ cannot fit give one line and exit 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -118,12 +119,59 @@ def test_compile_v5p_report_field_by_field(tmp_path, lm_here):
     terms = [rep[k] for k in ("t_compute", "t_hbm", "t_ici", "t_dcn")]
     assert rep["t_overlap"] == max(terms) and rep["t_serial"] >= rep["t_overlap"]
     assert 0 < rep["mfu_serial"] <= rep["mfu_overlap"] <= 1
+    # The expected MFU: the perfect-overlap bound x v5p's published achieved range.
+    low, high = CHIPS["v5p"].achieved_range()
+    assert rep["mfu_low"] == pytest.approx(rep["mfu_overlap"] * low)
+    assert rep["mfu_high"] == pytest.approx(rep["mfu_overlap"] * high) and high < 0.75
     assert rep["eval_peak_bytes"] and rep["eval_peak_bytes"] < rep["peak_bytes"]
     text = r.stdout
     for words in ("on v5p:2x2x1: mesh fsdp=4", "fits", "collectives per step",
-                  "ESTIMATE (roofline, not a measurement)"):
+                  "ESTIMATE (roofline, not a measurement)", "MFU bound", "expected: MFU "):
         assert words in text, text
     assert math.isfinite(rep["t_overlap"])
+
+
+def _report(mfu_overlap: float, **kw):
+    from lm.compile import Report
+    low, high = CHIPS["v5p"].achieved_range()
+    r = Report("v5p:2x2x1", "pod-350m", {"fsdp": 4}, "none", 350_000_000, True,
+               CHIPS["v5p"].hbm_bytes, peak_bytes=20 * 2**30, t_compute=0.1,
+               t_overlap=0.1 / mfu_overlap, t_serial=0.12 / mfu_overlap,
+               mfu_overlap=mfu_overlap, mfu_serial=0.8 * mfu_overlap,
+               mfu_low=mfu_overlap * low, mfu_high=mfu_overlap * high,
+               mfu_basis=f"{100 * low:.0f}-{100 * high:.0f}% published for tuned large "
+                         "dense models on v5p")
+    return dataclasses.replace(r, **kw)
+
+
+def test_suggest_never_prints_the_roofline_bound_as_the_estimate():
+    # A compute-bound layout: the perfect-overlap roofline says 100% MFU. The table shows
+    # the bound scaled by what MaxText publishes for v5p (55-71%), the step time at it,
+    # and says what the bound is.
+    from lm.compile import format_report, format_suggestions
+    text = format_suggestions([_report(1.0), _report(0.5, remat="full")], 12)
+    rows = [ln for ln in text.splitlines() if ln[:1].isdigit()]
+    assert rows[0].split()[-1] == "55-71%" and rows[1].split()[-1] == "28-36%", text
+    assert "100%" not in "\n".join(rows)
+    assert "139.9..180.7 ms" in rows[0], rows[0]  # 100 ms of compute at 71% .. 55%
+    assert "perfect-overlap bound (by rank: 100%, 50%" in text and "MaxText" in text
+    report = format_report(_report(1.0))
+    assert "MFU bound 80..100% (no overlap..perfect overlap)" in report
+    assert "expected: MFU 55-71%, step 139.9..180.7 ms" in report
+
+
+def test_one_table_of_chips():
+    from lm.chips import CHIPS as ALL
+    from lm.chips import for_device_kind
+    assert all(CHIPS[g] is ALL[g] for g in CHIPS)  # lm compile's generations are the table's
+    for kind, name in [("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v5p", "v5p"),
+                       ("TPU v4", "v4"), ("TPU v6 lite", "v6e"), ("NVIDIA H100 80GB HBM3", "H100"),
+                       ("NVIDIA GB200", "GB200"), ("NVIDIA B200", "B200")]:
+        assert for_device_kind(kind).name == name, kind
+    assert for_device_kind("Some NPU") is None
+    for chip in CHIPS.values():  # every TPU generation has published achieved MFU
+        low, high = chip.achieved_range()
+        assert 0.4 < low <= high < 0.75, chip.name
 
 
 def test_mesh_that_does_not_match_the_topology_is_one_line(lm_here):

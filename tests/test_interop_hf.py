@@ -25,7 +25,7 @@ from lm.cli import main
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "llama-rope-llama3",
-            "qwen3-rope-yarn"]
+            "qwen3-rope-yarn", "helium"]
 TOL = 1e-4
 
 
@@ -267,3 +267,153 @@ def test_lora_runs_export_as_peft_adapters_that_peft_loads(reference, tmp_path):
     # Not vacuous: the adapters moved the logits away from the base's.
     base = np.load(reference / "qwen2" / "logits.npy")
     assert np.max(np.abs(logits_of(tmp_path / "hf", tokens) - base)) > 1e-2
+
+
+# ------------------------------------------------------------- the family records
+
+
+def _reference_cases() -> dict[str, str]:
+    """tests/hf_reference.py's cases: name -> the transformers config class they build
+    (read from its source: lmlab's Python never imports torch)."""
+    import ast
+    tree = ast.parse((HERE / "hf_reference.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "FAMILIES":
+            return {k.value: v.elts[0].attr for k, v in zip(node.value.keys, node.value.values)}
+    raise AssertionError("no FAMILIES in hf_reference.py")
+
+
+def test_every_registered_family_has_a_reference_case():
+    """A family is one record plus its reference case: each registered record's model is
+    built by transformers in tests/hf_reference.py and compared both ways here."""
+    from lm.interop import families
+    cases = _reference_cases()
+    assert set(cases) == set(FAMILIES)
+    for name, family in families.REGISTRY.items():
+        assert name in cases, f"family {name} has no case in tests/hf_reference.py"
+        arch = cases[name].replace("Config", "ForCausalLM")
+        assert arch == family.architecture, (name, arch, family.architecture)
+
+
+def test_a_family_is_one_record():
+    import dataclasses
+
+    from lm.interop import families
+    from lm.interop.hf_config import family_for, hf_config_from_model, model_config_from_hf
+    from lm.interop.hf_tensors import entries
+    record = families.get("qwen3_moe")
+    assert dataclasses.is_dataclass(record) and record.qk_norm and record.experts.dense_layers
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.qk_norm = False
+    # Both directions go through the record: config.json -> ModelConfig -> config.json.
+    for name in families.REGISTRY:
+        cfg = families.get(name)
+        hf = hf_config_from_model(_model_of(name), name, 0, 1, 2)
+        assert hf["model_type"] == name and hf["architectures"] == [cfg.architecture]
+        back = model_config_from_hf(hf)
+        assert cfg.problem(back) is None  # the record expresses what it reads ...
+        first = next(f for f in families.REGISTRY.values() if f.problem(back) is None)
+        assert family_for(back) == first.model_type  # ... and export writes the first
+        assert name in ("helium",) or first is cfg  # that does (Helium: as Llama)
+        assert hf_config_from_model(back, name, 0, 1, 2) == hf
+        names = [n for e in entries(back, name) for n in e.hf_names]
+        assert len(names) == len(set(names)) and "model.embed_tokens.weight" in names
+
+
+def _model_of(family: str):
+    """A tiny lmlab model that `family` expresses."""
+    import dataclasses
+
+    from lm.config import ModelConfig
+    base = ModelConfig()
+    kw = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+              max_seq_len=64, mlp=dataclasses.replace(base.mlp, activation="swiglu"))
+    moe = dataclasses.replace(base.moe, n_experts=4, top_k=2, activation="swiglu",
+                              router="softmax", renormalize=True)
+    att = base.attention
+    kw.update({
+        "llama": {}, "helium": {},
+        "mistral": dict(attention=dataclasses.replace(att, window=8)),
+        "qwen2": dict(attention=dataclasses.replace(att, qkv_bias=True)),
+        "qwen3": dict(qk_norm=True),
+        "mixtral": dict(channel_pattern="e", moe=moe,
+                        attention=dataclasses.replace(att, window=8)),
+        "qwen3_moe": dict(qk_norm=True, channel_pattern="fe",
+                          moe=dataclasses.replace(moe, renormalize=False)),
+    }[family])
+    return dataclasses.replace(base, **kw)
+
+
+def test_mixtral_reads_its_sliding_window():
+    # transformers' Mixtral applies config.sliding_window in every layer; lmlab's
+    # importer used to drop it (window 0) without a word.
+    from lm.interop.hf_config import hf_config_from_model, model_config_from_hf
+    hf = hf_config_from_model(_model_of("mixtral"), "mixtral", 0, 1, 2)
+    assert hf["sliding_window"] == 8
+    assert model_config_from_hf(hf).attention.window == 8
+    # Qwen2 carries a sliding_window value that is off without use_sliding_window.
+    hf = hf_config_from_model(_model_of("qwen2"), "qwen2", 0, 1, 2) | {"sliding_window": 8}
+    assert model_config_from_hf(hf).attention.window == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(qk_norm=True, qkv_bias=True), "no Hugging Face family lmlab exports expresses this "
+     "model: model.attention.qkv_bias=true (llama, mistral, qwen3, mixtral, qwen3_moe, helium); "
+     "model.qk_norm=true (qwen2)"),
+    (dict(window=16, qk_norm=True), "model.attention.window (qwen3, qwen3_moe)"),
+    (dict(logit_softcap=30.0), "model.logit_softcap has no equivalent in the Hugging Face "
+     "families lmlab exports (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, helium)"),
+])
+def test_export_names_what_no_family_expresses(change, message):
+    import dataclasses
+
+    from lm.config import ConfigError
+    from lm.interop.hf_config import family_for
+    cfg = _model_of("llama")
+    att = {k: change.pop(k) for k in ("qkv_bias", "window") if k in change}
+    cfg = dataclasses.replace(cfg, **change,
+                              attention=dataclasses.replace(cfg.attention, **att))
+    with pytest.raises(ConfigError) as e:
+        family_for(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@needs_hf
+def test_helium_written_as_helium_is_the_same_checkpoint(reference, tmp_path):
+    """`lm export hf` writes a Helium import as Llama (the first family that expresses
+    it, checked by the roundtrip above); written as Helium by name, its tensors are the
+    source's exactly (q/k channels permuted back to interleaved pairs) and transformers'
+    HeliumForCausalLM gives the reference logits."""
+    from safetensors.numpy import load_file, save_file
+
+    from lm.interop.hf_config import hf_config_from_model
+    from lm.interop.hf_export import hf_tensors
+    from lm.interop.hf_import import import_hf
+    from lm.train.setup import restore_for_inference
+    assert import_hf(reference / "helium", tmp_path / "run") == 0
+    run, params, _ = restore_for_inference(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    hf = hf_config_from_model(run.cfg.model, "helium", 0, 1, 2)
+    (out / "config.json").write_text(json.dumps(hf))
+    tensors = hf_tensors(run.cfg.model, "helium", params)
+    save_file(tensors, str(out / "model.safetensors"))
+    source = load_file(str(reference / "helium" / "model.safetensors"))
+    assert set(tensors) == set(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "logits",
+                    str(reference / "tokens.npy"), str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    got, want = np.load(out / "logits_hf.npy"), np.load(reference / "helium" / "logits.npy")
+    assert np.max(np.abs(got - want)) < TOL
+
+
+def test_export_refuses_a_channel_mixer_no_family_has():
+    import dataclasses
+
+    from lm.config import ConfigError
+    from lm.interop.hf_config import family_for
+    cfg = dataclasses.replace(_model_of("llama"), channel_pattern="fg")  # g: a plug-in's
+    with pytest.raises(ConfigError, match="model.channel_pattern .a channel mixer other"):
+        family_for(cfg)

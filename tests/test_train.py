@@ -208,3 +208,17 @@ def test_a_run_trained_on_a_mesh_is_sampled_and_evaluated_on_one_device(tmp_path
     assert sample.returncode == 0, sample.stderr[-2000:]
     ev = lm("eval", "--run", str(run), "--batches", "1")
     assert ev.returncode == 0 and json.loads(ev.stdout)["step"] == 2, ev.stderr[-2000:]
+
+
+def test_device_peak_flops_reads_the_one_chip_table():
+    # MFU's peak comes from lm/chips.py, the table `lm compile` estimates with.
+    from types import SimpleNamespace
+
+    from lm.chips import CHIPS
+    from lm.train.mfu import device_peak_flops
+    for kind, chip in [("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v6 lite", "v6e"),
+                       ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-40GB", "A100")]:
+        peak, source = device_peak_flops(SimpleNamespace(platform="gpu", device_kind=kind))
+        assert peak == CHIPS[chip].peak_bf16 and chip in source, (kind, source)
+    peak, source = device_peak_flops(SimpleNamespace(platform="tpu", device_kind="TPU v9"))
+    assert peak != peak and "unknown device kind" in source

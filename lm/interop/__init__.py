@@ -1,2 +1,3 @@
-"""Hugging Face interop: config mapping (hf_config), the tensor table (hf_tensors),
-`lm import hf` (hf_import) and `lm export hf` (hf_export)."""
+"""Hugging Face interop: one record per model family (families/), the shared decoder's
+config mapping (hf_config) and tensor table (hf_tensors), `lm import hf` (hf_import) and
+`lm export hf` (hf_export, hf_peft)."""

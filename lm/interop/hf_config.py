@@ -1,13 +1,15 @@
-"""Hugging Face `config.json` <-> lmlab model knobs, for the decoder families lmlab can
-express exactly: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (per-head RMSNorm on q and
-k), Mixtral and Qwen3-MoE (softmax router, top-k, gates renormalised or not).
+"""Hugging Face `config.json` <-> lmlab model knobs: the shared decoder mapping of the
+Llama-lineage families (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU MLP or softmax
+top-k SwiGLU experts), which each family's record (lm/interop/families/) parameterises
+with what its decoder has (q/k/v biases, qk-norm, a sliding window, the experts' layout)
+and what it refuses.
 
 Every field of an HF config is either mapped to a knob, listed in NO_EFFECT (it does not
 change the forward pass: bookkeeping, generation defaults, training-only settings at
 their inactive value), or refused with one line naming it. Nothing is silently dropped.
-The mapping both ways is in this file only (lm/interop/hf_import.py and hf_export.py
-call it). RoPE scaling (`rope_parameters` / `rope_scaling`: linear, yarn, llama3) maps to
-`model.rope_scaling`.
+RoPE scaling (`rope_parameters` / `rope_scaling`: linear, yarn, llama3) maps to
+`model.rope_scaling`. `model_config_from_hf`, `family_for` and `hf_config_from_model`
+(what lm/interop/hf_import.py and hf_export.py call) go through the records.
 """
 
 from __future__ import annotations
@@ -16,16 +18,6 @@ import dataclasses
 import math
 
 from lm.config import ConfigError, ModelConfig
-
-# model_type -> (architecture, whether its attention has q/k/v biases, qk-norm, MoE kind)
-FAMILIES = {
-    "llama": ("LlamaForCausalLM", False, False, None),
-    "mistral": ("MistralForCausalLM", False, False, None),
-    "qwen2": ("Qwen2ForCausalLM", True, False, None),
-    "qwen3": ("Qwen3ForCausalLM", False, True, None),
-    "mixtral": ("MixtralForCausalLM", False, False, "mixtral"),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", False, True, "qwen3_moe"),
-}
 
 # Fields that do not change the model's function (ids, dtypes of the file, caching,
 # initialisation, how the loss or generation would be run, tensor-parallel hints).
@@ -39,13 +31,19 @@ NO_EFFECT = {
     "router_aux_loss_coef",  # mapped to model.moe.aux_loss below (training only)
 }
 
-# Fields whose value must be the inactive one (lmlab has no such feature): name -> the
-# values accepted.
-INACTIVE = {
-    "attention_dropout": (0, 0.0), "router_jitter_noise": (0, 0.0), "mlp_bias": (False,),
-    "attention_bias": (False,), "use_sliding_window": (False,),
-    "partial_rotary_factor": (None, 1, 1.0),
-    "hidden_dropout": (0, 0.0), "embd_pdrop": (0, 0.0),
+# What every family built on the shared decoder refuses on import: config.json fields
+# whose value must be the inactive one (lmlab has no such feature): name -> (the values
+# accepted, why another value is refused). A family's record may add to it (`refuses`).
+DECODER_REFUSES = {
+    "attention_dropout": ((0, 0.0), "this feature is not built"),
+    "router_jitter_noise": ((0, 0.0), "this feature is not built"),
+    "mlp_bias": ((False,), "this feature is not built"),
+    "attention_bias": ((False,), "this feature is not built"),
+    "use_sliding_window": ((False,), "this feature is not built"),
+    "partial_rotary_factor": ((None, 1, 1.0), "this feature is not built"),
+    "hidden_dropout": ((0, 0.0), "this feature is not built"),
+    "embd_pdrop": ((0, 0.0), "this feature is not built"),
+    "hidden_act": (("silu",), "lmlab's gated MLP is SwiGLU: silu"),
 }
 
 
@@ -140,24 +138,15 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return out
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """An HF config.json (as a dict) -> lmlab's ModelConfig, or ConfigError naming the
-    first field lmlab cannot express."""
-    model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
-        arch = (hf.get("architectures") or ["?"])[0]
-        raise ConfigError(f"HF config.json: unsupported architecture {arch} (model_type="
-                          f"{model_type!r}; lmlab imports {', '.join(FAMILIES)})")
-    _, qkv_bias, qk_norm, moe_kind = FAMILIES[model_type]
-    used = set(NO_EFFECT) | set(INACTIVE)
-    for key, ok in INACTIVE.items():
+def decoder_config_from_hf(family, hf: dict) -> ModelConfig:
+    """The shared Llama-lineage decoder: an HF config.json (as a dict) of `family` (a
+    lm.interop.families.Family) -> lmlab's ModelConfig, or ConfigError naming the first
+    field lmlab cannot express."""
+    used = set(NO_EFFECT) | set(family.refuses)
+    for key, (ok, why) in family.refuses.items():
         if key in hf and hf[key] not in ok:
-            what = "RoPE scaling" if key == "rope_scaling" else "this feature"
             raise ConfigError(f"HF config.json: {key}={hf[key]!r} is not supported by lmlab "
-                              f"({what} is not built)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"HF config.json: hidden_act={hf['hidden_act']!r} is not supported "
-                          "(lmlab's gated MLP is SwiGLU: silu)")
+                              f"({why})")
     d = int(_need(hf, "hidden_size"))
     n_layers = int(_need(hf, "num_hidden_layers"))
     n_heads = int(_need(hf, "num_attention_heads"))
@@ -167,14 +156,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         vocab_size=int(_need(hf, "vocab_size")), d_model=d, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim), norm="rms", norm_position="pre",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=qk_norm,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=family.qk_norm,
         rope_theta=rope_theta, max_seq_len=int(_need(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), mixer_pattern="a")
     used |= {"hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
              "vocab_size", "num_key_value_heads", "rms_norm_eps", "rope_theta",
              "rope_parameters", "rope_scaling", "max_position_embeddings",
-             "tie_word_embeddings",
-             "hidden_act", "intermediate_size"}
+             "tie_word_embeddings", "intermediate_size"}
 
     window = hf.get("sliding_window")
     used |= {"sliding_window", "layer_types"}
@@ -183,33 +171,33 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         if set(layer_types) != {"sliding_attention"}:
             raise ConfigError(f"HF config.json: layer_types={layer_types!r} mixes attention "
                               "kinds per layer (not supported by lmlab)")
-    if window is not None and (model_type == "mistral" or hf.get("use_sliding_window") or (
+    if window is not None and (family.window == "always" or hf.get("use_sliding_window") or (
             layer_types and set(layer_types) == {"sliding_attention"})):
         window = int(window)
     else:
         window = 0  # Qwen2/3 carry a sliding_window value that is off without the switch
 
-    attention = dict(qkv_bias=qkv_bias, window=window)
+    attention = dict(qkv_bias=family.qkv_bias, window=window)
     mlp = dict(activation="swiglu", ratio=_ratio(int(_need(hf, "intermediate_size")), d))
     kw["channel_pattern"] = "f"
     moe = None
-    if moe_kind:
+    ex = family.experts
+    if ex is not None:
         n_experts = hf.get("num_local_experts", hf.get("num_experts"))
         if n_experts is None:
-            raise ConfigError("HF config.json: missing field 'num_local_experts'")
-        used |= {"num_local_experts", "num_experts", "num_experts_per_tok"}
+            raise ConfigError(f"HF config.json: missing field {ex.count_key!r}")
+        used |= {"num_local_experts", "num_experts", "num_experts_per_tok", ex.width_key}
+        renormalize = (True if ex.renormalize_key is None
+                       else bool(hf.get(ex.renormalize_key, False)))
+        used |= {ex.renormalize_key} - {None}
         moe = dict(n_experts=int(n_experts), top_k=int(_need(hf, "num_experts_per_tok")),
                    activation="swiglu", router="softmax", n_shared_experts=0,
                    aux_loss=float(hf.get("router_aux_loss_coef", 0.0)), router_z_loss=0.0,
-                   bias_rate=0.0, capacity_factor=0.0)
-        if moe_kind == "mixtral":
-            moe.update(ratio=_ratio(int(_need(hf, "intermediate_size")), d), renormalize=True)
-            kw["channel_pattern"] = "e"
-        else:
-            used |= {"moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                     "mlp_only_layers"}
-            moe.update(ratio=_ratio(int(_need(hf, "moe_intermediate_size")), d),
-                       renormalize=bool(hf.get("norm_topk_prob", False)))
+                   bias_rate=0.0, capacity_factor=0.0, renormalize=renormalize,
+                   ratio=_ratio(int(_need(hf, ex.width_key)), d))
+        kw["channel_pattern"] = "e"
+        if ex.dense_layers:
+            used |= {"decoder_sparse_step", "mlp_only_layers"}
             step = int(hf.get("decoder_sparse_step", 1))
             dense = set(hf.get("mlp_only_layers") or [])
             pattern = "".join("e" if i not in dense and step > 0 and (i + 1) % step == 0
@@ -230,101 +218,92 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     return cfg
 
 
-def _refuse(cfg: ModelConfig) -> None:
-    """lmlab knobs without an equivalent in the exported families: one line, exit 2."""
-    checks = [
-        ("model.norm", cfg.norm != "rms"), ("model.norm_position", cfg.norm_position != "pre"),
-        ("model.layernorm_scaling", cfg.layernorm_scaling),
-        ("model.parallel_block", cfg.parallel_block),
-        ("model.logit_softcap", bool(cfg.logit_softcap)), ("model.init=mup", cfg.init == "mup"),
-        ("model.mixer_pattern", set(cfg.mixer_pattern) != {"a"}),
-        ("model.attention.softcap", bool(cfg.attention.softcap)),
-        ("model.attention.sinks", bool(cfg.attention.sinks)),
-    ]
-    if "f" in cfg.channel_pattern:
-        checks.append(("model.mlp.activation", cfg.mlp.activation != "swiglu"))
-    if "e" in cfg.channel_pattern:
-        m = cfg.moe
-        checks += [("model.moe.activation", m.activation != "swiglu"),
-                   ("model.moe.router", m.router != "softmax"),
-                   ("model.moe.n_shared_experts", m.n_shared_experts > 0),
-                   ("model.moe.bias_rate", m.bias_rate > 0),
-                   ("model.moe.capacity_factor", m.capacity_factor > 0)]
-    for key, bad in checks:
-        if bad:
-            raise ConfigError(f"lm export hf: {key} has no equivalent in the Hugging Face "
-                              "families lmlab exports (llama, mistral, qwen2, qwen3, mixtral, "
-                              "qwen3_moe)")
+def _moe(cfg: ModelConfig) -> bool:
+    return "e" in cfg.channel_pattern
 
 
-def family_for(cfg: ModelConfig) -> str:
-    """The HF family that expresses this model: MoE -> mixtral (every layer sparse, gates
-    renormalised, no qk-norm) or qwen3_moe; otherwise qwen2 (q/k/v biases), qwen3
-    (qk-norm), mistral (sliding window) or llama."""
-    _refuse(cfg)
-    a = cfg.attention
-    if "e" in cfg.channel_pattern:
-        if a.qkv_bias:
-            raise ConfigError("lm export hf: an MoE model with model.attention.qkv_bias has "
-                              "no Hugging Face family here")
-        if cfg.qk_norm:
-            family = "qwen3_moe"
-        elif set(cfg.channel_pattern) == {"e"} and cfg.moe.renormalize:
-            family = "mixtral"
-        else:
-            raise ConfigError("lm export hf: an MoE model without model.qk_norm needs every "
-                              "layer MoE and model.moe.renormalize=true (Mixtral)")
-    elif a.qkv_bias and cfg.qk_norm:
-        raise ConfigError("lm export hf: model.attention.qkv_bias together with "
-                          "model.qk_norm has no Hugging Face family here")
-    else:
-        family = ("qwen2" if a.qkv_bias else "qwen3" if cfg.qk_norm
-                  else "mistral" if a.window else "llama")
-    if a.window and family not in ("mistral", "mixtral"):
-        raise ConfigError(f"lm export hf: model.attention.window with this model ({family}) "
-                          "has no Hugging Face family here")
-    return family
+# lmlab knobs the shared decoder has no equivalent for (export): (knob, cfg -> True where
+# it is set). A family's record may replace the list (`unsupported`).
+DECODER_UNSUPPORTED = (
+    ("model.norm", lambda c: c.norm != "rms"),
+    ("model.norm_position", lambda c: c.norm_position != "pre"),
+    ("model.layernorm_scaling", lambda c: c.layernorm_scaling),
+    ("model.parallel_block", lambda c: c.parallel_block),
+    ("model.logit_softcap", lambda c: bool(c.logit_softcap)),
+    ("model.init=mup", lambda c: c.init == "mup"),
+    ("model.mixer_pattern", lambda c: set(c.mixer_pattern) != {"a"}),
+    ("model.channel_pattern (a channel mixer other than mlp / moe)",
+     lambda c: bool(set(c.channel_pattern) - {"f", "e"})),
+    ("model.attention.softcap", lambda c: bool(c.attention.softcap)),
+    ("model.attention.sinks", lambda c: bool(c.attention.sinks)),
+    ("model.mlp.activation", lambda c: "f" in c.channel_pattern and c.mlp.activation != "swiglu"),
+    ("model.moe.activation", lambda c: _moe(c) and c.moe.activation != "swiglu"),
+    ("model.moe.router", lambda c: _moe(c) and c.moe.router != "softmax"),
+    ("model.moe.n_shared_experts", lambda c: _moe(c) and c.moe.n_shared_experts > 0),
+    ("model.moe.bias_rate", lambda c: _moe(c) and c.moe.bias_rate > 0),
+    ("model.moe.capacity_factor", lambda c: _moe(c) and c.moe.capacity_factor > 0),
+)
 
 
 def _width(ratio: float, d: int) -> int:
     return int(ratio * d)
 
 
-def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad: int) -> dict:
-    """lmlab ModelConfig -> an HF config.json dict for `family` (see family_for)."""
-    arch, _, _, moe_kind = FAMILIES[family]
+def decoder_config_to_hf(family, cfg: ModelConfig) -> dict:
+    """The shared Llama-lineage decoder: lmlab ModelConfig -> an HF config.json dict of
+    `family` (a lm.interop.families.Family that expresses cfg), token ids left out."""
     a = cfg.attention
     out = {
-        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
+        "architectures": [family.architecture], "model_type": family.model_type,
+        "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.dh, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": _rope_parameters(cfg),
-        "attention_dropout": 0.0, "bos_token_id": bos, "eos_token_id": eos,
-        "pad_token_id": pad, "dtype": cfg.param_dtype, "use_cache": True,
+        "attention_dropout": 0.0, "dtype": cfg.param_dtype, "use_cache": True,
         "intermediate_size": _width(cfg.mlp.ratio, cfg.d_model),
     }
-    if family in ("llama", "qwen3", "qwen3_moe"):
-        out.update(attention_bias=False)
-    if family == "llama":
-        out.update(mlp_bias=False)
-    if family in ("mistral", "mixtral"):
+    if family.window == "always":
         out["sliding_window"] = a.window or None
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
-        out.update(use_sliding_window=False, sliding_window=None)
-    if moe_kind:
+    out.update(family.export_fields)
+    ex = family.experts
+    if ex is not None:
         m = cfg.moe
-        # (transformers >= 5 reads num_experts as num_local_experts for Qwen3-MoE)
-        out["num_local_experts" if moe_kind == "mixtral" else "num_experts"] = m.n_experts
+        out[ex.count_key] = m.n_experts
         out.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss,
                    output_router_logits=False)
-        if moe_kind == "mixtral":
-            out.update(intermediate_size=_width(m.ratio, cfg.d_model), router_jitter_noise=0.0)
-        else:
+        out[ex.width_key] = _width(m.ratio, cfg.d_model)
+        if ex.renormalize_key:
+            out[ex.renormalize_key] = m.renormalize
+        if ex.dense_layers:
             pattern = (cfg.channel_pattern * cfg.n_layers)[:cfg.n_layers]
-            out.update(moe_intermediate_size=_width(m.ratio, cfg.d_model),
-                       norm_topk_prob=m.renormalize, decoder_sparse_step=1,
+            out.update(decoder_sparse_step=1,
                        mlp_only_layers=[i for i, c in enumerate(pattern) if c == "f"])
+    return out
+
+
+# ------------------------------------------------- through the records (families/)
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """An HF config.json (as a dict) -> lmlab's ModelConfig, by its family's record."""
+    from lm.interop import families
+    family = families.for_hf(hf)
+    return family.config_from_hf(family, hf)
+
+
+def family_for(cfg: ModelConfig) -> str:
+    """The model_type of the HF family that expresses this model (the first registered
+    one, lm/interop/families), or ConfigError with one line saying why none does."""
+    from lm.interop import families
+    return families.for_model(cfg).model_type
+
+
+def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad: int) -> dict:
+    """lmlab ModelConfig -> an HF config.json dict for `family` (see family_for)."""
+    from lm.interop import families
+    record = families.get(family)
+    out = record.config_to_hf(record, cfg)
+    out.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     return out

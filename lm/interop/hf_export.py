@@ -4,8 +4,8 @@ tokenizer.json) that transformers' AutoModelForCausalLM loads with the same logi
 A LoRA run is written merged (W0 + scale * A @ B: a plain model of the base's family), or
 with --peft as a PEFT adapter directory (lm/interop/hf_peft.py); a recursive run untied
 (each layer's block plus its relaxation, lm/model/recursive.py). The family is chosen
-from the model's knobs (lm/interop/hf_config.py family_for); knobs no exported family
-expresses are refused with one line.
+from the model's knobs (the first record of lm/interop/families that expresses it);
+knobs no family expresses are refused with one line.
 """
 
 from __future__ import annotations

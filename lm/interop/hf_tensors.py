@@ -1,7 +1,8 @@
 """Where each lmlab parameter lives in a Hugging Face checkpoint, and how its layout
 differs. One `Entry` per lmlab parameter: the HF tensor names it is made of (several for
 MoE experts, which HF stores one per expert) and the two conversions, so import and
-export read the same table and cannot drift apart.
+export read the same table and cannot drift apart. `decoder_tensors` is the table of the
+Llama-lineage families; each family's record (lm/interop/families/) names its own.
 
 HF stores Linear weights as [out, in]; lmlab stores attention projections as
 [d_model, heads, head_dim] / [heads, head_dim, d_model], MLP input projections as
@@ -55,8 +56,9 @@ def _experts(names, path):
                  lambda x: [np.ascontiguousarray(w.T) for w in x])
 
 
-def entries(cfg: ModelConfig, family: str) -> list[Entry]:
-    """The table for a model of this config in HF `family` (lm/interop/hf_config.py)."""
+def decoder_tensors(family, cfg: ModelConfig) -> list[Entry]:
+    """The shared Llama-lineage decoder's table for a model of this config in `family`
+    (a lm.interop.families.Family: its experts' tensor names)."""
     h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.dh
     out = [_same(["model.embed_tokens.weight"], ("embed",)),
            _same(["model.norm.weight"], ("final_norm", "scale"))]
@@ -83,18 +85,21 @@ def entries(cfg: ModelConfig, family: str) -> list[Entry]:
                     _transposed(p + "mlp.up_proj.weight", ch + ("w_in",)),
                     _same([p + "mlp.down_proj.weight"], ch + ("w_out",))]
             continue
-        n = range(cfg.moe.n_experts)
-        if family == "mixtral":
-            moe = p + "block_sparse_moe."
-            gate, up, down = ([f"{moe}experts.{e}.{w}.weight" for e in n] for w in ("w1", "w3", "w2"))
-        else:
-            moe = p + "mlp."
-            gate, up, down = ([f"{moe}experts.{e}.{w}.weight" for e in n]
-                              for w in ("gate_proj", "up_proj", "down_proj"))
+        ex, n = family.experts, range(cfg.moe.n_experts)
+        moe = p + ex.prefix
+        gate, up, down = ([f"{moe}experts.{e}.{w}.weight" for e in n] for w in ex.weights)
         out += [_transposed(moe + "gate.weight", ch + ("router",)),
                 _experts(gate, ch + ("w_gate",)), _experts(up, ch + ("w_in",)),
                 _experts(down, ch + ("w_out",))]
     return out
+
+
+def entries(cfg: ModelConfig, family: str) -> list[Entry]:
+    """The table for a model of this config in the HF family `family` (a model_type: its
+    record in lm/interop/families)."""
+    from lm.interop import families
+    record = families.get(family)
+    return record.tensors(record, cfg)
 
 
 # Tensors some checkpoints carry that hold nothing lmlab needs: RoPE's inverse

@@ -1,8 +1,9 @@
 """Model-FLOPs utilisation (MFU): `mfu()` (the one formula) and the device peak FLOP/s.
 
-Accelerators: a table of published dense bf16 peaks per chip. CPU: there is no
-published figure for a shared VM, so the f32 matmul throughput of this machine is
-measured once and cached (~/.cache/lmlab/cpu_peak.json, keyed by CPU and core count).
+Accelerators: the published dense bf16 peak of the chip (lm/chips.py, the one table of
+chips, which `lm compile` reads too). CPU: there is no published figure for a shared VM,
+so the f32 matmul throughput of this machine is measured once and cached
+(~/.cache/lmlab/cpu_peak.json, keyed by CPU and core count).
 """
 
 from __future__ import annotations
@@ -16,22 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA GB200": 2250e12,
-    "NVIDIA B200": 2250e12,
-}
+from lm.chips import for_device_kind
 
 CACHE = Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
 
@@ -91,9 +77,9 @@ def device_peak_flops(device=None, measure: bool = False) -> tuple[float, str]:
         return (cpu_peak_flops(refresh=measure),
                 "f32 matmul measured in this run" if measure else "measured f32 matmul (cached)")
     kind = device.device_kind
-    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(name) or name in kind:
-            return flops, f"{name} bf16 table"
+    chip = for_device_kind(kind)
+    if chip is not None:
+        return chip.peak_bf16, f"{chip.name} bf16 table (lm/chips.py)"
     return float("nan"), f"unknown device kind {kind!r}"
 
 
