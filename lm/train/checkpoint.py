@@ -157,16 +157,17 @@ class Checkpointer:
         return dst
 
     def restore_newest_intact(self, read: Callable[[int], Any], *, rename: bool,
-                              log=None) -> tuple[int, Any] | None:
+                              log=None, steps=None) -> tuple[int, Any] | None:
         """(step, read(step)) of the newest checkpoint that restores, newest first; None
-        when there is none at all. A checkpoint that does not restore (garbled or cut
+        when there is none at all. `steps`: the steps to try (default: every one; a
+        batched group tries those all its trials have, lm/train/trials.py). A checkpoint that does not restore (garbled or cut
         short on disk, non-finite values) is reported in one line and, with `rename`,
         renamed aside (`<step>.corrupt-<n>`) so that no later start trips on it again.
         None intact (or only ones set aside before): ConfigError, one line."""
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         failed, warnings = [], []  # the warnings are printed only if one restores
         earlier = self.set_aside()
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = sorted(self.manager.all_steps() if steps is None else steps, reverse=True)
         for step in steps:
             try:
                 value = read(step)
