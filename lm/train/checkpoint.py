@@ -41,7 +41,7 @@ CORRUPT = ".corrupt-"
 class _DropOrbaxBackgroundTracebacks(logging.Filter):
     """Orbax logs a failed background save with its traceback from each thread the
     error passes through (a full disk: 17 tracebacks), then raises it again where the
-    loop waits for the save, which reports it in one line (lm/train/loop.py) or raises
+    loop waits for the save, which reports it in one line (lm/train/driver.py) or raises
     it: the logged copies add nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -117,7 +117,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def check_finite(state, step: int) -> None:
-    """The loop saves only states it verified finite (lm/train/loop.py), so a non-finite
+    """The loop saves only states it verified finite (lm/train/driver.py), so a non-finite
     value read back is damage on disk that the file format did not catch."""
     if not bool(_all_finite(state)):
         raise CheckpointUnreadable(f"step {step} holds non-finite values")

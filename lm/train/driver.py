@@ -441,8 +441,7 @@ def _stopped_by_full_disk(full: DiskFull, runs: list[Run]) -> DiskFull:
     """A write failed for want of space: the checkpoints being written when it did
     (orbax's `<step>.orbax-checkpoint-tmp*` directories, never committed, never listed
     as steps) are removed, which gives their space back; each summary.json says what
-    happened where it can still be written (a diverged trial keeps its status); the
-    committed checkpoints are untouched."""
+    happened where it can still be written; the committed checkpoints are untouched."""
     # The failed save's writes that were never started are dropped with it; Python
     # would list each at exit ("coroutine ... was never awaited").
     warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
@@ -456,15 +455,11 @@ def _stopped_by_full_disk(full: DiskFull, runs: list[Run]) -> DiskFull:
             step = inside.relative_to(run.ckpt.directory).parts[0].split(".")[0]
             full = DiskFull(str(run.ckpt.directory / step))
             break
-    stopped = [r for r in runs if r.code != EXIT_DIVERGED]
-    # Where a rerun resumes: the newest step every run still to train has committed.
-    committed = set.intersection(*(set(r.ckpt.committed_steps()) for r in stopped or runs))
+    # Where a rerun resumes: the newest step every run has committed.
+    committed = set.intersection(*(set(r.ckpt.committed_steps()) for r in runs))
     recorded = ""
     for run in runs:
-        if run.code != EXIT_DIVERGED:
-            run.summary["status"] = f"failed: no space left on device ({full.path})"
-        else:
-            run.summary["status"] = run.status
+        run.summary["status"] = f"failed: no space left on device ({full.path})"
         try:
             write_json(run.summary_path, run.summary)
         except OSError:

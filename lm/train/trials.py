@@ -19,10 +19,15 @@ checkpoints of its slice of the state and of its data iterator. `lm results`, `l
 analyze`, `lm eval` and `lm sample` see no difference, and `lm train` on a trial's
 directory resumes that trial alone from the group's checkpoint.
 
-A trial whose step is non-finite is masked: from then on its state is the last finite
-one (the step selects, per trial, the old or the new state), its status is "diverged at
-step N" and it writes nothing more, while the others go on. A group resumes from the
-newest checkpoint step all its unfinished trials have.
+A group trains through the one driver of lm/train/driver.py, as a lone run does: the
+same order of a step's life, signals, fault injection and failures (a full disk: exit 4,
+the half-written checkpoints removed, every trial's summary.json saying so). A trial
+whose step is non-finite is masked: from then on its state is the last finite one (the
+step selects, per trial, the old or the new state), its status is "diverged at step N"
+and it writes nothing more, while the others go on. A group resumes from the newest
+checkpoint step all its trials have and restore: a trial's unreadable checkpoint is
+renamed aside as a lone run's is (none intact: exit 2), and a step a trial has already
+committed is kept, not written again.
 
 On a mesh, the trial axis is the logical axis "trials" (lm/parallel/sharding.py;
 default: the `data` mesh axis when K divides by it), so K trials spread over the chips of
@@ -347,7 +352,9 @@ def _slice(tree, k: int):
 
 def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) -> list[int]:
     """Train (or resume) K trials as one program; returns each trial's exit code (0
-    done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
+    done, 3 diverged, 128 + signal when stopped after a checkpoint). Raises DiskFull
+    (exit 4) when a write finds no space, ConfigError (exit 2) when a trial has no
+    intact checkpoint left."""
     from contextlib import ExitStack
 
     group = make_group(cfgs, [Path(d) for d in run_dirs], mesh)
