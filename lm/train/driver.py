@@ -289,6 +289,8 @@ def drive(job: Job) -> list[int]:
     timer = StepTimer()
     n_devices = jax.device_count()
     tokens, fpt = job.tokens_per_step, job.flops_per_token
+    # The write started last: where a full disk that names no path of its own was hit.
+    writing = {"path": runs[0].directory}
 
     def settle(step: int, metrics: dict) -> bool:
         """Read step `step`'s metrics (it has finished or is about to); log them on log
@@ -322,6 +324,7 @@ def drive(job: Job) -> list[int]:
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=util)
                 if job.batched:
                     record["group_tokens_per_s"] = tps * k
+                writing["path"] = runs[i].sink.path
                 faults.writing("metrics", step, runs[i].sink.path)
                 runs[i].sink.write(step, record)
             losses = [float(host[i]["loss"]) for i in live]
@@ -341,6 +344,7 @@ def drive(job: Job) -> list[int]:
         for run, result in zip(runs, results):
             if run.status is not None:
                 continue
+            writing["path"] = run.sink.path
             run.sink.write(step, result, kind="eval")
             best = run.summary["best_val_loss"]
             run.summary.update(final_val_loss=result["loss"], final_val_bpb=result["bpb"],
@@ -359,6 +363,7 @@ def drive(job: Job) -> list[int]:
         faults.writing("checkpoint", step, live[0][1].ckpt.directory / str(step))
         for i, run in live:
             if step not in run.ckpt.committed_steps():  # committed: never written again
+                writing["path"] = run.ckpt.directory / str(step)
                 run.ckpt.save(step, *job.checkpoint(job.state, i), force=True)
 
     def record_lost_peer(lost: str) -> str:
@@ -426,7 +431,7 @@ def drive(job: Job) -> list[int]:
             except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
                 failure = failure or e
         if failure is not None:
-            full = find_disk_full(failure, str(runs[0].directory))
+            full = find_disk_full(failure, str(writing["path"]))
             if full is None:
                 raise failure
             raise _stopped_by_full_disk(full, runs)
