@@ -392,9 +392,15 @@ def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index
     none intact is a ConfigError."""
     common = set.intersection(*(set(c.committed_steps()) for c in ckpts))
     abstract = group.pieces.abstract_state()
+    if not common:
+        newer = [c.directory for c in ckpts if c.committed_steps()]
+        if newer:
+            print(f"warning: the trials share no checkpoint step ({len(newer)} of {len(ckpts)} "
+                  "have one): the group starts from step 0", flush=True)
+        return 0, None
     got: list = [None] * group.k  # per trial: (step, state, its data position)
-    limit = max(common, default=None)
-    while common:
+    limit = max(common)
+    while True:
         for i, c in enumerate(ckpts):
             if got[i] is not None and got[i][0] == limit:
                 continue
@@ -407,12 +413,6 @@ def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index
         if all(g[0] == low for g in got):
             break
         limit = low  # a trial's newer ones did not restore: all go back to its step
-    else:
-        newer = [c.directory for c in ckpts if c.committed_steps()]
-        if newer:
-            print(f"warning: the trials share no checkpoint step ({len(newer)} of {len(ckpts)} "
-                  "have one): the group starts from step 0", flush=True)
-        return 0, None
     step = got[0][0]
     views = [g[2] for g in got]
     batches.set_state(views[0].restored if index[0] is None
