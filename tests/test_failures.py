@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -324,3 +325,132 @@ def test_a_pod_on_a_held_run_dir_exits_2_on_every_process(tmp_path):
         assert any(line.startswith(f"[p{p}] {refusal}") for line in result.stderr.splitlines()), (
             result.stderr[-3000:])
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+
+
+# ---------------------------------------------------------------- batched groups
+# The same failures for K trials trained as one program (`lm train-group`, which `lm
+# sweep --batch` runs; lm/train/trials.py through the one driver, lm/train/driver.py):
+# each trial's run dir ends as a lone run's would, and a rerun resumes the group.
+
+TRIALS = (("a", ["optim.lr=2e-3", "seed=1", "data.seed=1"]),  # own inits and data orders
+          ("b", ["optim.lr=5e-3", "seed=2", "data.seed=2"]))
+
+
+def _group(root: Path, overrides: list[str], env: dict | None = None, run=None):
+    """`lm train-group` of trials a and b in `root`/a and `root`/b (`run`: how to run
+    `lm`, default a subprocess)."""
+    from lm.configs import DEFAULT_CONFIG
+    root.mkdir(parents=True, exist_ok=True)
+    spec = root / "group.json"
+    spec.write_text(json.dumps({"base_config": str(DEFAULT_CONFIG), "trials": [
+        {"name": name, "overrides": [*overrides, *own, f"name={name}"],
+         "run_dir": str(root / name)} for name, own in TRIALS]}))
+    return run("train-group", str(spec)) if run else lm("train-group", str(spec), env=env)
+
+
+def _same_losses(run: Path, reference: Path) -> None:
+    got, want = train_losses(run), train_losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def group_reference(tmp_path_factory) -> Path:
+    """An uninterrupted group (KEEP3: every step logged, checkpoints 4, 8, 12 kept)."""
+    root = tmp_path_factory.mktemp("group") / "reference"
+    result = _group(root, KEEP3)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return root
+
+
+def test_a_group_sets_a_trials_corrupt_checkpoint_aside_and_resumes_from_the_one_before(
+        group_reference, tmp_path, lm_here):
+    root = tmp_path / "group"
+    for name, _ in TRIALS:
+        shutil.copytree(group_reference / name, root / name)
+    garble(root / "b" / "checkpoints" / "12", "sectors")
+    second = _group(root, KEEP3)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "resumed 2 trials from step 8" in second.stdout
+    warning = one_line(second.stderr)
+    assert "b/checkpoints/12 is unreadable (renamed to 12.corrupt-1): " in warning, warning
+    assert warning.endswith("; using step 8")
+    for name, _ in TRIALS:
+        _same_losses(root / name, group_reference / name)
+        assert json.loads((root / name / "summary.json").read_text())["status"] == "completed"
+    # a's step 12, intact, is kept as it was (never written twice); b's is re-trained.
+    assert _steps(root / "a") == ["12", "4", "8"]
+    assert _steps(root / "b") == ["12", "12.corrupt-1", "4", "8"]
+
+    # None of b's intact: one line, exit 2; nothing trained from scratch.
+    for step in ("12", "8", "4"):
+        garble(root / "b" / "checkpoints" / step, "cut")
+    metrics = (root / "a" / "metrics.jsonl").read_text()
+    third = _group(root, KEEP3, run=lm_here)
+    assert third.returncode == 2, third.stderr[-3000:]
+    assert one_line(third.stderr).startswith(
+        f"error: no intact checkpoint in {root / 'b' / 'checkpoints'}: unreadable 12")
+    assert (root / "a" / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_hard_killed_group_resumes_like_the_uninterrupted_group(group_reference, tmp_path):
+    root = tmp_path / "group"
+    first = _group(root, KEEP3, env={"LMLAB_FAULT": "sigkill@6"})
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert max(train_losses(root / "a")) == 6
+    second = _group(root, KEEP3)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "resumed 2 trials from step 4" in second.stdout  # checkpoint_every=4
+    for name, _ in TRIALS:
+        _same_losses(root / name, group_reference / name)
+        assert json.loads((root / name / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("fault, what", [("enospc@12", "checkpoint"),
+                                         ("enospc-metrics@10", "metrics")])
+def test_a_group_on_an_injected_full_disk_exits_4_with_every_trial_accounted_for(
+        tmp_path, fault, what):
+    root = tmp_path / "group"
+    result = _group(root, TINY, env={"LMLAB_FAULT": fault})
+    # The first trial's write fails; the group stops, and says so in every trial's dir.
+    path = root / "a" / "checkpoints" / "12" if what == "checkpoint" else root / "a" / "metrics.jsonl"
+    for name, _ in TRIALS:
+        _assert_stopped_by_full_disk(result, root / name, path, ["4", "8"])
+    again = _group(root, TINY)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed 2 trials from step 8" in again.stdout
+    for name, _ in TRIALS:
+        assert sorted(train_losses(root / name)) == [2, 4, 6, 8, 10, 12]
+        assert json.loads((root / name / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_group_filling_the_disk_during_its_async_checkpoint_saves(small_filesystem):
+    where, resize = small_filesystem
+    root = where / "group"
+    first = _group(root, TINY, env={"LMLAB_FAULT": "sigterm@8"})
+    assert first.returncode == 128 + 15, first.stderr[-2000:]
+    used_kib = os.statvfs(where).f_frsize * (os.statvfs(where).f_blocks
+                                             - os.statvfs(where).f_bfree) // 1024
+    resize(used_kib + 150)  # room for logs and evaluations, not for a third checkpoint
+    full = _group(root, TINY)
+    assert full.returncode == 4, full.stdout[-1000:] + full.stderr[-3000:]
+    failed = one_line(full.stderr).split("writing ", 1)[1].split(";", 1)[0]
+    assert failed in {str(root / name / "checkpoints" / "12") for name, _ in TRIALS}, failed
+    for name, _ in TRIALS:  # no half-written *.orbax-checkpoint-tmp* left, no "running"
+        _assert_stopped_by_full_disk(full, root / name, Path(failed), ["4", "8"])
+    resize(16 * 1024)
+    again = _group(root, TINY)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed 2 trials from step 8" in again.stdout
+
+
+def test_a_group_step_that_is_nan_is_diverged_there_in_every_trial_and_never_checkpointed(
+        tmp_path):
+    root = tmp_path / "group"
+    result = _group(root, [*TINY, "log_every=1"], env={"LMLAB_FAULT": "nan@8"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    for name, _ in TRIALS:
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert summary["status"] == "diverged at step 8" and summary["steps"] == 7
+        assert max(train_losses(root / name)) == 7
+        assert _steps(root / name) == ["4"]  # checkpoint_every=4: 8 was never written

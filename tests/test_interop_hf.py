@@ -389,7 +389,7 @@ def test_helium_written_as_helium_is_the_same_checkpoint(reference, tmp_path):
     from lm.interop.hf_config import hf_config_from_model
     from lm.interop.hf_export import hf_tensors
     from lm.interop.hf_import import import_hf
-    from lm.train.setup import restore_for_inference
+    from lm.train.param_source import restore_for_inference
     assert import_hf(reference / "helium", tmp_path / "run") == 0
     run, params, _ = restore_for_inference(tmp_path / "run")
     out = tmp_path / "out"

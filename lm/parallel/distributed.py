@@ -18,7 +18,7 @@ Also read: `LMLAB_LOCAL_DEVICES=0,1,..` (the local devices this process uses; e.
 SLURM task per node driving all of its GPUs), `LMLAB_HEARTBEAT_TIMEOUT` (s, default 10:
 how soon a dead peer is noticed), `LMLAB_INIT_TIMEOUT` (s, default 120: how long to wait
 for every process to join), `LMLAB_SHUTDOWN_TIMEOUT` (s, default 60), and
-`LMLAB_FAULT_PROCESS=K`: `LMLAB_FAULT` (fault injection, lm/train/loop.py) applies only
+`LMLAB_FAULT_PROCESS=K`: `LMLAB_FAULT` (fault injection, lm/train/driver.py) applies only
 to process K; the others drop it.
 
 A process of a pod that loses another (killed, its host gone; with or without `lm launch`)
@@ -146,7 +146,7 @@ def _apply_fault_target(process_id: int) -> None:
 
 
 # What the pod's loss of a process should say and record, set while a command runs
-# (lm/train/loop.py: where a rerun resumes, summary.json); and the code of an exit under
+# (lm/train/driver.py: where a rerun resumes, summary.json); and the code of an exit under
 # way (a process leaving on its own is not a peer lost).
 _loss: dict = {"report": None, "exiting": None}
 

@@ -17,7 +17,7 @@ launch`) runs its command in a child, and this parent, which imports nothing hea
 - otherwise exits as the child did (the same code, or the same signal).
 
 The child catches a failed collective first when it can (gloo: "Connection reset by
-peer", lm/train/loop.py) and says the same itself (lm/parallel/distributed.py
+peer", lm/train/driver.py) and says the same itself (lm/parallel/distributed.py
 `lost_peer`); then the parent adds nothing. Signals: the parent forwards SIGTERM and
 SIGINT to the child (which checkpoints and stops); a launcher that signals the process
 group reaches both, and the child's stop flag takes a repeated signal as one.

@@ -41,7 +41,7 @@ CORRUPT = ".corrupt-"
 class _DropOrbaxBackgroundTracebacks(logging.Filter):
     """Orbax logs a failed background save with its traceback from each thread the
     error passes through (a full disk: 17 tracebacks), then raises it again where the
-    loop waits for the save, which reports it in one line (lm/train/loop.py) or raises
+    loop waits for the save, which reports it in one line (lm/train/driver.py) or raises
     it: the logged copies add nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -117,7 +117,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def check_finite(state, step: int) -> None:
-    """The loop saves only states it verified finite (lm/train/loop.py), so a non-finite
+    """The loop saves only states it verified finite (lm/train/driver.py), so a non-finite
     value read back is damage on disk that the file format did not catch."""
     if not bool(_all_finite(state)):
         raise CheckpointUnreadable(f"step {step} holds non-finite values")
@@ -157,16 +157,17 @@ class Checkpointer:
         return dst
 
     def restore_newest_intact(self, read: Callable[[int], Any], *, rename: bool,
-                              log=None) -> tuple[int, Any] | None:
+                              log=None, steps=None) -> tuple[int, Any] | None:
         """(step, read(step)) of the newest checkpoint that restores, newest first; None
-        when there is none at all. A checkpoint that does not restore (garbled or cut
+        when there is none at all. `steps`: the steps to try (default: every one; a
+        batched group tries those all its trials have, lm/train/trials.py). A checkpoint that does not restore (garbled or cut
         short on disk, non-finite values) is reported in one line and, with `rename`,
         renamed aside (`<step>.corrupt-<n>`) so that no later start trips on it again.
         None intact (or only ones set aside before): ConfigError, one line."""
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         failed, warnings = [], []  # the warnings are printed only if one restores
         earlier = self.set_aside()
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = sorted(self.manager.all_steps() if steps is None else steps, reverse=True)
         for step in steps:
             try:
                 value = read(step)

@@ -92,7 +92,7 @@ class RunPieces:
                 jax.eval_shape(self._init), self.state_shardings)
         return self._abstract
 
-    def _traced_with_mesh(self, fn):
+    def traced_with_mesh(self, fn):
         """fn traced with the activation constraints of this mesh, and with kernels chosen
         for its devices' platform (a TPU mesh on a CPU host: `lm compile`)."""
         platform = self.target_platform or self.mesh.devices.flat[0].platform
@@ -109,7 +109,7 @@ class RunPieces:
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included
                                None if self.cfg.lora.rank else self.cfg.model)
-        return jax.jit(self._traced_with_mesh(step),
+        return jax.jit(self.traced_with_mesh(step),
                        in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=0)
@@ -121,7 +121,7 @@ class RunPieces:
         """fn(params, batch) -> replicated outputs, jitted on this mesh like eval_step:
         the evaluations beyond the loss (lm/evals) reuse the sharding and kernel choice."""
         return self._jit(name, lambda: jax.jit(
-            self._traced_with_mesh(fn),
+            self.traced_with_mesh(fn),
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=replicated(self.mesh)))
 

@@ -19,10 +19,15 @@ checkpoints of its slice of the state and of its data iterator. `lm results`, `l
 analyze`, `lm eval` and `lm sample` see no difference, and `lm train` on a trial's
 directory resumes that trial alone from the group's checkpoint.
 
-A trial whose step is non-finite is masked: from then on its state is the last finite
-one (the step selects, per trial, the old or the new state), its status is "diverged at
-step N" and it writes nothing more, while the others go on. A group resumes from the
-newest checkpoint step all its unfinished trials have.
+A group trains through the one driver of lm/train/driver.py, as a lone run does: the
+same order of a step's life, signals, fault injection and failures (a full disk: exit 4,
+the half-written checkpoints removed, every trial's summary.json saying so). A trial
+whose step is non-finite is masked: from then on its state is the last finite one (the
+step selects, per trial, the old or the new state), its status is "diverged at step N"
+and it writes nothing more, while the others go on. A group resumes from the newest
+checkpoint step all its trials have and restore: a trial's unreadable checkpoint is
+renamed aside as a lone run's is (none intact: exit 2), and a step a trial has already
+committed is kept, not written again.
 
 On a mesh, the trial axis is the logical axis "trials" (lm/parallel/sharding.py;
 default: the `data` mesh axis when K divides by it), so K trials spread over the chips of
@@ -36,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,17 +55,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
-from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
 from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
 from lm.optim import make_optimizer, schedule
 from lm.peft import make_model
 from lm.train.checkpoint import Checkpointer
-from lm.train.loop import (_Faults, _StepTimer, _StopFlag, due, evaluate, initial_summary,
-                           write_json)
-from lm.train.metrics import MetricsSink, Progress
-from lm.train.mfu import device_peak_flops, mfu
+from lm.train.driver import Job, drive, open_run
+from lm.train.loop import evaluate
+from lm.train.mfu import device_peak_flops
 from lm.train.setup import check_resumable, setup_run, with_vocab
 from lm.train.state import memory_estimate
 from lm.train.step import make_eval_step, make_train_step
@@ -253,7 +255,7 @@ class Group:
         def init(values):
             return {"trials": self._vmap(init_one, 0)(values),
                     "alive": jnp.ones([self.k], bool)}
-        return jax.jit(self.pieces._traced_with_mesh(init), in_shardings=(self.values_sharding(),),
+        return jax.jit(self.pieces.traced_with_mesh(init), in_shardings=(self.values_sharding(),),
                        out_shardings=self.state_shardings())
 
     def step_fn(self):
@@ -275,7 +277,7 @@ class Group:
                 new, group["trials"])
             return {"trials": trials, "alive": keep}, metrics
 
-        return jax.jit(self.pieces._traced_with_mesh(step),
+        return jax.jit(self.pieces.traced_with_mesh(step),
                        in_shardings=(self.state_shardings(), self.values_sharding(),
                                      self.batch_sharding()),
                        out_shardings=(self.state_shardings(), NamedSharding(pieces.mesh, P())),
@@ -283,7 +285,7 @@ class Group:
 
     def eval_fn(self):
         single = make_eval_step(self.pieces.graphdef, self.pieces.loss_chunk)
-        return jax.jit(self.pieces._traced_with_mesh(self._vmap(single, (0, None))),
+        return jax.jit(self.pieces.traced_with_mesh(self._vmap(single, (0, None))),
                        in_shardings=(self.state_shardings()["trials"]["params"],
                                      self.pieces.batch_sharding))
 
@@ -350,7 +352,9 @@ def _slice(tree, k: int):
 
 def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) -> list[int]:
     """Train (or resume) K trials as one program; returns each trial's exit code (0
-    done, 3 diverged, 128 + signal when stopped after a checkpoint)."""
+    done, 3 diverged, 128 + signal when stopped after a checkpoint). Raises DiskFull
+    (exit 4) when a write finds no space, ConfigError (exit 2) when a trial has no
+    intact checkpoint left."""
     from contextlib import ExitStack
 
     group = make_group(cfgs, [Path(d) for d in run_dirs], mesh)
@@ -382,43 +386,47 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
 
 
 def _restore(group: Group, ckpts: list[Checkpointer], batches: Prefetcher, index: list):
-    """(start step, group state) from the newest step every trial has committed, or
-    (0, None)."""
+    """(start step, group state) from the newest step every trial has committed and
+    restores, or (0, None). A trial's checkpoint that does not restore is renamed aside
+    and the group tries an older common step, as a lone run does (lm/train/checkpoint.py);
+    none intact is a ConfigError."""
     common = set.intersection(*(set(c.committed_steps()) for c in ckpts))
     abstract = group.pieces.abstract_state()
-    for step in sorted(common, reverse=True):
-        views = [_TrialData(batches, i) for i in index]
-        try:
-            states = [c.restore(step, abstract, v) for c, v in zip(ckpts, views)]
-        except Exception as e:  # noqa: BLE001 (an unreadable one: try an older common step)
-            print(f"warning: checkpoint step {step} of the group does not restore ({e}); "
-                  "trying an older one", flush=True)
-            continue
-        data = views[0].restored if index[0] is None else {"trials": [v.restored for v in views]}
-        batches.set_state(data)
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-        trials = jax.device_put(stacked, group.state_shardings()["trials"])
-        alive = jax.device_put(np.ones([group.k], bool), group.state_shardings()["alive"])
-        return step, {"trials": trials, "alive": alive}
-    newer = [c.directory for c in ckpts if c.committed_steps()]
-    if newer:
-        print(f"warning: the trials share no checkpoint step ({len(newer)} of {len(ckpts)} "
-              "have one): the group starts from step 0", flush=True)
-    return 0, None
-
-
-class _AllCheckpointers:
-    def __init__(self, ckpts: list[Checkpointer]):
-        self.ckpts = ckpts
-
-    def wait(self) -> None:
-        for c in self.ckpts:
-            c.wait()
+    if not common:
+        newer = [c.directory for c in ckpts if c.committed_steps()]
+        if newer:
+            print(f"warning: the trials share no checkpoint step ({len(newer)} of {len(ckpts)} "
+                  "have one): the group starts from step 0", flush=True)
+        return 0, None
+    got: list = [None] * group.k  # per trial: (step, state, its data position)
+    limit = max(common)
+    while True:
+        for i, c in enumerate(ckpts):
+            if got[i] is not None and got[i][0] == limit:
+                continue
+            view = _TrialData(batches, index[i])
+            step, state = c.restore_newest_intact(
+                lambda step, c=c, view=view: c.restore(step, abstract, view), rename=True,
+                steps=[s for s in common if s <= limit])
+            got[i] = (step, state, view)
+        low = min(g[0] for g in got)
+        if all(g[0] == low for g in got):
+            break
+        limit = low  # a trial's newer ones did not restore: all go back to its step
+    step = got[0][0]
+    views = [g[2] for g in got]
+    batches.set_state(views[0].restored if index[0] is None
+                      else {"trials": [v.restored for v in views]})
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                           *(g[1] for g in got))
+    trials = jax.device_put(stacked, group.state_shardings()["trials"])
+    alive = jax.device_put(np.ones([group.k], bool), group.state_shardings()["alive"])
+    return step, {"trials": trials, "alive": alive}
 
 
 def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> list[int]:
     cfgs, dirs, k, pieces = group.cfgs, group.run_dirs, group.k, group.pieces
-    first = group.setup.cfg
+    first, tokenizer = group.setup.cfg, group.setup.tokenizer
     names = [c.name for c in cfgs]
     ckpts = [Checkpointer(d / "checkpoints", c.checkpoint_every, c.keep_checkpoints)
              for c, d in zip(cfgs, dirs)]
@@ -433,16 +441,9 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
     # One model shape, sequence length and optimizer for the group (group_key): once.
     counts, fpt = count_params(first.model), flops_per_token(first.model, first.data.seq_len)
     _, optim_bytes = optim_lib.describe(first.optim, first.model, pieces.abstract_state())
-    summaries, sinks = [], []
-    for c, d in zip(cfgs, dirs):
-        path = d / "summary.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        summaries.append(initial_summary(c, start, previous, counts, fpt, batched_with=names,
-                                         optimizer_state_bytes_per_param=optim_bytes))
-        write_json(path, summaries[-1])
-        sinks.append(MetricsSink(d, c.tensorboard, resume_step=start))
-    peak, _ = device_peak_flops()
-    tokens_per_step = first.batch_size * first.data.seq_len
+    runs = [open_run(d, c, start, counts, fpt, ckpt, label=f"trial {c.name}: ",
+                     batched_with=names, optimizer_state_bytes_per_param=optim_bytes)
+            for c, d, ckpt in zip(cfgs, dirs, ckpts)]
     print(f"{k} trials batched as one program ({'one shared' if group.shared_data else 'own'} "
           f"data order{'s' if not group.shared_data else ''}; trial axis on "
           f"{'+'.join(group.axes) or 'no mesh axis'}): {', '.join(names)}", flush=True)
@@ -454,118 +455,22 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
               f"{memory['temp'] / 2**20:.1f} MiB", flush=True)
     eval_fn = group.eval_fn()
     layers = logit_layers(first.model)
-    progress = Progress(first.steps)
-    faults = _Faults(_AllCheckpointers(ckpts))  # LMLAB_FAULT, as in lm/train/loop.py
-    status = [None] * k  # final status per trial once it diverged
-    codes = [EXIT_OK] * k
-    alive = np.ones([k], bool)
 
-    timer = _StepTimer()  # as a lone run measures it (lm/train/loop.py)
+    def evaluate_trials(state) -> list[dict]:
+        per_trial = evaluate(pieces, eval_fn, state["trials"]["params"], eval_data, tokenizer)
+        return [{"loss": float(per_trial["loss"][i]), "bpb": float(per_trial["bpb"][i])}
+                for i in range(k)]
 
-    def settle(step: int, metrics) -> None:
-        timer.settled += 1
-        # Every step reads back only what divergence needs; the whole tree on log steps.
-        loss, finite = map(np.asarray, jax.device_get((metrics["loss"], metrics["finite"])))
-        for i in range(k):
-            if status[i] is not None:
-                continue
-            if not finite[i]:
-                status[i] = f"diverged at step {step}"
-                codes[i] = EXIT_DIVERGED
-                alive[i] = False
-                print(f"trial {names[i]}: non-finite step {step} (loss {loss[i]}): "
-                      "masked; its last good checkpoint is kept", flush=True)
-                continue
-            summaries[i].update(steps=step, tokens_seen=step * tokens_per_step,
-                                training_flops=fpt * step * tokens_per_step)
-        if step % first.log_every and step != first.steps:
-            return
-        host = jax.tree.map(np.asarray, jax.device_get(metrics))
-        step_time = timer.step_time()
-        timer.restart()
-        tps = tokens_per_step / step_time  # per trial: each trial's own tokens
-        for i in range(k):
-            if status[i] is not None:
-                continue
-            record = {n: v for n, v in _slice(host, i).items() if n != "finite"}
-            record["attn_logit_max"] = {j: record["attn_logit_max"][j] for j in layers}
-            record.update(step_time=step_time, tokens_per_s=tps,
-                          mfu=mfu(fpt, tps, peak, jax.device_count()),
-                          group_tokens_per_s=tps * k)
-            sinks[i].write(step, record)
-        live = host["loss"][alive] if alive.any() else np.asarray([np.nan])
-        progress.line(step, float(np.mean(live)), tps * k, mfu(fpt, tps * k, peak,
-                      jax.device_count()), step_time,
-                      extra=f"{int(alive.sum())}/{k} trials, loss {np.min(live):.3f}..{np.max(live):.3f}")
+    def record(metrics: dict) -> dict:
+        return dict(metrics, attn_logit_max={j: metrics["attn_logit_max"][j] for j in layers})
 
-    def run_eval(step: int, params) -> None:
-        per_trial = evaluate(pieces, eval_fn, params, eval_data, group.setup.tokenizer)
-        for i in range(k):
-            if status[i] is not None:
-                continue
-            loss = float(per_trial["loss"][i])
-            result = {"loss": loss, "bpb": float(per_trial["bpb"][i])}
-            sinks[i].write(step, result, kind="eval")
-            best = summaries[i]["best_val_loss"]
-            summaries[i].update(final_val_loss=loss, final_val_bpb=result["bpb"],
-                                best_val_loss=loss if best is None else min(best, loss))
-        live = [float(per_trial["loss"][i]) for i in range(k) if status[i] is None]
-        if live:
-            print(f"  eval @ {step}: val loss {min(live):.4f}..{max(live):.4f} over "
-                  f"{len(live)} trials", flush=True)
-
-    def save(step: int) -> None:
-        for i in range(k):
-            if status[i] is None:
-                ckpts[i].save(step, _slice(state["trials"], i), _TrialData(batches, index[i]),
-                              force=True)
-
-    with _StopFlag(first.stop_sync_every) as stop:
-        try:
-            step, pending = start, None
-            timer.restart()
-            while step < first.steps and alive.any():
-                batch = faults.batch(step + 1, next(batches))
-                state, metrics = step_fn(state, values, batch)
-                step += 1
-                timer.dispatched += 1
-                faults.dispatched(step)
-                if pending is not None:
-                    settle(*pending)
-                    faults.settled(pending[0])
-                pending = (step, metrics)
-                signum = stop.requested(step)
-                evaluate_now, save_now = due(first, step, signum)
-                if evaluate_now or save_now:
-                    pending = None
-                    settle(step, metrics)
-                    if evaluate_now:
-                        run_eval(step, state["trials"]["params"])
-                    if save_now:
-                        save(step)
-                    faults.settled(step)
-                    timer.restart()
-                if signum:
-                    for i in range(k):
-                        if status[i] is None:
-                            status[i], codes[i] = "interrupted", exit_for_signal(signum)
-                    print(f"stopped by signal {signum} at step {step}; checkpoints saved; "
-                          "rerun the same command to resume", flush=True)
-                    break
-            if pending is not None:
-                settle(*pending)
-        finally:
-            # All of them, whatever fails (as lm/train/loop.py): a checkpointer left
-            # unclosed would drop its pending async save.
-            failures = []
-            for close in [batches.close, *(c.close for c in ckpts), *(s.close for s in sinks)]:
-                try:
-                    close()
-                except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
-                    failures.append(e)
-            if failures and sys.exc_info()[0] is None:
-                raise failures[0]
-        for i in range(k):
-            summaries[i]["status"] = status[i] or "completed"
-            write_json(dirs[i] / "summary.json", summaries[i])
-    return codes
+    job = Job(cfg=first, runs=runs, batches=batches, state=state, start=start,
+              step=lambda s, batch: step_fn(s, values, batch),
+              evaluate=evaluate_trials,
+              # Each trial's checkpoint: its slice of the state, its data position.
+              checkpoint=lambda s, i: (_slice(s["trials"], i), _TrialData(batches, index[i])),
+              tokens_per_step=first.batch_size * first.data.seq_len, flops_per_token=fpt,
+              peak_flops=device_peak_flops()[0],
+              per_run=lambda tree: [_slice(tree, i) for i in range(k)],
+              record=record, batched=True)
+    return drive(job)
