@@ -238,6 +238,7 @@ def _refuse(cfg: ModelConfig) -> None:
         ("model.parallel_block", cfg.parallel_block),
         ("model.logit_softcap", bool(cfg.logit_softcap)), ("model.init=mup", cfg.init == "mup"),
         ("model.mixer_pattern", set(cfg.mixer_pattern) != {"a"}),
+        ("model.channel_pattern", bool(set(cfg.channel_pattern) - {"f", "e"})),
         ("model.attention.softcap", bool(cfg.attention.softcap)),
         ("model.attention.sinks", bool(cfg.attention.sinks)),
     ]
