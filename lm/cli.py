@@ -248,6 +248,21 @@ def _add_launch(sub) -> None:
     p.set_defaults(fn=cmd_launch)
 
 
+def _add_config(sub) -> None:
+    """`lm config --show [SECTION] [--markdown]`: the knob reference (lm/config_reference.py)."""
+    p = sub.add_parser("config", help="every config knob: type, default, roles, doc")
+    p.add_argument("--show", nargs="?", const="", default="", metavar="SECTION",
+                   help="one section (e.g. model.attention); default: all")
+    p.add_argument("--markdown", action="store_true",
+                   help="all built-in sections as docs/config-reference.md")
+
+    def run(args) -> int:
+        from lm import config_reference as ref
+        print(ref.markdown() if args.markdown else ref.text(args.show or None), end="")
+        return 0
+    p.set_defaults(fn=run)
+
+
 def _split_remote(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """`lm launch ... -- <command>`: (the launcher's args, the command or None)."""
     if argv[:1] != ["launch"] or "--" not in argv:
@@ -391,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", action="store_true",
                    help="best loss per optimizer (arm) and width, state bytes, tokens/s")
     p.set_defaults(fn=cmd_analyze)
+    _add_config(sub)
     return parser
 
 
