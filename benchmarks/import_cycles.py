@@ -129,8 +129,8 @@ def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out, key=lambda c: (-len(c), c))
 
 
-def main(argv: list[str]) -> int:
-    verbose = "--verbose" in argv
+def graph() -> tuple[dict[str, dict[str, set[str]]], list[str], list[str], int]:
+    """(edges by kind, mid-file imports, modules with a __getattr__, module count)."""
     mods = modules()
     known = set(mods)
     by_kind: dict[str, dict[str, set[str]]] = {k: defaultdict(set) for k in
@@ -143,17 +143,29 @@ def main(argv: list[str]) -> int:
         mids += mid
         if ga:
             getattrs.append(name)
+    return by_kind, mids, getattrs, len(mods)
+
+
+LAYERS = [("module-level", ("module",)), ("module-level + TYPE_CHECKING", ("module", "typing")),
+          ("all (+ function-level)", ("module", "typing", "function"))]
+
+
+def cycles(by_kind: dict[str, dict[str, set[str]]], kinds: tuple[str, ...]) -> list[list[str]]:
+    merged: dict[str, set[str]] = defaultdict(set)
+    for k in kinds:
+        for a, bs in by_kind[k].items():
+            merged[a] |= bs
+    return sccs(merged)
+
+
+def main(argv: list[str]) -> int:
+    verbose = "--verbose" in argv
+    by_kind, mids, getattrs, n_modules = graph()
     counts = {k: sum(len(v) for v in g.values()) for k, g in by_kind.items()}
-    print(f"{len(mods)} modules; import edges: {counts['module']} module-level, "
+    print(f"{n_modules} modules; import edges: {counts['module']} module-level, "
           f"{counts['typing']} TYPE_CHECKING, {counts['function']} function-level")
-    layers = [("module-level", ("module",)), ("module-level + TYPE_CHECKING", ("module", "typing")),
-              ("all (+ function-level)", ("module", "typing", "function"))]
-    for title, kinds in layers:
-        graph: dict[str, set[str]] = defaultdict(set)
-        for k in kinds:
-            for a, bs in by_kind[k].items():
-                graph[a] |= bs
-        comps = sccs(graph)
+    for title, kinds in LAYERS:
+        comps = cycles(by_kind, kinds)
         print(f"cycles, {title}: {len(comps)} component(s), "
               f"{sum(len(c) for c in comps)} modules")
         for comp in comps:

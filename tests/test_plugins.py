@@ -226,11 +226,19 @@ def test_a_plugin_channel_mixer_is_refused_by_export_hf_in_one_line(tmp_path):
 
 
 def test_registered_mixers_and_their_sections():
+    from lm import schema
+    from lm.config import OptimConfig
     assert {code: m.name for code, m in SEQUENCE_MIXERS.items()} == {
         "a": "attention", "m": "mamba2", "r": "retention"}
     cfg = ModelConfig()
     assert dataclasses.is_dataclass(cfg.attention) and cfg.mlp.activation == "gelu"
     assert TrainConfig().optim.adamw.b2 == 0.95
+    # The built-in sections are declared, typed fields (editors and type checkers see
+    # them), each the class its mixer or optimizer registered.
+    assert schema.plugin_sections(ModelConfig) == {} == schema.plugin_sections(OptimConfig)
+    declared = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {"attention", "mamba2", "retention", "mlp", "moe"} <= declared
+    assert ModelConfig.__annotations__["attention"] == "AttentionConfig"
 
 
 def test_sections_are_set_and_validated_from_the_command_line():

@@ -10,7 +10,7 @@ let a direction treat hidden matrices, stacked layers or experts differently: Mu
 SGD-SaI), and its muP rule: `mup_rule(section)` (one line saying which rule and where it
 comes from; None = no rule, and model.init=mup is refused) and `mup_lr_scale(...)`, the
 per-parameter LR multiplier under muP. It registers itself with `@register` (from
-lm/optim/base.py), which gives every config an `optim.<name>` section, whenever the file is
+lm/optim/direction.py), which gives every config an `optim.<name>` section, whenever the file is
 imported (a plug-in may be imported after lm.config). Adding a built-in one = one file +
 its import line at the bottom + its declared, typed field in lm/optim/config.py. The
 schedule is built here only (`schedule`).
@@ -24,10 +24,11 @@ rule is needed beyond attention's 1/head_dim: Mamba-2's B.C contraction runs ove
 fixed state size and retention's per-head norm cancels the scale of q.k.
 """
 
-from lm.optim.base import (  # noqa: F401  (the plug-in API and the chain)
-    BLOCK_AXES, DIRECTIONS, Direction, all_directions, decay_mask, describe,
-    is_hidden_matrix, lr_multipliers, make_optimizer, mup_rule, register, schedule,
-    state_bytes_per_param, state_shardings, validate, validate_mup)
+from lm.optim.direction import (  # noqa: F401  (the plug-in API)
+    BLOCK_AXES, DIRECTIONS, Direction, all_directions, is_hidden_matrix, register)
 # The registrations: one import per direction file.
 from lm.optim import adamw, lion, adafactor, muon, sgd_sai  # noqa: F401, E402
 from lm.optim.config import OptimConfig  # noqa: F401, E402
+from lm.optim.chain import (  # noqa: F401, E402  (the shared chain)
+    decay_mask, describe, lr_multipliers, make_optimizer, mup_rule, schedule,
+    state_bytes_per_param, state_shardings, validate, validate_mup)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import optax
 
 from lm.errors import ConfigError
-from lm.optim.base import Direction, register
+from lm.optim.direction import Direction, register
 from lm.schema import knob
 
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import optax
 
 from lm.errors import ConfigError
-from lm.optim.base import Direction, register
+from lm.optim.direction import Direction, register
 from lm.schema import knob
 
 

@@ -33,7 +33,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from lm.errors import ConfigError
-from lm.optim.base import BLOCK_AXES, Direction, is_hidden_matrix, register
+from lm.optim.direction import BLOCK_AXES, Direction, is_hidden_matrix, register
 from lm.schema import knob
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
-from lm.optim.base import BLOCK_AXES, Direction, register
+from lm.optim.direction import BLOCK_AXES, Direction, register
 from lm.schema import knob
 
 

@@ -1,71 +1,21 @@
-"""The optimizer plug-in seam and the shared chain (lm/optim/__init__.py tells the whole
-story): `Direction` and `register`, validation, the LR schedule, muP multipliers, weight
-decay, state shardings."""
+"""The shared optimizer chain (lm/optim/__init__.py tells the whole story): validation,
+the LR schedule, muP multipliers, weight decay, state shardings; the update direction is
+the registered one optim.name names (lm/optim/direction.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lm import schema
 from lm.errors import ConfigError
 from lm.model.config import ModelConfig
-
-if TYPE_CHECKING:  # (lm.optim.config imports the directions, which import this module)
-    from lm.optim.config import OptimConfig
-
-
-class Direction:
-    """An update direction (subclass, set the class attributes, `@register` it)."""
-    name: ClassVar[str]
-    Config: ClassVar[type]
-
-    # True: mup_lr_scale needs each parameter's size at the base width (size_ratio).
-    mup_needs_sizes: ClassVar[bool] = False
-
-    @staticmethod
-    def transform(section, axes_tree: Any) -> optax.GradientTransformation:
-        raise NotImplementedError
-
-    @staticmethod
-    def validate(section) -> None:
-        """Raise ConfigError (one line naming optim.<name>.<key>) for bad settings."""
-
-    @staticmethod
-    def mup_rule(section) -> str | None:
-        """The muP LR rule, in one line with its source; None: none for these settings."""
-        return None
-
-    @staticmethod
-    def mup_lr_scale(width_ratio: float, axes: tuple[str, ...], section,
-                     size_ratio: float | None = None) -> float:
-        """LR multiplier under muP of a parameter with these logical axes, at
-        base_width / width = width_ratio (size_ratio: its element count at the base width
-        over its count now, for directions with mup_needs_sizes). Adam-like default:
-        hidden matrices x width_ratio, everything else 1."""
-        return width_ratio if is_hidden_matrix(axes) else 1.0
-
-
-DIRECTIONS: dict[str, type[Direction]] = {}
-
-
-def register(cls):
-    if cls.name in DIRECTIONS:
-        raise ValueError(f"optimizer {cls.name!r} is registered twice")
-    if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
-        raise TypeError(f"optimizer {cls.__name__}: Config must be a frozen dataclass")
-    DIRECTIONS[cls.name] = cls
-    schema.register_section("optim", cls.name, cls.Config)
-    return cls
-
-
-def all_directions() -> list[type[Direction]]:
-    return list(DIRECTIONS.values())
+from lm.optim.config import OptimConfig
+from lm.optim.direction import BLOCK_AXES, DIRECTIONS, is_hidden_matrix  # noqa: F401
 
 
 def validate(cfg: "OptimConfig") -> None:
@@ -158,18 +108,6 @@ def schedule(cfg: "OptimConfig", total_steps: int) -> Callable[[jax.Array], jax.
 
 def _per_layer(axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in axes if a != "layers")
-
-
-# Axes along which a parameter is a stack of independent blocks, not one matrix.
-BLOCK_AXES = ("layers", "experts")
-
-
-def is_hidden_matrix(axes: tuple[str, ...]) -> bool:
-    """Matrices whose fan-in grows with width: everything >= 2-D (per layer and expert)
-    but the vocab tables and depthwise convolutions (Mamba-2's [conv, channels] kernel has
-    a fixed fan-in, the conv width: muP treats it like a vector of per-channel gains)."""
-    axes = tuple(a for a in axes if a not in BLOCK_AXES)
-    return len(axes) >= 2 and "vocab" not in axes and "conv" not in axes
 
 
 def _size_ratios(cfg: "ModelConfig") -> Any:
