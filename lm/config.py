@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-
 from lm import optim as _optim
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
