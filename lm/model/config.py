@@ -39,7 +39,8 @@ class ModelConfig(Composed):
                                      "rms_norm_eps).")
     layernorm_scaling: bool = knob(False, doc="Scale each block's norm outputs by "
                                               "1/sqrt(layer index).")
-    qk_norm: bool = knob(False, doc="RMSNorm on queries and keys per head.")
+    qk_norm: bool = knob(False, doc="A norm (of model.norm's kind) on each head's queries "
+                                    "and keys.")
     rope_theta: float = knob(10_000.0, roles={"free_init"}, doc="RoPE base frequency.")
     rope_scaling: RopeScaling = section(RopeScaling)
     max_seq_len: int = knob(2048, roles={"free_init", "eval_time"},
@@ -51,7 +52,8 @@ class ModelConfig(Composed):
     init: Literal["standard", "mup"] = knob(
         "standard", doc="Parametrisation: standard, or muP (LR multipliers from the "
                         "optimizer's rule, widths relative to mup_base_width).")
-    init_std: float = knob(0.02, roles={"traced"}, doc="Std of the initial weights.")
+    init_std: float = knob(0.02, roles={"traced"}, doc="Init std of the hidden matrices "
+                                                       "(muP: at mup_base_width).")
     mup_base_width: int = knob(256, doc="muP: the d_model the hyperparameters were tuned at.")
     param_dtype: Literal["float32", "bfloat16"] = knob("float32", doc="Parameter storage.")
     compute_dtype: Literal["float32", "bfloat16"] = knob(
