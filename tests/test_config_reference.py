@@ -21,7 +21,7 @@ def test_every_knob_declares_a_doc_and_the_reference_shows_it():
     missing = [key for key, e in schema.walk(TrainConfig) if not e.doc]
     assert not missing, f"knobs without a doc: {missing}"
     text = config_reference.text("model.attention")
-    assert "model.attention.qkv_bias: bool = False" in text  # (the README's row lacked it)
+    assert "model.attention.qkv_bias: bool = false" in text  # (the README's row lacked it)
     assert "model.attention.impl: auto | xla | pallas | cudnn" in text and "free_init" in text
 
 

@@ -96,7 +96,7 @@ def test_a_new_mixer_is_one_file_and_trains_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model.glu.ratio must be positive, got -1.0" in result.stderr
     saved = json.loads((run / "config.json").read_text())
-    assert saved["model"]["glu"] == {"ratio": 3.0}
+    assert saved["model"]["glu"] == {"ratio": 3.0, "impl": "auto"}
     summary = json.loads((run / "summary.json").read_text())
     # Layer 1's MLP (w_in, w_out: [32, 128] each) became a GLU (three [32, 96] matrices).
     dense = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
