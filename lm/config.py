@@ -5,6 +5,14 @@ a Python config file (a module with a `config()` function), modified by `--set
 section.key=value` overrides, validated, and written as `config.json` into the run
 dir, from which it can be rebuilt exactly (`from_json`).
 
+Each section's schema lives with its owner (lm/model/config.py, lm/optim/config.py,
+each mixer's and optimizer's file, lm/peft/lora.py); this module composes them into
+`TrainConfig`, reads, writes and validates it. Every field is a `lm.schema.knob`: its
+doc and roles (operational, free under --init-from, eval-time, traced) are declared
+with it, and every list of fields with a role is computed (`keys_with_role`).
+Plug-in sections (a mixer's `model.<name>`, an optimizer's `optim.<name>`) are read
+from the registry whenever they are used, so a plug-in may be imported at any time.
+
 Errors a user can cause raise `ConfigError` with one line naming the key; the CLI
 prints it and exits 2 before anything is written.
 """
@@ -17,210 +25,132 @@ import json
 import sys
 import traceback
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-
+from lm import optim as _optim
+from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
-from lm.model.recursive import Recursion  # noqa: E402  (imports only lm.errors from here)
+from lm.model import mixers as _mixers
+from lm.model import recursive, rope_scaling
+from lm.model.config import ModelConfig
+from lm.model.recursive import Recursion  # noqa: F401  (re-exported)
+from lm.model.rope_scaling import RopeScaling  # noqa: F401  (re-exported)
+from lm.optim.config import OptimConfig
+from lm.parallel.sharding import MESH_AXES
+from lm.peft import lora as _lora
+from lm.peft.lora import LoRAConfig
+from lm.schema import knob, section
 
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE scaling for longer contexts, with Hugging Face's `rope_scaling` names and
-    semantics (formulas: lm/model/rope_scaling.py)."""
-    type: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
-    factor: float = 1.0
-    original_max_seq_len: int = 0  # HF original_max_position_embeddings; 0 = max_seq_len
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    beta_fast: float = 32.0  # yarn
-    beta_slow: float = 1.0  # yarn
-    attention_factor: float = 0.0  # yarn mscale; 0 = HF's default 0.1 * ln(factor) + 1
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The model's shared knobs. Each mixer adds its own section (model.attention,
-    model.mamba2, model.retention, model.mlp, ...: see lm/model/mixers), attached below
-    by `_with_sections`."""
-    vocab_size: int = 0  # 0 = take the tokenizer's vocabulary size
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0 = n_heads (multi-head); 1 = MQA; in between = GQA
-    head_dim: int = 0  # 0 = d_model // n_heads
-    norm: Literal["rms", "layer"] = "rms"
-    norm_position: Literal["pre", "post", "peri"] = "pre"
-    norm_eps: float = 1e-6  # added to the mean square in every norm (HF: rms_norm_eps)
-    layernorm_scaling: bool = False  # scale each block's norm outputs by 1/sqrt(layer index)
-    qk_norm: bool = False
-    rope_theta: float = 10_000.0
-    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    max_seq_len: int = 2048
-    # Layers sharing blocks, with per-layer LoRA relaxations (lm/model/recursive.py).
-    recursion: Recursion = field(default_factory=Recursion)
-    tie_embeddings: bool = True
-    parallel_block: bool = False  # x + mixer(norm(x)) + channel(norm(x))
-    logit_softcap: float = 0.0  # 0 = off; else cap * tanh(logits / cap)
-    init: Literal["standard", "mup"] = "standard"
-    init_std: float = 0.02
-    mup_base_width: int = 256
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    scan_layers: bool = False
-    # Rematerialisation of each block in the backward pass: none | full (save only the
-    # block inputs) | dots (save matmul outputs) | dots_no_batch (save matmuls without
-    # batch dimensions: weights-side products, not attention scores).
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # Sequence mixer per layer by code letter, cycled over the layers: a = attention,
-    # m = Mamba-2 (SSD), r = RetNet retention. "a" = a transformer; "mmma" = attention
-    # every 4th layer.
-    mixer_pattern: str = "a"
-    # Channel mixer per layer, cycled likewise: f = the MLP, e = mixture of experts
-    # ("fe" = MoE every 2nd layer).
-    channel_pattern: str = "f"
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def dh(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
+OPS = {"operational"}
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "shakespeare" (the embedded corpus) or a path: a text/JSONL/Parquet file, a
-    # directory or glob of them, or a directory written by `lm data prepare`.
-    corpus: str = "shakespeare"
-    # "byte" | path to a SentencePiece .model | path to a Hugging Face tokenizer.json
-    tokenizer: str = "byte"
-    seq_len: int = 256
-    text_field: str = "text"  # JSONL / Parquet column holding the document text
-    # text: documents, every token a target; instruction: JSONL prompt/response records
-    # (or chat `messages`, with the tokenizer's chat template where it has one), the loss
-    # on response / assistant tokens only (lm/data/instruction.py)
-    format: Literal["text", "instruction"] = "text"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    validation_corpus: str = ""  # "" = split the corpus by document (see lm/data/sources.py)
-    validation_fraction: float = 0.1
-    # Batches read and put on the devices ahead of the step by a thread (0 = none).
-    # -1 = auto: 2 on GPU/TPU; 0 on CPU, where the "device" is the host's own cores and a
-    # reading thread takes them from the step (see lm/data/prefetch.py: prefetch_depth).
-    prefetch: int = -1
-    read_threads: int = 0  # grain threads reading rows ahead (0 = in the prefetch thread)
-    # Seed of the training data order; -1 = the run's `seed`. Fixing it while `seed`
-    # varies separates init noise from data-order noise in a seed study (and lets
-    # batched trials share one data stream: lm/train/trials.py).
-    seed: int = -1
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """The shared optimizer chain's knobs (clip, weight decay, LR schedule); `name`
-    picks the update direction, whose own knobs are its section (optim.adamw, ...: see
-    lm/optim), attached below by `_with_sections`."""
-    name: str = "adamw"
-    lr: float = 3e-3
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: fraction of steps in the final decay
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    # True: decay by weight_decay * schedule(t)/lr, i.e. not multiplied by the peak LR
-    # (Wortsman et al. 2023); False: AdamW's decay lr(t) * weight_decay.
-    independent_weight_decay: bool = False
-    clip_norm: float = 1.0  # 0 = off
-    z_loss: float = 0.0
+    """Where the tokens come from: corpus, tokenizer, format, validation split, reading."""
+    corpus: str = knob(
+        "shakespeare", doc="\"shakespeare\" (the embedded corpus) or a path: a "
+        "text/JSONL/Parquet file, a directory or glob of them, or a directory written by "
+        "`lm data prepare`.")
+    tokenizer: str = knob("byte", doc="\"byte\" | path to a SentencePiece .model | path to "
+                                      "a Hugging Face tokenizer.json.")
+    seq_len: int = knob(256, doc="Tokens per training row.")
+    text_field: str = knob("text", doc="JSONL / Parquet column holding the document text.")
+    format: Literal["text", "instruction"] = knob(
+        "text", doc="text: documents, every token a target; instruction: JSONL "
+        "prompt/response records (or chat `messages`, with the tokenizer's chat template "
+        "where it has one), the loss on response / assistant tokens only "
+        "(lm/data/instruction.py).")
+    prompt_field: str = knob("prompt", doc="instruction: the prompt's field.")
+    response_field: str = knob("response", doc="instruction: the response's field.")
+    validation_corpus: str = knob(
+        "", doc="\"\" = split the corpus by document (see lm/data/sources.py).")
+    validation_fraction: float = knob(0.1, doc="Share of the documents held out for "
+                                               "validation when the corpus is split.")
+    prefetch: int = knob(
+        -1, roles=OPS,
+        doc="Batches read and put on the devices ahead of the step by a thread (0 = none). "
+            "-1 = auto: 2 on GPU/TPU; 0 on CPU, where the \"device\" is the host's own "
+            "cores and a reading thread takes them from the step (see "
+            "lm/data/prefetch.py: prefetch_depth).")
+    read_threads: int = knob(0, roles=OPS, doc="Grain threads reading rows ahead (0 = in "
+                                               "the prefetch thread).")
+    seed: int = knob(
+        -1, roles={"per_trial"},
+        doc="Seed of the training data order; -1 = the run's `seed`. Fixing it while "
+            "`seed` varies separates init noise from data-order noise in a seed study (and "
+            "lets batched trials share one data stream: lm/train/trials.py).")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: sizes within a slice (ICI) per axis, one may be -1 (fill with the
     remaining devices), times sizes across slices (DCN, multislice TPU pods)."""
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1  # expert parallelism (MoE layers); elsewhere it splits the batch
-    sequence: int = 1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_expert: int = 1
-    dcn_sequence: int = 1
-    dcn_tensor: int = 1
-    # Overrides of the logical-axis rules, e.g. "embed=fsdp+tensor,vocab=" (see
-    # lm/parallel/sharding.py for the names and defaults).
-    rules: str = ""
-    # Attention with the sequence sharded (sequence > 1): allgather = gather K/V along
-    # the sequence; ring = pass K/V blocks around the ring (lm/parallel/ring.py).
-    sequence_attention: Literal["allgather", "ring"] = "allgather"
-
-
-def _with_sections(base: type, plugins: list, kind: str) -> type:
-    """`base` plus one field per plug-in: its config section, named after it. The plug-in
-    files own their knobs; this class only gathers them (so config.json, --set and
-    validation see one typed tree). `legacy` keys of the sections are remembered for
-    reading configs written before the sections existed."""
-    extra = [(p.name, p.Config, field(default_factory=p.Config)) for p in plugins]
-    cls = dataclasses.make_dataclass(base.__name__, extra, bases=(base,), frozen=True,
-                                     module=__name__)
-    cls.__doc__ = base.__doc__
-    cls.__qualname__ = base.__qualname__
-    cls.moved_keys = {}  # old flat key -> [(section, field)]
-    for p in plugins:
-        for old, new in getattr(p.Config, "legacy", {}).items():
-            cls.moved_keys.setdefault(old, []).append((p.name, new))
-    cls.plugin_kind = kind
-    return cls
-
-
-from lm.model import mixers as _mixers  # noqa: E402  (they import only lm.errors from here)
-from lm import optim as _optim  # noqa: E402
-
-ModelConfig = _with_sections(ModelConfig, _mixers.all_mixers(), "mixer")
-OptimConfig = _with_sections(OptimConfig, _optim.all_directions(), "optimizer")
-
-
-from lm.peft.lora import LoRAConfig  # noqa: E402
-from lm.peft import lora as _lora  # noqa: E402
+    data: int = knob(-1, doc="Data-parallel ways; -1 = the devices the others leave.")
+    fsdp: int = knob(1, doc="Fully sharded data-parallel ways (parameters sharded too).")
+    expert: int = knob(1, doc="Expert parallelism (MoE layers); elsewhere it splits the "
+                              "batch.")
+    sequence: int = knob(1, doc="Sequence-parallel ways (activations split along the "
+                                "sequence).")
+    tensor: int = knob(1, doc="Tensor-parallel ways (heads, MLP width).")
+    dcn_data: int = knob(1, doc="data ways across slices.")
+    dcn_fsdp: int = knob(1, doc="fsdp ways across slices.")
+    dcn_expert: int = knob(1, doc="expert ways across slices.")
+    dcn_sequence: int = knob(1, doc="sequence ways across slices.")
+    dcn_tensor: int = knob(1, doc="tensor ways across slices.")
+    rules: str = knob("", doc="Overrides of the logical-axis rules, e.g. "
+                              "\"embed=fsdp+tensor,vocab=\" (see lm/parallel/sharding.py for "
+                              "the names and defaults).")
+    sequence_attention: Literal["allgather", "ring"] = knob(
+        "allgather", doc="Attention with the sequence sharded (sequence > 1): allgather = "
+        "gather K/V along the sequence; ring = pass K/V blocks around the ring "
+        "(lm/parallel/ring.py).")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lm/peft/lora.py
-    name: str = "run"
-    seed: int = 0
-    # Start from these weights (a run dir or a Hugging Face model dir) instead of a
-    # random init; the model section is the source's (lm/train/param_source.py).
-    init_from: str = ""
-    steps: int = 1000
-    batch_size: int = 32  # global batch, in sequences
-    # Cross-entropy over chunks of this many positions, so the [batch, seq, vocab] f32
-    # logits never exist at once (lm/train/step.py). -1 = auto: 512 from a 32k vocabulary
-    # up, else whole; 0 = whole.
-    loss_chunk: int = -1
-    grad_accum: int = 1  # microbatches per step (batch_size must divide)
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 8  # 0 = the whole validation split
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-    # Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host barrier,
-    # no device sync) and all stop after the same step; one process stops at once.
-    stop_sync_every: int = 10
+    """A run: its sections, then the run-level knobs."""
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    optim: OptimConfig = section(OptimConfig)
+    mesh: MeshConfig = section(MeshConfig)
+    lora: LoRAConfig = section(LoRAConfig)
+    name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
+    seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
+                                             "set, of the data order).")
+    init_from: str = knob(
+        "", doc="Start from these weights (a run dir or a Hugging Face model dir) instead "
+                "of a random init; the model section is the source's "
+                "(lm/train/param_source.py).")
+    steps: int = knob(1000, doc="Optimizer steps to train.")
+    batch_size: int = knob(32, doc="Global batch, in sequences.")
+    loss_chunk: int = knob(
+        -1, doc="Cross-entropy over chunks of this many positions, so the [batch, seq, "
+                "vocab] f32 logits never exist at once (lm/train/step.py). -1 = auto: 512 "
+                "from a 32k vocabulary up, else whole; 0 = whole.")
+    grad_accum: int = knob(1, doc="Microbatches per step (batch_size must divide).")
+    log_every: int = knob(10, roles=OPS, doc="Steps between metric logs.")
+    eval_every: int = knob(200, roles=OPS, doc="Steps between validation evaluations.")
+    eval_batches: int = knob(8, roles=OPS, doc="0 = the whole validation split.")
+    checkpoint_every: int = knob(500, roles=OPS, doc="Steps between checkpoints.")
+    keep_checkpoints: int = knob(2, roles=OPS, doc="Checkpoints kept (older ones deleted).")
+    tensorboard: bool = knob(True, roles=OPS, doc="Write TensorBoard scalars.")
+    stop_sync_every: int = knob(
+        10, roles=OPS,
+        doc="Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host "
+            "barrier, no device sync) and all stop after the same step; one process stops "
+            "at once.")
 
     @property
     def data_seed(self) -> int:
         return self.seed if self.data.seed < 0 else self.data.seed
+
+
+def keys_with_role(role: str) -> tuple[str, ...]:
+    """Dotted keys of every TrainConfig field that declares `role` (lm/schema.py ROLES),
+    plug-in sections included."""
+    return schema.keys_with_role(TrainConfig, role)
 
 
 # ----------------------------------------------------------------------------- load
@@ -297,34 +227,23 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return cfg
 
 
-def _legacy_targets(node: Any, name: str, value_is_section: bool) -> list[tuple[str, str]]:
-    """Where a flat key of an earlier release lives now ([] if it is a current key). A
-    key that names a section now (e.g. `mlp`, once the activation) is legacy only when
-    given a plain value."""
-    targets = getattr(type(node), "moved_keys", {}).get(name, [])
-    if name in {f.name for f in dataclasses.fields(node)} and value_is_section:
-        return []
-    return targets
-
-
 def _set(node: Any, parts: list[str], raw: str, key: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(node)}
-    if len(parts) == 1 and (moved := _legacy_targets(node, parts[0], False)):
-        for section, name in moved:  # an old flat key: set it where it lives now
-            node = _set(node, [section, name], raw, key)
+    fields = {e.name: e for e in schema.entries(type(node))}
+    if len(parts) == 1 and (moved := schema.moved_keys(type(node)).get(parts[0])):
+        for section_name, name in moved:  # an old flat key: set it where it lives now
+            node = _set(node, [section_name, name], raw, key)
         return node
     if parts[0] not in fields:
         raise ConfigError(f"unknown config key '{key}'")
-    f = fields[parts[0]]
-    hint = typing.get_type_hints(type(node))[f.name]
-    current = getattr(node, f.name)
-    if dataclasses.is_dataclass(current):
+    e = fields[parts[0]]
+    current = getattr(node, e.name)
+    if e.is_section:
         if len(parts) == 1:
             raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
-        return dataclasses.replace(node, **{f.name: _set(current, parts[1:], raw, key)})
+        return schema.replace(node, **{e.name: _set(current, parts[1:], raw, key)})
     if len(parts) > 1:
         raise ConfigError(f"unknown config key '{key}'")
-    return dataclasses.replace(node, **{f.name: _parse(raw, hint, key)})
+    return schema.replace(node, **{e.name: _parse(raw, e.hint, key)})
 
 
 def _parse(raw: str, hint: Any, key: str) -> Any:
@@ -359,8 +278,10 @@ def _parse(raw: str, hint: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- JSON
 
 
-def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> dict:
+    """The config tree as nested dicts: every section, plug-in ones included."""
+    return {e.name: (to_dict(getattr(cfg, e.name)) if e.is_section else getattr(cfg, e.name))
+            for e in schema.entries(type(cfg))}
 
 
 def to_json(cfg: TrainConfig) -> str:
@@ -369,10 +290,10 @@ def to_json(cfg: TrainConfig) -> str:
 
 def _migrate_legacy(d: dict, cls: type) -> dict:
     """Move the flat keys of an earlier release's config.json into their sections."""
-    legacy = getattr(cls, "moved_keys", {})
+    legacy = schema.moved_keys(cls)
     if not legacy:
         return d
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {e.name for e in schema.entries(cls)}
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
     for old, targets in legacy.items():
         if old not in out or (old in names and isinstance(out[old], dict)):
@@ -384,22 +305,23 @@ def _migrate_legacy(d: dict, cls: type) -> dict:
 
 
 def from_dict(d: dict, cls: type = TrainConfig, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    fields = {e.name: e for e in schema.entries(cls)}
     kwargs = {}
-    names = {f.name for f in dataclasses.fields(cls)}
     d = _migrate_legacy(d, cls)
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if k not in names:
+        if k not in fields:
             raise ConfigError(f"unknown config key '{key}'")
-        hint = hints[k]
+        hint = fields[k].hint
         if dataclasses.is_dataclass(hint):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a section (object)")
             kwargs[k] = from_dict(v, hint, key + ".")
         else:
             kwargs[k] = _check_type(v, hint, key)
-    return cls(**kwargs)
+    plugins = {k: v for k, v in kwargs.items() if fields[k].plugin}
+    node = cls(**{k: v for k, v in kwargs.items() if not fields[k].plugin})
+    return schema.replace(node, **plugins) if plugins else node
 
 
 def _check_type(v: Any, hint: Any, key: str) -> Any:
@@ -457,13 +379,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.norm_eps must be positive, got {m.norm_eps}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0, got {m.logit_softcap}")
-    from lm.model import rope_scaling
     rope_scaling.validate(m)
     _mixers.validate(m)  # the layer patterns, then each mixer in use
-    from lm.model import recursive
     recursive.validate(m)
     # The mesh axes fixed in the config (a -1 axis is checked once devices fill it).
-    from lm.parallel.sharding import MESH_AXES
     _mixers.validate_mesh(m, {a: getattr(cfg.mesh, a) * getattr(cfg.mesh, f"dcn_{a}")
                               for a in MESH_AXES if getattr(cfg.mesh, a) > 0})
     if m.scan_layers and (len(set(m.mixer_pattern)) > 1 or len(set(m.channel_pattern)) > 1):

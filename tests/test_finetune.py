@@ -118,3 +118,30 @@ def test_context_extension_init_from_changes_positions_not_parameters(tiny_run):
     wider = apply_overrides(with_source_model(short, []), ["model.mlp.ratio=8"])
     with pytest.raises(ConfigError, match="the model differs from the source"):
         initial_state(setup_run(wider).pieces)
+
+
+def test_init_from_a_mamba2_run_may_change_its_scan_kernel(tmp_path, lm_here):
+    """The scan's kernel (model.mamba2.scan_impl, declared free under --init-from like
+    model.attention.impl) may differ from the source's; its state size may not."""
+    from lm.config import ConfigError, TrainConfig, apply_overrides
+    from lm.train.init_from import initial_state, with_source_model
+    from lm.train.setup import restore_for_inference, setup_run
+    source = tmp_path / "mamba"
+    tiny = [o for o in TINY if not o.startswith(("steps=", "checkpoint_every=", "eval_every="))]
+    result = lm_here("train", "--run-dir", str(source),
+                     *sets(*tiny, "model.mixer_pattern=m", "model.mamba2.state=8",
+                           "model.mamba2.chunk=16", "steps=2", "checkpoint_every=2",
+                           "eval_every=2"))
+    assert result.returncode == 0, result.stderr
+    base = dataclasses.replace(TrainConfig(), init_from=str(source), batch_size=4,
+                               data=DataConfig(seq_len=32))
+    overrides = ["model.mamba2.scan_impl=xla", "model.mamba2.chunk=8"]
+    cfg = apply_overrides(with_source_model(base, overrides), overrides)
+    assert (cfg.model.mamba2.scan_impl, cfg.model.mamba2.chunk) == ("xla", 8)
+    state = initial_state(setup_run(cfg).pieces)
+    _, source_params, _ = restore_for_inference(source)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(source_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bigger = apply_overrides(with_source_model(base, []), ["model.mamba2.state=16"])
+    with pytest.raises(ConfigError, match="the model differs from the source.*mamba2.state"):
+        initial_state(setup_run(bigger).pieces)

@@ -72,6 +72,54 @@ def test_only_adapters_have_optimizer_state_and_change(moe):
                for a, b in zip(jax.tree.leaves(state["params"]["adapters"]), jax.tree.leaves(ad0)))
 
 
+@pytest.mark.parametrize("pattern,targets,adapted", [
+    ("m", "*.mixer.w_*", {"w_z", "w_x", "w_b", "w_c", "w_dt", "w_out"}),
+    ("r", "*.mixer.w?", {"wq", "wk", "wv", "wg", "wo"}),
+])
+def test_lora_adapts_and_trains_mamba2_and_retention_projections(pattern, targets, adapted):
+    """The matrices a mixer declares adaptable are LoRA targets (Mamba-2's w_z .. w_out,
+    retention's gate wg too: once refused or unknown to LoRA's own tables): the adapter
+    changes the forward pass, its merged weights give the same logits, and a few steps
+    move the adapters and only them."""
+    from lm.data import train_iterator
+    from lm.model import Transformer
+    from lm.peft.lora import LoRAModel, merged_params
+    from lm.train.setup import setup_run
+    model = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                        mixer_pattern=pattern)
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=targets)
+    lm_model = LoRAModel(model, lora, nnx.Rngs(0))
+    assert {p[-1] for p in lm_model.targets} == adapted
+    assert len(lm_model.targets) == 2 * len(adapted)  # every layer's
+    params = nnx.to_pure_dict(nnx.state(lm_model, nnx.Param))
+    params["adapters"] = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params["adapters"])
+    graphdef, _ = nnx.split(lm_model)
+    tokens = jnp.arange(24).reshape(2, 12) % 40
+    with_adapters, _ = nnx.merge(graphdef, params)(tokens)
+    plain, _ = nnx.split(Transformer(model, nnx.Rngs(1)))
+    merged, _ = nnx.merge(plain, merged_params(model, lora, params))(tokens)
+    without, _ = nnx.merge(plain, params["base"])(tokens)
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-5)
+    assert float(jnp.abs(with_adapters - without).max()) > 1e-3
+
+    cfg = TrainConfig(model=dataclasses.replace(model, vocab_size=0), batch_size=4, steps=10,
+                      data=DataConfig(seq_len=32), lora=lora)
+    run = setup_run(cfg)
+    state = run.pieces.init_state()
+    base0 = jax.tree.map(np.asarray, state["params"]["base"])
+    ad0 = jax.tree.map(np.asarray, state["params"]["adapters"])
+    batch = run.pieces.global_batch(next(train_iterator(run.cfg.data, run.tokenizer, 4, 0)))
+    step = run.pieces.train_step()
+    for _ in range(3):
+        state, _ = step(state, batch)
+    for a, b in zip(jax.tree.leaves(state["params"]["base"]), jax.tree.leaves(base0)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    moved = {k for k, v in state["params"]["adapters"].items()
+             if float(np.abs(np.asarray(v["b"]) - ad0[k]["b"]).max()) > 0}
+    assert {k.split("-")[-1] for k in moved} == adapted
+
+
 def test_dylora_one_adapter_serves_every_rank():
     """Training calls draw a rank from 1..R per batch; at evaluation rank r uses the first
     r ranks (alpha / r), exactly what merging those ranks gives."""

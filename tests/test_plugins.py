@@ -21,12 +21,14 @@ from lm.model import count_params, flops_per_token
 from lm.model.mixers import SEQUENCE_MIXERS, scan_flops_per_token
 from lm.parallel.sharding import DEFAULT_RULES, spec_for
 
-# A mixer a newcomer would write: one file, registered by its decorator. It must be
-# imported before lm.config is (the config tree gathers the sections at import).
+# A mixer a newcomer would write: one file, registered by its decorator, imported before
+# or after lm.config (its section is read from the registry when it is used). Its knobs
+# declare their docs and roles, its matrices what LoRA may adapt.
 GLU_MIXER = '''
 """GLU channel mixer (Dauphin et al. 2017): W_out (sigmoid(x W_gate) * (x W_in))."""
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 from flax import nnx
@@ -34,16 +36,21 @@ from flax import nnx
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
 from lm.model.mixers import ChannelMixer, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class GLUConfig:
-    ratio: float = 2.0
+    """GLU channel mixer (channel code "g")."""
+    ratio: float = knob(2.0, doc="Hidden width = ratio * d_model.")
+    impl: Literal["auto", "xla"] = knob("auto", roles={"free_init", "eval_time"},
+                                        doc="A kernel choice: the weights fit either.")
 
 
 @register
 class GLU(ChannelMixer):
     name, code, Config = "glu", "g", GLUConfig
+    adaptable = {"w_in": 1, "w_gate": 1, "w_out": 1}
 
     @classmethod
     def validate(cls, cfg):
@@ -89,7 +96,7 @@ def test_a_new_mixer_is_one_file_and_trains_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model.glu.ratio must be positive, got -1.0" in result.stderr
     saved = json.loads((run / "config.json").read_text())
-    assert saved["model"]["glu"] == {"ratio": 3.0}
+    assert saved["model"]["glu"] == {"ratio": 3.0, "impl": "auto"}
     summary = json.loads((run / "summary.json").read_text())
     # Layer 1's MLP (w_in, w_out: [32, 128] each) became a GLU (three [32, 96] matrices).
     dense = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
@@ -100,12 +107,138 @@ def test_a_new_mixer_is_one_file_and_trains_end_to_end(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+# An update direction a newcomer would write, with a knob batched trials may trace.
+SIGN_OPTIMIZER = '''
+from dataclasses import dataclass
+
+import optax
+
+from lm.errors import ConfigError
+from lm.optim import Direction, register
+from lm.schema import knob
+
+
+@dataclass(frozen=True)
+class SignConfig:
+    """signSGD with momentum."""
+    beta: float = knob(0.9, roles={"traced"}, doc="Momentum.")
+
+
+@register
+class Sign(Direction):
+    name, Config = "sign", SignConfig
+
+    @staticmethod
+    def transform(section, axes_tree=None):
+        return optax.chain(optax.trace(decay=section.beta), optax.scale_by_sign())
+
+    @staticmethod
+    def validate(section):
+        if not 0 <= section.beta < 1:
+            raise ConfigError(f"optim.sign.beta must be in [0, 1), got {section.beta}")
+'''
+
+
+def _run_script(tmp_path, body: str) -> subprocess.CompletedProcess:
+    (tmp_path / "glu_mixer.py").write_text(GLU_MIXER)
+    (tmp_path / "sign_optimizer.py").write_text(SIGN_OPTIMIZER)
+    script = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n" + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+                                         "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_plugins_imported_after_lm_config_get_their_sections_and_roles(tmp_path):
+    """A mixer and an optimizer imported after lm.config (and after a config was made):
+    their sections are settable, validated, round-trip through config.json, old configs
+    read them at their defaults; their knobs' roles reach every computed list (eval-time,
+    free under --init-from, traced) without editing one; their matrices are LoRA targets."""
+    result = _run_script(tmp_path, """
+        import dataclasses, json
+        from lm import config as C
+        from lm.evals.overrides import check_keys, eval_time_keys
+        from lm.train.setup import operational_fields
+        from lm.train.trials import batchable_fields, traced_fields
+        before = C.TrainConfig()
+        old_json = C.to_json(before)
+        assert "model.glu.impl" not in eval_time_keys()
+        import glu_mixer, sign_optimizer  # noqa: the registrations, after lm.config
+        assert before.model.glu == glu_mixer.GLUConfig() and before.optim.sign.beta == 0.9
+        cfg = C.apply_overrides(C.TrainConfig(), [
+            "model.channel_pattern=fg", "model.glu.ratio=3", "model.glu.impl=xla",
+            "optim.name=sign", "optim.sign.beta=0.5"])
+        C.validate(cfg)
+        saved = json.loads(C.to_json(cfg))
+        assert saved["model"]["glu"] == {"ratio": 3.0, "impl": "xla"}, saved["model"]["glu"]
+        assert saved["optim"]["sign"] == {"beta": 0.5}
+        assert C.from_json(C.to_json(cfg)) == cfg
+        assert C.from_json(old_json).model.glu.ratio == 2.0  # an older config.json
+        assert C.from_json(C.to_json(C.TrainConfig())) == C.TrainConfig() == before
+        for bad, msg in (("model.glu.ratio=-1", "model.glu.ratio must be positive"),
+                         ("optim.sign.beta=2", "optim.sign.beta must be in [0, 1)")):
+            try:
+                C.validate(C.apply_overrides(cfg, [bad]))
+                raise SystemExit(f"{bad} was accepted")
+            except C.ConfigError as e:
+                assert msg in str(e), e
+        assert "model.glu.impl" in C.keys_with_role("free_init")  # lm/train/init_from.py
+        assert "model.glu.ratio" not in C.keys_with_role("free_init")
+        assert "model.glu.impl" in eval_time_keys()
+        check_keys(["model.glu.impl=xla"])
+        assert "optim.sign.beta" in traced_fields() and "optim.sign.beta" in batchable_fields()
+        assert not {k for k in operational_fields() if "glu" in k or "sign" in k}
+        from flax import nnx
+        from lm.peft.lora import LoRAModel
+        model = dataclasses.replace(cfg.model, vocab_size=40, d_model=16, n_layers=2,
+                                    n_heads=2)
+        lora = C.LoRAConfig(rank=2, targets="*.channel.w_*")
+        targets = LoRAModel(model, lora, nnx.Rngs(0)).targets
+        assert {".".join(map(str, t)) for t in targets} >= {"blocks.1.channel.w_gate"}
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_plugin_channel_mixer_is_refused_by_export_hf_in_one_line(tmp_path):
+    """lm export hf on a model with a plug-in channel mixer: no Hugging Face family has
+    it, one line and exit 2 (not a traceback)."""
+    run, out = tmp_path / "run", tmp_path / "hf"
+    train = _run_script(tmp_path, f"""
+        from lm.cli import main
+        import glu_mixer  # noqa
+        sys.exit(main(["train", "--run-dir", {str(run)!r}, "--set", "model.d_model=32",
+                       "--set", "model.n_layers=2", "--set", "model.n_heads=2",
+                       "--set", "model.max_seq_len=32", "--set", "data.seq_len=16",
+                       "--set", "batch_size=4", "--set", "steps=2", "--set", "eval_batches=1",
+                       "--set", "tensorboard=false", "--set", "model.channel_pattern=fg",
+                       "--set", "model.mlp.activation=swiglu"]))
+    """)
+    assert train.returncode == 0, train.stderr[-3000:]
+    result = _run_script(tmp_path, f"""
+        import glu_mixer  # noqa
+        from lm.cli import main
+        sys.exit(main(["export", "hf", {str(run)!r}, "--out", {str(out)!r}]))
+    """)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and "model.channel_pattern" in lines[0], result.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_registered_mixers_and_their_sections():
+    from lm import schema
+    from lm.config import OptimConfig
     assert {code: m.name for code, m in SEQUENCE_MIXERS.items()} == {
         "a": "attention", "m": "mamba2", "r": "retention"}
     cfg = ModelConfig()
     assert dataclasses.is_dataclass(cfg.attention) and cfg.mlp.activation == "gelu"
     assert TrainConfig().optim.adamw.b2 == 0.95
+    # The built-in sections are declared, typed fields (editors and type checkers see
+    # them), each the class its mixer or optimizer registered.
+    assert schema.plugin_sections(ModelConfig) == {} == schema.plugin_sections(OptimConfig)
+    declared = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {"attention", "mamba2", "retention", "mlp", "moe"} <= declared
+    assert ModelConfig.__annotations__["attention"] == "AttentionConfig"
 
 
 def test_sections_are_set_and_validated_from_the_command_line():

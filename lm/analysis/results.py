@@ -80,10 +80,8 @@ def _relative(run: epath.Path, root: epath.Path) -> str:
 
 
 def _config_defaults() -> dict:
-    import dataclasses
-
-    from lm.config import TrainConfig
-    return flatten(dataclasses.asdict(TrainConfig()))
+    from lm.config import TrainConfig, to_dict
+    return flatten(to_dict(TrainConfig()))
 
 
 #: Every config field, flattened ("model.d_model"), with its default value.

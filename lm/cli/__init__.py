@@ -21,7 +21,8 @@ from lm.cli.command import Command
 from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
-MODULES = ("train", "eval", "sample", "bench", "compile", "interop", "sweep", "launch", "data")
+MODULES = ("train", "eval", "sample", "bench", "compile", "interop", "sweep", "launch", "data",
+           "config")
 
 
 def commands() -> dict[str, Command]:

@@ -6,7 +6,7 @@ SwiGLU experts of width 1024, top-8, in every layer): 6.9B parameters, 1.3B acti
 
 import dataclasses
 
-from lm.config import ModelConfig
+from lm.model.config import ModelConfig
 from lm.model.mixers.mlp import MLPConfig
 from lm.model.mixers.moe import MoEConfig
 

@@ -6,19 +6,38 @@ from __future__ import annotations
 
 import dataclasses
 
-from lm.config import ConfigError, TrainConfig, apply_overrides
+from lm import schema
+from lm.config import ConfigError, TrainConfig, apply_overrides, keys_with_role
 
-EVAL_TIME_KEYS = ("model.attention.window", "model.attention.sinks", "model.attention.impl",
-                  "model.attention.q_blocks", "model.rope_scaling.", "model.max_seq_len")
+
+def eval_time_keys() -> tuple[str, ...]:
+    """The knobs declared with the role "eval_time" (plug-in sections included)."""
+    return keys_with_role("eval_time")
+
+
+def _shown(keys: tuple[str, ...]) -> str:
+    """The keys, a section whose every knob is allowed shown once as `section.*`."""
+    per_section: dict[str, int] = {}
+    for key, _ in schema.walk(TrainConfig):
+        per_section[key.rpartition(".")[0]] = per_section.get(key.rpartition(".")[0], 0) + 1
+    out: list[str] = []
+    for key in keys:
+        sec = key.rpartition(".")[0]
+        whole = sum(k.rpartition(".")[0] == sec for k in keys) == per_section[sec]
+        shown = f"{sec}.*" if whole and sec.count(".") > 1 else key
+        if shown not in out:
+            out.append(shown)
+    return ", ".join(out)
 
 
 def check_keys(overrides: list[str]) -> None:
     """ConfigError unless every `KEY=VALUE` names an evaluation-time knob."""
+    allowed = eval_time_keys()
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVAL_TIME_KEYS):
+        if key not in allowed:
             raise ConfigError(f"--set {key}: not an evaluation-time knob (allowed: "
-                              f"{', '.join(k + ('*' if k.endswith('.') else '') for k in EVAL_TIME_KEYS)})")
+                              f"{_shown(allowed)})")
 
 
 def eval_time_config(cfg: TrainConfig, overrides: list[str], length: int = 0) -> TrainConfig:

@@ -49,7 +49,7 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir,
     family = family_for(cfg.model)
     table = {e.path: e for e in entries(cfg.model, family)}
     tensors, modules = {}, []
-    for path in target_paths(lora, params["base"]):
+    for path in target_paths(lora, params["base"], cfg.model):
         ad = params["adapters"][path_key(path)]
         update = np.tensordot(np.asarray(jax.device_get(ad["a"]), np.float64),
                               np.asarray(jax.device_get(ad["b"]), np.float64), axes=1)

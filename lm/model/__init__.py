@@ -1,19 +1,9 @@
 """The model: a decoder stack (transformer.py) of blocks whose sequence and channel
-mixers are plug-ins (mixers/). Imported lazily: lm.config imports the mixers' config
-sections from here, and the transformer imports lm.config."""
+mixers are plug-ins (mixers/); its config section is config.py (ModelConfig)."""
 
-_EXPORTS = {
-    "Transformer": "lm.model.transformer", "count_params": "lm.model.transformer",
-    "flops_per_token": "lm.model.transformer", "param_axes": "lm.model.transformer",
-    "logit_layers": "lm.model.mixers",
-}
+from lm.model.config import ModelConfig  # noqa: F401
+from lm.model.mixers import logit_layers  # noqa: F401
+from lm.model.transformer import Transformer, count_params, flops_per_token, param_axes  # noqa: F401
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lm.model' has no attribute {name!r}")
-
-
-__all__ = list(_EXPORTS)
+__all__ = ["ModelConfig", "Transformer", "count_params", "flops_per_token", "param_axes",
+           "logit_layers"]

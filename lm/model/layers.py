@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -7,8 +7,9 @@ computed by model.recursion.blocks = K unique blocks.
   order=sequence  layer i runs block i // (n_layers / K): runs of consecutive layers
                   tied (the paper's SEQUENCE sharing).
 
-relax_rank = r > 0 gives every layer its own rank-r LoRA on its block's matrices (the
-attention and MLP projections): layer i computes with W_shared + A_i @ B_i. Its norm
+relax_rank = r > 0 gives every layer its own rank-r LoRA on its block's matrices (those
+its mixers declare `adaptable`: attention's, Mamba-2's, retention's and the MLP's
+projections): layer i computes with W_shared + A_i @ B_i. Its norm
 scales and biases get a per-layer delta in full (a vector each). r = 0 is strict
 sharing; a full rank is as expressive as the untied model.
 
@@ -37,17 +38,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.model import mixers
+from lm.model.adapt import adaptable_matrices, init_pair, low_rank_factors
+from lm.schema import knob
 from lm.tree import get_path, leaf_paths, path_key, set_path, with_pure_params
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class Recursion:
-    blocks: int = 0  # unique blocks; 0 = off (every layer its own)
-    order: Literal["cycle", "sequence"] = "cycle"
-    relax_rank: int = 0  # per-layer LoRA rank on the shared matrices; 0 = strict sharing
+    """Layers sharing blocks, with per-layer LoRA relaxations (lm/model/recursive.py)."""
+    blocks: int = knob(0, doc="Unique blocks; 0 = off (every layer its own).")
+    order: Literal["cycle", "sequence"] = knob(
+        "cycle", doc="cycle: layer i runs block i % blocks; sequence: runs of consecutive "
+                     "layers share a block.")
+    relax_rank: int = knob(0, doc="Per-layer LoRA rank on the shared matrices; 0 = strict "
+                                  "sharing.")
 
 
 def enabled(cfg: "ModelConfig") -> bool:
@@ -89,7 +97,6 @@ def describe(cfg: "ModelConfig") -> str:
 
 
 def validate(cfg: "ModelConfig") -> None:
-    from lm.model import mixers
     r = cfg.recursion
     if r.blocks < 0 or r.relax_rank < 0:
         raise ConfigError("model.recursion.blocks and model.recursion.relax_rank must be >= 0")
@@ -117,22 +124,22 @@ def validate(cfg: "ModelConfig") -> None:
                               f"{cfg.channel_pattern!r})")
 
 
-def _relaxable(block_params: dict) -> list[tuple[tuple, int]]:
-    """(path in the block, fan-in axes) of what a relaxation adapts: the attention and
-    MLP matrices low-rank (fan-in axes > 0), and every vector (norm scales, biases) in
-    full (0: a per-layer delta, as cheap as the vector itself, so that a full-rank
-    relaxation is exactly the untied model). Other matrices (a Mamba-2 block's
-    projections) stay strictly shared."""
-    from lm.peft.lora import FAN_IN, NDIM
-    return [(path, FAN_IN[path[-1]] if NDIM.get(path[-1]) == leaf.ndim else 0)
-            for path, leaf in leaf_paths(block_params)
-            if NDIM.get(path[-1]) == leaf.ndim or leaf.ndim == 1]
+def _relaxable(cfg: "ModelConfig", block_params: dict, block: int) -> list[tuple[tuple, int]]:
+    """(path in the block, fan-in axes) of what a relaxation of block `block` adapts: the
+    matrices its mixers declare adaptable low-rank (fan-in axes > 0), and every vector
+    (norm scales, biases) in full (0: a per-layer delta, as cheap as the vector itself,
+    so that a full-rank relaxation is exactly the untied model). Other matrices (a
+    depthwise convolution) stay strictly shared."""
+    matrices = adaptable_matrices(cfg, block_params, first_layer(cfg, block))
+    return [(path, matrices.get(tuple(path), 0)) for path, leaf in leaf_paths(block_params)
+            if tuple(path) in matrices or leaf.ndim == 1]
 
 
-def _relax(block: dict, adapters) -> dict:
-    """A block's params (a pure dict, updated in place) plus one layer's relaxation:
-    A @ B on each matrix, a vector's own delta. `adapters`: arrays or nnx Params."""
-    for path, _ in _relaxable(block):
+def _relax(cfg: "ModelConfig", block: dict, index: int, adapters) -> dict:
+    """Block `index`'s params (a pure dict, updated in place) plus one layer's
+    relaxation: A @ B on each matrix, a vector's own delta. `adapters`: arrays or nnx
+    Params."""
+    for path, _ in _relaxable(cfg, block, index):
         ad = adapters[path_key(path)]
         w = get_path(block, path)
         update = (ad["delta"][...] if "delta" in ad
@@ -145,13 +152,13 @@ class Relaxations(nnx.Module):
     """Per layer, (A, B) for each relaxable matrix of its block, a delta per vector."""
 
     def __init__(self, cfg: "ModelConfig", blocks, rngs: nnx.Rngs):
-        from lm.peft.lora import init_pair
         per_block = []  # (params, logical axes, relaxable paths) of each block
-        for blk in blocks:  # (blocks may differ: mixer_pattern "am" over 2 blocks)
+        for k, blk in enumerate(blocks):  # (blocks may differ: mixer_pattern "am" over 2)
             state = nnx.state(blk, nnx.Param)
             pure = nnx.to_pure_dict(state)
             per_block.append((pure, {p: tuple(v.get_metadata()["logical_axes"])
-                                     for p, v in nnx.to_flat_state(state)}, _relaxable(pure)))
+                                     for p, v in nnx.to_flat_state(state)},
+                              _relaxable(cfg, pure, k)))
         layers = []
         for i in range(cfg.n_layers):
             block, axes, paths = per_block[block_of(cfg, i)]
@@ -174,10 +181,11 @@ def layer_block(model, layer: int):
     """The block module layer `layer` runs: its shared block, with that layer's
     relaxation folded into the weights when there is one."""
     cfg = model.cfg
-    block = model.blocks[block_of(cfg, layer)]
+    k = block_of(cfg, layer)
+    block = model.blocks[k]
     if not cfg.recursion.relax_rank:
         return block
-    return with_pure_params(block, lambda pure: _relax(pure, model.relax.layers[layer]))
+    return with_pure_params(block, lambda pure: _relax(cfg, pure, k, model.relax.layers[layer]))
 
 
 def untie(params: dict, cfg: "ModelConfig") -> dict:
@@ -190,7 +198,7 @@ def untie(params: dict, cfg: "ModelConfig") -> dict:
     for i in range(cfg.n_layers):
         layer = jax.tree.map(lambda x: x, params["blocks"][block_of(cfg, i)])  # a copy
         if cfg.recursion.relax_rank:
-            layer = _relax(layer, params["relax"]["layers"][i])
+            layer = _relax(cfg, layer, block_of(cfg, i), params["relax"]["layers"][i])
         out["blocks"][i] = layer
     return out
 
@@ -198,7 +206,6 @@ def untie(params: dict, cfg: "ModelConfig") -> dict:
 def _svd_init(residual, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
     """The rank-`rank` truncated SVD of `residual` as (A [fan-in..., rank],
     B [rank, fan-out...])."""
-    from lm.peft.lora import low_rank_factors
     shape_in, shape_out = residual.shape[:fan_in_axes], residual.shape[fan_in_axes:]
     a, b = low_rank_factors(residual.reshape(math.prod(shape_in), math.prod(shape_out)), rank)
     return (a.reshape(shape_in + (rank,)).astype(residual.dtype),
@@ -218,13 +225,12 @@ def tie(parent: dict, cfg: "ModelConfig", seed: int = 0) -> dict:
                      for k, group in enumerate(groups)}
     rank = cfg.recursion.relax_rank
     if rank:
-        from lm.peft.lora import init_pair
         key = jax.random.key(seed)
         layers = {}
         for i in range(cfg.n_layers):
             k = block_of(cfg, i)
             adapters = {}
-            for path, fan_in in _relaxable(out["blocks"][k]):
+            for path, fan_in in _relaxable(cfg, out["blocks"][k], k):
                 shared = get_path(out["blocks"][k], path)
                 own = get_path(parent["blocks"][i], path)
                 if not fan_in:

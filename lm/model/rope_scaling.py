@@ -23,14 +23,37 @@ the frequencies are constants of the compiled program.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from lm.errors import ConfigError
+from lm.schema import knob
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig, RopeScaling
+    from lm.model.config import ModelConfig
+
+# Context extension: the positions the model sees change, its parameters do not; every
+# knob here is free under --init-from and settable at evaluation time.
+_FREE = {"free_init", "eval_time"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling for longer contexts, with Hugging Face's `rope_scaling` names and
+    semantics (formulas: lm/model/rope_scaling.py)."""
+    type: Literal["none", "linear", "ntk", "yarn", "llama3"] = knob(
+        "none", roles=_FREE, doc="The scaling method (none = plain RoPE).")
+    factor: float = knob(1.0, roles=_FREE, doc="The context extension factor.")
+    original_max_seq_len: int = knob(
+        0, roles=_FREE, doc="HF original_max_position_embeddings; 0 = max_seq_len.")
+    low_freq_factor: float = knob(1.0, roles=_FREE, doc="llama3: low-frequency factor.")
+    high_freq_factor: float = knob(4.0, roles=_FREE, doc="llama3: high-frequency factor.")
+    beta_fast: float = knob(32.0, roles=_FREE, doc="yarn: ramp end (rotations), fast side.")
+    beta_slow: float = knob(1.0, roles=_FREE, doc="yarn: ramp end (rotations), slow side.")
+    attention_factor: float = knob(
+        0.0, roles=_FREE, doc="yarn mscale; 0 = HF's default 0.1 * ln(factor) + 1.")
 
 
 def default_inv_freq(d: int, theta: float) -> np.ndarray:

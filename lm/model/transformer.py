@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.config import ModelConfig
+from lm.model.config import ModelConfig
 from lm.model import mixers, recursive
 from lm.model.layers import DTYPES, Norm, param
 from lm.parallel.sharding import constrain

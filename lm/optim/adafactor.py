@@ -16,21 +16,23 @@ from dataclasses import dataclass
 import optax
 
 from lm.errors import ConfigError
-from lm.optim import Direction, register
+from lm.optim.direction import Direction, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class AdafactorConfig:
-    decay_rate: float = 0.8  # second-moment decay 1 - (t+1)^-decay_rate
-    eps: float = 1e-30
-    clipping_threshold: float = 1.0  # updates are clipped to this block RMS
-    factored: bool = True
-    min_dim_size_to_factor: int = 128  # dimensions below this keep a full statistic
-    momentum: bool = False  # a first moment (b1) at 4 more bytes per parameter
-    b1: float = 0.9
-    # Relative step: multiply updates by the parameter block's RMS (Adafactor's default
-    # in the paper); lmlab has no muP rule for it.
-    multiply_by_parameter_scale: bool = False
+    """Adafactor's factored second moments (optim.name=adafactor)."""
+    decay_rate: float = knob(0.8, doc="Second-moment decay 1 - (t+1)^-decay_rate.")
+    eps: float = knob(1e-30, doc="Added to the squared gradients.")
+    clipping_threshold: float = knob(1.0, doc="Updates are clipped to this block RMS.")
+    factored: bool = knob(True, doc="Row and column statistics for matrices (else full).")
+    min_dim_size_to_factor: int = knob(128, doc="Dimensions below this keep a full statistic.")
+    momentum: bool = knob(False, doc="A first moment (b1) at 4 more bytes per parameter.")
+    b1: float = knob(0.9, doc="Decay of the first moment (with momentum).")
+    multiply_by_parameter_scale: bool = knob(
+        False, doc="Relative step: multiply updates by the parameter block's RMS "
+                   "(Adafactor's default in the paper); lmlab has no muP rule for it.")
 
 
 @register

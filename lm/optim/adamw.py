@@ -9,14 +9,16 @@ from typing import ClassVar
 import optax
 
 from lm.errors import ConfigError
-from lm.optim import Direction, register
+from lm.optim.direction import Direction, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class AdamWConfig:
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    """Adam's update direction (optim.name=adamw)."""
+    b1: float = knob(0.9, roles={"traced"}, doc="Decay of the first moment.")
+    b2: float = knob(0.95, roles={"traced"}, doc="Decay of the second moment.")
+    eps: float = knob(1e-8, roles={"traced"}, doc="Added to the second moment's root.")
 
     legacy: ClassVar[dict[str, str]] = {"b1": "b1", "b2": "b2", "eps": "eps"}
 

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import optax
 
 from lm.errors import ConfigError
-from lm.optim import Direction, register
+from lm.optim.direction import Direction, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class LionConfig:
-    b1: float = 0.9  # weight of the momentum in the signed interpolation
-    b2: float = 0.99  # decay of the momentum
+    """Lion's signed update direction (optim.name=lion)."""
+    b1: float = knob(0.9, doc="Weight of the momentum in the signed interpolation.")
+    b2: float = knob(0.99, doc="Decay of the momentum.")
 
 
 @register

@@ -33,18 +33,21 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from lm.errors import ConfigError
-from lm.optim import BLOCK_AXES, Direction, is_hidden_matrix, register
+from lm.optim.direction import BLOCK_AXES, Direction, is_hidden_matrix, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class MuonConfig:
-    beta: float = 0.95  # momentum
-    nesterov: bool = True
-    ns_steps: int = 5
-    consistent_rms: float = 0.2  # update RMS of the orthogonalised matrices (AdamW-like)
-    eps: float = 1e-8
-    adam_b1: float = 0.9  # the Adam part (embeddings, head, norms)
-    adam_b2: float = 0.95
+    """Muon: orthogonalised momentum for hidden matrices, Adam for the rest (optim.name=muon)."""
+    beta: float = knob(0.95, doc="Momentum.")
+    nesterov: bool = knob(True, doc="Nesterov momentum.")
+    ns_steps: int = knob(5, doc="Newton-Schulz iterations of the orthogonalisation.")
+    consistent_rms: float = knob(0.2, doc="Update RMS of the orthogonalised matrices "
+                                          "(AdamW-like).")
+    eps: float = knob(1e-8, doc="Added in the orthogonalisation's normalisation and Adam's.")
+    adam_b1: float = knob(0.9, doc="The Adam part (embeddings, head, norms): first moment.")
+    adam_b2: float = knob(0.95, doc="The Adam part: second moment.")
 
 
 def muon_dims(axes: tuple[str, ...]) -> MuonDimensionNumbers | None:

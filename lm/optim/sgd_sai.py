@@ -32,13 +32,15 @@ import jax.numpy as jnp
 import optax
 
 from lm.errors import ConfigError
-from lm.optim import BLOCK_AXES, Direction, register
+from lm.optim.direction import BLOCK_AXES, Direction, register
+from lm.schema import knob
 
 
 @dataclass(frozen=True)
 class SGDSaIConfig:
-    momentum: float = 0.9
-    eps: float = 1e-8
+    """SGD with momentum scaled at init by each block's gradient SNR (optim.name=sgd_sai)."""
+    momentum: float = knob(0.9, doc="Momentum.")
+    eps: float = knob(1e-8, doc="Added to the gradient's std in the SNR.")
 
 
 class SGDSaIState(NamedTuple):

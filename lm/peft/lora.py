@@ -6,9 +6,10 @@ through stop_gradient, so no gradient flows into them) and one (A, B) pair per t
 A [fan-in..., rank] random, B [rank, fan-out...] zero (the update starts at 0). Each call
 builds the effective weights once (a rank-r matmul per target, independent of the
 batch) and runs the base graph with them, so every mixer, kernel and cache of the base
-model works unchanged. A weight [in..., out...] splits at `FAN_IN` leading axes (the
-ones its matmul contracts; the MLP's output projection is stored [d_model, d_ff], whose
-rank-r updates are the same set either way round).
+model works unchanged. The weights that may be targets are those the layer's mixers
+declare `adaptable` (lm/model/mixers/base.py), with their number of leading fan-in axes
+(the ones the matmul contracts): a weight [in..., out...] gets A [in..., rank] and
+B [rank, out...].
 
 The optimizer (`adapter_optimizer`) holds state only for the adapters; the base's
 updates are zeros. `merged_params` folds the adapters into the base weights (lm export
@@ -20,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,29 +29,31 @@ import optax
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.model.adapt import adaptable_matrices, describe_adaptable, init_pair
+from lm.model.adapt import low_rank_factors  # noqa: F401  (re-exported)
+from lm.schema import knob
 from lm.tree import get_path, leaf_paths, path_key, set_path, with_pure_params
-
-# Leading (contracted) axes of each adaptable weight, by its name in the parameter tree,
-# and its number of axes (stacked MoE experts, 3-D w_in, are not adapted).
-FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_in": 1, "w_gate": 1, "w_out": 1}
-NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "w_in": 2, "w_gate": 2, "w_out": 2}
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    rank: int = 0  # 0 = off (full fine-tuning / training)
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # (only 0: the effective-weight form has no per-token input)
-    # Comma-separated patterns over dotted parameter paths, e.g. "blocks.0.mixer.wq".
-    targets: str = "*.mixer.wq,*.mixer.wk,*.mixer.wv,*.mixer.wo"
-    # DyLoRA (Valipour et al. 2023): each training call uses only the first r ranks, r
-    # drawn uniformly from 1..rank (scale alpha / r), so one adapter serves every rank.
-    # The draw is a hash of the batch's tokens (no RNG reaches the model): reproducible
-    # for a given data stream, different from step to step.
-    dylora: bool = False
-    # Use the first eval_rank ranks (0 = all; with dylora, 0 while training = drawn).
-    # `lm eval --lora-rank r` sets it.
-    eval_rank: int = 0
+    """LoRA adapters on a frozen base (lm/peft/lora.py)."""
+    rank: int = knob(0, doc="0 = off (full fine-tuning / training).")
+    alpha: float = knob(16.0, doc="The update is scaled by alpha / rank.")
+    dropout: float = knob(0.0, doc="Only 0: the effective-weight form has no per-token input.")
+    targets: str = knob(
+        "*.mixer.wq,*.mixer.wk,*.mixer.wv,*.mixer.wo",
+        doc="Comma-separated patterns over dotted parameter paths, e.g. "
+            "\"blocks.0.mixer.wq\"; the matrices a mixer declares adaptable may match.")
+    dylora: bool = knob(
+        False, doc="DyLoRA (Valipour et al. 2023): each training call uses only the first r "
+                   "ranks, r drawn uniformly from 1..rank (scale alpha / r), so one adapter "
+                   "serves every rank. The draw is a hash of the batch's tokens (no RNG "
+                   "reaches the model): reproducible for a given data stream, different "
+                   "from step to step.")
+    eval_rank: int = knob(
+        0, doc="Use the first eval_rank ranks (0 = all; with dylora, 0 while training = "
+               "drawn). `lm eval --lora-rank r` sets it.")
 
 
 def validate(cfg: LoRAConfig, model_cfg) -> None:
@@ -76,41 +80,34 @@ def _patterns(cfg: LoRAConfig) -> list[str]:
     return [p.strip() for p in cfg.targets.split(",") if p.strip()]
 
 
-def target_paths(cfg: LoRAConfig, base_params: dict) -> list[tuple]:
-    """The paths of the base parameters that get adapters (ConfigError if none, or if a
-    pattern names a weight LoRA cannot adapt, e.g. stacked MoE experts)."""
-    out = []
+def adaptable_paths(model_cfg, base_params: dict) -> dict[tuple, int]:
+    """{path in the base params: fan-in axes} of every matrix the layers' mixers declare
+    adaptable (blocks.<layer>.mixer.<name>, blocks.<layer>.channel.<name>)."""
+    out = {}
+    for layer, block in base_params.get("blocks", {}).items():
+        if not isinstance(layer, int) and not str(layer).isdigit():
+            continue  # (a scanned stack: refused by validate)
+        for path, fan_in in adaptable_matrices(model_cfg, block, int(layer)).items():
+            out[("blocks", layer, *path)] = fan_in
+    return out
+
+
+def target_paths(cfg: LoRAConfig, base_params: dict, model_cfg: Any) -> dict[tuple, int]:
+    """{path: fan-in axes} of the base parameters that get adapters (ConfigError if none,
+    or if a pattern names a weight no mixer declares adaptable, e.g. stacked experts)."""
+    adaptable = adaptable_paths(model_cfg, base_params)
+    out = {}
     for path, leaf in leaf_paths(base_params):
         name = ".".join(map(str, path))
         if not any(fnmatch.fnmatchcase(name, p) for p in _patterns(cfg)):
             continue
-        if NDIM.get(path[-1]) != leaf.ndim:
+        if tuple(path) not in adaptable:
             raise ConfigError(f"lora.targets: {name} {list(leaf.shape)} is not a weight LoRA "
-                              f"adapts here (attention wq/wk/wv/wo, dense MLP w_in/w_gate/w_out)")
-        out.append(path)
+                              f"adapts here ({describe_adaptable()})")
+        out[tuple(path)] = adaptable[tuple(path)]
     if not out:
         raise ConfigError(f"lora.targets={cfg.targets!r} matches no parameter")
     return out
-
-
-def low_rank_factors(m, rank: int) -> tuple[jax.Array, jax.Array]:
-    """A 2-D matrix's best rank-`rank` factors (truncated SVD, split evenly): L = U sqrt(S)
-    [rows, rank], R = sqrt(S) V^T [rank, cols], L @ R ~ m (exact when m's rank is at most
-    `rank`); zero-padded past the matrix's own size. In float32."""
-    u, s, vt = jnp.linalg.svd(jnp.asarray(m, jnp.float32), full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = jnp.sqrt(s[:r])
-    left = jnp.zeros((m.shape[0], rank), jnp.float32).at[:, :r].set(u[:, :r] * root)
-    right = jnp.zeros((rank, m.shape[1]), jnp.float32).at[:r].set(root[:, None] * vt[:r])
-    return left, right
-
-
-def init_pair(key, w, fan_in_axes: int, rank: int) -> tuple[jax.Array, jax.Array]:
-    """The adapter of weight `w` at its init: A [fan-in..., rank] ~ N(0, 1 / fan_in),
-    B [rank, fan-out...] = 0, so the update A @ B starts at 0."""
-    shape_in = w.shape[:fan_in_axes]
-    a = jax.random.normal(key, shape_in + (rank,), jnp.float32) / math.sqrt(math.prod(shape_in))
-    return a.astype(w.dtype), jnp.zeros((rank,) + w.shape[fan_in_axes:], w.dtype)
 
 
 class LoRAModel(nnx.Module):
@@ -125,10 +122,11 @@ class LoRAModel(nnx.Module):
         base = nnx.to_pure_dict(nnx.state(self.base, nnx.Param))
         flat_axes = {p: v.get_metadata()["logical_axes"]
                      for p, v in nnx.to_flat_state(nnx.state(self.base, nnx.Param))}
-        self.targets = tuple(target_paths(lora, base))
+        targets = target_paths(lora, base, cfg)
+        self.targets = tuple(targets)
         adapters = {}
         for path in self.targets:
-            axes, k = tuple(flat_axes[path]), FAN_IN[path[-1]]
+            axes, k = tuple(flat_axes[path]), targets[path]
             a, b = init_pair(rngs.params(), get_path(base, path), k, lora.rank)
             adapters[path_key(path)] = nnx.Dict(
                 a=nnx.Param(a, logical_axes=axes[:k] + (None,)),
@@ -186,7 +184,7 @@ def merged_params(model_cfg, lora: LoRAConfig, params: dict) -> dict:
     base = jax.tree.map(lambda x: x, params["base"])
     r = lora.eval_rank or lora.rank
     scale = lora.alpha / r
-    for path in target_paths(lora, base):
+    for path in target_paths(lora, base, model_cfg):
         ad = params["adapters"][path_key(path)]
         w = get_path(base, path)
         delta = scale * jnp.tensordot(ad["a"][..., :r], ad["b"][:r], axes=1)

@@ -126,7 +126,8 @@ class RunCheckpoint:
             diff = [d for d in config_lib.config_diff(
                         dataclasses.replace(src_cfg, model=src_model),
                         dataclasses.replace(src_cfg, model=model)) if d.startswith("model.")]
-            structural = [d for d in diff if not d.split(":")[0] in _FREE_MODEL_FIELDS]
+            free = set(config_lib.keys_with_role("free_init"))  # (declared on the fields)
+            structural = [d for d in diff if d.split(":")[0] not in free]
             if structural:
                 raise ConfigError(f"init_from={self.path}: the model differs from the "
                                   f"source's ({'; '.join(structural[:3])})")
@@ -307,18 +308,6 @@ def _converted(params: dict, source_model, pieces: RunPieces) -> dict:
     shardings = get_path(pieces.state_shardings["params"], _model_prefix(pieces))
     return jax.jit(lambda p: recursive.convert(p, source_model, model, pieces.cfg.seed),
                    out_shardings=shardings)(params)
-
-
-# Model fields that change how the weights are computed with, not their shapes.
-_FREE_MODEL_FIELDS = {"model.remat", "model.compute_dtype",
-                      "model.attention.impl", "model.attention.q_blocks", "model.moe.impl",
-                      "model.moe.aux_loss", "model.moe.router_z_loss",
-                      # Context extension (README "Long context"): the positions the model
-                      # sees change, its parameters do not.
-                      "model.max_seq_len", "model.rope_theta", "model.attention.window",
-                      "model.attention.sinks",
-                      *(f"model.rope_scaling.{f.name}"
-                        for f in dataclasses.fields(config_lib.RopeScaling))}
 
 
 # --- a run's checkpoints: what they hold, and reading them back -----------------------

@@ -20,11 +20,12 @@ from lm.config import ConfigError, TrainConfig
 from lm.data import Tokenizer, load_tokenizer
 from lm.train.state import RunPieces, build
 
-# Fields that may change between a run and its resumption: they steer bookkeeping,
-# not the computation, so the resumed run still reproduces the uninterrupted one.
-OPERATIONAL_FIELDS = {"log_every", "eval_every", "eval_batches", "checkpoint_every",
-                      "keep_checkpoints", "tensorboard", "name", "stop_sync_every",
-                      "data.prefetch", "data.read_threads"}
+
+def operational_fields() -> set[str]:
+    """Fields that may change between a run and its resumption (role "operational"): they
+    steer bookkeeping, not the computation, so the resumed run still reproduces the
+    uninterrupted one."""
+    return set(config_lib.keys_with_role("operational"))
 
 
 def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
@@ -59,13 +60,14 @@ def setup_run(cfg: TrainConfig, mesh: Mesh | None = None) -> RunSetup:
 
 
 def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
-    """A run dir that holds a run must hold this run (up to OPERATIONAL_FIELDS)."""
+    """A run dir that holds a run must hold this run (up to operational_fields())."""
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
         return
     previous = config_lib.load_run_config(saved)
+    operational = operational_fields()
     diff = [d for d in config_lib.config_diff(previous, cfg)
-            if d.split(":")[0] not in OPERATIONAL_FIELDS]
+            if d.split(":")[0] not in operational]
     if diff:
         raise ConfigError(f"{run_dir} holds a run with a different config "
                           f"({'; '.join(diff[:3])}); use another --run-dir")

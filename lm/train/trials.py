@@ -3,7 +3,7 @@ vmapped step.
 
 A study of small models is many tiny runs, and one tiny run uses a 2-core CPU (or a TPU
 chip) badly: its matmuls are small and the host's per-step work is a large share of the
-step. K trials that differ only in scalars (`TRACED_FIELDS`: learning rate, seed,
+step. K trials that differ only in scalars (`traced_fields()`: learning rate, seed,
 warmup, weight decay, z-loss coefficient, init scale, Adam's betas; and `data.seed`)
 stack their parameters and optimizer states along a leading trial axis. Their scalars
 are traced values of the step, not constants of its program: the train step of
@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as config_lib
+from lm import schema
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.lock import hold
@@ -68,16 +69,24 @@ from lm.train.setup import check_resumable, setup_run, with_vocab
 from lm.train.state import memory_estimate
 from lm.train.step import make_eval_step, make_train_step
 
-# Fields that may differ between the trials of a group and enter the step as traced
-# scalars (int ones as int32). The code behind them must not branch on their values in
-# Python (lm/optim, lm/model and lm/train/step.py do not).
-TRACED_FIELDS = ("seed", "optim.lr", "optim.warmup_steps", "optim.weight_decay",
-                 "optim.min_lr_ratio", "optim.z_loss", "model.init_std",
-                 "optim.adamw.b1", "optim.adamw.b2", "optim.adamw.eps")
-INT_FIELDS = {"seed", "optim.warmup_steps"}
-# Read on the host: the data order (one iterator per distinct value).
-HOST_FIELDS = ("data.seed",)
-BATCHABLE_FIELDS = (*TRACED_FIELDS, *HOST_FIELDS, "name")
+
+def traced_fields() -> tuple[str, ...]:
+    """Fields that may differ between the trials of a group and enter the step as traced
+    scalars (role "traced", declared on the fields; int ones as int32). The code behind
+    them must not branch on their values in Python (lm/optim, lm/model and
+    lm/train/step.py do not)."""
+    return config_lib.keys_with_role("traced")
+
+
+def int_fields() -> set[str]:
+    """The traced fields declared int."""
+    return {k for k, e in schema.walk(TrainConfig) if "traced" in e.roles and e.hint is int}
+
+
+def batchable_fields() -> tuple[str, ...]:
+    """What may differ within a group: the traced fields, and those read on the host
+    (role "per_trial": the data order, one iterator per distinct value; the name)."""
+    return (*traced_fields(), *config_lib.keys_with_role("per_trial"))
 
 
 def get_field(cfg: Any, path: str) -> Any:
@@ -87,8 +96,8 @@ def get_field(cfg: Any, path: str) -> Any:
 def replace_field(cfg: Any, path: str, value: Any) -> Any:
     head, _, rest = path.partition(".")
     if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: replace_field(getattr(cfg, head), rest, value)})
+        return schema.replace(cfg, **{head: value})
+    return schema.replace(cfg, **{head: replace_field(getattr(cfg, head), rest, value)})
 
 
 def _has_field(cfg: Any, path: str) -> bool:
@@ -103,7 +112,7 @@ def group_key(cfg: TrainConfig) -> str:
     """Configs with equal keys can train as one batched group: equal up to the
     batchable fields (which are reset to their defaults here)."""
     default = TrainConfig()
-    for path in BATCHABLE_FIELDS:
+    for path in batchable_fields():
         if _has_field(cfg, path):
             cfg = replace_field(cfg, path, get_field(default, path))
     return config_lib.to_json(cfg)
@@ -130,9 +139,10 @@ def group_configs(cfgs: list[TrainConfig], limit: int) -> list[list[int]]:
 
 def _traced_values(cfgs: list[TrainConfig]) -> dict[str, np.ndarray]:
     """The traced fields that exist in these configs, stacked over the trials."""
+    ints = int_fields()
     return {path: np.asarray([get_field(c, path) for c in cfgs],
-                             np.int32 if path in INT_FIELDS else np.float32)
-            for path in TRACED_FIELDS if _has_field(cfgs[0], path)}
+                             np.int32 if path in ints else np.float32)
+            for path in traced_fields() if _has_field(cfgs[0], path)}
 
 
 def _with_values(cfg: TrainConfig, values: dict) -> TrainConfig:
@@ -319,8 +329,8 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
     keys = {group_key(c) for c in cfgs}
     if len(keys) > 1:
         fields = sorted({d.split(":")[0] for c in cfgs[1:]
-                         for d in config_lib.config_diff(cfgs[0], c)} - set(BATCHABLE_FIELDS))
-        raise ConfigError(f"trials of one group may differ only in {', '.join(BATCHABLE_FIELDS)}; "
+                         for d in config_lib.config_diff(cfgs[0], c)} - set(batchable_fields()))
+        raise ConfigError(f"trials of one group may differ only in {', '.join(batchable_fields())}; "
                           f"these differ in {', '.join(fields[:4])}")
     if jax.process_count() > 1:
         raise ConfigError("batched trials train in one process (run a pod job per trial)")

@@ -3,213 +3,31 @@
 A block is `x + seq_mixer(norm(x))` then `x + channel_mixer(norm(x))` (lm/model/
 transformer.py wires the norms). Each mixer lives in one file of this package with:
 
-- its module (an `nnx.Module` subclass of `SequenceMixer` or `ChannelMixer`),
+- its module (an `nnx.Module` subclass of `SequenceMixer` or `ChannelMixer`, from
+  lm/model/mixers/base.py),
 - its config section, a frozen dataclass that becomes `model.<name>` of ModelConfig
-  (`--set model.attention.window=64`); `legacy` maps the flat ModelConfig keys of
-  earlier releases to its fields, so old config.json files keep loading,
+  (`--set model.attention.window=64`); its fields are `lm.schema.knob`s with their doc
+  and roles (e.g. "free_init", "eval_time" for a kernel choice); `legacy` maps the flat
+  ModelConfig keys of earlier releases to its fields, so old config.json files keep
+  loading,
+- `adaptable`: the matrices LoRA and recursion's relaxations may adapt,
 - its FLOPs beyond the parameter matmuls (`extra_flops_per_token`), its decoding
   cache (`init_cache`) and its validation (`validate`, raising ConfigError),
 
 and registers itself with `@register`. Layers pick mixers by the one-letter `code` in
 `model.mixer_pattern` (sequence) and `model.channel_pattern` (channel), cycled over the
-layers. Adding a mixer = one new file here + its import line at the bottom.
+layers. Adding a mixer = one new file (here, or anywhere: a plug-in imported before or
+after lm.config) + its import line below; a built-in one also gets a declared field in
+lm/model/config.py, so that editors and type checkers see `cfg.<name>`.
 
 Nothing outside this package branches on a mixer's name: the block, the sampler's
 cache, FLOPs per token, parameter counts and validation all ask the mixer.
 """
 
-from __future__ import annotations
-
-import dataclasses
-from typing import TYPE_CHECKING, ClassVar
-
-from flax import nnx
-
-from lm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lm.config import ModelConfig
-
-
-class _Mixer(nnx.Module):
-    name: ClassVar[str]  # its config section: model.<name>
-    code: ClassVar[str]  # its letter in the layer pattern
-    Config: ClassVar[type]  # frozen dataclass of its knobs
-
-    @classmethod
-    def validate(cls, cfg: "ModelConfig") -> None:
-        """Raise ConfigError (one line naming the key) for settings this mixer refuses."""
-
-    @classmethod
-    def validate_mesh(cls, cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
-        """Raise ConfigError for a mesh this mixer cannot be split over (e.g. an expert
-        axis that does not divide the experts)."""
-
-    @classmethod
-    def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward) beyond 6 x its active parameters,
-        e.g. attention scores, the scan's chunk products."""
-        return 0.0
-
-    @classmethod
-    def inactive_params(cls, cfg: "ModelConfig") -> int:
-        """Parameters of one layer's mixer that a token does not use (the experts it is not
-        routed to): total minus these is the active count FLOPs and MFU are based on."""
-        return 0
-
-
-class SequenceMixer(_Mixer):
-    """Mixes along the sequence. `__call__(x_BTD, positions_BT, segment_ids_BT, cache=None,
-    cache_index=None) -> (y_BTD, new_cache or None, max_logit)`. Documents packed into a
-    row (equal segment ids) must never see each other; with a cache (decoding) the new
-    tokens continue the cached sequence at `cache_index`."""
-
-    # Whether max_logit is a real max attention logit (else NaN, not logged).
-    @classmethod
-    def reports_logits(cls, cfg: "ModelConfig") -> bool:
-        return False
-
-    def init_cache(self, batch: int, length: int):
-        """Decoding state for `batch` rows of up to `length` tokens."""
-        raise NotImplementedError
-
-
-class ChannelMixer(_Mixer):
-    """Mixes along the feature dimension, token by token: `__call__(x_BTD) -> y_BTD`, or
-    `(y_BTD, aux)` for a mixer with diagnostics: aux is a dict of arrays (logged per layer
-    as `<name>_<key>/<layer>`), and its entry "loss", when present, is a scalar added to
-    the training objective (e.g. MoE's weighted load-balancing loss)."""
-
-    @classmethod
-    def update_outside_gradient(cls, cfg: "ModelConfig", old: dict, new: dict,
-                                aux: dict) -> dict:
-        """After the optimizer step: this mixer's parameters (pure dicts, before and after
-        the step; leading layer axis when scanned) -> the ones to keep, for state moved by
-        a rule rather than a gradient (MoE's balancing bias). `aux`: this layer's aux
-        (stacked over layers when scanned)."""
-        return new
-
-
-SEQUENCE_MIXERS: dict[str, type[SequenceMixer]] = {}  # by code
-CHANNEL_MIXERS: dict[str, type[ChannelMixer]] = {}
-
-
-def register(cls):
-    """Class decorator: make a mixer selectable by its code and give it a config section."""
-    table = SEQUENCE_MIXERS if issubclass(cls, SequenceMixer) else CHANNEL_MIXERS
-    for other in (*SEQUENCE_MIXERS.values(), *CHANNEL_MIXERS.values()):
-        if other.name == cls.name or (other.code == cls.code and other in table.values()):
-            raise ValueError(f"mixer {cls.__name__}: name {cls.name!r} or code {cls.code!r} "
-                             f"is taken by {other.__name__}")
-    if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
-        raise TypeError(f"mixer {cls.__name__}: Config must be a frozen dataclass")
-    table[cls.code] = cls
-    return cls
-
-
-def all_mixers() -> list[type[_Mixer]]:
-    return [*SEQUENCE_MIXERS.values(), *CHANNEL_MIXERS.values()]
-
-
-def sequence_mixer(cfg: "ModelConfig", layer: int) -> type[SequenceMixer]:
-    return SEQUENCE_MIXERS[cfg.mixer_pattern[layer % len(cfg.mixer_pattern)]]
-
-
-def channel_mixer(cfg: "ModelConfig", layer: int) -> type[ChannelMixer]:
-    return CHANNEL_MIXERS[cfg.channel_pattern[layer % len(cfg.channel_pattern)]]
-
-
-def used_mixers(cfg: "ModelConfig") -> list[type[_Mixer]]:
-    """The mixer classes some layer of `cfg` uses, in a fixed order."""
-    used = {sequence_mixer(cfg, i) for i in range(cfg.n_layers)}
-    used |= {channel_mixer(cfg, i) for i in range(cfg.n_layers)}
-    return [m for m in all_mixers() if m in used]
-
-
-def _check_pattern(key: str, pattern: str, table: dict) -> None:
-    if not pattern or set(pattern) - set(table):
-        choices = ", ".join(f"{code} ({m.name})" for code, m in table.items())
-        raise ConfigError(f"{key}={pattern!r} must be a non-empty string of {choices}")
-
-
-def validate(cfg: "ModelConfig") -> None:
-    """The patterns, then each mixer in use checks its own settings."""
-    _check_pattern("model.mixer_pattern", cfg.mixer_pattern, SEQUENCE_MIXERS)
-    _check_pattern("model.channel_pattern", cfg.channel_pattern, CHANNEL_MIXERS)
-    for mixer in used_mixers(cfg):
-        mixer.validate(cfg)
-
-
-def validate_mesh(cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
-    for mixer in used_mixers(cfg):
-        mixer.validate_mesh(cfg, mesh_shape)
-
-
-def inactive_params(cfg: "ModelConfig") -> int:
-    return sum(sequence_mixer(cfg, i).inactive_params(cfg)
-               + channel_mixer(cfg, i).inactive_params(cfg) for i in range(cfg.n_layers))
-
-
-def extra_flops_per_token(cfg: "ModelConfig", seq_len: int) -> float:
-    return sum(sequence_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
-               + channel_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
-               for i in range(cfg.n_layers))
-
-
-def logit_layers(cfg: "ModelConfig") -> tuple[int, ...]:
-    """Indices of the layers whose sequence mixer reports a max attention logit."""
-    return tuple(i for i in range(cfg.n_layers) if sequence_mixer(cfg, i).reports_logits(cfg))
-
-
-def scan_flops_per_token(cfg: "ModelConfig", seq_len: int, chunk: int, heads: int,
-                         dk: int, dv: int) -> float:
-    """Training FLOPs per token of kernels/scan's chunked recurrence beyond the mixer's
-    projections: per head and chunk of C tokens, q k^T [C, C] (2 C Dk per token), scores
-    times v (2 C Dv), the carried state's read q S and update k^T v (2 Dk Dv each); the
-    backward pass costs twice the forward."""
-    c = min(chunk, seq_len)
-    return 3 * heads * (2 * c * (dk + dv) + 4 * dk * dv)
-
-
-def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, initial_state,
-                        chunk_size: int, impl: str):
-    """kernels.scan.linear_scan for a mixer inside the model: per shard of the active mesh
-    when it runs the Pallas kernel (a custom call GSPMD would otherwise run replicated,
-    after gathering its inputs), as it is for the XLA path (which GSPMD partitions).
-    Batch rows shard over the batch rules (data, fsdp), heads over the heads rule
-    (tensor); the sequence is kept whole (a per-shard scan over part of it would drop the
-    state carried in from the earlier part). The q/k groups G: one group (Mamba-2) is
-    kept whole; G = H (retention) shards like the heads; otherwise the groups are sharded
-    with the heads when the same mesh axes split both, and both are kept whole when they
-    would not (a shard must hold the groups of its heads)."""
-    from kernels.scan import linear_scan
-    from kernels.scan.chunked import scan_impl
-    from lm.parallel.sharding import shard_axes, shard_local
-
-    g, h = q_BTGK.shape[2], v_BTHV.shape[2]
-    heads = "heads"
-    if g == 1:
-        groups = None
-    elif g == h or shard_axes("heads", g) == shard_axes("heads", h):
-        groups = "heads"  # the same mesh axes split both: shard j's heads use its groups
-    else:
-        groups = heads = None
-
-    def scan(q, k, v, a, seg, *s0):
-        return linear_scan(q, k, v, a, segment_ids=seg, initial_state=s0[0] if s0 else None,
-                           chunk_size=chunk_size, impl=impl)
-
-    args = (q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, segment_ids)
-    state = ("batch", heads, None, None)
-    names = [("batch", None, groups, None)] * 2 + [("batch", None, heads, None),
-                                                   ("batch", None, heads), ("batch", None)]
-    if initial_state is not None:
-        args, names = args + (initial_state,), names + [state]
-    if scan_impl(impl) != "pallas":
-        return scan(*args)
-    out_names = (("batch", None, heads, None), state)
-    return shard_local(scan, tuple(names), out_names)(*args)
-
-
+from lm.model.mixers.base import (  # noqa: F401  (the plug-in API)
+    CHANNEL_MIXERS, SEQUENCE_MIXERS, ChannelMixer, SequenceMixer, adaptable_matrices,
+    all_mixers, channel_mixer, describe_adaptable, extra_flops_per_token, inactive_params,
+    logit_layers, register, scan_flops_per_token, sequence_mixer, sharded_linear_scan,
+    used_mixers, validate, validate_mesh)
 # The registrations: one import per mixer file.
-from lm.model.mixers import attention, mamba2, mlp, moe, retention  # noqa: E402, F401
+from lm.model.mixers import attention, mamba2, mlp, moe, retention  # noqa: F401, E402

@@ -30,13 +30,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.schema import knob
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
-from lm.model.mixers import SequenceMixer, register
+from lm.model.mixers.base import SequenceMixer, register
 from lm.parallel.ring import ring_attention, sequence_attention_mode
 from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 NEG_INF = -1e30
 log = logging.getLogger("lmlab.model")
@@ -90,22 +91,28 @@ def query_blocks(t: int, n_blocks: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    # auto: pallas on GPU/TPU, xla on CPU; xla: materialised scores (any backend);
-    # pallas: flash attention on GPU (interpret mode on CPU), splash attention on TPU;
-    # cudnn: jax.nn.dot_product_attention's cuDNN path (NVIDIA GPUs only; no sinks, no
-    # max-logit diagnostic).
-    impl: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
-    # xla training attention: queries in this many blocks, each scoring only the keys
-    # causality leaves it (1 = one dense score matrix; 0 = auto: blocks of >= 128
-    # queries, at most 8, which measured best on CPU at seq 256).
-    q_blocks: int = 0
-    window: int = 0  # 0 = full causal attention; w = see the last w tokens
-    sinks: int = 0  # with a window: the first s tokens of a document stay visible
-    # > 0: attention logits -> softcap * tanh(logits / softcap) (Gemma 2); the max-logit
-    # diagnostic then reports the capped logits, the ones the softmax sees. Not with cudnn.
-    softcap: float = 0.0
-    # Learned biases on the q, k and v projections (Qwen2; no bias on the output).
-    qkv_bias: bool = False
+    """Causal softmax self-attention (mixer code "a")."""
+    impl: Literal["auto", "xla", "pallas", "cudnn"] = knob(
+        "auto", roles={"free_init", "eval_time"},
+        doc="auto: pallas on GPU/TPU, xla on CPU; xla: materialised scores (any backend); "
+            "pallas: flash attention on GPU (interpret mode on CPU), splash attention on "
+            "TPU; cudnn: jax.nn.dot_product_attention's cuDNN path (NVIDIA GPUs only; no "
+            "sinks, no max-logit diagnostic).")
+    q_blocks: int = knob(
+        0, roles={"free_init", "eval_time"},
+        doc="xla training attention: queries in this many blocks, each scoring only the "
+            "keys causality leaves it (1 = one dense score matrix; 0 = auto: blocks of >= "
+            "128 queries, at most 8, which measured best on CPU at seq 256).")
+    window: int = knob(0, roles={"free_init", "eval_time"},
+                       doc="0 = full causal attention; w = see the last w tokens.")
+    sinks: int = knob(0, roles={"free_init", "eval_time"},
+                      doc="With a window: the first s tokens of a document stay visible.")
+    softcap: float = knob(
+        0.0, doc="> 0: attention logits -> softcap * tanh(logits / softcap) (Gemma 2); the "
+                 "max-logit diagnostic then reports the capped logits, the ones the softmax "
+                 "sees. Not with cudnn.")
+    qkv_bias: bool = knob(False, doc="Learned biases on the q, k and v projections (Qwen2; "
+                                     "no bias on the output).")
 
     legacy: ClassVar[dict[str, str]] = {
         "attention_impl": "impl", "attention_q_blocks": "q_blocks",
@@ -123,6 +130,7 @@ def _mean_visible_keys(seq_len: int, window: int) -> float:
 @register
 class Attention(SequenceMixer):
     name, code, Config = "attention", "a", AttentionConfig
+    adaptable = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}
 
     @classmethod
     def validate(cls, cfg: "ModelConfig") -> None:

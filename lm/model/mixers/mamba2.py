@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.schema import knob
 from lm.model.layers import DTYPES, Norm, hidden_std, param
-from lm.model.mixers import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
+from lm.model.mixers.base import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 NO_LOGIT = jnp.nan  # the max-attention-logit diagnostic does not apply to this layer
 
@@ -47,11 +48,15 @@ def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
 
 @dataclass(frozen=True)
 class Mamba2Config:
-    state: int = 64  # state size N per head
-    expand: int = 2  # inner width = expand * d_model
-    conv: int = 4  # causal depthwise convolution width
-    chunk: int = 64  # chunk length of the linear-recurrence scan
-    scan_impl: Literal["auto", "pallas", "xla"] = "auto"  # auto: pallas on GPU
+    """Mamba-2 (SSD) sequence mixer (mixer code "m")."""
+    state: int = knob(64, doc="State size N per head.")
+    expand: int = knob(2, doc="Inner width = expand * d_model.")
+    conv: int = knob(4, doc="Causal depthwise convolution width.")
+    chunk: int = knob(64, roles={"free_init", "eval_time"},
+                      doc="Chunk length of the linear-recurrence scan.")
+    scan_impl: Literal["auto", "pallas", "xla"] = knob(
+        "auto", roles={"free_init", "eval_time"},
+        doc="The scan's kernel: auto = pallas on GPU, xla elsewhere.")
 
     legacy: ClassVar[dict[str, str]] = {
         "ssm_state": "state", "ssm_expand": "expand", "ssm_conv": "conv",
@@ -66,6 +71,7 @@ class Mamba2(SequenceMixer):
     projection. Heads = model.n_heads, each of width mamba2.expand * d_model / n_heads."""
 
     name, code, Config = "mamba2", "m", Mamba2Config
+    adaptable = {"w_z": 1, "w_x": 1, "w_b": 1, "w_c": 1, "w_dt": 1, "w_out": 1}
 
     @classmethod
     def validate(cls, cfg: "ModelConfig") -> None:

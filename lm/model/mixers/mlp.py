@@ -27,17 +27,20 @@ from flax import nnx
 
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
-from lm.model.mixers import ChannelMixer, register
+from lm.model.mixers.base import ChannelMixer, register
 from lm.parallel.sharding import constrain
+from lm.schema import knob
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class MLPConfig:
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    ratio: float = 4.0  # hidden width d_ff = ratio * d_model
+    """The feed-forward channel mixer (channel code "f")."""
+    activation: Literal["gelu", "swiglu"] = knob("gelu", doc="GELU, or SwiGLU (a gated "
+                                                          "unit with a third matrix).")
+    ratio: float = knob(4.0, doc="Hidden width d_ff = ratio * d_model.")
 
     legacy: ClassVar[dict[str, str]] = {"mlp": "activation", "mlp_ratio": "ratio"}
 
@@ -82,6 +85,8 @@ mlp_core.defvjp(_fwd, _bwd)
 @register
 class MLP(ChannelMixer):
     name, code, Config = "mlp", "f", MLPConfig
+    # (w_out is stored [d_model, d_ff]: its rank-r updates are the same set either way.)
+    adaptable = {"w_in": 1, "w_gate": 1, "w_out": 1}
 
     @classmethod
     def validate(cls, cfg: "ModelConfig") -> None:

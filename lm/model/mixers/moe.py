@@ -50,30 +50,38 @@ from jax.sharding import PartitionSpec as P
 from kernels.grouped_matmul import grouped_matmul
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
-from lm.model.mixers import ChannelMixer, register
+from lm.model.mixers.base import ChannelMixer, register
+from lm.schema import knob
 from lm.model.mixers.mlp import MLP, MLPConfig, activation
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    n_experts: int = 8
-    top_k: int = 2
-    ratio: float = 4.0  # expert hidden width = ratio * d_model
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    n_shared_experts: int = 0  # always-on experts of the same width
-    router: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True  # gate weights renormalised over the chosen top_k
-    aux_loss: float = 0.01  # load-balancing loss coefficient (Switch / GShard form)
-    router_z_loss: float = 0.001  # mean logsumexp(router logits)^2 coefficient (ST-MoE)
-    # Auxiliary-loss-free balancing: a per-expert bias added to the scores for choosing
-    # experts, moved by bias_rate * sign(mean load - load) after every step, outside the
-    # gradient (DeepSeek-V3 uses 0.001). 0 = off.
-    bias_rate: float = 0.0
-    capacity_factor: float = 0.0  # 0 = dropless
-    impl: Literal["auto", "ragged", "blocked", "megablox"] = "auto"  # the grouped matmul
+    """Mixture of experts (channel code "e")."""
+    n_experts: int = knob(8, doc="Routed experts per MoE layer.")
+    top_k: int = knob(2, doc="Experts each token is routed to.")
+    ratio: float = knob(4.0, doc="Expert hidden width = ratio * d_model.")
+    activation: Literal["gelu", "swiglu"] = knob("gelu", doc="The experts' activation.")
+    n_shared_experts: int = knob(0, doc="Always-on experts of the same width.")
+    router: Literal["softmax", "sigmoid"] = knob("softmax", doc="How router logits become "
+                                                             "gate scores.")
+    renormalize: bool = knob(True, doc="Gate weights renormalised over the chosen top_k.")
+    aux_loss: float = knob(0.01, roles={"free_init"},
+                           doc="Load-balancing loss coefficient (Switch / GShard form).")
+    router_z_loss: float = knob(0.001, roles={"free_init"},
+                                doc="Mean logsumexp(router logits)^2 coefficient (ST-MoE).")
+    bias_rate: float = knob(
+        0.0, doc="Auxiliary-loss-free balancing: a per-expert bias added to the scores for "
+                 "choosing experts, moved by bias_rate * sign(mean load - load) after every "
+                 "step, outside the gradient (DeepSeek-V3 uses 0.001). 0 = off.")
+    capacity_factor: float = knob(
+        0.0, doc="Assignments an expert takes from a group of tokens: capacity_factor x "
+                 "tokens x top_k / n_experts; 0 = dropless.")
+    impl: Literal["auto", "ragged", "blocked", "megablox"] = knob(
+        "auto", roles={"free_init"}, doc="The grouped matmul's implementation.")
 
     def d_expert(self, d_model: int) -> int:
         return int(self.ratio * d_model)

@@ -16,19 +16,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
+from lm.schema import knob
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
-from lm.model.mixers import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
+from lm.model.mixers.base import SequenceMixer, register, scan_flops_per_token, sharded_linear_scan
 
 if TYPE_CHECKING:
-    from lm.config import ModelConfig
+    from lm.model.config import ModelConfig
 
 NO_LOGIT = jnp.nan  # the max-attention-logit diagnostic does not apply to this layer
 
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    chunk: int = 64  # chunk length of the linear-recurrence scan
-    scan_impl: Literal["auto", "pallas", "xla"] = "auto"  # auto: pallas on GPU
+    """RetNet multi-scale retention (mixer code "r")."""
+    chunk: int = knob(64, roles={"free_init", "eval_time"},
+                      doc="Chunk length of the linear-recurrence scan.")
+    scan_impl: Literal["auto", "pallas", "xla"] = knob(
+        "auto", roles={"free_init", "eval_time"},
+        doc="The scan's kernel: auto = pallas on GPU, xla elsewhere.")
 
     legacy: ClassVar[dict[str, str]] = {"scan_chunk": "chunk", "scan_impl": "scan_impl"}
 
@@ -41,6 +46,7 @@ class Retention(SequenceMixer):
     swish gate, and the output projection."""
 
     name, code, Config = "retention", "r", RetentionConfig
+    adaptable = {"wq": 1, "wk": 1, "wv": 1, "wg": 1, "wo": 2}
 
     @classmethod
     def validate(cls, cfg: "ModelConfig") -> None:
