@@ -120,7 +120,7 @@ def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1, **m
     from safetensors.numpy import save_file
 
     from lm.config import ModelConfig
-    from lm.interop.hf_config import family_for, hf_config_from_model
+    from lm.interop.families import family_for, hf_config_from_model
     from lm.interop.hf_export import hf_tensors
     from lm.model import Transformer
     base = ModelConfig()
@@ -299,8 +299,8 @@ def test_a_family_is_one_record():
     import dataclasses
 
     from lm.interop import families
-    from lm.interop.hf_config import family_for, hf_config_from_model, model_config_from_hf
-    from lm.interop.hf_tensors import entries
+    from lm.interop.families import (entries, family_for, hf_config_from_model,
+                                     model_config_from_hf)
     record = families.get("qwen3_moe")
     assert dataclasses.is_dataclass(record) and record.qk_norm and record.experts.dense_layers
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -347,7 +347,7 @@ def _model_of(family: str):
 def test_mixtral_reads_its_sliding_window():
     # transformers' Mixtral applies config.sliding_window in every layer; lmlab's
     # importer used to drop it (window 0) without a word.
-    from lm.interop.hf_config import hf_config_from_model, model_config_from_hf
+    from lm.interop.families import hf_config_from_model, model_config_from_hf
     hf = hf_config_from_model(_model_of("mixtral"), "mixtral", 0, 1, 2)
     assert hf["sliding_window"] == 8
     assert model_config_from_hf(hf).attention.window == 8
@@ -368,7 +368,7 @@ def test_export_names_what_no_family_expresses(change, message):
     import dataclasses
 
     from lm.config import ConfigError
-    from lm.interop.hf_config import family_for
+    from lm.interop.families import family_for
     cfg = _model_of("llama")
     att = {k: change.pop(k) for k in ("qkv_bias", "window") if k in change}
     cfg = dataclasses.replace(cfg, **change,
@@ -386,7 +386,7 @@ def test_helium_written_as_helium_is_the_same_checkpoint(reference, tmp_path):
     HeliumForCausalLM gives the reference logits."""
     from safetensors.numpy import load_file, save_file
 
-    from lm.interop.hf_config import hf_config_from_model
+    from lm.interop.families import hf_config_from_model
     from lm.interop.hf_export import hf_tensors
     from lm.interop.hf_import import import_hf
     from lm.train.param_source import restore_for_inference
@@ -413,7 +413,7 @@ def test_export_refuses_a_channel_mixer_no_family_has():
     import dataclasses
 
     from lm.config import ConfigError
-    from lm.interop.hf_config import family_for
+    from lm.interop.families import family_for
     cfg = dataclasses.replace(_model_of("llama"), channel_pattern="fg")  # g: a plug-in's
     with pytest.raises(ConfigError, match="model.channel_pattern .a channel mixer other"):
         family_for(cfg)

@@ -132,7 +132,7 @@ def test_relaxed_recursive_model_from_a_trained_run(tmp_path):
     sharing's; uptraining lowers it; at full rank it starts at exactly the parent's
     loss; `lm export hf` writes the untied model, whose logits are the recursive one's."""
     from lm.config import DataConfig, TrainConfig
-    from lm.interop.hf_config import model_config_from_hf
+    from lm.interop.families import model_config_from_hf
     from lm.interop.hf_import import load_params, read_hf_config
     from lm.train.param_source import restore_for_inference
     from lm.train.state import build

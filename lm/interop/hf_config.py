@@ -282,28 +282,3 @@ def decoder_config_to_hf(family, cfg: ModelConfig) -> dict:
             out.update(decoder_sparse_step=1,
                        mlp_only_layers=[i for i, c in enumerate(pattern) if c == "f"])
     return out
-
-
-# ------------------------------------------------- through the records (families/)
-
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """An HF config.json (as a dict) -> lmlab's ModelConfig, by its family's record."""
-    from lm.interop import families
-    family = families.for_hf(hf)
-    return family.config_from_hf(family, hf)
-
-
-def family_for(cfg: ModelConfig) -> str:
-    """The model_type of the HF family that expresses this model (the first registered
-    one, lm/interop/families), or ConfigError with one line saying why none does."""
-    from lm.interop import families
-    return families.for_model(cfg).model_type
-
-
-def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad: int) -> dict:
-    """lmlab ModelConfig -> an HF config.json dict for `family` (see family_for)."""
-    from lm.interop import families
-    record = families.get(family)
-    out = record.config_to_hf(record, cfg)
-    out.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    return out

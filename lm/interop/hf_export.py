@@ -19,8 +19,7 @@ import numpy as np
 
 from lm.config import ConfigError
 from lm.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
-from lm.interop.hf_config import family_for, hf_config_from_model
-from lm.interop.hf_tensors import entries
+from lm.interop.families import entries, family_for, hf_config_from_model
 from lm.model import recursive
 from lm.tree import get_path
 

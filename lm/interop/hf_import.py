@@ -24,8 +24,8 @@ import numpy as np
 
 from lm import config as config_lib
 from lm.config import ConfigError, DataConfig, TrainConfig
-from lm.interop.hf_config import model_config_from_hf
-from lm.interop.hf_tensors import IGNORABLE_SUFFIXES, entries
+from lm.interop.families import entries, model_config_from_hf
+from lm.interop.hf_tensors import IGNORABLE_SUFFIXES
 from lm.tree import get_path, set_path
 
 

@@ -37,8 +37,7 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir,
     describes it."""
     from safetensors.numpy import save_file
 
-    from lm.interop.hf_config import family_for
-    from lm.interop.hf_tensors import entries
+    from lm.interop.families import entries, family_for
     from lm.peft.lora import low_rank_factors, target_paths
     from lm.tree import path_key
     from lm.train.param_source import HFDirectory, from_init_from

@@ -94,14 +94,6 @@ def decoder_tensors(family, cfg: ModelConfig) -> list[Entry]:
     return out
 
 
-def entries(cfg: ModelConfig, family: str) -> list[Entry]:
-    """The table for a model of this config in the HF family `family` (a model_type: its
-    record in lm/interop/families)."""
-    from lm.interop import families
-    record = families.get(family)
-    return record.tensors(record, cfg)
-
-
 # Tensors some checkpoints carry that hold nothing lmlab needs: RoPE's inverse
 # frequencies (recomputed from rope_theta) and, for tied embeddings, a copy of the table.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)

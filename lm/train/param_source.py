@@ -54,7 +54,7 @@ import jax
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
-from lm.interop.hf_config import model_config_from_hf
+from lm.interop.families import model_config_from_hf
 from lm.interop.hf_import import load_params, read_hf_config
 from lm.model import recursive
 from lm.peft.lora import merged_params

@@ -129,6 +129,35 @@ def for_model(cfg: ModelConfig) -> Family:
                                             for p, f in problems.items()))
 
 
+# --- through the records: what import and export call
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """An HF config.json (as a dict) -> lmlab's ModelConfig, by its family's record."""
+    family = for_hf(hf)
+    return family.config_from_hf(family, hf)
+
+
+def family_for(cfg: ModelConfig) -> str:
+    """The model_type of the HF family that expresses this model (the first registered
+    one, lm/interop/families), or ConfigError with one line saying why none does."""
+    return for_model(cfg).model_type
+
+
+def hf_config_from_model(cfg: ModelConfig, family: str, bos: int, eos: int, pad: int) -> dict:
+    """lmlab ModelConfig -> an HF config.json dict for `family` (see family_for)."""
+    record = get(family)
+    out = record.config_to_hf(record, cfg)
+    out.update(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return out
+
+
+def entries(cfg: ModelConfig, family: str) -> list[Entry]:
+    """The table for a model of this config in the HF family `family` (a model_type: its
+    record here)."""
+    record = get(family)
+    return record.tensors(record, cfg)
+
+
 # The built-in families, in export preference order (llama before mistral: a model
 # without a window is written as Llama; Helium, which expresses only what Llama does,
 # is read on import and written only when asked for by name).
@@ -136,4 +165,5 @@ BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "helium
 for _name in BUILTIN:
     __import__(f"{__name__}.{_name}")
 
-__all__ = ["Experts", "Family", "REGISTRY", "register", "get", "for_hf", "for_model"]
+__all__ = ["Experts", "Family", "REGISTRY", "register", "get", "for_hf", "for_model",
+           "model_config_from_hf", "family_for", "hf_config_from_model", "entries"]
