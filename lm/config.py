@@ -308,6 +308,8 @@ def from_dict(d: dict, cls: type = TrainConfig, prefix: str = "") -> Any:
     fields = {e.name: e for e in schema.entries(cls)}
     kwargs = {}
     d = _migrate_legacy(d, cls)
+    if hasattr(cls, "migrate"):  # a section that reads its older forms (e.g. Recursion)
+        d = cls.migrate(d)
     for k, v in d.items():
         key = f"{prefix}{k}"
         if k not in fields:

@@ -224,3 +224,35 @@ def test_blocks_of_different_mixers_each_get_their_own_relaxations():
     assert "mixer-wq" in model.relax.layers[0] and "mixer-wq" not in model.relax.layers[1]
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, PARENT.vocab_size)
     assert bool(jnp.all(jnp.isfinite(model(tokens)[0])))
+
+
+def test_runs_from_before_mixers_declared_their_matrices_still_restore(tmp_path, lm_here):
+    """Before mixers declared `adaptable`, a relaxation adapted the matrices named like
+    attention's and the MLP's only (on Mamba-2 blocks: w_out). Such a run's config.json
+    has no `recursion.relax`: it reads back as relax=attention_mlp, so its checkpoints
+    (fewer adapters) restore for eval and sample; resuming it under the new default is
+    one line naming the key to set."""
+    from lm.config import from_dict, load_run_config, to_dict
+    from lm.train.param_source import restore_for_inference
+    mamba = dataclasses.replace(PARENT, mixer_pattern="m", n_layers=2,
+                                recursion=Recursion(blocks=1, relax_rank=2))
+    declared = Transformer(mamba, nnx.Rngs(0)).relax.layers[0]
+    legacy = Transformer(dataclasses.replace(mamba, recursion=dataclasses.replace(
+        mamba.recursion, relax="attention_mlp")), nnx.Rngs(0)).relax.layers[0]
+    assert set(legacy) < set(declared) and "mixer-w_out" in legacy and "mixer-w_x" not in legacy
+
+    run = tmp_path / "old"
+    overrides = (*TINY, "model.mixer_pattern=m", "model.recursion.blocks=1",
+                 "model.recursion.relax_rank=2", "steps=4", "checkpoint_every=4", "eval_every=4")
+    result = lm("train", "--run-dir", str(run), *sets(*overrides, "model.recursion.relax=attention_mlp"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((run / "config.json").read_text())
+    del written["model"]["recursion"]["relax"]  # as the code before `relax` wrote it
+    (run / "config.json").write_text(json.dumps(written))
+    assert load_run_config(run / "config.json").model.recursion.relax == "attention_mlp"
+    assert from_dict(to_dict(load_run_config(run / "config.json"))).model.recursion.relax == "attention_mlp"
+    _, params, step = restore_for_inference(run)
+    assert step == 4 and set(params["relax"]["layers"][0]) == set(legacy)
+    refused = lm_here("train", "--run-dir", str(run), *sets(*overrides))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "model.recursion.relax: 'attention_mlp' -> 'adaptable'" in refused.stderr

@@ -56,6 +56,23 @@ class Recursion:
                      "layers share a block.")
     relax_rank: int = knob(0, doc="Per-layer LoRA rank on the shared matrices; 0 = strict "
                                   "sharing.")
+    relax: Literal["adaptable", "attention_mlp"] = knob(
+        "adaptable", doc="The matrices a relaxation adapts: adaptable = every matrix the "
+                         "block's mixers declare; attention_mlp = only those named wq, wk, wv, "
+                         "wo, w_in, w_gate, w_out (what runs written before mixers declared "
+                         "theirs relaxed: their config.json reads back as this).")
+
+    @staticmethod
+    def migrate(d: dict) -> dict:
+        """A config.json section written before `relax` existed relaxed the attention /
+        MLP names only (on Mamba-2 and retention blocks that is fewer matrices): read it
+        back as such, so its checkpoints restore."""
+        return d if "relax" in d else {**d, "relax": "attention_mlp"}
+
+
+# The matrices relax=attention_mlp adapts: name -> (ndim, fan-in axes).
+_ATTENTION_MLP = {"wq": (3, 1), "wk": (3, 1), "wv": (3, 1), "wo": (3, 2),
+                  "w_in": (2, 1), "w_gate": (2, 1), "w_out": (2, 1)}
 
 
 def enabled(cfg: "ModelConfig") -> bool:
@@ -130,7 +147,12 @@ def _relaxable(cfg: "ModelConfig", block_params: dict, block: int) -> list[tuple
     (norm scales, biases) in full (0: a per-layer delta, as cheap as the vector itself,
     so that a full-rank relaxation is exactly the untied model). Other matrices (a
     depthwise convolution) stay strictly shared."""
-    matrices = adaptable_matrices(cfg, block_params, first_layer(cfg, block))
+    if cfg.recursion.relax == "attention_mlp":
+        matrices = {tuple(path): _ATTENTION_MLP[path[-1]][1]
+                    for path, leaf in leaf_paths(block_params)
+                    if _ATTENTION_MLP.get(path[-1], (0,))[0] == leaf.ndim}
+    else:
+        matrices = adaptable_matrices(cfg, block_params, first_layer(cfg, block))
     return [(path, matrices.get(tuple(path), 0)) for path, leaf in leaf_paths(block_params)
             if tuple(path) in matrices or leaf.ndim == 1]
 
