@@ -23,9 +23,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import flash_attention
-from kernels.dispatch import compiling_for
-from kernels.scan import linear_scan, scan_associative, scan_reference
+from lm.kernels.attention import flash_attention
+from lm.kernels.dispatch import compiling_for
+from lm.kernels.scan import linear_scan, scan_associative, scan_reference
 from lm.train.mfu import device_peak_flops
 
 

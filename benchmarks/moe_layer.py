@@ -55,7 +55,7 @@ def interleaved(fns: dict, rounds: int) -> dict[str, float]:
 def grouped(args) -> None:
     import numpy as np
 
-    from kernels.grouped_matmul import grouped_matmul
+    from lm.kernels.grouped_matmul import grouped_matmul
     m, k, n = 16384, 256, 512
     x = jax.random.normal(jax.random.PRNGKey(0), (m, k))
     w1 = jax.random.normal(jax.random.PRNGKey(1), (k, n))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.dispatch import target_platform
+from lm.kernels.dispatch import target_platform
 
 IMPLS = ("auto", "ragged", "blocked", "megablox")
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels.attention.reference import attention_reference, document_layout
+from lm.kernels.attention.reference import attention_reference, document_layout
 from lm.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from lm.data import load_tokenizer, train_iterator
 from lm.parallel.mesh import make_mesh

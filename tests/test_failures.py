@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import shutil
 import socket
@@ -96,6 +97,48 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_training_resumes_from_the_on
     assert _steps(run) == ["12.corrupt-1", "12.corrupt-2", "4.corrupt-1", "8.corrupt-1"]
     assert (run / "metrics.jsonl").read_text() == metrics
 
+
+def test_a_corrupt_latest_checkpoint_costs_one_warning_line_and_nothing_else(tmp_path):
+    """`lm eval`, `lm sample` and `lm train` (resuming) on a run whose newest checkpoint
+    is damaged print what they print on the same run without that checkpoint, plus the
+    one warning line: none of orbax's own reports of the damage, no asyncio tracebacks
+    of the reads left in flight ("Task exception was never retrieved", "Event loop is
+    closed"). `sectors`: tensorstore's reads fail; `cut`: orbax's step metadata too."""
+    pristine, intact = tmp_path / "pristine", tmp_path / "intact"
+    first = lm("train", "--run-dir", str(pristine), *sets(*KEEP3))
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(pristine, intact)
+    shutil.rmtree(intact / "checkpoints" / "12")  # what the fallback must match
+
+    readers = [["eval", "--batches", "1"], ["sample", "--max-new-tokens", "16", "--seed", "3"]]
+    clean = {r[0]: lm(r[0], "--run", str(intact), *r[1:]) for r in readers}
+    for how in ("sectors", "cut"):
+        run = tmp_path / how
+        shutil.copytree(pristine, run)
+        garble(run / "checkpoints" / "12", how)
+        for cmd, *args in readers:
+            got, want = lm(cmd, "--run", str(run), *args), clean[cmd]
+            assert got.returncode == want.returncode == 0, (how, cmd, got.stderr[-3000:])
+            warning, *rest = got.stderr.splitlines()
+            assert warning.startswith(f"warning: checkpoint {run / 'checkpoints' / '12'} is "
+                                      "unreadable: ") and warning.endswith("; using step 8"), (
+                how, cmd, got.stderr[-3000:])
+            assert rest == want.stderr.replace(str(intact), str(run)).splitlines(), (
+                how, cmd, got.stderr[-3000:])
+            assert got.stdout == want.stdout, (how, cmd)
+
+    # The trainer: the same lines as resuming from step 8 of the intact copy, and the
+    # warning (it renames the damaged step aside).
+    got = lm("train", "--run-dir", str(run), *sets(*KEEP3))
+    want = lm("train", "--run-dir", str(intact), *sets(*KEEP3))
+    assert got.returncode == want.returncode == 0, got.stderr[-3000:]
+    assert want.stderr == ""
+    assert one_line(got.stderr).startswith(
+        f"warning: checkpoint {run / 'checkpoints' / '12'} is unreadable (renamed to "
+        "12.corrupt-1): "), got.stderr
+    assert "resumed from step 8" in got.stdout
+    assert len(got.stdout.splitlines()) == len(want.stdout.splitlines()), (got.stdout, want.stdout)
+    assert train_losses(run) == train_losses(intact) == train_losses(pristine)
 
 
 def test_a_pod_resumes_past_a_corrupt_checkpoint(tmp_path):

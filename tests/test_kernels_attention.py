@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import attention, attention_reference, flash_attention
+from lm.kernels.attention import attention, attention_reference, flash_attention
 
 # Jitted once per static config: eager op-by-op dispatch is slow on a busy CPU.
 reference = jax.jit(attention_reference, static_argnames=("causal", "window", "sinks", "scale"))

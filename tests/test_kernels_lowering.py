@@ -14,9 +14,9 @@ import pytest
 from jax.experimental.pallas import triton as pallas_triton
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-from kernels.attention.flash import flash_attention
-from kernels.dispatch import GPU_COMPILER_PARAMS
-from kernels.scan.chunked import linear_scan
+from lm.kernels.attention.flash import flash_attention
+from lm.kernels.dispatch import GPU_COMPILER_PARAMS
+from lm.kernels.scan.chunked import linear_scan
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.scan import linear_scan, scan_associative, scan_reference
+from lm.kernels.scan import linear_scan, scan_associative, scan_reference
 
 
 def _inputs(b=2, t=40, g=1, h=2, dk=8, dv=16, dtype=jnp.float32, seed=0, segments=True):
@@ -113,7 +113,7 @@ def test_bad_shapes_raise():
 
 
 def test_dispatch_by_backend(monkeypatch, caplog):
-    from kernels import dispatch
+    from lm.kernels import dispatch
     assert dispatch.resolve("k", "auto") == "xla"  # this CPU: the fast path
     assert dispatch.resolve("k", "pallas") == "pallas"  # interpret mode
     with pytest.raises(ValueError, match="impl"):
@@ -124,5 +124,5 @@ def test_dispatch_by_backend(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="lmlab.kernels"):  # a kernel without a TPU path
         assert dispatch.resolve("k", "pallas", pallas_on=("gpu", "cpu")) == "xla"
     assert "no Pallas kernel for tpu" in caplog.text
-    from kernels.scan.chunked import scan_impl
+    from lm.kernels.scan.chunked import scan_impl
     assert scan_impl("pallas") == scan_impl("auto") == "pallas"  # the scan has one (tpu.py)

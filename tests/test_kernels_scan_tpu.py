@@ -24,8 +24,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-from kernels.dispatch import compiling_for
-from kernels.scan import linear_scan, scan_reference, tpu
+from lm.kernels.dispatch import compiling_for
+from lm.kernels.scan import linear_scan, scan_reference, tpu
 from conftest import ROOT
 
 KERNEL = "chunked_linear_scan_tpu"
@@ -145,8 +145,8 @@ _COMPILE = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from kernels.dispatch import compiling_for
-    from kernels.scan import linear_scan
+    from lm.kernels.dispatch import compiling_for
+    from lm.kernels.scan import linear_scan
     from lm.config import DataConfig, MeshConfig, ModelConfig, TrainConfig, apply_overrides
     from lm.parallel.mesh import make_mesh
     from lm.train.state import build
@@ -217,7 +217,7 @@ def test_train_step_compiles_for_tpu_with_the_scan_kernel_per_shard():
 _SHARDED = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from kernels.scan import linear_scan
+    from lm.kernels.scan import linear_scan
     from lm.config import MeshConfig
     from lm.model.mixers import sharded_linear_scan
     from lm.parallel.mesh import make_mesh

@@ -26,9 +26,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-from kernels.attention import attention, attention_reference
-from kernels.attention.splash import block_for, splash_attention
-from kernels.dispatch import compiling_for
+from lm.kernels.attention import attention, attention_reference
+from lm.kernels.attention.splash import block_for, splash_attention
+from lm.kernels.dispatch import compiling_for
 from conftest import ROOT
 
 D = 128  # the head dim splash is tuned for on TPU (a lane-width multiple)
@@ -126,7 +126,7 @@ V5E = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,),
 
 
 def test_attention_on_a_tpu_target_lowers_to_splash():
-    """kernels.attention.attention(impl=pallas) picks splash for a TPU target: its forward
+    """lm.kernels.attention.attention(impl=pallas) picks splash for a TPU target: its forward
     and both backward kernels are Mosaic custom calls (Pallas's TPU lowering checks)."""
     def loss(q, k, v, seg):
         with compiling_for("tpu"):

@@ -152,7 +152,7 @@ def test_balancing_bias_moves_a_skewed_router_toward_uniform_load():
 
 @pytest.mark.parametrize("m, sizes", [(40, [10, 0, 23]), (300, [7, 130, 0, 160]), (3, [1, 2])])
 def test_blocked_grouped_matmul_matches_ragged_dot(m, sizes):
-    from kernels.grouped_matmul import grouped_matmul
+    from lm.kernels.grouped_matmul import grouped_matmul
     g = len(sizes)
     x = jax.random.normal(jax.random.PRNGKey(6), (m, 24))
     w = jax.random.normal(jax.random.PRNGKey(7), (g, 24, 16))
@@ -171,7 +171,7 @@ def test_blocked_grouped_matmul_matches_ragged_dot(m, sizes):
 def test_megablox_kernel_matches_ragged_dot_in_interpret_mode():
     from jax.experimental.pallas import tpu as pltpu
 
-    from kernels.grouped_matmul import grouped_matmul
+    from lm.kernels.grouped_matmul import grouped_matmul
     x = jax.random.normal(jax.random.PRNGKey(6), (40, 24))
     w = jax.random.normal(jax.random.PRNGKey(7), (3, 24, 16))
     sizes = jnp.array([10, 0, 23], jnp.int32)  # 7 padding rows after the groups

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, sets
 
-PACKAGES = ("lm", "kernels")
+FOLDERS = ("lm", "kernels")  # the checkout's code, installed as `lm` (kernels/: lm.kernels)
 
 
 def _declared() -> set[str]:
@@ -34,8 +34,8 @@ def _normal(name: str) -> str:
 def _imported_top_level_modules() -> dict[str, str]:
     """{top-level module: a file importing it} over lm/ and kernels/ (absolute imports)."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
@@ -53,13 +53,29 @@ def test_every_third_party_import_is_a_declared_dependency():
     declared = _declared()
     missing = []
     for module, where in sorted(_imported_top_level_modules().items()):
-        if module in sys.stdlib_module_names or module in PACKAGES or module == "__future__":
+        if module in sys.stdlib_module_names or module in ("lm", "__future__"):
             continue
         dists = {_normal(d) for d in by_module.get(module, [])}
         assert dists, f"{module} (imported by {where}) is not installed"
         if not dists & declared:
             missing.append(f"{module} ({'/'.join(sorted(dists))}, imported by {where})")
     assert not missing, "not in pyproject's dependencies: " + ", ".join(missing)
+
+
+def test_every_folder_is_a_listed_package_and_kernels_is_imported_as_lm_kernels():
+    """pyproject lists the packages (kernels/ installs as lm.kernels, so packages.find
+    cannot): a folder left out would be missing from the wheel. A top-level `kernels`
+    import would be Hugging Face's package of that name wherever that is installed."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"lm.kernels": "kernels"}
+    folders = {".".join(("lm",) + p.relative_to(ROOT).parts)
+               if p.is_relative_to(ROOT / "kernels") else ".".join(p.relative_to(ROOT).parts)
+               for f in FOLDERS for p in [ROOT / f, *(ROOT / f).rglob("*")]
+               if p.is_dir() and p.name != "__pycache__"}
+    assert sorted(setuptools["packages"]) == sorted(folders)
+    assert "kernels" not in _imported_top_level_modules()
+    import lm.kernels.dispatch
+    assert Path(lm.kernels.dispatch.__file__).resolve() == ROOT / "kernels" / "dispatch.py"
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -73,6 +89,21 @@ def _build_wheel(tmp_path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
                     "-w", str(dist), str(src)], check=True, timeout=600)
     [wheel] = dist.glob("lmlab-*.whl")
+    return wheel
+
+
+def _top_level_kernels_wheel(tmp_path: Path) -> Path:
+    """A wheel of a distribution `kernels` whose import package is a top-level `kernels`."""
+    src = tmp_path / "kernels-dist"
+    (src / "kernels").mkdir(parents=True)
+    (src / "kernels" / "__init__.py").write_text('WHO = "not-lmlab"\n')
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "kernels"\nversion = "0.0.1"\n')
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
+                    "-w", str(tmp_path / "dist-kernels"), str(src)], check=True, timeout=600)
+    [wheel] = (tmp_path / "dist-kernels").glob("kernels-*.whl")
     return wheel
 
 
@@ -102,7 +133,7 @@ def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("lm/configs/default.py", "lm/configs/sizes.py", "lm/train/__init__.py",
                    "lm/train/loop.py", "lm/data/corpora/shakespeare.jsonl.xz",
-                   "kernels/attention/flash.py", "kernels/scan/chunked.py"):
+                   "lm/kernels/attention/flash.py", "lm/kernels/scan/chunked.py"):
         assert needed in names, f"{needed} is not in {wheel.name}"
 
     venv = tmp_path / "venv"
@@ -126,10 +157,21 @@ def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
     check = subprocess.run([str(python), "-c", REQUIREMENTS_MET], capture_output=True,
                            text=True, cwd=elsewhere, env=env, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    where = subprocess.run([str(python), "-c", "import lm, kernels; print(lm.__file__, kernels.__file__)"],
+    # Beside a top-level `kernels` (Hugging Face's package of that name on PyPI; here a
+    # stand-in distribution writing site-packages/kernels/, as it does): both install,
+    # nothing of either is overwritten, and each import finds its own.
+    other = _top_level_kernels_wheel(tmp_path)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(other)],
+                   check=True, timeout=600, env=env)
+    where = subprocess.run([str(python), "-c", "import lm, lm.kernels.dispatch, kernels; "
+                            "print(lm.__file__, lm.kernels.dispatch.__file__, kernels.__file__, "
+                            "kernels.WHO)"],
                            capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
-    assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout
+    lm_init, dispatch, other_init, who = where.stdout.split()
+    assert Path(lm_init) == site / "lm" / "__init__.py", where.stdout
+    assert Path(dispatch) == site / "lm" / "kernels" / "dispatch.py", where.stdout
+    assert (Path(other_init), who) == (site / "kernels" / "__init__.py", "not-lmlab"), where.stdout
 
     lm = str(venv / "bin" / "lm")
     tiny = sets(*TINY, "steps=2", "eval_every=2", "checkpoint_every=2")

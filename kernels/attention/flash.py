@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.attention.reference import (
+from lm.kernels.attention.reference import (
     attention_reference,
     check_shapes,
     document_layout,
 )
-from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
+from lm.kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf
@@ -352,7 +352,7 @@ def attention(q, k, v, *, impl="auto", **kw):
     ignored by the paths they do not apply to."""
     if resolve("flash_attention", impl, pallas_on=("gpu", "cpu", "tpu")) == "pallas":
         if target_platform() == "tpu":
-            from kernels.attention.splash import splash_attention
+            from lm.kernels.attention.splash import splash_attention
             kw = {name: x for name, x in kw.items()
                   if name not in ("block_q", "block_k", "return_stats")}
             return splash_attention(q, k, v, **kw)

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.segments import document_starts
+from lm.kernels.segments import document_starts
 
 
 def document_layout(segment_ids, batch: int, length: int):

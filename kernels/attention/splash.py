@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
 
-from kernels.attention.reference import check_shapes, document_layout
+from lm.kernels.attention.reference import check_shapes, document_layout
 
 F32 = jnp.float32
 

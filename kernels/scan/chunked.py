@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
-from kernels.scan.reference import reset_flags
+from lm.kernels.dispatch import GPU_COMPILER_PARAMS, interpret_default, resolve, target_platform
+from lm.kernels.scan.reference import reset_flags
 
 F32 = jnp.float32
 
@@ -249,7 +249,7 @@ def linear_scan(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
     on_tpu = impl == "pallas" and target_platform() == "tpu"
     chunk = min(chunk_size, t)
     if on_tpu:
-        from kernels.scan import tpu  # Mosaic TPU kernel (tpu.py)
+        from lm.kernels.scan import tpu  # Mosaic TPU kernel (tpu.py)
         chunk = tpu.legal_chunk(chunk)  # TPU tiles: rows in multiples of 16
     pad = -t % chunk
     resets = reset_flags(segment_ids, t, b)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.segments import document_starts
+from lm.kernels.segments import document_starts
 
 
 def reset_flags(segment_ids_BT, length: int, batch: int):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.scan.chunked import differentiable_scan
+from lm.kernels.scan.chunked import differentiable_scan
 
 F32 = jnp.float32
 SUBLANES = 16  # rows of a bf16 (16, 128) tile; a multiple of f32's 8 too

@@ -81,7 +81,7 @@ def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float,
     0.0.50's SparseCore lowering on v5p / v6e (RET_CHECK "Could not find buffer").
     `scaling`: a RopeScaling (lm/model/rope_scaling.py), None = plain RoPE; its
     original length defaults to `max_len`."""
-    from kernels.dispatch import target_platform
+    from lm.kernels.dispatch import target_platform
     from lm.model import rope_scaling
 
     d = x_BTHD.shape[-1]

@@ -20,9 +20,12 @@ reference to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lm.errors import ConfigError, find_disk_full
+from lm.errors import ConfigError
 
 # A committed step directory that does not restore is renamed `<step>.corrupt-<n>`: kept
 # for inspection (rename it back to retry it), and a name orbax does not list as a step.
@@ -45,33 +48,82 @@ class _DropOrbaxBackgroundTracebacks(logging.Filter):
     it: the logged copies add nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from_orbax = "orbax" in record.pathname.replace("\\", "/").split("/")
         carries_traceback = record.exc_info is not None or "raised an exception" in str(record.msg)
-        return not (from_orbax and record.levelno >= logging.ERROR and carries_traceback)
+        return not (_from_orbax(record) and record.levelno >= logging.ERROR and carries_traceback)
 
 
-logging.getLogger("absl").addFilter(_DropOrbaxBackgroundTracebacks())
+def _from_orbax(record: logging.LogRecord) -> bool:
+    return "orbax" in record.pathname.replace("\\", "/").split("/")
 
 
-class _DropUnretrievedDiskFull(logging.Filter):
-    """The same full-disk error also reaches asyncio's "exception was never retrieved"
-    log, once per array orbax was writing, when its futures are collected."""
+_ABSL = logging.getLogger("absl")  # where orbax logs
+_ABSL.addFilter(_DropOrbaxBackgroundTracebacks())
+
+
+class _HeldOrbaxLogs(logging.Filter):
+    """Holds what orbax logs while it is installed, to be released by the caller. Orbax
+    logs what it finds wrong with a step directory (e.g. "Failed to json parse Metadata
+    file: <path>, file content: <all of it>" when it lists the steps): for a step that
+    then does not restore, the one line saying so (Checkpointer.restore_newest_intact)
+    is the report, and orbax's lines are dropped; the others are logged as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or find_disk_full(exc) is None
+        if not _from_orbax(record):
+            return True
+        with self._lock:
+            self.records.append(record)
+        return False
+
+    @contextlib.contextmanager
+    def installed(self):
+        _ABSL.addFilter(self)
+        try:
+            yield self
+        finally:
+            _ABSL.removeFilter(self)
+
+    def release(self, dropping: Collection[Path] = ()) -> None:
+        """Logs the records held, except those that name one of the `dropping` paths."""
+        with self._lock:
+            records, self.records = self.records, []
+        # A step directory's path, not the start of another one's (12 in 120).
+        named = re.compile("|".join(re.escape(str(p)) + r"(?![0-9])" for p in dropping))
+        for record in records:
+            if not (dropping and named.search(record.getMessage())):
+                _ABSL.handle(record)
 
 
-logging.getLogger("asyncio").addFilter(_DropUnretrievedDiskFull())
+class _LoopFinishingItsTasks(asyncio.SelectorEventLoop):
+    """Orbax runs each restore, and each background save, in a fresh event loop that it
+    closes as soon as the coroutine it awaits returns or raises. When one array of a
+    checkpoint fails to read (or to write), `asyncio.gather` raises at once while the
+    other arrays' reads are still in flight (about a hundred for the default model),
+    and the loop is closed under them: those that fail as well are never retrieved
+    ("Task exception was never retrieved", logged when they are collected, one
+    traceback each), those still pending are left to be destroyed unfinished, and each
+    tensorstore read that completes later calls back into the closed loop from its own
+    thread ("Event loop is closed", one traceback each): hundreds of lines after the one
+    line that says what happened. This loop ends as `asyncio.run` ends one: before
+    closing, it cancels the tasks still running and runs until they have finished, so
+    that every error is consumed in the loop; a read cancelled so may still deliver its
+    result from tensorstore's thread after the close, and that result, which nobody
+    awaits any more, is dropped. Otherwise it is asyncio's own loop."""
 
-
-class _LoopToleratingLateResults(asyncio.SelectorEventLoop):
-    """When one tensorstore operation of a restore or save fails (an unreadable
-    checkpoint, a full disk), orbax ends that operation's event loop while the others
-    are in flight; each of those, completing, calls back into the closed loop from a
-    C++ thread, which prints a RuntimeError traceback (dozens per checkpoint). Such a
-    late result has nobody waiting for it: drop it. Only a closed loop behaves
-    differently from asyncio's own."""
+    def close(self) -> None:
+        # (Not when another loop runs in this thread: a loop collected unclosed is
+        # closed by its __del__, wherever the collection happens.)
+        if not (self.is_closed() or self.is_running() or asyncio._get_running_loop()):
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            for task in pending:
+                task.cancel()
+            # Also runs the callbacks already due (gather retrieving a sibling's error).
+            self.run_until_complete(_settle(pending))
+        super().close()
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         try:
@@ -82,9 +134,13 @@ class _LoopToleratingLateResults(asyncio.SelectorEventLoop):
             raise
 
 
+async def _settle(tasks) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _OrbaxLoopPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self):
-        return _LoopToleratingLateResults()
+        return _LoopFinishingItsTasks()
 
 
 # Orbax makes a fresh loop (asyncio.new_event_loop) for every restore and in each of
@@ -129,7 +185,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True)
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # What orbax logs while listing the steps is held until restore_newest_intact
+        # knows which of them are unreadable (its one line then says so) or close.
+        self._held_logs = _HeldOrbaxLogs()
+        with self._held_logs.installed():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -164,6 +224,14 @@ class Checkpointer:
         short on disk, non-finite values) is reported in one line and, with `rename`,
         renamed aside (`<step>.corrupt-<n>`) so that no later start trips on it again.
         None intact (or only ones set aside before): ConfigError, one line."""
+        unreadable: list[Path] = []  # what orbax logs about these is left out
+        try:
+            with self._held_logs.installed():
+                return self._restore_newest_intact(read, rename, log, unreadable)
+        finally:
+            self._held_logs.release(dropping=unreadable)
+
+    def _restore_newest_intact(self, read, rename: bool, log, unreadable: list[Path]):
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         failed, warnings = [], []  # the warnings are printed only if one restores
         earlier = self.set_aside()
@@ -175,6 +243,7 @@ class Checkpointer:
                 raise  # ConfigError: the user's setup (e.g. a LoRA base gone), not damage
             except Exception as e:  # noqa: BLE001 (any failure to read it back)
                 reason = failure_reason(e)
+                unreadable.append(self.directory / str(step))
             else:
                 for line in warnings:
                     log(f"{line}; using step {step}")
@@ -230,5 +299,6 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self._held_logs.release()
         self.manager.wait_until_finished()
         self.manager.close()

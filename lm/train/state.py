@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from kernels.dispatch import compiling_for
+from lm.kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
 from lm.model import mixers, param_axes

@@ -303,7 +303,7 @@ class Attention(SequenceMixer):
         """'xla', 'pallas' or 'cudnn' for training attention in the program being traced."""
         if self.impl == "cudnn":
             return "cudnn"
-        from kernels.dispatch import resolve
+        from lm.kernels.dispatch import resolve
         impl = resolve("attention", self.impl, pallas_on=("gpu", "cpu", "tpu"))
         if impl == "pallas" and is_sharded("seq", seq_len):
             if "seq" not in _LOGGED:
@@ -352,8 +352,8 @@ class Attention(SequenceMixer):
         Both derive causality and the window from segment ids (document-relative
         positions), which matches the xla mask for packed rows."""
         if self.impl != "cudnn":
-            from kernels.attention import attention
-            from kernels.dispatch import target_platform
+            from lm.kernels.attention import attention
+            from lm.kernels.dispatch import target_platform
             mesh = active_mesh()
             # The TPU generation picks splash's block sizes (topology devices have it too).
             kind = (mesh.devices.flat[0].device_kind

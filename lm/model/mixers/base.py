@@ -185,7 +185,7 @@ def scan_flops_per_token(cfg: "ModelConfig", seq_len: int, chunk: int, heads: in
 
 def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, initial_state,
                         chunk_size: int, impl: str):
-    """kernels.scan.linear_scan for a mixer inside the model: per shard of the active mesh
+    """lm.kernels.scan.linear_scan for a mixer inside the model: per shard of the active mesh
     when it runs the Pallas kernel (a custom call GSPMD would otherwise run replicated,
     after gathering its inputs), as it is for the XLA path (which GSPMD partitions).
     Batch rows shard over the batch rules (data, fsdp), heads over the heads rule
@@ -194,8 +194,8 @@ def sharded_linear_scan(q_BTGK, k_BTGK, v_BTHV, log_decay_BTH, *, segment_ids, i
     kept whole; G = H (retention) shards like the heads; otherwise the groups are sharded
     with the heads when the same mesh axes split both, and both are kept whole when they
     would not (a shard must hold the groups of its heads)."""
-    from kernels.scan import linear_scan
-    from kernels.scan.chunked import scan_impl
+    from lm.kernels.scan import linear_scan
+    from lm.kernels.scan.chunked import scan_impl
     from lm.parallel.sharding import shard_axes, shard_local
 
     g, h = q_BTGK.shape[2], v_BTHV.shape[2]

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kernels.grouped_matmul import grouped_matmul
+from lm.kernels.grouped_matmul import grouped_matmul
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
 from lm.model.mixers.base import ChannelMixer, register
