@@ -220,18 +220,19 @@ class Checkpointer:
                               log=None, steps=None) -> tuple[int, Any] | None:
         """(step, read(step)) of the newest checkpoint that restores, newest first; None
         when there is none at all. `steps`: the steps to try (default: every one; a
-        batched group tries those all its trials have, lm/train/trials.py). A checkpoint that does not restore (garbled or cut
-        short on disk, non-finite values) is reported in one line and, with `rename`,
+        batched group tries those all its trials have, lm/train/trials.py). A checkpoint
+        that does not restore (garbled or cut short on disk, non-finite values) is
+        reported in one line and, with `rename`,
         renamed aside (`<step>.corrupt-<n>`) so that no later start trips on it again.
         None intact (or only ones set aside before): ConfigError, one line."""
         unreadable: list[Path] = []  # what orbax logs about these is left out
         try:
             with self._held_logs.installed():
-                return self._restore_newest_intact(read, rename, log, unreadable)
+                return self._restore_newest_intact(read, rename, log, steps, unreadable)
         finally:
             self._held_logs.release(dropping=unreadable)
 
-    def _restore_newest_intact(self, read, rename: bool, log, unreadable: list[Path]):
+    def _restore_newest_intact(self, read, rename: bool, log, steps, unreadable: list[Path]):
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         failed, warnings = [], []  # the warnings are printed only if one restores
         earlier = self.set_aside()
