@@ -13,7 +13,7 @@ the update is scaled by consistent_rms * sqrt(max(fan_in, fan_out)) (Liu et al. 
 
 Sharding: the iteration is plain jnp matmuls on the (possibly FSDP- or tensor-sharded)
 matrix under jit, so GSPMD computes it on the whole matrix (gathering what it needs): the
-result equals the unsharded one (tests/test_optimizers.py, fsdp=2 x tensor=2). No
+result equals the unsharded one (tests/e2e/test_optimizers_processes.py, fsdp=2 x tensor=2). No
 per-shard approximation is made; the cost is the all-gathers of the momentum.
 
 muP (see mup_rule): an orthogonalised update of an m x n matrix scaled to entry RMS r has

@@ -41,7 +41,7 @@ class RunPieces:
     state_shardings: dict
     batch_sharding: NamedSharding
     # The platform kernels are chosen for, when not the mesh's (a CUDA lowering of a CPU
-    # mesh's step in tests/test_kernels_lowering.py).
+    # mesh's step in tests/unit/test_kernels_lowering.py).
     target_platform: str | None = field(default=None, repr=False)
     _abstract: dict | None = field(default=None, init=False, repr=False)
     _jitted: dict = field(default_factory=dict, init=False, repr=False)

@@ -5,7 +5,7 @@ transposes and reshapes), and what it refuses, each with a one-line reason.
 
 A new family is one file here that calls `register(Family(...))`, its name in BUILTIN
 below, and its reference case in tests/hf_reference.py (tiny random transformers model,
-logits compared both ways by tests/test_interop_hf.py). Families of the Llama lineage
+logits compared both ways by tests/e2e/test_interop_hf.py). Families of the Llama lineage
 (pre-norm RMSNorm decoder, rotate-half RoPE, SwiGLU) only set the declarative fields
 and reuse the shared decoder mapping (lm/interop/hf_config.py) and tensor table
 (lm/interop/hf_tensors.py); a family that differs in its body replaces `config_from_hf`,

@@ -18,7 +18,7 @@ from lm.config import ConfigError, MeshConfig
 from lm.parallel.mesh import axis_sizes
 from lm.parallel.sharding import parse_rules
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
+WORKER = Path(__file__).parent.parent / "parallel_worker.py"
 
 
 def worker(task: str, args: dict) -> dict:

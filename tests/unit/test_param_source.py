@@ -13,7 +13,7 @@ from lm.config import ConfigError
 from lm.train.param_source import (HFDirectory, RunCheckpoint, SeedInit, fingerprint,
                                    from_init_from, from_json)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_lora_base_json_as_77d21ee_wrote_it_reads_back_and_writes_the_same():

@@ -23,7 +23,7 @@ from flax import nnx
 
 from lm.cli import main
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "llama-rope-llama3",
             "qwen3-rope-yarn", "helium"]
 TOL = 1e-4

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_train_refused, xla_flags
 
-WORKER = Path(__file__).with_name("ring_worker.py")
+WORKER = Path(__file__).parent.parent / "ring_worker.py"
 
 
 @pytest.fixture(scope="module")

@@ -367,7 +367,7 @@ def test_lora_run_written_by_77d21ee_evaluates_samples_and_resumes(tmp_path, lm_
     and reproduces the losses of the uninterrupted run 77d21ee wrote."""
     import shutil
     from pathlib import Path
-    fixture = Path(__file__).parent / "fixtures" / "lora_run_77d21ee"
+    fixture = Path(__file__).parent.parent / "fixtures" / "lora_run_77d21ee"
     run = tmp_path / "lora"
     shutil.copytree(fixture / "run", run)
     want = json.loads((fixture / "uninterrupted.json").read_text())

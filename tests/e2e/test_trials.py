@@ -186,7 +186,7 @@ def test_experiment_specs_expand_into_batched_groups():
     from lm.config import exec_python_file
     from lm.sweep import expand
     from lm.sweep.runner import plan_groups
-    root = Path(__file__).resolve().parent.parent / "experiments"
+    root = Path(__file__).resolve().parents[2] / "experiments"
     for name, trials, groups in (("lr_sensitivity", 168, 6), ("warmup_sensitivity", 126, 3)):
         sweep = exec_python_file(root / f"{name}.py", "sweep spec").sweep()
         expanded = expand(sweep)

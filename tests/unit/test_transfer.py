@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, lm
+from conftest import ROOT
 
 from lm.analysis import transfer
 from lm.sweep.spec import expand, load_spec
@@ -67,12 +67,3 @@ def test_experiment_specs_expand_and_validate(spec):
         assert all(len(v) == 3 for v in lrs.values()) and lrs["lion"] != lrs["adamw"]
 
 
-@pytest.mark.slow
-def test_mup_transfer_smoke_sweep_end_to_end(tmp_path):
-    work = tmp_path / "mup"
-    result = lm("sweep", str(ROOT / "experiments" / "mup_transfer.py"), "--workdir", str(work),
-                "--smoke", "--parallel", "2", timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    result = lm("analyze", "--lr-transfer", str(work))
-    assert result.returncode == 0, result.stderr
-    assert "Best LR per arm and width" in result.stdout and "mup" in result.stdout
