@@ -13,7 +13,7 @@ from lm.model.mixers.mamba2 import Mamba2Config
 from lm.model.mixers.mlp import MLPConfig
 from lm.model.mixers.moe import MoEConfig
 from lm.model.mixers.retention import RetentionConfig
-from lm.model.recursive import Recursion
+from lm.model.recursive import Recursion, migrate_model_section
 from lm.model.rope_scaling import RopeScaling
 from lm.schema import Composed, knob, section
 
@@ -24,6 +24,7 @@ class ModelConfig(Composed):
     model.mamba2, model.retention, model.mlp, model.moe, and plug-ins: see
     lm/model/mixers)."""
     section_group = "model"
+    migrate = staticmethod(migrate_model_section)  # config.json of earlier releases
 
     vocab_size: int = knob(0, doc="0 = take the tokenizer's vocabulary size.")
     d_model: int = knob(256, doc="Width of the residual stream.")

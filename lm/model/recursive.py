@@ -62,12 +62,18 @@ class Recursion:
                          "wo, w_in, w_gate, w_out (what runs written before mixers declared "
                          "theirs relaxed: their config.json reads back as this).")
 
-    @staticmethod
-    def migrate(d: dict) -> dict:
-        """A config.json section written before `relax` existed relaxed the attention /
-        MLP names only (on Mamba-2 and retention blocks that is fewer matrices): read it
-        back as such, so its checkpoints restore."""
-        return d if "relax" in d else {**d, "relax": "attention_mlp"}
+
+def migrate_model_section(model: dict) -> dict:
+    """A `model` section of a config.json written before `recursion.relax` existed: its
+    relaxations adapted the attention / MLP names only, which on Mamba-2 and retention
+    blocks is fewer matrices than they now declare; such a run reads back as
+    relax=attention_mlp, so its checkpoints restore. (On attention / MLP blocks the two
+    are the same matrices: those runs keep the default.)"""
+    rec = model.get("recursion")
+    if (not isinstance(rec, dict) or "relax" in rec or not rec.get("relax_rank")
+            or not set(str(model.get("mixer_pattern", "a"))) - {"a"}):
+        return model
+    return {**model, "recursion": {**rec, "relax": "attention_mlp"}}
 
 
 # The matrices relax=attention_mlp adapts: name -> (ndim, fan-in axes).

@@ -124,8 +124,8 @@ def test_init_from_a_mamba2_run_may_change_its_scan_kernel(tmp_path, lm_here):
     """The scan's kernel (model.mamba2.scan_impl, declared free under --init-from like
     model.attention.impl) may differ from the source's; its state size may not."""
     from lm.config import ConfigError, TrainConfig, apply_overrides
-    from lm.train.init_from import initial_state, with_source_model
-    from lm.train.setup import restore_for_inference, setup_run
+    from lm.train.param_source import initial_state, restore_for_inference, with_source_model
+    from lm.train.setup import setup_run
     source = tmp_path / "mamba"
     tiny = [o for o in TINY if not o.startswith(("steps=", "checkpoint_every=", "eval_every="))]
     result = lm_here("train", "--run-dir", str(source),
