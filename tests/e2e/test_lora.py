@@ -19,23 +19,30 @@ from lm.config import DataConfig, LoRAConfig, ModelConfig, TrainConfig
 TARGETS = "*.mixer.w[qkvo],*.channel.w_*"
 
 
-def test_merged_weights_give_the_adapter_forward():
-    from lm.peft.lora import LoRAModel, merged_params
+def _merged_adapter_and_base_logits(cfg, lora, lora_model):
+    """Logits of (the adapters merged into the weights, the adapter model, the base alone)
+    on fixed tokens, with B made nonzero (it starts at zero: a no-op adapter at init)."""
     from lm.model import Transformer
+    from lm.peft.lora import merged_params
+    params = nnx.to_pure_dict(nnx.state(lora_model, nnx.Param))
+    params["adapters"] = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params["adapters"])
+    graphdef, _ = nnx.split(lora_model)
+    tokens = jnp.arange(24).reshape(2, 12) % 40
+    with_adapters, _ = nnx.merge(graphdef, params)(tokens)
+    plain, _ = nnx.split(Transformer(cfg, nnx.Rngs(1)))
+    merged, _ = nnx.merge(plain, merged_params(cfg, lora, params))(tokens)
+    without, _ = nnx.merge(plain, params["base"])(tokens)
+    return merged, with_adapters, without
+
+
+def test_merged_weights_give_the_adapter_forward():
+    from lm.peft.lora import LoRAModel
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       max_seq_len=32)
     lora = LoRAConfig(rank=3, alpha=6.0, targets=TARGETS)
-    model = LoRAModel(cfg, lora, nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    # B starts at zero (the adapter is a no-op at init); make it nonzero.
-    params["adapters"] = jax.tree.map(
-        lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params["adapters"])
-    graphdef, _ = nnx.split(model)
-    tokens = jnp.arange(24).reshape(2, 12) % 40
-    with_adapters, _ = nnx.merge(graphdef, params)(tokens)
-    plain_graph, _ = nnx.split(Transformer(cfg, nnx.Rngs(1)))
-    merged, _ = nnx.merge(plain_graph, merged_params(cfg, lora, params))(tokens)
-    without, _ = nnx.merge(plain_graph, params["base"])(tokens)
+    merged, with_adapters, without = _merged_adapter_and_base_logits(
+        cfg, lora, LoRAModel(cfg, lora, nnx.Rngs(0)))
     np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-5)
     assert float(jnp.abs(with_adapters - without).max()) > 1e-2  # the adapters matter
 
@@ -83,8 +90,7 @@ def test_lora_adapts_and_trains_mamba2_and_retention_projections(pattern, target
     changes the forward pass, its merged weights give the same logits, and a few steps
     move the adapters and only them."""
     from lm.data import train_iterator
-    from lm.model import Transformer
-    from lm.peft.lora import LoRAModel, merged_params
+    from lm.peft.lora import LoRAModel
     from lm.train.setup import setup_run
     model = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
                         mixer_pattern=pattern)
@@ -92,15 +98,7 @@ def test_lora_adapts_and_trains_mamba2_and_retention_projections(pattern, target
     lm_model = LoRAModel(model, lora, nnx.Rngs(0))
     assert {p[-1] for p in lm_model.targets} == adapted
     assert len(lm_model.targets) == 2 * len(adapted)  # every layer's
-    params = nnx.to_pure_dict(nnx.state(lm_model, nnx.Param))
-    params["adapters"] = jax.tree.map(
-        lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params["adapters"])
-    graphdef, _ = nnx.split(lm_model)
-    tokens = jnp.arange(24).reshape(2, 12) % 40
-    with_adapters, _ = nnx.merge(graphdef, params)(tokens)
-    plain, _ = nnx.split(Transformer(model, nnx.Rngs(1)))
-    merged, _ = nnx.merge(plain, merged_params(model, lora, params))(tokens)
-    without, _ = nnx.merge(plain, params["base"])(tokens)
+    merged, with_adapters, without = _merged_adapter_and_base_logits(model, lora, lm_model)
     np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-5)
     assert float(jnp.abs(with_adapters - without).max()) > 1e-3
 

@@ -6,7 +6,6 @@ documents how to add a mixer.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 from flax import nnx
@@ -93,10 +92,8 @@ def register(cls):
         if other.name == cls.name or (other.code == cls.code and other in table.values()):
             raise ValueError(f"mixer {cls.__name__}: name {cls.name!r} or code {cls.code!r} "
                              f"is taken by {other.__name__}")
-    if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
-        raise TypeError(f"mixer {cls.__name__}: Config must be a frozen dataclass")
+    schema.register_section("model", cls.name, cls.Config)  # (refuses a non-frozen Config)
     table[cls.code] = cls
-    schema.register_section("model", cls.name, cls.Config)
     return cls
 
 
