@@ -1,27 +1,30 @@
-"""LR sensitivity of qk-layernorm and z-loss (Wortsman et al. 2023, "Small-scale proxies
-for large-scale Transformer training instabilities"), at 2-core CPU scale.
+"""LR sensitivity of qk-layernorm (Wortsman et al. 2023, "Small-scale proxies for
+large-scale Transformer training instabilities", figure 1), at 2-core CPU scale.
 
-The paper's effect is that without qk-layernorm, high learning rates make attention
-logits grow until training fails (loss stuck near its initial value or diverging), and
-that this failure sets in at lower LRs as models grow; qk-layernorm removes it, z-loss
-removes output-logit divergence. So the grid must reach LRs where baselines fail: LR
-1e-4 .. 1 (4 decades, 7 points), widths 32 / 64 / 96 with 4 layers (head dim 32),
-300 steps with the paper's warmup share (5%) and cosine decay, no weight decay (the
-paper's setting for these arms), AdamW(0.9, 0.95), 2 seeds. Arms baseline / qk_norm /
-z_loss (1e-4, the paper's coefficient) / both.
+The paper's effect: without qk-layernorm, high learning rates make attention logits grow
+until training fails, and this failure sets in at lower LRs as models grow, so the
+baseline's LR sensitivity grows with width while qk-layernorm's stays flat and low. The
+grid must reach LRs where baselines fail: 1e-3 .. 1 (7 points, half a decade apart).
+The paper's grid starts at 3e-4 with 10k+ steps; at 300 steps an LR of 1e-4 leaves every
+model far from converged, and that shortfall (shrinking with width, as wider models
+learn faster) dominated the statistic and hid the high-LR failures it is meant to show,
+so the grid starts where 300 steps converge. Widths 32 / 64 / 128 with 4 layers (head
+dim 32), 300 steps with the paper's warmup share (5%) and cosine decay, no weight decay,
+AdamW(0.9, 0.95), 5 seeds. Arms baseline / qk_norm; z-loss (the paper's fix for
+output-logit divergence, which needs far larger vocabularies and models than a CPU
+trains to show) is in ARMS for `--set`-free reuse: `sweep(arms=ARMS)`.
 
-3 widths x 7 LRs x 4 arms x 2 seeds = 168 trials. The LR, z-loss coefficient and seed
-are scalars of one program, so each (width, qk-norm) pair is one batched group of 28
-trials (lm/train/trials.py): 6 programs instead of 168 processes.
+3 widths x 7 LRs x 2 arms x 5 seeds = 210 trials; the LR and seed are scalars of one
+program, so each (width, arm) is one batched group of 35 trials.
 
     lm sweep experiments/lr_sensitivity.py --workdir runs/lr_sensitivity
     lm results runs/lr_sensitivity && lm analyze runs/lr_sensitivity
     lm sweep experiments/lr_sensitivity.py --workdir runs/lr_smoke --smoke   # ~1 min
 
-`lm analyze` prints LR sensitivity per arm and width (mean and 95% interval over
-seeds, each arm paired with the baseline by seed), final loss vs LR per width with seed
-intervals (analysis/lr_sweep.png), and the max attention logit and log-Z drift against
-LR (analysis/precursors.png).
+`lm analyze` prints LR sensitivity per arm and width (mean and 95% interval over seeds,
+each arm paired with the baseline by seed), the paper's figure 1 (analysis/lr_sweep.png:
+a panel per arm, LR on x, final loss on y, widths as colours) and the max attention
+logit and log-Z drift against LR in the same layout (analysis/precursors.png).
 """
 
 from lm.sweep import Grid, Sweep, log_grid
@@ -32,16 +35,18 @@ ARMS = {
     "z_loss": {"optim.z_loss": 1e-4},
     "both": {"model.qk_norm": True, "optim.z_loss": 1e-4},
 }
+DEFAULT_ARMS = ("baseline", "qk_norm")
 
 WIDTHS = {"w32": {"model.d_model": 32, "model.n_heads": 1},
           "w64": {"model.d_model": 64, "model.n_heads": 2},
-          "w96": {"model.d_model": 96, "model.n_heads": 3}}
+          "w128": {"model.d_model": 128, "model.n_heads": 4}}
 
 STEPS = 300
-LRS = (1e-4, 1.0, 7)  # log-spaced, inclusive
+LRS = (1e-3, 1.0, 7)  # log-spaced, inclusive
+SEEDS = 5
 
 
-def sweep(smoke: bool = False) -> Sweep:
+def sweep(smoke: bool = False, arms: dict | None = None) -> Sweep:
     base = {
         "model.n_layers": 4, "model.max_seq_len": 64, "data.seq_len": 64, "batch_size": 8,
         "steps": STEPS, "optim.warmup_steps": round(0.05 * STEPS), "optim.schedule": "cosine",
@@ -51,15 +56,15 @@ def sweep(smoke: bool = False) -> Sweep:
     }
     sizes, lrs = WIDTHS, log_grid(*LRS)
     if smoke:
-        sizes, lrs = {"w32": WIDTHS["w32"]}, [1e-3, 1.0]
+        sizes, lrs = {"w32": WIDTHS["w32"], "w64": WIDTHS["w64"]}, [1e-2, 1.0]
     return Sweep(
         overrides=base,
         smoke={"steps": 8, "model.n_layers": 2, "batch_size": 4, "data.seq_len": 32,
                "optim.warmup_steps": 2, "log_every": 4, "eval_every": 8, "eval_batches": 1,
                "checkpoint_every": 8},
         sizes=sizes,
-        arms=ARMS,
+        arms=arms or {k: ARMS[k] for k in DEFAULT_ARMS},
         axes=[Grid("optim.lr", lrs)],
-        seeds=2,
-        batch=28,
+        seeds=2 if smoke else SEEDS,
+        batch=len(lrs) * SEEDS,
     )

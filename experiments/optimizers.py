@@ -1,12 +1,14 @@
 """Optimizers compared at the same token budget: AdamW, Lion, Adafactor, Muon, SGD-SaI,
-each with its LR tuned on its own grid (around its usual range: Lion's sign updates want
-~5x smaller, SGD-SaI's SNR-scaled steps larger), at two widths, with seeds, on the
-embedded corpus. Reports the best loss per optimizer with intervals, the optimizer-state
+each with its LR tuned on its own grid (x0.1 .. x10 of a centre, half a decade apart, so
+that every optimum sits inside it: Lion's sign updates want ~3x smaller LRs than AdamW,
+Muon's orthogonalised ones and SGD-SaI's SNR-scaled ones larger), at two widths, with
+seeds, on the embedded corpus. Reports the best loss per optimizer with intervals, the optimizer-state
 bytes per parameter and tokens/s; the question from "No More Adam" (SGD-SaI): does it
 match AdamW at half the optimizer memory?
 
-widths {64, 128} x 5 optimizers x 3 LRs (x0.3, x1, x3 of the optimizer's centre) x seeds
-{0, 1} = 60 trials of 150 steps (4 warmup-cosine, weight decay 0.1).
+widths {64, 128} x 5 optimizers x 5 LRs x seeds {0, 1, 2} = 150 trials of 150 steps
+(10 warmup steps, cosine, weight decay 0.1); each (optimizer, width) is one batched group
+of 15 trials.
 
     lm sweep experiments/optimizers.py --workdir runs/optimizers --parallel 2
     lm analyze --optimizers runs/optimizers
@@ -15,8 +17,10 @@ widths {64, 128} x 5 optimizers x 3 LRs (x0.3, x1, x3 of the optimizer's centre)
 
 from lm.sweep import Grid, Sweep
 
-# The centre of each optimizer's LR grid (AdamW's at this scale is ~1e-2).
-CENTRE = {"adamw": 1e-2, "lion": 2e-3, "adafactor": 1e-2, "muon": 1e-2, "sgd_sai": 3e-2}
+# The centre of each optimizer's LR grid (a 3-point grid around 1e-2 / 2e-3 / 1e-2 /
+# 1e-2 / 3e-2 put AdamW's and SGD-SaI's optimum below it and Muon's above).
+CENTRE = {"adamw": 3e-3, "lion": 1e-3, "adafactor": 1e-2, "muon": 3e-2, "sgd_sai": 1e-2}
+MULTS = [0.1, 0.32, 1.0, 3.2, 10.0]
 
 
 def derive(cfg, tags):
@@ -24,9 +28,9 @@ def derive(cfg, tags):
 
 
 def sweep(smoke: bool = False) -> Sweep:
-    widths, mults, seeds = [64, 128], [0.3, 1.0, 3.0], [0, 1]
+    widths, mults, seeds = [64, 128], MULTS, [0, 1, 2]
     if smoke:
-        widths, mults, seeds = [32], [1.0], [0]
+        widths, mults, seeds = [32], [0.32, 1.0, 3.2], [0]
     base = {
         "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 64,
         "data.seq_len": 64, "batch_size": 16, "steps": 150,
@@ -41,5 +45,5 @@ def sweep(smoke: bool = False) -> Sweep:
         arms={name: {"optim.name": name} for name in CENTRE},
         axes=[Grid("model.d_model", widths), Grid("@lr_mult", mults), Grid("seed", seeds)],
         derive=derive,
-        batch=6,  # per (optimizer, width): its LRs x seeds as one program (lm/train/trials.py)
+        batch=len(mults) * len(seeds),  # per (optimizer, width): one program (lm/train/trials.py)
     )

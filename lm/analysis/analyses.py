@@ -174,8 +174,7 @@ def lr_sensitivity(sweep: Sweep) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             table = stability.lr_sensitivity_table(finished, by)
-            path = stability.plot_lr_sweep(finished, sweep.out / "lr_sweep.png", by=by,
-                                           table=table)
+            path = _lr_sweep_figure(finished, by, table, sweep.out / "lr_sweep.png")
         _print_table(table)
         _say_warnings(caught)
         print(f"  plot: {path}")
@@ -207,7 +206,7 @@ def _precursors(finished, by: list[str], out: Path) -> None:
     """Max attention logit and log Z drift at the end of training, per group and LR."""
     import pandas as pd
 
-    from lm.analysis import stability
+    from lm.analysis import figures, stability
     table = stability.precursors(finished)
     if table["attn_logit_max"].isna().all() and table["logz_mean"].isna().all():
         return
@@ -219,7 +218,40 @@ def _precursors(finished, by: list[str], out: Path) -> None:
                            values=["attn_logit_max", "logz_drift"], dropna=False)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(wide.to_string(float_format=lambda v: f"{v:.3g}"))
-    print(f"  plot: {stability.plot_precursors(table, out / 'precursors.png', by=by)}")
+    panel, colour = _panel_and_colour(table, by)
+    print(f"  plot: {figures.precursor_panels(table, out / 'precursors.png', panel=panel, colour=colour)}")
+
+
+def _panel_and_colour(runs, by: list[str]) -> tuple[str, str]:
+    """The figures' layout for groups `by`: a panel per arm, a colour per model size (its
+    width when a size tag stands for one), as in Wortsman et al.'s figure 1. Any further
+    group columns join the colour (a `group` column is added to `runs`)."""
+    panel = "arm" if "arm" in by else (by[0] if len(by) > 1 else "")
+    rest = [c for c in by if c != panel]
+    if rest == ["size"] and "model.d_model" in runs and (
+            runs.groupby("size")["model.d_model"].nunique() <= 1).all():
+        rest = ["model.d_model"]
+    if len(rest) == 1:
+        return panel, rest[0]
+    runs["group"] = runs[rest].astype(str).agg(", ".join, axis=1) if rest else "all"
+    return panel, "group"
+
+
+def _lr_sweep_figure(finished, by: list[str], table, path) -> Path:
+    """Wortsman et al.'s figure 1: loss vs LR, a panel per arm, a colour per size, each
+    line's LR sensitivity in the legend."""
+    from lm.analysis import figures
+    runs = finished.copy()
+    panel, colour = _panel_and_colour(runs, by)
+    keyed = table.copy()
+    _panel_and_colour(keyed, by)
+    if colour not in keyed:  # a size tag drawn as its width
+        keyed[colour] = keyed["size"].map(runs.groupby("size")[colour].first())
+    notes = {(r[panel] if panel else None, r[colour]): f"sens. {r['lr_sensitivity']:.2f}"
+             for _, r in keyed.iterrows()}
+    return figures.lr_panels(runs, path, panel=panel or "_none_", colour=colour,
+                             loss_init=float(table["loss_init"].max()), notes=notes,
+                             title="LR sensitivity (Wortsman et al. 2023, fig. 1)")
 
 
 register(Analysis("lr-sensitivity", lr_sensitivity,

@@ -69,7 +69,8 @@ def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] | str, *,
     holds the last loss before divergence. Runs with status "missing" / "running" are
     left out (they have no result yet). `loss_init`: default ln(model.vocab_size) per
     group (see `uniform_loss`). Returns one row per group: the `by` columns,
-    lr_sensitivity, best_lr, best_loss, n_lrs, n_diverged.
+    lr_sensitivity, best_lr, best_loss, edge ("low" / "high" when the best LR is the
+    grid's end), n_lrs, n_diverged.
     """
     by = [by] if isinstance(by, str) else list(by)
     done = runs[~runs["status"].isin(["missing", "running"])]
@@ -91,6 +92,10 @@ def lr_sensitivity_table(runs: pd.DataFrame, by: Sequence[str] | str, *,
                      "lr_sensitivity": lr_sensitivity(g[lr].to_numpy(float), vals, init),
                      "best_lr": g[lr].iloc[best] if best is not None else math.nan,
                      "best_loss": vals[best] if best is not None else math.nan,
+                     # the best LR on the grid's end: a bound on the optimum, not a value
+                     "edge": ("" if best is None or g[lr].nunique() < 2 else
+                              "low" if g[lr].iloc[best] == g[lr].min() else
+                              "high" if g[lr].iloc[best] == g[lr].max() else ""),
                      "n_lrs": int(g[lr].nunique()), "n_diverged": int(diverged.sum()),
                      "loss_init": init})
     return pd.DataFrame(rows)
@@ -170,14 +175,6 @@ def plot_residual_growth(table: pd.DataFrame, path, *, label: Sequence[str]) -> 
     return save_figure(fig, plt, path)
 
 
-def _capped(g: pd.DataFrame, loss: str, loss_init: float) -> np.ndarray:
-    """Final losses with diverged / non-finite runs charged L_init and all capped there."""
-    diverged = g["status"].astype(str).str.startswith("diverged").to_numpy()
-    vals = g[loss].to_numpy(float)
-    bad = diverged | ~np.isfinite(vals)
-    return np.where(bad, loss_init, np.minimum(vals, loss_init)), bad
-
-
 def lr_sensitivity_over_seeds(runs: pd.DataFrame, by: Sequence[str] | str, seed: str, *,
                               lr: str = "optim.lr", loss: str = "final_val_loss",
                               loss_init: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -217,68 +214,3 @@ def precursors(runs: pd.DataFrame) -> pd.DataFrame:
                                     if last is not None else math.nan)})
     return runs.merge(pd.DataFrame(rows, columns=["path", "attn_logit_max", "logz_mean",
                                                   "logz_drift"]), on="path", how="left")
-
-
-def _mean_and_half(values: np.ndarray) -> tuple[float, float]:
-    from lm.analysis.seeds import interval
-    iv = interval(values)
-    return iv.mean, (iv.half if iv.n > 1 else 0.0)
-
-
-def plot_lr_sweep(runs: pd.DataFrame, path, *, by: Sequence[str] | str,
-                  lr: str = "optim.lr", loss: str = "final_val_loss",
-                  loss_init: float | None = None, title: str = "final loss vs LR",
-                  table: pd.DataFrame | None = None) -> Path:
-    """Final loss vs LR (log x), one line per size/arm (`by`), diverged runs drawn as
-    crosses at L_init (the value LR sensitivity charges them); with several seeds per LR
-    the mean and its 95% interval (error bars). The legend gives each group's LR
-    sensitivity. `table`: `lr_sensitivity_table(runs, by, ...)` if already computed.
-    Writes a PNG; returns its path."""
-    plt = _pyplot()
-    by = [by] if isinstance(by, str) else list(by)
-    if table is None:
-        table = lr_sensitivity_table(runs, by, lr=lr, loss=loss, loss_init=loss_init)
-    done = runs[~runs["status"].isin(["missing", "running"])]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, ((key, g), (_, row)) in enumerate(zip(done.groupby(by, sort=True, dropna=False),
-                                                 table.iterrows())):
-        key = key if isinstance(key, tuple) else (key,)
-        shown, bad = _capped(g, loss, row["loss_init"])
-        lrs = g[lr].to_numpy(float)
-        grid = np.unique(lrs)
-        stats = [_mean_and_half(shown[lrs == x]) for x in grid]
-        label = ", ".join(f"{b}={k}" for b, k in zip(by, key))
-        color = f"C{i % 10}"
-        ax.errorbar(grid, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o",
-                    color=color, ms=4, capsize=2,
-                    label=f"{label} (sens. {row['lr_sensitivity']:.3g})")
-        if bad.any():
-            ax.scatter(lrs[bad], shown[bad], marker="x", s=60, color=color, zorder=3)
-    ax.set(xscale="log", xlabel=lr, ylabel=f"{loss} (capped at L_init)", title=title)
-    ax.legend(fontsize=7)
-    return save_figure(fig, plt, path)
-
-
-def plot_precursors(table: pd.DataFrame, path, *, by: Sequence[str] | str,
-                    lr: str = "optim.lr") -> Path:
-    """Max attention logit and log Z drift at the end of training vs LR, one line per
-    group (`by`), mean and 95% interval over seeds. `table`: `precursors(runs)`."""
-    plt = _pyplot()
-    by = [by] if isinstance(by, str) else list(by)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (key, g) in enumerate(table.groupby(by, sort=True, dropna=False)):
-        key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{b}={k}" for b, k in zip(by, key))
-        lrs = g[lr].to_numpy(float)
-        grid = np.unique(lrs)
-        for ax, col in zip(axes, ("attn_logit_max", "logz_drift")):
-            vals = g[col].to_numpy(float)
-            stats = [_mean_and_half(vals[lrs == x]) for x in grid]
-            ax.errorbar(grid, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o",
-                        ms=3, capsize=2, color=f"C{i % 10}", label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel=lr, ylabel="max attention logit (end)",
-                title="attention-logit growth")
-    axes[1].set(xscale="log", xlabel=lr, ylabel="mean log Z: end - start",
-                title="output-logit drift")
-    axes[0].legend(fontsize=6)
-    return save_figure(fig, plt, path)

@@ -228,6 +228,7 @@ DECODER_UNSUPPORTED = (
     ("model.norm", lambda c: c.norm != "rms"),
     ("model.norm_position", lambda c: c.norm_position != "pre"),
     ("model.layernorm_scaling", lambda c: c.layernorm_scaling),
+    ("model.embed_norm", lambda c: c.embed_norm),
     ("model.parallel_block", lambda c: c.parallel_block),
     ("model.logit_softcap", lambda c: bool(c.logit_softcap)),
     ("model.init=mup", lambda c: c.init == "mup"),

@@ -39,7 +39,12 @@ class ModelConfig(Composed):
     norm_eps: float = knob(1e-6, doc="Added to the mean square in every norm (HF: "
                                      "rms_norm_eps).")
     layernorm_scaling: bool = knob(False, doc="Scale each block's norm outputs by "
-                                              "1/sqrt(layer index).")
+                                              "1/sqrt(l), l = 1 for the first layer "
+                                              "(Sun et al. 2025, 'The Curse of Depth').")
+    embed_norm: bool = knob(False, doc="A norm on the token embeddings before the first "
+                                       "block (Peri-LN's y0 = Norm(x_emb), Kim et al. 2025): "
+                                       "without it a peri-LN stack's unit-RMS sublayer "
+                                       "outputs swamp the small-init embedding.")
     qk_norm: bool = knob(False, doc="A norm (of model.norm's kind) on each head's queries "
                                     "and keys.")
     rope_theta: float = knob(10_000.0, roles={"free_init"}, doc="RoPE base frequency.")

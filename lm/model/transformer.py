@@ -111,6 +111,8 @@ class Transformer(nnx.Module):
                                     for k in range(recursive.n_blocks(cfg))])
             if cfg.recursion.relax_rank:
                 self.relax = recursive.Relaxations(cfg, self.blocks, rngs)
+        if cfg.embed_norm:
+            self.embed_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if cfg.norm_position != "post":
             self.final_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if not cfg.tie_embeddings:
@@ -164,6 +166,8 @@ class Transformer(nnx.Module):
         # about to be used) so the lookup's output can take the batch sharding directly.
         table_VD = constrain(self.embed[...].astype(cdt), ("vocab", "act_embed"))
         x = constrain(table_VD[tokens_BT], ACT)
+        if cfg.embed_norm:
+            x = self.embed_norm(x)
 
         def apply_block(block, x, layer_index, layer_cache):
             return block(x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)

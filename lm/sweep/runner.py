@@ -6,7 +6,9 @@ a deterministic result, rerunning would diverge again) and resumes the others (`
 train` resumes from its checkpoint by itself). A crash (exit not 0/3/128+sig) is written
 into the trial's summary.json as "failed: exit N" unless the trainer left a final status.
 SIGINT/SIGTERM: forwarded to running trials (they checkpoint and stop), no new trials
-start, the sweep exits 128+signal. Trial output goes to `<workdir>/<trial>/train.log`.
+start, the sweep exits 128+signal. Trial output goes to `<workdir>/<trial>/train.log`. Each invocation appends its wall
+time, what it ran and the machine (`machine()`) to `<workdir>/sweep_times.jsonl`, which
+the findings page sums (`lm findings`).
 
 Batched trials (`--batch K` or `Sweep.batch`): the trials still to run are grouped, in
 order, into groups of at most K that may train as one program (lm/train/trials.py:
@@ -34,6 +36,31 @@ from lm.lock import hold
 from lm.sweep.spec import Sweep, Trial, base_config, expand, load_spec
 
 _FINAL = ("completed", "diverged")
+
+
+TIMES = "sweep_times.jsonl"
+
+
+def machine() -> dict:
+    """The machine kind a wall time was measured on: CPU model, cores, memory."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem)}
+
+
+def _record_time(wd: Path, started: float, todo: int, done: int, smoke: bool) -> None:
+    with open(wd / TIMES, "a") as f:
+        f.write(json.dumps({"started": started, "wall_s": round(time.time() - started, 1),
+                            "trials_to_run": todo, "trials_ended": done, "smoke": smoke,
+                            **machine()}) + "\n")
 
 
 def _base_path(sweep: Sweep, workdir: Path) -> Path:
@@ -191,6 +218,7 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
             print(f"batched: {len(todo)} trials in {len(units)} processes (groups of up to "
                   f"{batch}; logs of groups in {wd}/groups/)", flush=True)
         stop = {"sig": 0}
+        wall0 = time.time()
         running: dict[subprocess.Popen, tuple[list[Trial], float, object, Path]] = {}
 
         def handle(signum, frame):
@@ -261,6 +289,7 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
             for s, h in old.items():
                 signal.signal(s, h)
         not_started = len(todo) - done
+        _record_time(wd, wall0, len(todo), done, smoke)
         print("sweep: " + ", ".join(f"{v} {k}" for k, v in tally.items() if v)
               + (f", {not_started} not started" if not_started else "")
               + f" of {len(trials)} trials", flush=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from lm.analysis import results, scaling, stability
+from lm.analysis import figures, results, scaling, stability
 
 TRUE = dict(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
 TRUE_LAW = scaling.LossLaw(**TRUE)
@@ -277,8 +277,8 @@ def test_plots_write_pngs(tmp_path, isoflop_runs, grid_runs, law_fit, sweep):
                                          tmp_path / "iso.png"))
     assert _is_png(scaling.plot_loss_law(law_fit, *grid_runs, tmp_path / "law.png"))
     df = results.load(sweep)
-    assert _is_png(stability.plot_lr_sweep(df, tmp_path / "plots" / "lr.png",
-                                           by="model.d_model", loss_init=5.0))
+    assert _is_png(figures.lr_panels(df, tmp_path / "plots" / "lr.png", panel="none",
+                                     colour="model.d_model", loss_init=5.0))
 
 
 def test_package_level_load_is_the_results_loader(tmp_path):
