@@ -68,3 +68,64 @@ def sweep(smoke: bool = False, arms: dict | None = None) -> Sweep:
         seeds=2 if smoke else SEEDS,
         batch=len(lrs) * SEEDS,
     )
+
+
+PAPER = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training "
+         "instabilities (arXiv:2309.14322), figures 1 and 2")
+
+
+def findings(sweep):
+    """qk-layernorm lowers LR sensitivity; the baseline's grows with width while
+    qk-layernorm's stays flat; the mechanism: attention logits grow without it."""
+    from lm.analysis import findings as f
+    from lm.analysis import seeds, stability
+
+    runs = sweep.finished
+    if sweep.seed is None or "arm" not in runs or runs["arm"].nunique() < 2:
+        return [f.Finding("qk-layernorm lowers LR sensitivity", "needs both arms and seeds",
+                          f.NOT_RESOLVED)]
+    by = ["arm", "model.d_model"]
+    per_seed, _ = stability.lr_sensitivity_over_seeds(runs, by, sweep.seed)
+    widths = sorted(per_seed["model.d_model"].unique())
+    diff = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", "qk_norm", "baseline",
+                                   ["model.d_model"]).set_index("model.d_model")
+    n = int(diff["pairs"].min())
+    lower = f.Finding(
+        "qk-layernorm lowers LR sensitivity",
+        "qk_norm minus baseline, paired by seed: " + "; ".join(
+            f"width {int(w)}: {f.iv(diff.loc[w, 'diff'], diff.loc[w, 'ci_lo'], diff.loc[w, 'ci_hi'])}"
+            for w in widths) + f" ({n} seeds)",
+        f.sign_verdict([(diff.loc[w, "ci_lo"], diff.loc[w, "ci_hi"]) for w in widths], "<0"),
+        ("lr_sweep.png",))
+    slopes = {arm: f.per_seed_slope(per_seed[per_seed["arm"] == arm], "model.d_model",
+                                    "lr_sensitivity", "seed")
+              for arm in ("baseline", "qk_norm")}
+    means = per_seed.groupby(by)["lr_sensitivity"].mean()
+    grows = f.sign_verdict([(slopes["baseline"].lo, slopes["baseline"].hi)], ">0")
+    flat = slopes["qk_norm"]
+    flat_ok = (flat.lo <= 0 <= flat.hi) or flat.hi < 0
+    growth = f.Finding(
+        "The baseline's LR sensitivity grows with width; qk-layernorm's stays flat",
+        "slope of LR sensitivity per doubling of width: baseline "
+        f"{f.iv(slopes['baseline'].mean, slopes['baseline'].lo, slopes['baseline'].hi)}, qk_norm "
+        f"{f.iv(flat.mean, flat.lo, flat.hi)} ({slopes['baseline'].n} seeds); means by width: "
+        + ", ".join(f"{arm} " + " -> ".join(f"{means[(arm, w)]:.2f}" for w in widths)
+                    for arm in ("baseline", "qk_norm")),
+        (grows if flat_ok else f.PARTLY if grows == f.REPRODUCED else grows)
+        if len(widths) > 1 else f.NOT_RESOLVED, ("lr_sweep.png",))
+    pre = stability.precursors(runs)
+    top = max(lr for lr in pre["optim.lr"].unique()
+              if (pre[pre["optim.lr"] == lr]["status"] == "completed").all()) \
+        if (pre["status"] == "completed").any() else pre["optim.lr"].max()
+    at = pre[pre["optim.lr"] == top].groupby(by)["attn_logit_max"].mean()
+    base = [at.get(("baseline", w), float("nan")) for w in widths]
+    qk = [at.get(("qk_norm", w), float("nan")) for w in widths]
+    rises = len(widths) > 1 and base[-1] > 2 * base[0] and max(qk) < 0.25 * base[-1]
+    mechanism = f.Finding(
+        "Without qk-layernorm the attention logits grow with width at high LR; with it they "
+        "stay small",
+        f"max attention logit at LR {top:.2g} (the largest LR no run of which diverged), mean "
+        f"over seeds, by width: baseline " + " -> ".join(f"{x:.3g}" for x in base)
+        + ", qk_norm " + " -> ".join(f"{x:.3g}" for x in qk),
+        f.REPRODUCED if rises else f.NOT_RESOLVED, ("precursors.png",))
+    return [lower, growth, mechanism]

@@ -42,3 +42,62 @@ def sweep(smoke: bool = False) -> Sweep:
         axes=[Grid("model.d_model", widths), Grid("optim.lr", lrs), Grid("seed", seeds)],
         batch=len(lrs) * len(seeds),  # per (arm, width): one program (lm/train/trials.py)
     )
+
+
+PAPER = ("Yang et al. 2022, Tensor Programs V: Tuning Large Neural Networks via Zero-Shot "
+         "Hyperparameter Transfer (arXiv:2203.03466), figure 1")
+
+
+def findings(sweep):
+    """The best LR stays put across width under muP and drifts under SP; under muP the
+    wider model is better at its best LR."""
+    from lm.analysis import findings as f
+    from lm.analysis import transfer
+
+    runs = sweep.finished.copy()
+    print(transfer.report(sweep.workdir))  # the tables and analysis/lr_transfer.png
+    optima = transfer.lr_optima(runs)
+    drift = transfer.lr_drift(optima).set_index("arm")
+    claims = []
+    parts, verdicts = [], []
+    for arm in ("sp", "mup"):
+        if arm not in drift.index:
+            continue
+        d = drift.loc[arm]
+        if d["edge"]:
+            parts.append(f"{arm}: optimum on the grid's edge at width {d['edge']}, slope not "
+                         "measured")
+            verdicts.append(f.NOT_RESOLVED)
+            continue
+        parts.append(f"{arm}: {f.iv(d['slope'], d['slope_lo'], d['slope_hi'], '+.2f')}")
+        inside = d["slope_lo"] <= 0 <= d["slope_hi"]
+        if arm == "mup":
+            verdicts.append(f.REPRODUCED if inside and d["slope_hi"] - d["slope_lo"] < 1
+                            else f.NOT_RESOLVED if inside else f.NOT_REPRODUCED)
+        else:
+            verdicts.append(f.sign_verdict([(d["slope_lo"], d["slope_hi"])], "<0"))
+    best = "; ".join(f"{r['arm']} w{int(r['model.d_model'])}: {transfer.Optimum(r['lr_best'], r['edge'])}"
+                     for _, r in optima.iterrows())
+    verdict = (f.REPRODUCED if verdicts and all(v == f.REPRODUCED for v in verdicts)
+               else f.PARTLY if f.REPRODUCED in verdicts else
+               f.NOT_RESOLVED if f.NOT_RESOLVED in verdicts or not verdicts else f.NOT_REPRODUCED)
+    claims.append(f.Finding(
+        "The best LR drifts with width under SP and stays put under muP",
+        "slope of log2(best LR) per doubling of width: " + "; ".join(parts)
+        + f" (best LRs: {best})", verdict, ("lr_transfer.png",)))
+    # wider is better under muP, at each width's best LR
+    if "mup" in set(runs["arm"]):
+        at = f.loss_at_best_lr(runs[runs["arm"] == "mup"], ["model.d_model"])
+        widths = sorted(at["model.d_model"].unique())
+        if len(widths) >= 2:
+            small, large = (at[at["model.d_model"] == w].set_index("seed")["loss"]
+                            for w in (widths[0], widths[-1]))
+            from lm.analysis.seeds import interval
+            common = small.index.intersection(large.index)
+            d = interval((large.loc[common] - small.loc[common]).to_numpy(float))
+            claims.append(f.Finding(
+                "Under muP the wider model is better at its best LR",
+                f"muP loss at width {int(widths[-1])} minus width {int(widths[0])}, each at "
+                f"its best grid LR, paired by seed: {f.iv(d.mean, d.lo, d.hi)} ({d.n} seeds)",
+                f.sign_verdict([(d.lo, d.hi)], "<0"), ("lr_transfer.png",)))
+    return claims

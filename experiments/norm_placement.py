@@ -49,3 +49,68 @@ def sweep(smoke: bool = False) -> Sweep:
         axes=[Grid("model.n_layers", depths), Grid("optim.lr", lrs), Grid("seed", seeds)],
         batch=len(lrs) * len(seeds),
     )
+
+
+PAPER = ("Kim et al. 2025, Peri-LN: Revisiting Layer Normalization in the Transformer "
+         "Architecture (arXiv:2502.02732); Sun et al. 2025, The Curse of Depth in Large "
+         "Language Models (arXiv:2502.05795)")
+
+
+def findings(sweep):
+    """Each placement at its own best LR, paired with pre-LN by seed, per depth; and the
+    residual stream's growth with depth."""
+    from lm.analysis import findings as f
+    from lm.analysis import seeds, stability
+
+    runs = sweep.finished
+    if "arm" not in runs or "pre" not in set(runs["arm"]):
+        return [f.Finding("Peri-LN beats pre-LN", "needs the pre arm", f.NOT_RESOLVED)]
+    at = f.loss_at_best_lr(runs, ["arm", "model.n_layers"], seed=sweep.seed or "seed")
+    depths = sorted(at["model.n_layers"].unique())
+
+    def versus(arm):
+        d = seeds.paired_difference(at, "loss", "arm", arm, "pre", ["model.n_layers"],
+                                    pair=sweep.seed or "seed").set_index("model.n_layers")
+        on_edge = at[at["arm"].isin([arm, "pre"]) & (at["edge"] != "")]
+        edges = sorted({f"{r['arm']}@{int(r['model.n_layers'])}:{r['edge']}"
+                        for _, r in on_edge.iterrows()})
+        text = (f"{arm} minus pre at each one's best LR, paired by seed: " + "; ".join(
+            f"depth {int(n)}: {f.iv(d.loc[n, 'diff'], d.loc[n, 'ci_lo'], d.loc[n, 'ci_hi'])}"
+            for n in depths if n in d.index) + f" ({int(d['pairs'].min())} seeds)"
+            + (f"; best LR on the grid's edge: {', '.join(edges)}" if edges else ""))
+        # an arm on its grid's edge could do better than measured: that bounds the
+        # difference only one way (the reference's edge, or the arm's when it should lose)
+        return d, text, set(on_edge["arm"])
+
+    out = []
+    for arm, claim, want in [
+            ("peri", "Peri-LN (norms around each sublayer and on the embedding) reaches a "
+                     "lower loss than pre-LN", "<0"),
+            ("ln_scaling", "LayerNorm scaling (1/sqrt(l)) reaches a lower loss than pre-LN",
+             "<0"),
+            ("post", "Post-LN trains worse than pre-LN as depth grows", ">0")]:
+        if arm not in set(at["arm"]):
+            continue
+        d, text, edged = versus(arm)
+        verdict = f.sign_verdict([(d.loc[n, "ci_lo"], d.loc[n, "ci_hi"]) for n in d.index], want)
+        spoils = "pre" if want == "<0" else arm
+        out.append(f.Finding(claim, text, f.NOT_RESOLVED if spoils in edged else verdict,
+                             ("lr_sweep.png",)))
+    if "peri_no_embed_norm" in set(at["arm"]):
+        d, text, _ = versus("peri_no_embed_norm")
+        out.append(f.Finding("(implementation check) Peri-LN without the embedding norm",
+                             text, "-", ("lr_sweep.png",)))
+    growth = stability.residual_growth_table(runs, ["arm", "model.n_layers", "optim.lr"])
+    if not growth.empty:
+        deep = growth[growth["model.n_layers"] == depths[-1]]
+        g = deep.groupby("arm")["rms_last"].median()
+        out.append(f.Finding(
+            "Pre-LN's residual stream grows with depth (the Curse of Depth); LN scaling and "
+            "Peri-LN curb it",
+            f"residual RMS after the last of {int(depths[-1])} layers, median over LRs and "
+            "seeds: " + ", ".join(f"{a} {v:.3g}" for a, v in g.items()),
+            f.REPRODUCED if {"pre", "ln_scaling", "peri"} <= set(g.index)
+            and g["ln_scaling"] < g["pre"] and g["peri"] < g["pre"] else f.NOT_REPRODUCED
+            if {"pre", "ln_scaling"} <= set(g.index) else f.NOT_RESOLVED,
+            ("residual_growth.png",)))
+    return out

@@ -47,3 +47,54 @@ def sweep(smoke: bool = False) -> Sweep:
         derive=derive,
         batch=len(mults) * len(seeds),  # per (optimizer, width): one program (lm/train/trials.py)
     )
+
+
+PAPER = ("Xu et al. 2024, No More Adam: Learning Rate Scaling at Initialization is All "
+         "You Need (arXiv:2412.11768), with AdamW, Lion, Adafactor and Muon as references")
+MATCH = 0.05  # nats: "matches AdamW" = not worse by more than this (~2% of the loss)
+
+
+def findings(sweep):
+    """SGD-SaI matches AdamW at about half the optimizer state; the tuned ranking."""
+    from lm.analysis import findings as f
+    from lm.analysis import seeds, transfer
+
+    runs = sweep.finished.copy()
+    print(transfer.report(sweep.workdir, optimizers=True))  # tables, analysis/lr_transfer.png
+    table = transfer.optimizer_table(runs)
+    widths = sorted(table["model.d_model"].unique())
+    top = table[table["model.d_model"] == widths[-1]].sort_values("loss")
+    ranking = f.Finding(
+        f"(measurement) Each optimizer at its own best LR, width {int(widths[-1])}",
+        "; ".join(f"{r['arm']} {r['loss']:.3f} [{r['loss_lo']:.3f}, {r['loss_hi']:.3f}] at LR "
+                  f"{transfer.Optimum(r['lr_best'], r['edge'])}, "
+                  f"{r['state_bytes_per_param']:.1f} B/param" for _, r in top.iterrows())
+        + f" ({int(top['seeds'].min())} seeds)", "-", ("lr_transfer.png",))
+    arms = set(runs["arm"])
+    if not {"adamw", "sgd_sai"} <= arms:
+        return [ranking]
+    at = f.loss_at_best_lr(runs, ["arm", "model.d_model"])
+    d = seeds.paired_difference(at, "loss", "arm", "sgd_sai", "adamw",
+                                ["model.d_model"]).set_index("model.d_model")
+    state = table.set_index(["arm", "model.d_model"])["state_bytes_per_param"]
+    edged = {f"{r['arm']}@{int(r['model.d_model'])}" for _, r in at.iterrows()
+             if r["edge"] and r["arm"] in ("adamw", "sgd_sai")}
+    verdicts = []
+    for w in d.index:
+        lo, hi = d.loc[w, "ci_lo"], d.loc[w, "ci_hi"]
+        verdicts.append(f.NOT_RESOLVED if edged or not (lo == lo) else
+                        f.REPRODUCED if hi < MATCH else
+                        f.NOT_REPRODUCED if lo > MATCH else f.NOT_RESOLVED)
+    verdict = (verdicts[0] if len(set(verdicts)) == 1 else
+               f.PARTLY if f.REPRODUCED in verdicts else f.NOT_RESOLVED)
+    match = f.Finding(
+        f"SGD-SaI matches AdamW (not worse by more than {MATCH} nats) at about half its "
+        "optimizer state",
+        "sgd_sai minus adamw at each one's best LR, paired by seed: " + "; ".join(
+            f"width {int(w)}: {f.iv(d.loc[w, 'diff'], d.loc[w, 'ci_lo'], d.loc[w, 'ci_hi'])}"
+            for w in d.index) + f" ({int(d['pairs'].min())} seeds); state "
+        f"{state.get(('sgd_sai', widths[-1]), float('nan')):.1f} vs "
+        f"{state.get(('adamw', widths[-1]), float('nan')):.1f} bytes/param"
+        + (f"; best LR on the grid's edge: {', '.join(sorted(edged))}" if edged else ""),
+        verdict, ("lr_transfer.png",))
+    return [match, ranking]

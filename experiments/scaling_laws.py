@@ -46,3 +46,50 @@ def sweep(smoke: bool = False) -> Sweep:
         axes=[Grid("@budget", budgets)],
         derive=_steps,
     )
+
+
+PAPER = ("Hoffmann et al. 2022, Training Compute-Optimal Large Language Models "
+         "(Chinchilla, arXiv:2203.15556), approaches 2 and 3")
+
+
+def findings(sweep):
+    """Compute-optimal N and D grow about equally with compute: N_opt ~ C^a, a ~ 0.5."""
+    import warnings
+
+    import numpy as np
+
+    from lm.analysis import analyses, scaling
+    from lm.analysis import findings as f
+
+    done = sweep.done
+    n = done["params"].to_numpy(float)
+    d = done["tokens_seen"].to_numpy(float)
+    loss = done["final_val_loss"].to_numpy(float)
+    budgets = np.array([float(b) if b is not None else np.nan for b in analyses.compute_budgets(sweep)])
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            iso = scaling.fit_isoflops(n, loss, compute=budgets, rtol=0.15)
+            out.append(f.Finding("(approach 2) IsoFLOP minima: N_opt ~ C^a",
+                                 f"a = {iso.a:.3f}, D_opt ~ C^{iso.b:.3f} (no interval: one "
+                                 "parabola per budget)", "-", ("isoflops.png",)))
+        except ValueError as e:
+            out.append(f.Finding("(approach 2) IsoFLOP minima: N_opt ~ C^a",
+                                 f"no fit: {e}", f.NOT_RESOLVED))
+        try:
+            law = scaling.fit_loss_law(n, d, loss, grid=analyses.COARSE_GRID)
+            boot = scaling.bootstrap_loss_law(n, d, loss, fit=law, n_boot=100)
+            lo, hi = boot.interval("a")
+            verdict = (f.REPRODUCED if lo <= 0.5 <= hi and hi - lo < 0.4 else
+                       f.NOT_RESOLVED if lo <= 0.5 <= hi else f.NOT_REPRODUCED)
+            out.append(f.Finding(
+                "(approach 3) Compute-optimal parameters and tokens scale about equally: "
+                "N_opt ~ C^a with a ~ 0.5 (Chinchilla: 0.46 by approach 3)",
+                f"a = {f.iv(law.a, lo, hi, '.3f')} (100 bootstrap resamples of {len(n)} runs), "
+                f"alpha = {law.alpha:.3f}, beta = {law.beta:.3f}, E = {law.E:.3f}",
+                verdict, ("loss_law.png",)))
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as e:
+            out.append(f.Finding("(approach 3) N_opt ~ C^a with a ~ 0.5", f"no fit: {e}",
+                                 f.NOT_RESOLVED))
+    return out

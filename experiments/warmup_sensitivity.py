@@ -39,3 +39,43 @@ def sweep(smoke: bool = False) -> Sweep:
         seeds=seeds,
         batch=len(lrs) * len(warmups) * _lr.SEEDS,
     )
+
+
+PAPER = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training "
+         "instabilities (arXiv:2309.14322), section 3.4 and figure 8")
+
+
+def findings(sweep):
+    """A longer warmup lowers LR sensitivity, more so for larger models."""
+    from lm.analysis import findings as f
+    from lm.analysis import seeds, stability
+
+    runs = sweep.finished
+    arms = set(runs["arm"]) if "arm" in runs else set()
+    if sweep.seed is None or not {"warmup_1pct", "warmup_25pct"} <= arms:
+        return [f.Finding("A longer warmup lowers LR sensitivity", "needs both warmups and "
+                          "seeds", f.NOT_RESOLVED)]
+    per_seed, _ = stability.lr_sensitivity_over_seeds(runs, ["arm", "model.d_model"], sweep.seed)
+    diff = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", "warmup_25pct",
+                                   "warmup_1pct", ["model.d_model"]).set_index("model.d_model")
+    widths = sorted(diff.index)
+    lower = f.Finding(
+        "A longer warmup (25% vs 1% of the steps) lowers LR sensitivity",
+        "warmup 25% minus 1%, paired by seed: " + "; ".join(
+            f"width {int(w)}: {f.iv(diff.loc[w, 'diff'], diff.loc[w, 'ci_lo'], diff.loc[w, 'ci_hi'])}"
+            for w in widths) + f" ({int(diff['pairs'].min())} seeds)",
+        f.sign_verdict([(diff.loc[w, "ci_lo"], diff.loc[w, "ci_hi"]) for w in widths], "<0"),
+        ("lr_sweep.png",))
+    if len(widths) < 2:
+        return [lower]
+    # more so for larger models: the difference of the paired differences, per seed
+    wide = per_seed.pivot_table(index="seed", columns=["arm", "model.d_model"],
+                                values="lr_sensitivity")
+    effect = {w: wide[("warmup_25pct", w)] - wide[("warmup_1pct", w)] for w in (widths[0], widths[-1])}
+    dd = seeds.interval((effect[widths[-1]] - effect[widths[0]]).dropna().to_numpy(float))
+    more = f.Finding(
+        "The effect is larger for the larger model",
+        f"(25% - 1%) at width {int(widths[-1])} minus at width {int(widths[0])}, paired by "
+        f"seed: {f.iv(dd.mean, dd.lo, dd.hi)} ({dd.n} seeds)",
+        f.sign_verdict([(dd.lo, dd.hi)], "<0"), ("lr_sweep.png",))
+    return [lower, more]

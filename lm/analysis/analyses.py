@@ -297,7 +297,7 @@ def _scaling_options(p: argparse.ArgumentParser) -> None:
                    help="scaling laws in total or active (MoE: routed) parameters")
 
 
-def _budgets(sweep: Sweep) -> list:
+def compute_budgets(sweep: Sweep) -> list:
     """Each completed run's compute budget tag (None where it has none)."""
     return [sweep.tags.get(r, {}).get("budget") for r in sweep.done["run"]]
 
@@ -306,7 +306,7 @@ def _is_scaling_sweep(sweep: Sweep) -> bool:
     """Compute budgets tagged, or a size ladder that does not also sweep the LR (that is
     an LR-sensitivity study across widths)."""
     sized = "size" in {k for t in sweep.tags.values() for k in t}
-    return any(b is not None for b in _budgets(sweep)) or (sized and "optim.lr" not in sweep.vary)
+    return any(b is not None for b in compute_budgets(sweep)) or (sized and "optim.lr" not in sweep.vary)
 
 
 def scaling_laws(sweep: Sweep) -> None:
@@ -316,7 +316,7 @@ def scaling_laws(sweep: Sweep) -> None:
 
     from lm.analysis import scaling
     opts, done = sweep.options, sweep.done
-    budget = _budgets(sweep)
+    budget = compute_budgets(sweep)
     has_budget = any(b is not None for b in budget)
     n = done["params"].to_numpy(float)
     if opts.params == "active" and "active_params" in done:

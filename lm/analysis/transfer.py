@@ -228,6 +228,7 @@ def report(workdir: str, optimizers: bool = False) -> str:
     from lm.analysis import figures
     from lm.analysis.results import load_sweep
     runs = load_sweep(workdir)
+    runs = runs[~runs["status"].isin(["missing", "running"])].copy()  # nothing to read yet
     if "arm" not in runs:
         runs["arm"] = "all"
     optima = lr_optima(runs)

@@ -1,5 +1,6 @@
-"""`lm sweep` (run a sweep spec's trials), `lm results` (a table of a sweep's runs) and
-`lm analyze` (the registered analyses of lm/analysis/analyses.py that apply to it)."""
+"""`lm sweep` (run a sweep spec's trials), `lm results` (a table of a sweep's runs), `lm
+analyze` (the registered analyses of lm/analysis/analyses.py that apply to it) and `lm
+findings` (the findings page of lm/analysis/findings.py)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,26 @@ def analyze_arguments(p) -> None:
     add_options(p)  # each analysis's own options and request flags
 
 
+def findings_arguments(p) -> None:
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR",
+                   help="sweep workdirs whose spec declares PAPER and findings()")
+    p.add_argument("--out", default=None,
+                   help="write the markdown page here, figures beside it "
+                        "(e.g. docs/findings.md); default: print it")
+
+
+def findings(args) -> int:
+    import shlex
+    import sys
+
+    from lm.analysis.findings import write
+    argv = "lm findings " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "findings" else "lm findings"
+    text = write(args.workdirs, args.out, argv)
+    print(f"wrote {args.out}" if args.out else text, end="\n" if args.out else "")
+    return 0
+
+
 def analyze(args) -> int:
     from lm.analysis.analyses import analyze
     return analyze(args.workdir, args)
@@ -55,4 +76,6 @@ COMMANDS = [
     Command("results", "a table of the runs under a sweep workdir", results_arguments, results),
     Command("analyze", "LR-sensitivity / scaling-law fits and plots of a sweep",
             analyze_arguments, analyze),
+    Command("findings", "the findings page: each sweep's paper, claims, measured result "
+            "and verdict", findings_arguments, findings),
 ]

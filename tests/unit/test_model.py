@@ -179,6 +179,19 @@ def test_logit_softcap_bounds_logits():
     assert float(jnp.max(jnp.abs(logits))) <= 2.0
 
 
+@pytest.mark.parametrize("embed_norm", [False, True])
+def test_embed_norm_makes_the_stack_blind_to_the_embeddings_scale(embed_norm):
+    # Peri-LN's y0 = Norm(x_emb): scaling the (untied) embedding table changes nothing
+    cfg = dataclasses.replace(TINY, norm_position="peri", embed_norm=embed_norm,
+                              tie_embeddings=False)
+    model = make(cfg)
+    before = jitted(model)(tokens())[0]
+    model.embed[...] = model.embed[...] * 30.0
+    after = jitted(model)(tokens())[0]
+    change = float(jnp.max(jnp.abs(after - before)))  # norm_eps leaves ~1e-4 with the norm
+    assert (change < 1e-3) if embed_norm else (change > 1e-2), change
+
+
 def test_bf16_compute_runs_close_to_f32():
     x = tokens()
     f32, _ = make(TINY)(x)
