@@ -1,7 +1,7 @@
 """LR warmup length vs LR sensitivity (Wortsman et al. 2023, section 3.4 and figure 8: a
 longer warmup lowers LR sensitivity, more so for larger models), at the scale and in the
 form of experiments/lr_sensitivity.py: its depth, steps, LR grid and seeds, baseline
-architecture (no qk-norm, no z-loss), at its smallest and largest width, warmup 1% vs
+architecture (no qk-norm, no z-loss), at its two smaller widths (32, 64), warmup 1% vs
 25% of the 300 steps.
 
 2 widths x 7 LRs x 2 warmups x 5 seeds = 140 trials; warmup, LR and seed are scalars of
@@ -20,7 +20,7 @@ from lm.sweep import Grid, Sweep, log_grid
 _lr = exec_python_file(Path(__file__).with_name("lr_sensitivity.py"), "sweep spec")
 STEPS = _lr.STEPS
 WARMUPS = {"warmup_1pct": 0.01, "warmup_25pct": 0.25}
-WIDTHS = {k: _lr.WIDTHS[k] for k in ("w32", "w128")}
+WIDTHS = {k: _lr.WIDTHS[k] for k in ("w32", "w64")}
 
 
 def sweep(smoke: bool = False) -> Sweep:
