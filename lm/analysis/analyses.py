@@ -264,8 +264,9 @@ _NORM_AXES = ("model.norm_position", "model.layernorm_scaling")
 
 
 def residual_growth(sweep: Sweep) -> None:
-    """Residual-stream RMS after the first and the last layer, per run."""
-    from lm.analysis import stability
+    """Residual-stream RMS after the first and the last layer, per run; the figure: a
+    panel per norm placement, a line per depth, each at its best LR."""
+    from lm.analysis import figures, stability
     by = sweep.group_by("steps")
     table = stability.residual_growth_table(sweep.finished, by)
     print("\nResidual-stream RMS after the first / last layer at the end of training:")
@@ -273,7 +274,12 @@ def residual_growth(sweep: Sweep) -> None:
         print("  no run logged resid_rms/<layer>")
         return
     _print_table(table.drop(columns=["profile"]).sort_values(by))
-    path = stability.plot_residual_growth(table, sweep.out / "residual_growth.png", label=by)
+    panel, colour = _panel_and_colour(table, [c for c in by if c not in ("optim.lr", sweep.seed)])
+    if "optim.lr" in table:
+        path = figures.residual_panels(table, sweep.out / "residual_growth.png", panel=panel,
+                                       colour=colour)
+    else:
+        path = stability.plot_residual_growth(table, sweep.out / "residual_growth.png", label=by)
     print(f"  plot: {path}")
 
 

@@ -140,3 +140,35 @@ def precursor_panels(table: pd.DataFrame, path, *, panel: str = "arm",
     fig.suptitle("instability precursors: attention-logit growth (top), output-logit "
                  "drift (bottom)", fontsize=9)
     return save_figure(fig, plt, path)
+
+
+def residual_panels(table: pd.DataFrame, path, *, panel: str = "arm",
+                    colour: str = "model.n_layers", lr: str = "optim.lr") -> Path:
+    """Residual-stream RMS after each layer (log y) at the end of training: a panel per
+    `panel` value (norm placement), a line per `colour` value (depth), each at its
+    group's best LR (lowest mean final loss) and averaged over seeds, so that growth with
+    depth compares like with like. `table`: `stability.residual_growth_table(runs, by)`
+    with `panel`, `colour` and `lr` among `by`."""
+    plt = _pyplot()
+    panels = _ordered(table[panel]) if panel in table else [None]
+    shades = _colours(_ordered(table[colour]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.8),
+                             sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        part = table if p is None else table[table[panel] == p]
+        for c in _ordered(part[colour]):
+            g = part[part[colour] == c]
+            means = g.groupby(lr)["final_val_loss"].mean()
+            if not np.isfinite(means.to_numpy(float)).any():
+                continue
+            at = g[g[lr] == means.idxmin()]
+            profiles = np.array([[float(x) for x in s.split()] for s in at["profile"]])
+            ax.plot(np.arange(1, profiles.shape[1] + 1), profiles.mean(axis=0), "-o", ms=3,
+                    color=shades[c], label=f"{_label(colour, c)} (LR {means.idxmin():.2g})")
+        ax.set(yscale="log", xlabel="layer", title="" if p is None else _label(panel, p))
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("residual RMS after the layer")
+    fig.suptitle("residual stream growth with depth (each at its best LR, mean over seeds)",
+                 fontsize=9)
+    return save_figure(fig, plt, path)

@@ -90,11 +90,15 @@ def test_a_bracketed_parabola_recovers_a_known_optimum_with_an_interval_covering
     assert drift.loc["sp", "slope_hi"] < -1 and drift.loc["sp", "edge"] == ""
 
 
-@pytest.mark.parametrize("spec", ["mup_transfer", "optimizers"])
+@pytest.mark.parametrize("spec", ["mup_transfer", "optimizers", "lr_sensitivity",
+                                  "warmup_sensitivity", "norm_placement", "scaling_laws"])
 def test_experiment_specs_expand_and_validate(spec):
+    from lm.config import exec_python_file
     path = ROOT / "experiments" / f"{spec}.py"
     full, smoke = expand(load_spec(path)), expand(load_spec(path, smoke=True), smoke=True)
-    assert len(full) >= 100 and 1 < len(smoke) <= 12
+    assert len(full) >= 25 and 1 < len(smoke) <= 24 and len(smoke) < len(full)
+    module = exec_python_file(path, "sweep spec")  # what the findings page reads
+    assert module.PAPER and callable(module.findings)
     if spec == "optimizers":  # every optimizer on its own LR grid
         lrs = {t.tags["arm"]: set() for t in full}
         for t in full:
