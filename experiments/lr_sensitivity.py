@@ -78,7 +78,7 @@ def findings(sweep):
     """qk-layernorm lowers LR sensitivity; the baseline's grows with width while
     qk-layernorm's stays flat; the mechanism: attention logits grow without it."""
     from lm.analysis import findings as f
-    from lm.analysis import seeds, stability
+    from lm.analysis import stability
 
     runs = sweep.finished
     if sweep.seed is None or "arm" not in runs or runs["arm"].nunique() < 2:
@@ -87,16 +87,9 @@ def findings(sweep):
     by = ["arm", "model.d_model"]
     per_seed, _ = stability.lr_sensitivity_over_seeds(runs, by, sweep.seed)
     widths = sorted(per_seed["model.d_model"].unique())
-    diff = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", "qk_norm", "baseline",
-                                   ["model.d_model"]).set_index("model.d_model")
-    n = int(diff["pairs"].min())
-    lower = f.Finding(
-        "qk-layernorm lowers LR sensitivity",
-        "qk_norm minus baseline, paired by seed: " + "; ".join(
-            f"width {int(w)}: {f.iv(diff.loc[w, 'diff'], diff.loc[w, 'ci_lo'], diff.loc[w, 'ci_hi'])}"
-            for w in widths) + f" ({n} seeds)",
-        f.sign_verdict([(diff.loc[w, "ci_lo"], diff.loc[w, "ci_hi"]) for w in widths], "<0"),
-        ("lr_sweep.png",))
+    lower, _ = f.paired_finding("qk-layernorm lowers LR sensitivity", per_seed, "lr_sensitivity",
+                                "qk_norm", "baseline", "model.d_model", "<0", label="width",
+                                figures=("lr_sweep.png",))
     slopes = {arm: f.per_seed_slope(per_seed[per_seed["arm"] == arm], "model.d_model",
                                     "lr_sensitivity", "seed")
               for arm in ("baseline", "qk_norm")}

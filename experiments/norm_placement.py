@@ -59,8 +59,10 @@ PAPER = ("Kim et al. 2025, Peri-LN: Revisiting Layer Normalization in the Transf
 def findings(sweep):
     """Each placement at its own best LR, paired with pre-LN by seed, per depth; and the
     residual stream's growth with depth."""
+    import dataclasses
+
     from lm.analysis import findings as f
-    from lm.analysis import seeds, stability
+    from lm.analysis import stability
 
     runs = sweep.finished
     if "arm" not in runs or "pre" not in set(runs["arm"]):
@@ -68,19 +70,21 @@ def findings(sweep):
     at = f.loss_at_best_lr(runs, ["arm", "model.n_layers"], seed=sweep.seed or "seed")
     depths = sorted(at["model.n_layers"].unique())
 
-    def versus(arm):
-        d = seeds.paired_difference(at, "loss", "arm", arm, "pre", ["model.n_layers"],
-                                    pair=sweep.seed or "seed").set_index("model.n_layers")
+    def versus(arm, claim, want):
+        found, _ = f.paired_finding(claim, at, "loss", arm, "pre", "model.n_layers", want,
+                                    label="depth", seed=sweep.seed or "seed",
+                                    what=f"{arm} minus pre at each one's best LR",
+                                    figures=("lr_sweep.png",))
         on_edge = at[at["arm"].isin([arm, "pre"]) & (at["edge"] != "")]
         edges = sorted({f"{r['arm']}@{int(r['model.n_layers'])}:{r['edge']}"
                         for _, r in on_edge.iterrows()})
-        text = (f"{arm} minus pre at each one's best LR, paired by seed: " + "; ".join(
-            f"depth {int(n)}: {f.iv(d.loc[n, 'diff'], d.loc[n, 'ci_lo'], d.loc[n, 'ci_hi'])}"
-            for n in depths if n in d.index) + f" ({int(d['pairs'].min())} seeds)"
-            + (f"; best LR on the grid's edge: {', '.join(edges)}" if edges else ""))
         # an arm on its grid's edge could do better than measured: that bounds the
         # difference only one way (the reference's edge, or the arm's when it should lose)
-        return d, text, set(on_edge["arm"])
+        spoiled = ("pre" if want == "<0" else arm) in set(on_edge["arm"])
+        return dataclasses.replace(
+            found, result=found.result + (f"; best LR on the grid's edge: {', '.join(edges)}"
+                                          if edges else ""),
+            verdict=f.NOT_RESOLVED if spoiled else found.verdict)
 
     out = []
     for arm, claim, want in [
@@ -88,18 +92,14 @@ def findings(sweep):
                      "lower loss than pre-LN", "<0"),
             ("ln_scaling", "LayerNorm scaling (1/sqrt(l)) reaches a lower loss than pre-LN",
              "<0"),
-            ("post", "Post-LN trains worse than pre-LN as depth grows", ">0")]:
+            ("post", "Post-LN trains worse than pre-LN", ">0")]:
         if arm not in set(at["arm"]):
             continue
-        d, text, edged = versus(arm)
-        verdict = f.sign_verdict([(d.loc[n, "ci_lo"], d.loc[n, "ci_hi"]) for n in d.index], want)
-        spoils = "pre" if want == "<0" else arm
-        out.append(f.Finding(claim, text, f.NOT_RESOLVED if spoils in edged else verdict,
-                             ("lr_sweep.png",)))
+        out.append(versus(arm, claim, want))
     if "peri_no_embed_norm" in set(at["arm"]):
-        d, text, _ = versus("peri_no_embed_norm")
-        out.append(f.Finding("(implementation check) Peri-LN without the embedding norm",
-                             text, "-", ("lr_sweep.png",)))
+        check = versus("peri_no_embed_norm", "(implementation check) Peri-LN without the "
+                       "embedding norm", "<0")
+        out.append(dataclasses.replace(check, verdict="-"))
     growth = stability.residual_growth_table(runs, ["arm", "model.n_layers", "optim.lr"])
     if not growth.empty:
         deep = growth[growth["model.n_layers"] == depths[-1]]

@@ -56,16 +56,11 @@ def findings(sweep):
         return [f.Finding("A longer warmup lowers LR sensitivity", "needs both warmups and "
                           "seeds", f.NOT_RESOLVED)]
     per_seed, _ = stability.lr_sensitivity_over_seeds(runs, ["arm", "model.d_model"], sweep.seed)
-    diff = seeds.paired_difference(per_seed, "lr_sensitivity", "arm", "warmup_25pct",
-                                   "warmup_1pct", ["model.d_model"]).set_index("model.d_model")
+    lower, diff = f.paired_finding(
+        "A longer warmup (25% vs 1% of the steps) lowers LR sensitivity", per_seed,
+        "lr_sensitivity", "warmup_25pct", "warmup_1pct", "model.d_model", "<0", label="width",
+        what="warmup 25% minus 1%", figures=("lr_sweep.png",))
     widths = sorted(diff.index)
-    lower = f.Finding(
-        "A longer warmup (25% vs 1% of the steps) lowers LR sensitivity",
-        "warmup 25% minus 1%, paired by seed: " + "; ".join(
-            f"width {int(w)}: {f.iv(diff.loc[w, 'diff'], diff.loc[w, 'ci_lo'], diff.loc[w, 'ci_hi'])}"
-            for w in widths) + f" ({int(diff['pairs'].min())} seeds)",
-        f.sign_verdict([(diff.loc[w, "ci_lo"], diff.loc[w, "ci_hi"]) for w in widths], "<0"),
-        ("lr_sweep.png",))
     if len(widths) < 2:
         return [lower]
     # more so for larger models: the difference of the paired differences, per seed

@@ -97,3 +97,16 @@ def for_device_kind(kind: str) -> Chip | None:
             if (kind.startswith(k) or k in kind) and len(k) > best_len:
                 best, best_len = chip, len(k)
     return best
+
+
+def cpu_model() -> str:
+    """This host's CPU model name (/proc/cpuinfo), for tagging CPU measurements."""
+    import platform
+    from pathlib import Path
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -71,6 +71,22 @@ def sign_verdict(intervals: list[tuple[float, float]], want: str) -> str:
     return PARTLY if any(ok) else NOT_RESOLVED
 
 
+def paired_finding(claim: str, df: pd.DataFrame, metric: str, a: str, b: str, over: str,
+                   want: str, *, label: str, what: str = "", seed: str = "seed",
+                   figures: tuple[str, ...] = ()) -> tuple[Finding, pd.DataFrame]:
+    """A claim that arm `a`'s `metric` is below (`want` "<0") or above (">0") arm `b`'s
+    at every value of `over` (e.g. each width), measured as the difference paired by
+    `seed` with its Student-t interval. Returns the Finding and the differences (indexed
+    by `over`: diff, ci_lo, ci_hi, pairs)."""
+    from lm.analysis.seeds import paired_difference
+    d = paired_difference(df, metric, "arm", a, b, [over], pair=seed).set_index(over)
+    text = (f"{what or f'{a} minus {b}'}, paired by seed: " + "; ".join(
+        f"{label} {k:g}: {iv(r['diff'], r['ci_lo'], r['ci_hi'])}" for k, r in d.iterrows())
+        + f" ({int(d['pairs'].min()) if len(d) else 0} seeds)")
+    verdict = sign_verdict([(r["ci_lo"], r["ci_hi"]) for _, r in d.iterrows()], want)
+    return Finding(claim, text, verdict, figures), d
+
+
 def loss_at_best_lr(runs: pd.DataFrame, by: list[str], seed: str = "seed",
                     lr: str = "optim.lr", loss: str = "final_val_loss") -> pd.DataFrame:
     """Per group `by`: the LR with the best mean loss over seeds (a diverged or unfinished

@@ -43,15 +43,8 @@ TIMES = "sweep_times.jsonl"
 
 def machine() -> dict:
     """The machine kind a wall time was measured on: CPU model, cores, memory."""
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from lm.chips import cpu_model
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem)}
 

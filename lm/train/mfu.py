@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from lm.chips import for_device_kind
+from lm.chips import cpu_model, for_device_kind
 
 CACHE = Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
 
 
 def _cpu_key() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}|{os.cpu_count()}|jax{jax.__version__}"
+    return f"{cpu_model()}|{os.cpu_count()}|jax{jax.__version__}"
 
 
 def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
