@@ -67,7 +67,7 @@ def lr_panels(runs: pd.DataFrame, path, *, panel: str = "arm", colour: str = "mo
     done = runs[~runs["status"].isin(["missing", "running"])]
     panels = _ordered(done[panel]) if panel in done else [None]
     shades = _colours(_ordered(done[colour]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 4.0),
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels) + 0.6, 6.0), 4.3),
                              sharey=True, squeeze=False)
     finite = done[loss].to_numpy(float)
     finite = finite[np.isfinite(finite)]
@@ -104,8 +104,8 @@ def lr_panels(runs: pd.DataFrame, path, *, panel: str = "arm", colour: str = "mo
         ax.legend(fontsize=7, loc="upper left" if loss_init is None else "best")
     axes[0][0].set_ylabel(f"{loss}" + (" (diverged = L_init)" if loss_init is not None else ""))
     axes[0][0].set_ylim(best - 0.1 * max(top - best, 0.1), top + 0.05 * max(top - best, 0.1))
-    fig.suptitle(title + " (mean and 95% interval over seeds; star: best LR, hollow: on "
-                 "the grid's edge)", fontsize=9)
+    fig.suptitle(f"{title}\nmean and 95% interval over seeds; star: best LR (hollow: on "
+                 "the grid's edge, a bound)", fontsize=8.5)
     return save_figure(fig, plt, path)
 
 

@@ -233,7 +233,9 @@ def report(workdir: str, optimizers: bool = False) -> str:
         runs["arm"] = "all"
     optima = lr_optima(runs)
     figure = figures.lr_panels(runs, Path(workdir) / "analysis" / "lr_transfer.png",
-                               panel="arm", colour=WIDTH, optima=optima)
+                               panel="arm", colour=WIDTH, optima=optima,
+                               title="each optimizer on its own LR grid, per width" if optimizers
+                               else "LR transfer across width (Tensor Programs V, fig. 1)")
     lines = []
     if optimizers:
         table = optimizer_table(runs)
