@@ -31,9 +31,10 @@ SEEDS = [0, 1, 2]
 
 
 def sweep(smoke: bool = False) -> Sweep:
-    depths, lrs, seeds = DEPTHS, log_grid(*LRS), SEEDS
+    depths, lrs, seeds, arms = DEPTHS, log_grid(*LRS), SEEDS, ARMS
     if smoke:
         depths, lrs, seeds = [2], [3e-3, 3e-2], [0, 1]
+        arms = {k: ARMS[k] for k in ("pre", "peri", "ln_scaling")}
     return Sweep(
         overrides={
             "model.d_model": 48, "model.n_heads": 2, "model.max_seq_len": 64,
@@ -45,7 +46,7 @@ def sweep(smoke: bool = False) -> Sweep:
         smoke={"model.d_model": 32, "steps": 8, "batch_size": 4, "data.seq_len": 32,
                "optim.warmup_steps": 2, "log_every": 4, "eval_every": 8, "eval_batches": 1,
                "checkpoint_every": 8},
-        arms=ARMS,
+        arms=arms,
         axes=[Grid("model.n_layers", depths), Grid("optim.lr", lrs), Grid("seed", seeds)],
         batch=len(lrs) * len(seeds),
     )

@@ -28,9 +28,9 @@ def derive(cfg, tags):
 
 
 def sweep(smoke: bool = False) -> Sweep:
-    widths, mults, seeds = [64, 128], MULTS, [0, 1, 2]
+    widths, mults, seeds, arms = [64, 128], MULTS, [0, 1, 2], list(CENTRE)
     if smoke:
-        widths, mults, seeds = [32], [0.32, 1.0, 3.2], [0]
+        widths, mults, seeds, arms = [32], [0.32, 1.0, 3.2], [0], ["adamw", "sgd_sai", "muon"]
     base = {
         "model.n_layers": 2, "model.n_heads": 2, "model.max_seq_len": 64,
         "data.seq_len": 64, "batch_size": 16, "steps": 150,
@@ -42,7 +42,7 @@ def sweep(smoke: bool = False) -> Sweep:
         overrides=base,
         smoke={"steps": 8, "batch_size": 4, "data.seq_len": 32, "optim.warmup_steps": 2,
                "log_every": 2, "eval_every": 8, "eval_batches": 1, "checkpoint_every": 8},
-        arms={name: {"optim.name": name} for name in CENTRE},
+        arms={name: {"optim.name": name} for name in arms},
         axes=[Grid("model.d_model", widths), Grid("@lr_mult", mults), Grid("seed", seeds)],
         derive=derive,
         batch=len(mults) * len(seeds),  # per (optimizer, width): one program (lm/train/trials.py)

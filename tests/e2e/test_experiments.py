@@ -1,20 +1,21 @@
 """Every experiment of experiments/ in its --smoke mode, end to end, as a user runs it:
-`lm sweep --smoke`, then `lm findings` writes its rows of the findings page with the
-paper's figures beside it, and the experiment's own `lm analyze` report runs."""
+`lm sweep --smoke`, then `lm findings` (which runs the sweep's analyses and its
+`findings()`, including `lm analyze --lr-transfer` / `--optimizers`' report) writes its
+rows of the findings page with the paper's figures beside it."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import ROOT, lm
 
-# experiment -> (its `lm analyze` request flag or None, figures its findings show)
+# experiment -> the figures its findings show
 EXPERIMENTS = {
-    "lr_sensitivity": (None, {"lr_sweep.png", "precursors.png"}),
-    "warmup_sensitivity": (None, {"lr_sweep.png"}),
-    "mup_transfer": ("--lr-transfer", {"lr_transfer.png"}),
-    "optimizers": ("--optimizers", {"lr_transfer.png"}),
-    "norm_placement": (None, {"lr_sweep.png", "residual_growth.png"}),
-    "scaling_laws": (None, {"loss_law.png"}),
+    "lr_sensitivity": {"lr_sweep.png", "precursors.png"},
+    "warmup_sensitivity": {"lr_sweep.png"},
+    "mup_transfer": {"lr_transfer.png"},
+    "optimizers": {"lr_transfer.png"},
+    "norm_placement": {"lr_sweep.png", "residual_growth.png"},
+    "scaling_laws": {"loss_law.png"},
 }
 
 
@@ -25,9 +26,7 @@ def test_smoke_sweep_gives_its_findings_rows_and_figures(name, tmp_path):
     result = lm("sweep", str(ROOT / "experiments" / f"{name}.py"), "--workdir", str(work),
                 "--smoke", "--parallel", "2", timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    flag, figures = EXPERIMENTS[name]
-    result = lm("analyze", *([flag] if flag else []), str(work))
-    assert result.returncode == 0, result.stderr[-2000:]
+    figures = EXPERIMENTS[name]
     out = tmp_path / "docs" / "findings.md"
     result = lm("findings", str(work), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
