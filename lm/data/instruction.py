@@ -97,7 +97,9 @@ def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
     Each document is a list of (text, learned) segments, tokenized separately (so the
     mask falls on token boundaries; the template's turn boundaries are special tokens
     or newlines, where tokenizing the whole text would split anyway). A pair (or a chat
-    without a template) is framed [BOS] prompt response [EOS]. A chat rendered by a
+    without a template) is framed as the tokenizer frames a text (`Tokenizer.frame`:
+    [BOS] first for the byte tokenizer, a tokenizer.json's post-processor otherwise)
+    around prompt + response, then EOS (learned: it ends the response). A chat rendered by a
     template is its text only, as transformers tokenizes apply_chat_template's output
     (add_special_tokens=False): a template that wants a BOS writes {{ bos_token }}
     itself (Llama-3) and one that does not gets none (Qwen2's ChatML); adding ours too
@@ -118,15 +120,18 @@ def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
     for segs, framed in docs:
         ids, w = [], []
         if framed:
-            ids.append(np.array([tokenizer.bos_id], np.int32))
-            w.append(np.zeros(1, np.float32))
+            ids.append(np.asarray(tokenizer.frame_prefix, np.int32))
+            w.append(np.zeros(len(tokenizer.frame_prefix), np.float32))
         for _, learned in segs:
             seg = np.asarray(next(encoded), np.int32)
             ids.append(seg)
             w.append(np.full(len(seg), 1.0 if learned else 0.0, np.float32))
         if framed:
-            ids.append(np.array([tokenizer.eos_id], np.int32))
-            w.append(np.ones(1, np.float32))
+            suffix = list(tokenizer.frame_suffix)
+            if not suffix or suffix[-1] != tokenizer.eos_id:
+                suffix.append(tokenizer.eos_id)
+            ids.append(np.asarray(suffix, np.int32))
+            w.append(np.ones(len(suffix), np.float32))
         doc = np.concatenate(ids)
         tokens.append(doc)
         weights.append(np.concatenate(w))
