@@ -11,7 +11,8 @@ Every tokenizer exposes:
   always separate documents and pad rows.
 - `frame_prefix`, `frame_suffix`: the ids the tokenizer itself puts around one text
   (a tokenizer.json's post-processor: Llama-3's TemplateProcessing adds BOS, Qwen's and
-  GPT-2's add nothing; lmlab's byte tokenizer and SentencePiece models: BOS first), and
+  GPT-2's add nothing; lmlab's byte tokenizer, SentencePiece models and a bare
+  tokenizer.json without a post-processor or model files: BOS first), and
   `frame(ids)`, which applies them: what `lm sample`, evaluation prompts and training
   documents put around a text, so text is framed as the model was trained to see it.
 - `stop_ids`: the ids that end a generation (generation_config.json's `eos_token_id`,
@@ -238,8 +239,12 @@ class HFTokenizer(Tokenizer):
 
     def _post_processor_frame(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """What tokenizer.json's post-processor puts around a single text: the ids of a
-        probe encoded with special tokens, less those encoded without. A tokenizer.json
-        without a post-processor frames nothing."""
+        probe encoded with special tokens, less those encoded without. A model's
+        tokenizer without a post-processor frames nothing (Qwen, as transformers
+        tokenizes); a bare tokenizer.json without one (no model files beside it, e.g.
+        one trained for lmlab) keeps lmlab's convention, BOS first."""
+        if self.tok.post_processor is None and not self.declared["files"]:
+            return (self.bos_id,), ()
         probe = "Frame me, 12 ok."
         bare = self.tok.encode(probe, add_special_tokens=False).ids
         full = self.tok.encode(probe, add_special_tokens=True).ids

@@ -193,11 +193,15 @@ def test_a_model_tokenizer_frames_and_stops_as_its_files_say(tmp_path):
     assert pair.tokens[0].tolist() == [3, 4, 1] and pair.weights[0].tolist() == [0, 1, 1]
 
 
-def test_byte_tokenizer_keeps_bos_first_framing():
+def test_byte_and_bare_tokenizers_keep_bos_first_framing(hf_bytelevel):
+    """lmlab's own conventions stay where no model's files speak: the byte tokenizer and
+    a bare tokenizer.json without a post-processor frame a text BOS first."""
+    from lm.data.tokenized import tokenize_documents
     assert BYTE.frame(BYTE.encode("hi")).tolist() == [256, 104, 105]
     assert BYTE.stop_ids == (257,)
-    from lm.data.tokenized import tokenize_documents
     assert tokenize_documents(["hi"], BYTE).tokens[0].tolist() == [256, 104, 105, 257]
+    tok = load_tokenizer(str(hf_bytelevel))
+    assert tok.frame_prefix == (tok.bos_id,) and tok.frame_suffix == ()
 
 
 def test_a_model_tokenizer_whose_files_disagree_is_one_line(tmp_path):
