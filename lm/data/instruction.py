@@ -2,9 +2,10 @@
 response (`data.prompt_field`, `data.response_field`), or a chat `messages` list of
 {role, content} ending with an assistant turn.
 
-A prompt/response record becomes one document [BOS] + prompt + response + [EOS] whose
-per-token loss weights are 1 on the response tokens and the final EOS, 0 on BOS and the
-prompt. A chat is rendered with the tokenizer's chat template where it has one
+A prompt/response record becomes one document prompt + response framed as the tokenizer
+frames a text (`Tokenizer.frame`: [BOS] first for the byte tokenizer, a model
+tokenizer.json's post-processor otherwise), then [EOS], whose per-token loss weights are
+1 on the response tokens and the final EOS, 0 on the frame's prefix and the prompt. A chat is rendered with the tokenizer's chat template where it has one
 (lm/data/chat_template.py): the document is the template's text and nothing else (no
 BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the template
 emits it (content and end-of-turn token). Without a template a chat is role-tagged lines,
