@@ -5,15 +5,17 @@ response (`data.prompt_field`, `data.response_field`), or a chat `messages` list
 A prompt/response record becomes one document prompt + response framed as the tokenizer
 frames a text (`Tokenizer.frame`: [BOS] first for the byte tokenizer, a model
 tokenizer.json's post-processor otherwise), then [EOS], whose per-token loss weights are
-1 on the response tokens and the final EOS, 0 on the frame's prefix and the prompt. A chat is rendered with the tokenizer's chat template where it has one
+1 on the response tokens and the final EOS, 0 on the frame's prefix and the prompt. A
+chat is rendered with the tokenizer's chat template where it has one
 (lm/data/chat_template.py): the document is the template's text and nothing else (no
-BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the template
-emits it (content and end-of-turn token). Without a template a chat is role-tagged lines,
-"user: ...\nassistant: ", framed like a prompt/response pair, the last assistant message
-being the response. The packed rows' loss_mask then covers only what the model should
-learn to answer. Records are packed like pretraining documents (lm/data/pipeline.py); the
-train/validation split is the same deterministic hold-out by record position
-(lm/data/sources.py holdout) unless data.validation_corpus names a file of its own.
+BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the
+template emits it (content and end-of-turn token). Without a template a chat is
+role-tagged lines, "user: ...\nassistant: ", framed like a prompt/response pair, the
+last assistant message being the response. The packed rows' loss_mask then covers only
+what the model should learn to answer. Records are packed like pretraining documents
+(lm/data/pipeline.py); the train/validation split is the same deterministic hold-out by
+record position (lm/data/sources.py holdout) unless data.validation_corpus names a file
+of its own.
 """
 
 from __future__ import annotations

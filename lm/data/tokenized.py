@@ -1,12 +1,13 @@
 """A split as tokens: flat token arrays plus document offsets.
 
-This is the one representation the packing code consumes, whether the tokens come
-from tokenizing raw text now or from the shards of a prepared directory (which
-are memory-mapped, not read). Each document is stored framed as its tokenizer frames a
-text (`Tokenizer.frame`: [BOS] + ids for the byte tokenizer and SentencePiece, whatever
-a tokenizer.json's post-processor adds for an HF one) and closed by EOS, the document
-separator packing needs (not doubled where the post-processor already ends with it); shard s holds `tokens[s]` (int32 or uint16) and
-`offsets[s]` (int64, length docs+1) with document d = tokens[offsets[d]:offsets[d+1]].
+This is the one representation the packing code consumes, whether the tokens come from
+tokenizing raw text now or from the shards of a prepared directory (which are
+memory-mapped, not read). Each document is stored framed as its tokenizer frames a text
+(`Tokenizer.frame`: [BOS] + ids for the byte tokenizer and SentencePiece, whatever a
+tokenizer.json's post-processor adds for an HF one) and closed by EOS, the document
+separator packing needs (not doubled where the post-processor already ends with it);
+shard s holds `tokens[s]` (int32 or uint16) and `offsets[s]` (int64, length docs+1) with
+document d = tokens[offsets[d]:offsets[d+1]].
 """
 
 from __future__ import annotations
