@@ -47,8 +47,11 @@ def sample(args) -> int:
     tokenizer = run.tokenizer
     # The prompt framed as the model's tokenizer frames a text (an imported Qwen or GPT-2
     # style tokenizer adds no BOS, Llama-3's does), as transformers' tokenizer(prompt)
-    # does; generation ends at any of the model's end-of-sequence ids.
+    # does; generation ends at any of the model's end-of-sequence ids. An empty prompt
+    # such a tokenizer frames as nothing starts from its BOS (for GPT-2 / Qwen, the
+    # <|endoftext|> that precedes every document they were trained on).
     prompt = [int(i) for i in tokenizer.frame(tokenizer.encode(args.prompt))]
+    prompt = prompt or [tokenizer.bos_id]
     outs = generate(graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,

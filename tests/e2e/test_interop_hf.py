@@ -502,6 +502,9 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
                  "0", "--max-new-tokens", "24"]) == 0
     printed = capfd.readouterr().out
     assert printed == ref["text"] + "\n", (printed, ref)
+    # Unconditional sampling: a tokenizer that frames an empty prompt as nothing (Qwen)
+    # starts from its BOS (here its EOS, <|endoftext|>) rather than refusing.
+    assert main(["sample", "--run", str(run), "--prompt", "", "--max-new-tokens", "4"]) == 0
     # lm export hf writes the files that say which ids are special back out.
     assert main(["export", "hf", str(run), "--out", str(tmp_path / "out")]) == 0
     for name in ("tokenizer_config.json", "generation_config.json"):
