@@ -34,8 +34,10 @@ def choose(logits_BV, key, temperature: float, top_k: int, top_p: float):
 
 def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             num_samples: int = 1, max_seq_len: int, eos_id: int | None = None):
-    """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded).
+             num_samples: int = 1, max_seq_len: int, stop_ids=()):
+    """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded), each
+    cut before the first of `stop_ids` (a model's end-of-sequence ids: there may be
+    several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
 
     The KV cache holds `max_seq_len` tokens. A longer generation slides the window:
     when the cache is full, the last half of the text is prefilled into a fresh cache
@@ -74,9 +76,9 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
             produced += 1
             index += 1
         keep = max_seq_len // 2
+    stops = {int(i) for i in stop_ids}
     result = []
     for row in jax.device_get(text[:, len(prompt_ids):]).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
-        result.append(row)
+        end = next((j for j, t in enumerate(row) if t in stops), len(row))
+        result.append(row[:end])
     return result

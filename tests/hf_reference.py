@@ -14,6 +14,11 @@ written by transformers' save_pretrained, tokens and logits as .npy.
   python hf_reference.py chat CASES OUT    each case of CASES (JSON: [{dir, messages,
                                            add_generation_prompt}]) through AutoTokenizer's
                                            apply_chat_template: OUT gets [{text, ids}]
+  python hf_reference.py saved OUT         model directories as transformers saves them
+                                           (tokenizer_config.json, generation_config.json,
+                                           metadata fields), OUT/<case>/, each with
+                                           generate.json: transformers' greedy continuation
+                                           of PROMPT as text
 """
 
 from __future__ import annotations
@@ -152,6 +157,89 @@ def chat(cases_path: Path, out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
+PROMPT = "First Citizen: you are all resolved"
+NEW_TOKENS = 24  # prompt + continuation < max_position_embeddings (no RoPE extrapolation)
+# Directories as transformers saves real checkpoints: (model family, what
+# tokenizer_config.json says, config.json's fields on top of COMMON, the weights' seed:
+# one whose greedy text does not settle into repeating a token). "llama-bos":
+# Llama-2/3 style, a Metaspace BPE whose TemplateProcessing puts <s> first, the pad token
+# is the EOS token, generation_config.json lists a second end-of-sequence id.
+# "qwen2-plain": Qwen's byte-level BPE (the pipeline transformers' Qwen2Tokenizer builds),
+# no BOS token, no pad token of its own, no post-processor.
+SAVED = {
+    "llama-bos": ("llama", dict(bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                unk_token="<unk>"),
+                  dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, unk_token_id=3), 100),
+    "qwen2-plain": ("qwen2", dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
+                    dict(bos_token_id=None, eos_token_id=0, pad_token_id=0, vocab_size=320,
+                         tie_word_embeddings=False), 107),  # tied random ones repeat
+}
+
+
+def qwen2_tokenizer() -> Tokenizer:
+    """A byte-level BPE trained on TEXT with transformers' Qwen2Tokenizer pipeline (NFC,
+    Qwen's split regex, ByteLevel), which AutoTokenizer rebuilds for a qwen2 model."""
+    backend = transformers.Qwen2Tokenizer()._tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = (
+        backend.normalizer, backend.pre_tokenizer, backend.decoder)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return tok
+
+
+def greedy(d: Path) -> dict:
+    """transformers' greedy continuation of PROMPT by the directory's model, as lm sample
+    prints it: the prompt, then the new tokens decoded (special tokens skipped), the
+    end-of-sequence token generate stopped at left out."""
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    enc = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS)
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    if new and new[-1] in stops:
+        new = new[:-1]
+    return {"prompt": PROMPT, "prompt_ids": enc["input_ids"][0].tolist(), "new_ids": new,
+            "text": PROMPT + tok.decode(new, skip_special_tokens=True)}
+
+
+def saved(out: Path) -> None:
+    from tokenizers import processors
+    for case, (family, names, fields, seed) in SAVED.items():
+        cls, extra = FAMILIES[family]
+        torch.manual_seed(seed)
+        cfg = cls(**{**COMMON, **extra, **fields}, attn_implementation="eager")
+        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        randomise(model, seed)
+        model.eval()
+        d = out / case
+        model.save_pretrained(d)
+        tok = tokenizer() if family == "llama" else qwen2_tokenizer()
+        if family == "llama":
+            tok.post_processor = processors.TemplateProcessing(
+                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(d)
+        config = json.loads((d / "config.json").read_text())
+        config["_model_name_or_path"] = f"converted/{case}"  # as a GGUF conversion writes
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        if case == "llama-bos":
+            # A second end-of-sequence id (as Llama-3's <|eot_id|>): a token the model
+            # emits mid-continuation, so generate stops there.
+            first = greedy(d)["new_ids"]
+            stop = next(t for t in first[6:] if t not in first[:6] and t != 1)
+            generation = json.loads((d / "generation_config.json").read_text())
+            generation["eos_token_id"] = [1, stop]
+            (d / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (d / "generate.json").write_text(json.dumps(greedy(d)))
+    print(json.dumps({"saved": list(SAVED)}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
@@ -161,5 +249,7 @@ if __name__ == "__main__":
         peft_logits(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     elif sys.argv[1] == "chat":
         chat(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "saved":
+        saved(Path(sys.argv[2]))
     else:
         sys.exit(f"unknown command {sys.argv[1]!r}")

@@ -45,11 +45,17 @@ def sample(args) -> int:
     # Eval-time knobs (a Λ mask, RoPE scaling, a longer max_seq_len = a longer KV cache).
     graphdef, cfg = eval_time_graphdef(run, args.overrides)
     tokenizer = run.tokenizer
-    prompt = [tokenizer.bos_id] + list(tokenizer.encode(args.prompt))
+    # The prompt framed as the model's tokenizer frames a text (an imported Qwen or GPT-2
+    # style tokenizer adds no BOS, Llama-3's does), as transformers' tokenizer(prompt)
+    # does; generation ends at any of the model's end-of-sequence ids. An empty prompt
+    # such a tokenizer frames as nothing starts from its BOS (for GPT-2 / Qwen, the
+    # <|endoftext|> that precedes every document they were trained on).
+    prompt = [int(i) for i in tokenizer.frame(tokenizer.encode(args.prompt))]
+    prompt = prompt or [tokenizer.bos_id]
     outs = generate(graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,
-                    max_seq_len=cfg.model.max_seq_len, eos_id=tokenizer.eos_id)
+                    max_seq_len=cfg.model.max_seq_len, stop_ids=tokenizer.stop_ids)
     for i, ids in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i}")

@@ -2,17 +2,20 @@
 response (`data.prompt_field`, `data.response_field`), or a chat `messages` list of
 {role, content} ending with an assistant turn.
 
-A prompt/response record becomes one document [BOS] + prompt + response + [EOS] whose
-per-token loss weights are 1 on the response tokens and the final EOS, 0 on BOS and the
-prompt. A chat is rendered with the tokenizer's chat template where it has one
+A prompt/response record becomes one document prompt + response framed as the tokenizer
+frames a text (`Tokenizer.frame`: [BOS] first for the byte tokenizer, a model
+tokenizer.json's post-processor otherwise), then [EOS], whose per-token loss weights are
+1 on the response tokens and the final EOS, 0 on the frame's prefix and the prompt. A
+chat is rendered with the tokenizer's chat template where it has one
 (lm/data/chat_template.py): the document is the template's text and nothing else (no
-BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the template
-emits it (content and end-of-turn token). Without a template a chat is role-tagged lines,
-"user: ...\nassistant: ", framed like a prompt/response pair, the last assistant message
-being the response. The packed rows' loss_mask then covers only what the model should
-learn to answer. Records are packed like pretraining documents (lm/data/pipeline.py); the
-train/validation split is the same deterministic hold-out by record position
-(lm/data/sources.py holdout) unless data.validation_corpus names a file of its own.
+BOS/EOS of ours; see `tokenize_records`), with loss on every assistant turn as the
+template emits it (content and end-of-turn token). Without a template a chat is
+role-tagged lines, "user: ...\nassistant: ", framed like a prompt/response pair, the
+last assistant message being the response. The packed rows' loss_mask then covers only
+what the model should learn to answer. Records are packed like pretraining documents
+(lm/data/pipeline.py); the train/validation split is the same deterministic hold-out by
+record position (lm/data/sources.py holdout) unless data.validation_corpus names a file
+of its own.
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
     Each document is a list of (text, learned) segments, tokenized separately (so the
     mask falls on token boundaries; the template's turn boundaries are special tokens
     or newlines, where tokenizing the whole text would split anyway). A pair (or a chat
-    without a template) is framed [BOS] prompt response [EOS]. A chat rendered by a
+    without a template) is framed as the tokenizer frames a text (`Tokenizer.frame`:
+    [BOS] first for the byte tokenizer, a tokenizer.json's post-processor otherwise)
+    around prompt + response, then EOS (learned: it ends the response). A chat rendered by a
     template is its text only, as transformers tokenizes apply_chat_template's output
     (add_special_tokens=False): a template that wants a BOS writes {{ bos_token }}
     itself (Llama-3) and one that does not gets none (Qwen2's ChatML); adding ours too
@@ -118,15 +123,18 @@ def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
     for segs, framed in docs:
         ids, w = [], []
         if framed:
-            ids.append(np.array([tokenizer.bos_id], np.int32))
-            w.append(np.zeros(1, np.float32))
+            ids.append(np.asarray(tokenizer.frame_prefix, np.int32))
+            w.append(np.zeros(len(tokenizer.frame_prefix), np.float32))
         for _, learned in segs:
             seg = np.asarray(next(encoded), np.int32)
             ids.append(seg)
             w.append(np.full(len(seg), 1.0 if learned else 0.0, np.float32))
         if framed:
-            ids.append(np.array([tokenizer.eos_id], np.int32))
-            w.append(np.ones(1, np.float32))
+            suffix = list(tokenizer.frame_suffix)
+            if not suffix or suffix[-1] != tokenizer.eos_id:
+                suffix.append(tokenizer.eos_id)
+            ids.append(np.asarray(suffix, np.int32))
+            w.append(np.ones(len(suffix), np.float32))
         doc = np.concatenate(ids)
         tokens.append(doc)
         weights.append(np.concatenate(w))

@@ -9,7 +9,8 @@ Row format (numpy; shape [T] per row, [B, T] per batch, T = data.seq_len):
     loss_mask    float32  1 where targets is a real next token of the same document (the
                           document's own weight there, for instruction data: 0 on prompts)
 
-Packing. Each document is framed as [BOS] + ids + [EOS] (length L) and cut into
+Packing. Each document is framed as its tokenizer frames a text, then EOS ([BOS] + ids
++ [EOS] for the byte tokenizer; lm/data/tokenized.py) (length L) and cut into
 pieces of at most T+1 tokens starting every T tokens (0, T, 2T, ...), so
 consecutive pieces overlap by one token and each of tokens 1..L-1 is a target
 exactly once. A piece of n tokens gives inputs piece[:-1] and targets piece[1:]

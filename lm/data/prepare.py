@@ -3,9 +3,10 @@
 Layout of a prepared directory (FORMAT_VERSION 1):
 
     meta.json                       written last: its presence marks a complete dir
-    train/tokens-00000.npy          flat tokens of whole documents, each framed as
-                                    [BOS] + ids + [EOS]; uint16 if vocab_size <= 65536
-                                    else int32
+    train/tokens-00000.npy          flat tokens of whole documents, each framed as the
+                                    tokenizer frames a text, then EOS ([BOS] + ids +
+                                    [EOS] for the byte tokenizer); uint16 if vocab_size
+                                    <= 65536 else int32
     train/docs-00000.npy            int64 [docs + 1] document offsets into that shard
     validation/...                  the same for the validation split
 

@@ -3,7 +3,8 @@
 `TokenDocs` is the one representation the packing code consumes: flat token arrays per
 shard plus document offsets, whether the tokens come from tokenizing raw text now
 (lm/data/tokenized.py) or from a prepared directory, whose shards are memory-mapped,
-not read. Each document is stored framed as [BOS] + ids + [EOS]; shard s holds
+not read. Each document is stored framed as its tokenizer frames a text, then EOS
+([BOS] + ids + [EOS] for the byte tokenizer; lm/data/tokenized.py); shard s holds
 `tokens[s]` (int32 or uint16) and `offsets[s]` (int64, length docs+1) with document
 d = tokens[offsets[d]:offsets[d+1]]. The on-disk layout is described in prepare.py.
 

@@ -1,10 +1,13 @@
 """A split as tokens: flat token arrays plus document offsets.
 
-This is the one representation the packing code consumes, whether the tokens come
-from tokenizing raw text now or from the shards of a prepared directory (which
-are memory-mapped, not read). Each document is stored framed as
-[BOS] + ids + [EOS]; shard s holds `tokens[s]` (int32 or uint16) and
-`offsets[s]` (int64, length docs+1) with document d = tokens[offsets[d]:offsets[d+1]].
+This is the one representation the packing code consumes, whether the tokens come from
+tokenizing raw text now or from the shards of a prepared directory (which are
+memory-mapped, not read). Each document is stored framed as its tokenizer frames a text
+(`Tokenizer.frame`: [BOS] + ids for the byte tokenizer and SentencePiece, whatever a
+tokenizer.json's post-processor adds for an HF one) and closed by EOS, the document
+separator packing needs (not doubled where the post-processor already ends with it);
+shard s holds `tokens[s]` (int32 or uint16) and `offsets[s]` (int64, length docs+1) with
+document d = tokens[offsets[d]:offsets[d+1]].
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ from lm.data.sources import EMBEDDED_CORPORA, embedded_documents, load_documents
 
 
 def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDocs:
-    """Frame ([BOS] + ids + [EOS]) and tokenize texts into one in-memory shard."""
+    """Frame (the tokenizer's framing, then EOS) and tokenize texts into one shard."""
     pieces: list[np.ndarray] = []
     lengths = np.zeros(len(texts), np.int64)
-    bos = np.array([tokenizer.bos_id], np.int32)
-    eos = np.array([tokenizer.eos_id], np.int32)
+    prefix = np.asarray(tokenizer.frame_prefix, np.int32)
+    suffix = list(tokenizer.frame_suffix)
+    if not suffix or suffix[-1] != tokenizer.eos_id:
+        suffix.append(tokenizer.eos_id)
+    suffix = np.asarray(suffix, np.int32)
     # Chunks let HF/SentencePiece tokenizers use their native batch paths.
     for s in range(0, len(texts), chunk):
         for j, ids in enumerate(tokenizer.encode_batch(texts[s:s + chunk])):
-            pieces += [bos, np.asarray(ids, np.int32), eos]
-            lengths[s + j] = len(ids) + 2
+            pieces += [prefix, np.asarray(ids, np.int32), suffix]
+            lengths[s + j] = len(prefix) + len(ids) + len(suffix)
     offsets = np.zeros(len(texts) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)

@@ -1,12 +1,13 @@
 """Passkey retrieval (`lm eval --task passkey`): accuracy by prompt length x key depth.
 
 Each trial hides a random key (lm/data/passkey.py) at a depth of filler sized so that
-[BOS] + prompt + answer is exactly length + 1 tokens: one row of `length` inputs. The
-scorer is exact: a trial is right iff greedy decoding continues the prompt with the
-answer. That is read from one teacher-forced forward pass: greedy decoding reproduces
-the answer iff, at each answer position, the argmax given the answer's previous tokens
-is the answer's token (the first wrong token ends the agreement either way). The
-predicted tokens are decoded and checked by `passkey.score` (the key's digits, exactly).
+the tokenizer's frame prefix (e.g. [BOS]) + prompt + answer is exactly length + 1
+tokens: one row of `length` inputs. The scorer is exact: a trial is right iff greedy
+decoding continues the prompt with the answer. That is read from one teacher-forced
+forward pass: greedy decoding reproduces the answer iff, at each answer position, the
+argmax given the answer's previous tokens is the answer's token (the first wrong token
+ends the agreement either way). The predicted tokens are decoded and checked by
+`passkey.score` (the key's digits, exactly).
 Deterministic: the keys depend only on (seed, length, depth index, trial).
 """
 
@@ -33,12 +34,14 @@ def parse_depths(text: str) -> list[float]:
 
 
 def _fit(tokenizer, key: str, length: int, depth: float) -> tuple[list[int], list[int]]:
-    """(prompt ids with BOS, answer ids), 1 + len(prompt) + len(answer) == length + 1
+    """(prompt ids, the tokenizer's frame prefix first (BOS for the byte tokenizer),
+    answer ids), len(prompt) + len(answer) == length + 1
     (filler grown or shrunk a character at a time for tokenizers that are not bytes)."""
     ans = list(tokenizer.encode(passkey.answer(key)))
     chars = max(0, length - len(ans) - passkey.overhead(key) + len(passkey.answer(key)))
     for _ in range(4 * length):
-        ids = [tokenizer.bos_id] + list(tokenizer.encode(passkey.prompt(key, chars, depth)))
+        ids = list(tokenizer.frame_prefix) + list(tokenizer.encode(
+            passkey.prompt(key, chars, depth)))
         extra = len(ids) + len(ans) - (length + 1)
         if extra == 0:
             return ids, ans

@@ -20,7 +20,10 @@ import math
 from lm.config import ConfigError, ModelConfig
 
 # Fields that do not change the model's function (ids, dtypes of the file, caching,
-# initialisation, how the loss or generation would be run, tensor-parallel hints).
+# initialisation, how the loss or generation would be run, tensor-parallel hints). They
+# are accepted and kept as they are: a directory as transformers (or a converter)
+# saves it imports untouched. Token ids are checked against the tokenizer's files by
+# lm/interop/hf_import.py, not here.
 NO_EFFECT = {
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
     "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
@@ -29,7 +32,30 @@ NO_EFFECT = {
     "tie_encoder_decoder", "is_encoder_decoder", "id2label", "label2id", "problem_type",
     "chunk_size_feed_forward", "max_window_layers", "_attn_implementation_autoset",
     "router_aux_loss_coef",  # mapped to model.moe.aux_loss below (training only)
+    # bookkeeping older / converted saves carry
+    "tokenizer_class", "torchscript", "use_bfloat16", "is_decoder", "add_cross_attention",
+    "tf_legacy_loss", "finetuning_task", "prefix", "task_specific_params",
+    "keys_to_ignore_at_inference", "cross_attention_hidden_size",
+    # generation defaults (older configs keep them here, newer in generation_config.json)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
 }
+# Families of metadata fields, by name: private keys a tool wrote for itself
+# (`_name_or_path`, `_model_name_or_path` from a GGUF conversion, `_commit_hash`, ...)
+# and special token ids (`unk_token_id`, `sep_token_id`, `decoder_start_token_id`, ...).
+NO_EFFECT_PREFIXES = ("_",)
+NO_EFFECT_SUFFIXES = ("_token_id",)
+
+
+def no_effect(key: str) -> bool:
+    """Whether config.json's field `key` is metadata (kept, never mapped or refused)."""
+    return (key in NO_EFFECT or key.startswith(NO_EFFECT_PREFIXES)
+            or key.endswith(NO_EFFECT_SUFFIXES))
 
 # What every family built on the shared decoder refuses on import: config.json fields
 # whose value must be the inactive one (lmlab has no such feature): name -> (the values
@@ -204,7 +230,7 @@ def decoder_config_from_hf(family, hf: dict) -> ModelConfig:
                               else "f" for i in range(n_layers))
             kw["channel_pattern"] = pattern if len(set(pattern)) > 1 else pattern[0]
 
-    unknown = sorted(k for k in hf if k not in used)
+    unknown = sorted(k for k in hf if k not in used and not no_effect(k))
     if unknown:
         raise ConfigError(f"HF config.json: field {unknown[0]}={hf[unknown[0]]!r} is not "
                           "understood by lmlab's importer (refused rather than dropped)")

@@ -19,6 +19,7 @@ import numpy as np
 
 from lm.config import ConfigError
 from lm.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+from lm.data.tokenizers import GENERATION_CONFIG, SPECIAL_TOKENS_MAP
 from lm.interop.families import entries, family_for, hf_config_from_model
 from lm.model import recursive
 from lm.tree import get_path
@@ -58,8 +59,10 @@ def write_model(out_dir: Path, cfg, tok, params: dict) -> str:
     files = ["config.json", "model.safetensors"]
     tokenizer = Path(cfg.data.tokenizer)
     if tokenizer.suffix == ".json" and tokenizer.is_file():
-        # The tokenizer and, beside it, its special tokens and chat template.
-        for name in ("tokenizer.json", TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
+        # The tokenizer and, beside it, its special tokens, chat template and the ids
+        # generation stops at (a generation_config.json may list several).
+        for name in ("tokenizer.json", TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP,
+                     CHAT_TEMPLATE_FILE, GENERATION_CONFIG):
             src = tokenizer if name == "tokenizer.json" else tokenizer.parent / name
             if src.is_file():
                 shutil.copyfile(src, out_dir / name)

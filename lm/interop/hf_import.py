@@ -2,7 +2,9 @@
 *.safetensors, single or sharded with model.safetensors.index.json, tokenizer.json) ->
 an lmlab run directory: config.json with the mapped model knobs, an orbax checkpoint at
 step 0 (the train state: the weights, a fresh optimizer state), the tokenizer (with its
-tokenizer_config.json / chat_template.jinja where the source has them), and a
+tokenizer_config.json / chat_template.jinja / generation_config.json where the source has
+them; the special ids come from these files and config.json, checked to agree, and
+the imported vocabulary never grows), and a
 summary.json saying where it came from. `lm eval`, `lm sample`, `lm compile` and `lm
 train --init-from` read it like any run.
 
@@ -24,6 +26,9 @@ import numpy as np
 
 from lm import config as config_lib
 from lm.config import ConfigError, DataConfig, TrainConfig
+from lm.data.chat_template import CHAT_TEMPLATE_FILE
+from lm.data.tokenizers import (GENERATION_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG,
+                                 load_tokenizer)
 from lm.interop.families import entries, model_config_from_hf
 from lm.interop.hf_tensors import IGNORABLE_SUFFIXES
 from lm.tree import get_path, set_path
@@ -152,7 +157,61 @@ def save_state(run_dir: Path, state: dict, step: int = 0) -> None:
     manager.close()
 
 
+# The tokenizer's files a run dir keeps beside its tokenizer.json, as in the HF dir: the
+# special tokens (tokenizer_config.json or an older save's special_tokens_map.json:
+# strings; generation_config.json: ids, the
+# end-of-sequence ids generation stops at) that lm/data/tokenizers.py reads, and the chat
+# template (chat_template.jinja, or tokenizer_config.json's chat_template), which
+# instruction data of a run --init-from this one renders chats with.
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE,
+                   GENERATION_CONFIG)
+
+
+def stage_tokenizer(hf_dir: Path, hf: dict, out: Path) -> Path:
+    """The run's tokenizer files in `out`: the HF dir's, and where it has no
+    generation_config.json, one with config.json's token ids (what transformers derives
+    its generation config from), so the special ids are the model's own, never guessed
+    by name. Returns out/tokenizer.json."""
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out / name)
+    if not (out / GENERATION_CONFIG).is_file():
+        ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if hf.get(k) is not None}
+        if ids:
+            (out / GENERATION_CONFIG).write_text(json.dumps(
+                {"_from_model_config": True, **ids}, indent=2))
+    return out / "tokenizer.json"
+
+
+def check_special_tokens(hf: dict, declared: dict, vocab_size: int) -> None:
+    """config.json's token ids against the tokenizer's own files (`declared`:
+    lm.data.tokenizers.model_specials of the HF dir): in the model's vocabulary, and
+    naming the same tokens as tokenizer_config.json (an EOS string that is not one of
+    config.json's EOS ids is a tokenizer from another model)."""
+    from lm.data.tokenizers import token_ids
+    for role in ("bos", "eos", "pad"):
+        key = f"{role}_token_id"
+        try:
+            ids = token_ids(hf.get(key))
+        except (TypeError, ValueError):
+            raise ConfigError(f"HF config.json: {key}={hf[key]!r} is not a token id "
+                              "(or a list of them)") from None
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ConfigError(f"HF config.json: {key}={hf[key]!r} is outside the model's "
+                              f"vocabulary (vocab_size={vocab_size})")
+        token = declared["tokens"].get(role)
+        if token is not None and ids and token[1] not in ids:
+            value, i, source = token
+            raise ConfigError(f"lm import hf: {source}'s {role}_token {value!r} is id {i}, "
+                              f"but config.json's {key} is {hf[key]!r} (the tokenizer and "
+                              "the model disagree)")
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
+    import tempfile
+
     from lm.train.setup import setup_run
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
@@ -160,23 +219,23 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
         raise ConfigError(f"lm import hf: --run-dir {run_dir} exists and is not empty "
                           "(nothing is overwritten)")
     cfg = import_config(hf_dir, run_dir)
-    tok = hf_dir / "tokenizer.json"
-    if not tok.is_file():
+    if not (hf_dir / "tokenizer.json").is_file():
         raise ConfigError(f"lm import hf: {hf_dir} has no tokenizer.json (lmlab reads Hugging "
                           "Face tokenizers from that file)")
-    # Check everything against a tokenizer read in place before the run dir is made.
-    probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok)))
-    setup = setup_run(probe)
-    params = load_params(hf_dir, setup.cfg, setup.pieces)
-    state = setup.pieces.fresh_state(params)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok, run_dir / "tokenizer.json")
-    # Beside the tokenizer, as in the HF dir: its chat template (chat_template.jinja, or
-    # tokenizer_config.json's chat_template) and special-token strings, which instruction
-    # data of a run --init-from this one renders chats with (lm/data/chat_template.py).
-    for extra in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (hf_dir / extra).is_file():
-            shutil.copyfile(hf_dir / extra, run_dir / extra)
+    hf = read_hf_config(hf_dir)
+    # The source's tokenizer files as they are (errors name them), then the run's,
+    # staged: everything is checked before the run dir is made.
+    check_special_tokens(hf, load_tokenizer(str(hf_dir / "tokenizer.json")).declared,
+                         cfg.model.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="lm-import-") as staging:
+        tok = stage_tokenizer(hf_dir, hf, Path(staging))
+        probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok)))
+        setup = setup_run(probe)
+        params = load_params(hf_dir, setup.cfg, setup.pieces)
+        state = setup.pieces.fresh_state(params)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for file in sorted(Path(staging).iterdir()):
+            shutil.copyfile(file, run_dir / file.name)
     (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     save_state(run_dir, state)
     from lm.model import count_params

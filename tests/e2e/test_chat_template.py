@@ -272,8 +272,12 @@ def test_import_hf_carries_the_template_to_init_from(tmp_path):
     from lm.config import TrainConfig
     from lm.interop.hf_import import import_hf
     from lm.train.param_source import with_source_model
-    vocab = byte_bpe().get_vocab_size() + 8  # room for the PAD id lmlab appends
-    hf_dir, _ = write_hf_dir(tmp_path / "hf", vocab_size=vocab, max_seq_len=256)
+    vocab = byte_bpe().get_vocab_size() + 8  # an embedding padded past the tokenizer
+    # config.json's ids are the tokenizer's (jinja_dir's eos_token <|im_end|>; no BOS, no
+    # pad, as Qwen2 ships): an import whose tokenizer contradicts them is refused.
+    ids = {"bos_token_id": None, "pad_token_id": None,
+           "eos_token_id": SPECIALS.index("<|im_end|>")}
+    hf_dir, _ = write_hf_dir(tmp_path / "hf", ids, vocab_size=vocab, max_seq_len=256)
     jinja_dir(tmp_path / "hf")  # replaces the tokenizer, adds the template files
     assert import_hf(hf_dir, tmp_path / "run") == 0
     for f in ("tokenizer_config.json", "chat_template.jinja"):

@@ -190,6 +190,9 @@ def _err(capfd, argv):
     ("missing", "tensor model.layers.1.self_attn.k_proj.weight is missing"),
     ("shape", "tensor model.layers.0.mlp.up_proj.weight [55, 32] does not fit"),
     ("bias", "attention_bias=True is not supported"),
+    ("specials", "tokenizer_config.json's eos_token '<s>' is id 0, but config.json's "
+                 "eos_token_id is 1 (the tokenizer and the model disagree)"),
+    ("token-id", "eos_token_id=[1, 99] is outside the model's vocabulary"),
 ])
 def test_bad_hf_dirs_give_one_line_and_exit_2(tmp_path, capfd, breakage, message):
     from safetensors.numpy import load_file, save_file
@@ -197,9 +200,12 @@ def test_bad_hf_dirs_give_one_line_and_exit_2(tmp_path, capfd, breakage, message
                  "rope": {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
                  "rope-type": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5}},
                  "field": {"fancy_new_knob": 3},
-                 "bias": {"attention_bias": True}}.get(breakage)
+                 "bias": {"attention_bias": True},
+                 "token-id": {"eos_token_id": [1, 99]}}.get(breakage)
     hf_dir, _ = write_hf_dir(tmp_path / "hf", overrides)
     file = hf_dir / "model.safetensors"
+    if breakage == "specials":  # a tokenizer from another model: its EOS is not the model's
+        (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s>"}))
     if breakage == "no-config":
         (hf_dir / "config.json").unlink()
     elif breakage in ("missing", "shape"):
@@ -213,6 +219,34 @@ def test_bad_hf_dirs_give_one_line_and_exit_2(tmp_path, capfd, breakage, message
     code, err = _err(capfd, ["import", "hf", str(hf_dir), "--run-dir", str(run)])
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not run.exists()
+
+
+# What real saves carry besides the numerics: transformers' own bookkeeping, a GGUF
+# conversion's `_model_name_or_path`, special token ids of roles lmlab has no use for,
+# generation defaults of older configs.
+METADATA = {"_model_name_or_path": "converted/model", "_commit_hash": "abc123",
+            "unk_token_id": 3, "sep_token_id": None, "decoder_start_token_id": 0,
+            "transformers_version": "4.57.1", "torch_dtype": "bfloat16", "dtype": "float32",
+            "architectures": ["LlamaForCausalLM"], "use_cache": False,
+            "initializer_range": 0.02, "pretraining_tp": 1, "tokenizer_class": "LlamaTokenizer",
+            "max_length": 20, "temperature": 0.7, "do_sample": True}
+
+
+def test_metadata_fields_of_real_saves_import_untouched(tmp_path):
+    """`lm import hf` used to refuse `_model_name_or_path`, then `unk_token_id`; every
+    metadata field is accepted (the config's function fields stay checked: see
+    test_bad_hf_dirs_give_one_line_and_exit_2's fancy_new_knob) and the logits are the
+    written model's."""
+    hf_dir, model = write_hf_dir(tmp_path / "hf", METADATA)
+    before = (hf_dir / "config.json").read_text()
+    assert main(["import", "hf", str(hf_dir), "--run-dir", str(tmp_path / "run")]) == 0
+    assert (hf_dir / "config.json").read_text() == before
+    tokens = np.arange(20, dtype=np.int32).reshape(1, 20) % 44
+    want, _ = model(jnp.asarray(tokens))
+    np.testing.assert_allclose(logits_of(tmp_path / "run", tokens), np.asarray(want), atol=1e-5)
+    # No generation_config.json in the source: the run's tokenizer takes config.json's ids.
+    generation = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
 
 
 def test_export_refuses_a_model_hf_cannot_express(tmp_path, capfd):
@@ -417,3 +451,61 @@ def test_export_refuses_a_channel_mixer_no_family_has():
     cfg = dataclasses.replace(_model_of("llama"), channel_pattern="fg")  # g: a plug-in's
     with pytest.raises(ConfigError, match="model.channel_pattern .a channel mixer other"):
         family_for(cfg)
+
+
+# ------------------------------------------------- real saves: the same text out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """tests/hf_reference.py's `saved` cases: directories written by transformers'
+    save_pretrained (tokenizer_config.json, generation_config.json, the metadata fields
+    real saves carry, `_model_name_or_path` as a GGUF conversion adds), each with
+    transformers' greedy continuation of a prompt (generate.json)."""
+    out = tmp_path_factory.mktemp("saved")
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "saved", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return out
+
+
+def _listing(d: Path) -> dict:
+    return {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(d.iterdir())}
+
+
+@needs_hf
+@pytest.mark.parametrize("case", ["llama-bos", "qwen2-plain"])
+def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd, case):
+    """`lm sample --temperature 0` prints what transformers' generate(do_sample=False)
+    continues the same prompt string with: the prompt framed by the tokenizer's own
+    post-processor (BOS for llama-bos's TemplateProcessing, nothing for qwen2-plain;
+    lm sample used to put a BOS before every prompt), stopping at any of
+    generation_config.json's end-of-sequence ids (llama-bos lists a second one the model
+    emits mid-continuation). The directory imports untouched and the vocabulary does not
+    grow: the pad token is the EOS token (qwen2-plain has no pad or BOS token at all)."""
+    from lm.data.tokenizers import load_tokenizer
+    src = saved / case
+    ref = json.loads((src / "generate.json").read_text())
+    before = _listing(src)
+    run = tmp_path / "run"
+    assert main(["import", "hf", str(src), "--run-dir", str(run)]) == 0
+    assert _listing(src) == before
+    tok = load_tokenizer(str(run / "tokenizer.json"))
+    hf_tok = json.loads((src / "tokenizer.json").read_text())
+    assert tok.vocab_size == len(hf_tok["model"]["vocab"])  # nothing appended
+    assert tok.pad_id == tok.eos_id == (1 if case == "llama-bos" else 0)
+    assert list(tok.frame(tok.encode(ref["prompt"]))) == ref["prompt_ids"]
+    if case == "llama-bos":
+        assert tok.stop_ids[0] == 1 and len(tok.stop_ids) == 2
+        assert len(ref["new_ids"]) < 24  # transformers stopped at the second EOS id
+    capfd.readouterr()
+    assert main(["sample", "--run", str(run), "--prompt", ref["prompt"], "--temperature",
+                 "0", "--max-new-tokens", "24"]) == 0
+    printed = capfd.readouterr().out
+    assert printed == ref["text"] + "\n", (printed, ref)
+    # Unconditional sampling: a tokenizer that frames an empty prompt as nothing (Qwen)
+    # starts from its BOS (here its EOS, <|endoftext|>) rather than refusing.
+    assert main(["sample", "--run", str(run), "--prompt", "", "--max-new-tokens", "4"]) == 0
+    # lm export hf writes the files that say which ids are special back out.
+    assert main(["export", "hf", str(run), "--out", str(tmp_path / "out")]) == 0
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()

@@ -147,6 +147,70 @@ def test_hf_wordlevel_without_specials_gets_appended_ids(tmp_path):
     assert t.decode(t.encode("to be or not")) == "to be or not"
 
 
+def _model_tokenizer(folder: Path, bos: bool, config: dict, generation: dict | None = None):
+    """A WordLevel tokenizer.json as a model directory keeps it: <s> </s> <unk> and no pad
+    token, a TemplateProcessing post-processor that puts <s> first where `bos`, and
+    tokenizer_config.json / generation_config.json beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = ["<s>", "</s>", "<unk>", "to", "be", "or", "not"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>", "<unk>"])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    return load_tokenizer(str(folder / "tokenizer.json"))
+
+
+def test_a_model_tokenizer_frames_and_stops_as_its_files_say(tmp_path):
+    """Special ids from tokenizer_config.json / generation_config.json, never by name and
+    never appended: a missing pad is the EOS token; the post-processor's BOS frames each
+    text (documents, instruction pairs); generation stops at every listed EOS id."""
+    from lm.data.instruction import tokenize_records
+    from lm.data.tokenized import tokenize_documents
+    tok = _model_tokenizer(tmp_path / "llama", True, {"bos_token": "<s>", "eos_token": "</s>"},
+                           {"bos_token_id": 0, "eos_token_id": [1, 6]})
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 1, 7)
+    assert tok.stop_ids == (1, 6) and tok.frame_prefix == (0,) and tok.frame_suffix == ()
+    assert list(tok.frame(tok.encode("to be"))) == [0, 3, 4]
+    docs = tokenize_documents(["to be", "or not"], tok)
+    assert docs.tokens[0].tolist() == [0, 3, 4, 1, 0, 5, 6, 1]
+    pair = tokenize_records([("to", "be")], tok)
+    assert pair.tokens[0].tolist() == [0, 3, 4, 1]
+    assert pair.weights[0].tolist() == [0, 0, 1, 1]
+    # Qwen / GPT-2 style: no BOS token, no post-processor: nothing before a text, EOS
+    # separates documents (and stands in as BOS and pad).
+    tok = _model_tokenizer(tmp_path / "qwen", False, {"eos_token": "</s>", "bos_token": None})
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 1, 1, 7)
+    assert tok.stop_ids == (1,) and tok.frame_prefix == () and tok.frame_suffix == ()
+    assert tokenize_documents(["to be", "or"], tok).tokens[0].tolist() == [3, 4, 1, 5, 1]
+    pair = tokenize_records([("to", "be")], tok)
+    assert pair.tokens[0].tolist() == [3, 4, 1] and pair.weights[0].tolist() == [0, 1, 1]
+
+
+def test_byte_and_bare_tokenizers_keep_bos_first_framing(hf_bytelevel):
+    """lmlab's own conventions stay where no model's files speak: the byte tokenizer and
+    a bare tokenizer.json without a post-processor frame a text BOS first."""
+    from lm.data.tokenized import tokenize_documents
+    assert BYTE.frame(BYTE.encode("hi")).tolist() == [256, 104, 105]
+    assert BYTE.stop_ids == (257,)
+    assert tokenize_documents(["hi"], BYTE).tokens[0].tolist() == [256, 104, 105, 257]
+    tok = load_tokenizer(str(hf_bytelevel))
+    assert tok.frame_prefix == (tok.bos_id,) and tok.frame_suffix == ()
+
+
+def test_a_model_tokenizer_whose_files_disagree_is_one_line(tmp_path):
+    with pytest.raises(DataError, match="eos_token '</s>' .id 1. contradicts .*eos_token_id"):
+        _model_tokenizer(tmp_path / "a", False, {"eos_token": "</s>"}, {"eos_token_id": 0})
+    with pytest.raises(DataError, match="pad_token='<pad>' is not a token of tokenizer.json"):
+        _model_tokenizer(tmp_path / "b", False, {"eos_token": "</s>", "pad_token": "<pad>"})
+
+
 @pytest.mark.parametrize("spec", ["bpe", "nope.model", "nope.json", ""])
 def test_unknown_tokenizer(spec):
     with pytest.raises(DataError, match="data.tokenizer") as e:
