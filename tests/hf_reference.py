@@ -19,6 +19,11 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            metadata fields), OUT/<case>/, each with
                                            generate.json: transformers' greedy continuation
                                            of PROMPT as text
+  python hf_reference.py chatgen CASES     each case of CASES (JSON: [{dir, messages,
+                                           end_of_turn, ids, seed}]; dir holds a
+                                           tokenizer with a chat template): a tiny Llama
+                                           saved there, and reply.json: transformers'
+                                           apply_chat_template + greedy generate's reply
 """
 
 from __future__ import annotations
@@ -240,6 +245,56 @@ def saved(out: Path) -> None:
     print(json.dumps({"saved": list(SAVED)}))
 
 
+CHAT_NEW_TOKENS = 24
+
+
+def chat_reply(model, tok, messages, stops) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                             do_sample=False, max_new_tokens=CHAT_NEW_TOKENS,
+                             eos_token_id=stops, pad_token_id=stops[-1])
+    return out[0, len(ids):].tolist()
+
+
+def chatgen(cases_path: Path) -> None:
+    """A random Llama per case whose greedy reply ends at the template's end-of-turn
+    token mid-reply (a random model would rarely emit it: its lm_head row is made a
+    scaled copy of the row of a token the reply emits), as a chat model does;
+    reply.json holds the reply transformers decodes (end of turn and specials left out)."""
+    for case in json.loads(cases_path.read_text()):
+        d = Path(case["dir"])
+        tok = transformers.AutoTokenizer.from_pretrained(d)
+        torch.manual_seed(case["seed"])
+        cfg = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok),
+                                          "max_position_embeddings": 256, **case["ids"]},
+                                       tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                       attn_implementation="eager")
+        model = transformers.LlamaForCausalLM(cfg)
+        randomise(model, case["seed"])
+        model.eval()
+        eot = tok.convert_tokens_to_ids(case["end_of_turn"])
+        eos = case["ids"]["eos_token_id"]
+        stops = [eot, eos]
+        first = chat_reply(model, tok, case["messages"], stops)
+        row = model.lm_head.weight.data
+        for k in range(3, len(first)):
+            if eot in first[:k] or first[k] in first[:k] or first[k] in stops:
+                continue
+            with torch.no_grad():
+                row[eot] = 1.5 * row[first[k]]
+            new = chat_reply(model, tok, case["messages"], stops)
+            if 2 <= len(new) < CHAT_NEW_TOKENS and new[-1] == eot:
+                break
+        else:
+            raise SystemExit(f"{d}: no reply ending at {case['end_of_turn']}")
+        model.save_pretrained(d)
+        (d / "reply.json").write_text(json.dumps({
+            "new_ids": new, "text": tok.decode(new[:-1], skip_special_tokens=True)}))
+    print(json.dumps({"chatgen": len(json.loads(cases_path.read_text()))}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
@@ -251,5 +306,7 @@ if __name__ == "__main__":
         chat(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1] == "saved":
         saved(Path(sys.argv[2]))
+    elif sys.argv[1] == "chatgen":
+        chatgen(Path(sys.argv[2]))
     else:
         sys.exit(f"unknown command {sys.argv[1]!r}")

@@ -63,6 +63,14 @@ class ChatTemplate:
             raise DataError(f"{where}: the chat template of {self.source} failed on it "
                             f"({type(e).__name__}: {e})") from None
 
+    def end_of_turn(self, messages: list[dict], where: str) -> str:
+        """What the template writes after an assistant reply to `messages` (ChatML's
+        "<|im_end|>\n", Llama-3's "<|eot_id|>"): the rendering with a marker reply, after
+        the marker. A model prompted with the generation prompt ends its reply so."""
+        marker = "\x00reply\x00"  # (no whitespace: templates may trim the content)
+        text = self.render([*messages, {"role": "assistant", "content": marker}], False, where)
+        return text[text.rfind(marker) + len(marker):] if marker in text else ""
+
     def segments(self, messages: list[dict], where: str) -> list[tuple[str, bool]]:
         """The rendered conversation as consecutive (text, is_assistant_turn) pieces."""
         whole = self.render(messages, False, where)
@@ -97,6 +105,22 @@ class ChatTemplate:
         if at < len(whole):
             out.append((whole[at:], False))
         return out
+
+
+def chat_prompt(tokenizer, template: ChatTemplate, messages: list[dict], where: str
+                ) -> tuple[list[int], tuple[int, ...]]:
+    """(The prompt ids of `messages` rendered with the generation prompt, the ids that end
+    the reply): the text's tokens as transformers' apply_chat_template(tokenize=True)
+    gives them (the template writes any BOS itself: nothing is framed around it), and the
+    tokenizer's stop ids plus the template's end-of-turn token, when the text it writes
+    after a reply starts with a special token (a template whose turns end in plain text,
+    e.g. a newline, leaves the stop ids alone: a reply may hold that text)."""
+    ids = [int(i) for i in tokenizer.encode(template.render(messages, True, where))]
+    stops = tuple(tokenizer.stop_ids)
+    after = tokenizer.encode(template.end_of_turn(messages, where))
+    if len(after) and tokenizer.token_bytes[int(after[0])] == 0 and int(after[0]) not in stops:
+        stops += (int(after[0]),)
+    return ids, stops
 
 
 def find_chat_template(tokenizer) -> ChatTemplate | None:
@@ -195,4 +219,4 @@ def _compile(template: str, source: str):
                         f"(line {e.lineno}: {e.message})") from None
 
 
-__all__ = ["ChatTemplate", "find_chat_template", "CHAT_TEMPLATE_FILE", "TOKENIZER_CONFIG_FILE"]
+__all__ = ["ChatTemplate", "chat_prompt", "find_chat_template", "CHAT_TEMPLATE_FILE", "TOKENIZER_CONFIG_FILE"]

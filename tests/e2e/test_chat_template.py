@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -321,3 +322,58 @@ def test_bad_templates_and_chats_are_one_line_exit_2(lm_here, tmp_path, template
     assert_train_refused(lm_here, tmp_path / "run", [
         f"data.corpus={data}", "data.format=instruction", f"data.tokenizer={tok_file}",
         "data.validation_fraction=0.5"], message)
+
+
+# ------------------------------------------------- lm sample --chat: the reply
+
+CHAT = {"system": "Answer briefly.", "user": "Name a colour."}
+# (template, tokenizer_config.json's tokens, config.json's ids, end-of-turn token, seed):
+# the EOS is the base model's (<|endoftext|>, <|end_of_text|>), not the template's end of
+# turn, as Qwen2.5 and Llama-3 base tokenizers ship: the reply must end at the turn's end.
+CHAT_CASES = {
+    "chatml": (QWEN2, dict(eos_token="<|endoftext|>"),
+               dict(bos_token_id=None, eos_token_id=0, pad_token_id=None), "<|im_end|>", 5),
+    "llama3": (LLAMA3, dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+               dict(bos_token_id=3, eos_token_id=4, pad_token_id=None), "<|eot_id|>", 6),
+}
+
+
+@needs_hf
+def test_chat_sample_is_transformers_reply(tmp_path):
+    """`lm sample --chat MESSAGE --system TEXT --temperature 0` on an imported model prints
+    exactly the reply of transformers' apply_chat_template(add_generation_prompt=True) +
+    generate(do_sample=False), for a ChatML and a Llama-3 template: the same prompt ids
+    (the template's BOS, no framing around it), the reply ending at the template's
+    end-of-turn token although the model's EOS is another token."""
+    from lm.cli import main
+    cases = []
+    for name, (template, tokens, ids, eot, seed) in CHAT_CASES.items():
+        tokenizer_dir(tmp_path / name, template, **tokens)
+        cases.append({"dir": str(tmp_path / name), "end_of_turn": eot, "ids": ids,
+                      "seed": seed, "messages": [{"role": "system", "content": CHAT["system"]},
+                                                 {"role": "user", "content": CHAT["user"]}]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "chatgen",
+                    str(tmp_path / "cases.json")], check=True, capture_output=True, text=True,
+                   timeout=600)
+    for name in CHAT_CASES:
+        ref = json.loads((tmp_path / name / "reply.json").read_text())
+        assert len(ref["new_ids"]) < 24  # it stopped at the end of turn
+        run = tmp_path / f"{name}-run"
+        assert main(["import", "hf", str(tmp_path / name), "--run-dir", str(run)]) == 0
+        got = subprocess.run(
+            [sys.executable, "-m", "lm.cli", "sample", "--run", str(run), "--chat",
+             CHAT["user"], "--system", CHAT["system"], "--temperature", "0",
+             "--max-new-tokens", "24"], capture_output=True, text=True, timeout=600)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == ref["text"] + "\n", (name, got.stdout, ref)
+
+
+def test_chat_without_a_template_is_one_line_exit_2(tmp_path, lm_here):
+    from lm.interop.hf_import import import_hf
+    hf_dir, _ = write_hf_dir(tmp_path / "hf")  # a tokenizer.json and nothing beside it
+    assert import_hf(hf_dir, tmp_path / "run") == 0
+    result = lm_here("sample", "--run", str(tmp_path / "run"), "--chat", "hi")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no chat template" in lines[0], lines

@@ -125,6 +125,8 @@ BAD_SAMPLING = [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-k", "-2"], "--top-k must be >= 0"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--chat", "hi", "--prompt", "x"], "--chat and --prompt exclude each other"),
+    (["--system", "be brief"], "--system needs --chat"),
 ]
 
 
