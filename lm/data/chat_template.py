@@ -219,4 +219,5 @@ def _compile(template: str, source: str):
                         f"(line {e.lineno}: {e.message})") from None
 
 
-__all__ = ["ChatTemplate", "chat_prompt", "find_chat_template", "CHAT_TEMPLATE_FILE", "TOKENIZER_CONFIG_FILE"]
+__all__ = ["ChatTemplate", "chat_prompt", "find_chat_template", "CHAT_TEMPLATE_FILE",
+           "TOKENIZER_CONFIG_FILE"]
