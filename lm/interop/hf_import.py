@@ -97,7 +97,7 @@ class SafetensorsDir:
         return self._open(self.file_of[name]).get_tensor(name)
 
 
-def import_config(hf_dir: Path, run_dir: Path) -> TrainConfig:
+def import_config(hf_dir: Path, run_dir: Path, name: str | None = None) -> TrainConfig:
     """The run config of an imported model: the mapped model, the directory's tokenizer
     (copied into the run dir), the default data and optimizer settings otherwise."""
     model = model_config_from_hf(read_hf_config(hf_dir))
@@ -105,7 +105,7 @@ def import_config(hf_dir: Path, run_dir: Path) -> TrainConfig:
     return TrainConfig(model=model, data=DataConfig(tokenizer=str(run_dir.absolute() /
                                                                   "tokenizer.json"),
                                                     seq_len=seq),
-                       name=hf_dir.absolute().name)
+                       name=name or hf_dir.absolute().name)
 
 
 def load_params(hf_dir: Path, cfg: TrainConfig, pieces, prefix: tuple = ()) -> dict:
@@ -209,16 +209,23 @@ def check_special_tokens(hf: dict, declared: dict, vocab_size: int) -> None:
                               "the model disagree)")
 
 
-def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
+def check_run_dir(run_dir: Path, command: str = "hf") -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"lm import {command}: --run-dir {run_dir} exists and is not empty "
+                          "(nothing is overwritten)")
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path, source: str | Path | None = None) -> int:
+    """`source`: what summary.json and the last line name as the model's origin (a GGUF
+    file `lm import gguf` turned into `hf_dir`), `hf_dir` itself by default."""
     import tempfile
 
     from lm.train.setup import setup_run
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"lm import hf: --run-dir {run_dir} exists and is not empty "
-                          "(nothing is overwritten)")
-    cfg = import_config(hf_dir, run_dir)
+    source = Path(source or hf_dir)
+    check_run_dir(run_dir)
+    cfg = import_config(hf_dir, run_dir, name=source.absolute().name)
     if not (hf_dir / "tokenizer.json").is_file():
         raise ConfigError(f"lm import hf: {hf_dir} has no tokenizer.json (lmlab reads Hugging "
                           "Face tokenizers from that file)")
@@ -241,9 +248,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> int:
     from lm.model import count_params
     counts = count_params(setup.cfg.model)
     (run_dir / "summary.json").write_text(json.dumps({
-        "status": "imported", "source": str(hf_dir.absolute()), "steps": 0,
+        "status": "imported", "source": str(source.absolute()), "steps": 0,
         "params": counts["total"], "non_embedding_params": counts["non_embedding"],
         "active_params": counts["active"]}, indent=2))
-    print(f"imported {hf_dir} ({read_hf_config(hf_dir)['model_type']}, "
+    print(f"imported {source} ({read_hf_config(hf_dir)['model_type']}, "
           f"{counts['total']:,} params) into {run_dir}")
     return 0
