@@ -24,6 +24,11 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            tokenizer with a chat template): a tiny Llama
                                            saved there, and reply.json: transformers'
                                            apply_chat_template + greedy generate's reply
+  python hf_reference.py gguf OUT          tiny random models written as GGUF files with
+                                           the gguf package (OUT/<case>.gguf, each tensor
+                                           type quantized by its own quantizers), loaded by
+                                           transformers (from_pretrained(gguf_file=)):
+                                           OUT/<case>.json, its logits and token ids
 """
 
 from __future__ import annotations
@@ -295,6 +300,173 @@ def chatgen(cases_path: Path) -> None:
     print(json.dumps({"chatgen": len(json.loads(cases_path.read_text()))}))
 
 
+# GGUF files: (family, tokenizer kind, tensor type of the matrices). K-quants, which the
+# gguf package decodes but cannot quantize, are random blocks (scales kept finite).
+# "mistral": llama.cpp writes Mistral as architecture "llama" with a SentencePiece
+# vocabulary; qwen3 has qk-norm and transformers' default head_dim (128).
+GGUF_CASES = {
+    "llama-f32": ("llama", "gpt2", "F32"), "llama-f16": ("llama", "gpt2", "F16"),
+    "llama-bf16": ("llama", "gpt2", "BF16"), "llama-q8_0": ("llama", "gpt2", "Q8_0"),
+    "llama-q4_0": ("llama", "gpt2", "Q4_0"), "llama-q4_1": ("llama", "gpt2", "Q4_1"),
+    "llama-q4_k": ("llama", "gpt2", "Q4_K"), "llama-q6_k": ("llama", "gpt2", "Q6_K"),
+    "mistral-q4_0": ("mistral", "llama", "Q4_0"), "qwen2-q8_0": ("qwen2", "gpt2", "Q8_0"),
+    "qwen3-q8_0": ("qwen3", "gpt2", "Q8_0"), "llama-spm-f16": ("llama", "llama", "F16"),
+}
+GGUF_DIMS = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5)
+GGUF_CHAT = [{"role": "system", "content": "Answer briefly."},
+             {"role": "user", "content": "Name a colour."}]
+
+
+def _gguf_tokenizer(kind: str) -> dict:
+    """The metadata of a tokenizer as llama.cpp writes it: byte-level BPE with Llama-3's
+    split and BOS ("gpt2"), or SentencePiece-style pieces with scores and no merges
+    ("llama")."""
+    if kind == "gpt2":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
+                    "<|start_header_id|>", "<|end_header_id|>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([TEXT, json.dumps(GGUF_CHAT)], trainer)
+        model = json.loads(tok.to_str())["model"]
+        tokens = sorted(model["vocab"], key=model["vocab"].get)
+        merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+        template = ("{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+                    "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}"
+                    "<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+        return dict(model="gpt2", pre="llama-bpe", tokens=tokens, merges=merges,
+                    types=[3 if t in specials else 1 for t in tokens], bos=0, eos=1,
+                    add_bos=True, template=template)
+    tok = tokenizer()  # Metaspace pieces; <s> </s> <pad> <unk> at 0-3
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    return dict(model="llama", tokens=tokens, scores=[-float(i) for i in range(len(tokens))],
+                types=[3 if i < 4 else 1 for i in range(len(tokens))], bos=0, eos=1, unk=3,
+                template=None)
+
+
+def _k_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
+    """Random blocks of a K-quant type with finite, small f16 scales."""
+    import gguf
+    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows, cols // size, nbytes), dtype=np.uint8)
+    half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
+    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin first
+        blocks[..., 0:2], blocks[..., 2:4] = half(2e-4), half(1e-4)
+    else:  # Q6_K: d last
+        blocks[..., -2:] = half(5e-5)
+    return blocks.reshape(rows, -1)
+
+
+def gguf_files(out: Path) -> None:
+    import gguf
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n, (case, (family, kind, qname)) in enumerate(GGUF_CASES.items()):
+        meta = _gguf_tokenizer(kind)
+        vocab = len(meta["tokens"])
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.LlamaConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+        dims = dict(GGUF_DIMS, **(dict(num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=128) if family == "qwen3" else {}))
+        cfg = cls(**dims, vocab_size=vocab, tie_word_embeddings=family == "qwen2",
+                  bos_token_id=meta["bos"], eos_token_id=meta["eos"],
+                  attn_implementation="eager")
+        torch.manual_seed(n)
+        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        randomise(model, n)
+        arch = "llama" if family == "mistral" else family
+        w = gguf.GGUFWriter(str(out / f"{case}.gguf"), arch)
+        # (transformers 5.24 would load a "llama" file named exactly "mistral" as Mistral,
+        # which fails with gguf 0.19; real files carry longer names and load as Llama)
+        w.add_name("Mistral-7B-tiny" if family == "mistral" else f"tiny-{case}")
+        w.add_context_length(GGUF_DIMS["max_position_embeddings"])
+        w.add_embedding_length(GGUF_DIMS["hidden_size"])
+        w.add_block_count(GGUF_DIMS["num_hidden_layers"])
+        w.add_feed_forward_length(GGUF_DIMS["intermediate_size"])
+        w.add_head_count(dims["num_attention_heads"])
+        w.add_head_count_kv(dims["num_key_value_heads"])
+        w.add_rope_freq_base(GGUF_DIMS["rope_theta"])
+        w.add_layer_norm_rms_eps(GGUF_DIMS["rms_norm_eps"])
+        if arch == "llama":
+            w.add_rope_dimension_count(dims["head_dim"])
+        if family == "qwen3":
+            w.add_key_length(dims["head_dim"])
+            w.add_value_length(dims["head_dim"])
+        w.add_tokenizer_model(meta["model"])
+        if "pre" in meta:
+            w.add_tokenizer_pre(meta["pre"])
+        w.add_token_list(meta["tokens"])
+        w.add_token_types(meta["types"])
+        if "merges" in meta:
+            w.add_token_merges(meta["merges"])
+        if "scores" in meta:
+            w.add_token_scores(meta["scores"])
+        w.add_bos_token_id(meta["bos"])
+        w.add_eos_token_id(meta["eos"])
+        if "unk" in meta:
+            w.add_unk_token_id(meta["unk"])
+        if "add_bos" in meta:
+            w.add_add_bos_token(meta["add_bos"])
+        if meta["template"]:
+            w.add_chat_template(meta["template"])
+        qtype = gguf.GGMLQuantizationType[qname]
+        heads = {"q": dims["num_attention_heads"], "k": dims["num_key_value_heads"]}
+        names = {"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+        layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+                 "self_attn.k_norm": "attn_k_norm"}
+        for name, p in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            if name in names:
+                gname = names[name]
+            else:
+                i, rest = name.split(".", 3)[2], name.split(".", 3)[3]
+                module, kindw = rest.rsplit(".", 1)
+                gname = f"blk.{i}.{layer[module]}.{kindw}"
+            t = p.float().numpy()
+            if arch == "llama" and gname.split(".")[-2] in ("attn_q", "attn_k"):
+                h = heads[gname.split(".")[-2][-1]]  # llama.cpp's permute
+                t = t.reshape(h, 2, -1, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+            if t.ndim == 1 or qname == "F32":
+                w.add_tensor(gname, np.ascontiguousarray(t, np.float32))
+            elif qname == "F16":
+                w.add_tensor(gname, t.astype(np.float16))
+            elif qname in ("Q4_K", "Q6_K"):
+                w.add_tensor(gname, _k_blocks(*t.shape, qtype, rng), raw_dtype=qtype)
+            else:
+                w.add_tensor(gname, gguf.quantize(t, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            out, gguf_file=f"{case}.gguf", dtype=torch.float32, attn_implementation="eager")
+        loaded.eval()
+        assert loaded.config.model_type == arch, (case, loaded.config.model_type)
+        tok = transformers.AutoTokenizer.from_pretrained(out, gguf_file=f"{case}.gguf")
+        tokens = np.random.default_rng(n).integers(0, vocab, size=(2, SEQ)).astype(np.int32)
+        np.save(out / f"{case}.tokens.npy", tokens)
+        np.save(out / f"{case}.logits.npy", logits_of(loaded, tokens))
+        ref = {"vocab": vocab, "text": TEXT, "ids": tok(TEXT)["input_ids"],
+               "decoded": tok.decode(tok(TEXT)["input_ids"], skip_special_tokens=True)}
+        if meta["template"]:
+            ref["chat_ids"] = tok.apply_chat_template(GGUF_CHAT, add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)
+            ref["chat"] = GGUF_CHAT
+        (out / f"{case}.json").write_text(json.dumps(ref))
+    print(json.dumps({"gguf": list(GGUF_CASES)}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(Path(sys.argv[2]))
@@ -308,5 +480,7 @@ if __name__ == "__main__":
         saved(Path(sys.argv[2]))
     elif sys.argv[1] == "chatgen":
         chatgen(Path(sys.argv[2]))
+    elif sys.argv[1] == "gguf":
+        gguf_files(Path(sys.argv[2]))
     else:
         sys.exit(f"unknown command {sys.argv[1]!r}")

@@ -1,4 +1,5 @@
-"""`lm import hf` and `lm export hf`: models in and out of other formats."""
+"""`lm import hf`, `lm import gguf` and `lm export hf`: models in and out of other
+formats."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ def import_arguments(p) -> None:
 def import_hf(args) -> int:
     from lm.interop.hf_import import import_hf
     return import_hf(args.path, args.run_dir)
+
+
+def import_gguf_arguments(p) -> None:
+    p.add_argument("path", help="a llama.cpp .gguf file (Llama, Mistral, Qwen2, Qwen3)")
+    p.add_argument("--run-dir", required=True)
+
+
+def import_gguf(args) -> int:
+    from lm.interop.gguf_import import import_gguf
+    return import_gguf(args.path, args.run_dir)
 
 
 def export_arguments(p) -> None:
@@ -30,7 +41,9 @@ def export_hf(args) -> int:
 COMMANDS = [
     Command("import", "bring a model in from another format", subcommands=[
         Command("hf", "a local Hugging Face model directory -> an lmlab run directory",
-                import_arguments, import_hf)]),
+                import_arguments, import_hf),
+        Command("gguf", "a GGUF file (dequantized, tokenizer from its metadata) -> an lmlab "
+                        "run directory", import_gguf_arguments, import_gguf)]),
     Command("export", "write a run's checkpoint in another format", subcommands=[
         Command("hf", "a run's latest checkpoint -> a Hugging Face model directory",
                 export_arguments, export_hf)]),
