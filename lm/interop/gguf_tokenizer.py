@@ -126,8 +126,7 @@ def write_tokenizer(meta: dict, source: str, out: Path) -> None:
     if "tokenizer.ggml.tokens" not in meta:
         raise ConfigError(f"lm import gguf: {source} holds no vocabulary "
                           "(tokenizer.ggml.tokens)")
-    if kind not in ("gpt2", "llama") or meta.get("general.architecture") in (
-            "gemma", "gemma2", "gemma3", "phi3"):
+    if kind not in ("gpt2", "llama"):
         raise ConfigError(f"lm import gguf: {source}'s tokenizer (tokenizer.ggml.model="
                           f"{kind!r}) is not one lmlab rebuilds (byte-level BPE 'gpt2' and "
                           "SentencePiece-style 'llama' are)")

@@ -18,6 +18,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from test_interop_hf import HERE, hf_python, logits_of, needs_hf
@@ -79,11 +80,18 @@ def test_gguf_tokenizer_is_transformers(imported, case):
         assert template is None
 
 
-def _write_gguf(path: Path, arch: str) -> Path:
-    import gguf
+def _write_gguf(path: Path, arch: str, tokenizer: str = "gpt2", **keys) -> Path:
+    """A GGUF with a header and an embedding only (refused before its tensors count)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
-    w.add_tokenizer_model("gpt2")
+    w.add_embedding_length(4)
+    w.add_feed_forward_length(8)
+    w.add_head_count(1)
+    w.add_context_length(16)
+    w.add_layer_norm_rms_eps(1e-5)
+    for key, value in keys.items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model(tokenizer)
     w.add_token_list(["a", "b"])
     w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
     w.write_header_to_file()
@@ -96,6 +104,10 @@ def _write_gguf(path: Path, arch: str) -> Path:
 @pytest.mark.parametrize("make, message", [
     (lambda p: _write_gguf(p / "m.gguf", "gemma"), "is a 'gemma' model; lmlab imports GGUF "
                                                    "architectures"),
+    (lambda p: _write_gguf(p / "m.gguf", "llama", tokenizer="t5"),
+     "tokenizer (tokenizer.ggml.model='t5') is not one lmlab rebuilds"),
+    (lambda p: _write_gguf(p / "m.gguf", "llama", rope_scaling_type=gguf.RopeScalingType.YARN),
+     "scales RoPE (llama.rope.scaling.type='yarn')"),
     (lambda p: (p / "m.gguf").write_bytes(b"not a gguf") and p / "m.gguf",
      "is not a readable GGUF file"),
     (lambda p: p / "absent.gguf", "is not a file"),
