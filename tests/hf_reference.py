@@ -308,7 +308,10 @@ GGUF_CASES = {
     "llama-f32": ("llama", "gpt2", "F32"), "llama-f16": ("llama", "gpt2", "F16"),
     "llama-bf16": ("llama", "gpt2", "BF16"), "llama-q8_0": ("llama", "gpt2", "Q8_0"),
     "llama-q4_0": ("llama", "gpt2", "Q4_0"), "llama-q4_1": ("llama", "gpt2", "Q4_1"),
-    "llama-q4_k": ("llama", "gpt2", "Q4_K"), "llama-q6_k": ("llama", "gpt2", "Q6_K"),
+    "llama-q5_0": ("llama", "gpt2", "Q5_0"), "llama-q5_1": ("llama", "gpt2", "Q5_1"),
+    "llama-q2_k": ("llama", "gpt2", "Q2_K"), "llama-q3_k": ("llama", "gpt2", "Q3_K"),
+    "llama-q4_k": ("llama", "gpt2", "Q4_K"), "llama-q5_k": ("llama", "gpt2", "Q5_K"),
+    "llama-q6_k": ("llama", "gpt2", "Q6_K"),
     "mistral-q4_0": ("mistral", "llama", "Q4_0"), "qwen2-q8_0": ("qwen2", "gpt2", "Q8_0"),
     "qwen3-q8_0": ("qwen3", "gpt2", "Q8_0"), "llama-spm-f16": ("llama", "llama", "F16"),
 }
@@ -349,16 +352,20 @@ def _gguf_tokenizer(kind: str) -> dict:
                 template=None)
 
 
+# Where each K-quant block keeps its f16 scale d (and min dmin), and values that keep the
+# weights O(0.1) (llama.cpp's block layouts, ggml-common.h).
+K_SCALES = {"Q2_K": ((80, 2e-3), (82, 1e-3)), "Q3_K": ((108, 1e-3),),
+            "Q4_K": ((0, 2e-4), (2, 1e-4)), "Q5_K": ((0, 1e-4), (2, 5e-5)),
+            "Q6_K": ((208, 5e-5),)}
+
+
 def _k_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
     """Random blocks of a K-quant type with finite, small f16 scales."""
     import gguf
     size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // size, nbytes), dtype=np.uint8)
-    half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
-    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin first
-        blocks[..., 0:2], blocks[..., 2:4] = half(2e-4), half(1e-4)
-    else:  # Q6_K: d last
-        blocks[..., -2:] = half(5e-5)
+    for at, value in K_SCALES[qtype.name]:
+        blocks[..., at:at + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -441,7 +448,7 @@ def gguf_files(out: Path) -> None:
                 w.add_tensor(gname, np.ascontiguousarray(t, np.float32))
             elif qname == "F16":
                 w.add_tensor(gname, t.astype(np.float16))
-            elif qname in ("Q4_K", "Q6_K"):
+            elif qname in K_SCALES:
                 w.add_tensor(gname, _k_blocks(*t.shape, qtype, rng), raw_dtype=qtype)
             else:
                 w.add_tensor(gname, gguf.quantize(t, qtype), raw_dtype=qtype)

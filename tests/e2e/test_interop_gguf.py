@@ -1,9 +1,9 @@
 """`lm import gguf` (lm/interop/gguf_import.py, lm/interop/gguf_tokenizer.py).
 
 tests/hf_reference.py `gguf` writes tiny random Llama / Mistral / Qwen2 / Qwen3 models
-as GGUF files with
-the gguf package (each matrix type quantized by the package's own quantizers; K-quants as
-random blocks, which it decodes but cannot make) and loads each with transformers
+as GGUF files with the gguf package (each matrix type quantized by the package's own
+quantizers; K-quants as random blocks, which it decodes but cannot make) and loads each
+with transformers
 (`from_pretrained(dir, gguf_file=...)`): its logits, the token ids of a text and of a
 chat. lmlab imports the same file: the logits agree to float32 tolerance (both
 dequantize with the gguf package; Llama's q/k rows unpermuted), the tokenizer rebuilt
@@ -24,7 +24,8 @@ import pytest
 from test_interop_hf import HERE, hf_python, logits_of, needs_hf
 
 CASES = ["llama-f32", "llama-f16", "llama-bf16", "llama-q8_0", "llama-q4_0", "llama-q4_1",
-         "llama-q4_k", "llama-q6_k", "mistral-q4_0", "qwen2-q8_0", "qwen3-q8_0",
+         "llama-q5_0", "llama-q5_1", "llama-q2_k", "llama-q3_k", "llama-q4_k", "llama-q5_k",
+         "llama-q6_k", "mistral-q4_0", "qwen2-q8_0", "qwen3-q8_0",
          "llama-spm-f16"]
 TOL = 1e-5  # relative to the logits' scale
 
