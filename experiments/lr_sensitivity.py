@@ -10,12 +10,14 @@ model far from converged, and that shortfall (shrinking with width, as wider mod
 learn faster) dominated the statistic and hid the high-LR failures it is meant to show,
 so the grid starts where 300 steps converge. Widths 32 / 64 / 128 with 4 layers (head
 dim 32), 300 steps with the paper's warmup share (5%) and cosine decay, no weight decay,
-AdamW(0.9, 0.95), 5 seeds. Arms baseline / qk_norm; z-loss (the paper's fix for
-output-logit divergence, which needs far larger vocabularies and models than a CPU
-trains to show) is in ARMS for `--set`-free reuse: `sweep(arms=ARMS)`.
+AdamW(0.9, 0.95), 5 seeds. Arms baseline / qk_norm. The z-loss arms (the paper's fix
+for output-logit divergence, which needs far larger vocabularies and models than a CPU
+trains to show) stay in ARMS: a spec of one line, `sweep = lambda smoke=False:
+lr_sensitivity.sweep(smoke, arms=ARMS)`, runs all four.
 
 3 widths x 7 LRs x 2 arms x 5 seeds = 210 trials; the LR and seed are scalars of one
-program, so each (width, arm) is one batched group of 35 trials.
+program, so each (width, arm) is one batched group of 35 trials; 21m49s on a 2-core CPU
+(measured).
 
     lm sweep experiments/lr_sensitivity.py --workdir runs/lr_sensitivity
     lm results runs/lr_sensitivity && lm analyze runs/lr_sensitivity
