@@ -12,8 +12,8 @@ so the grid starts where 300 steps converge. Widths 32 / 64 / 128 with 4 layers 
 dim 32), 300 steps with the paper's warmup share (5%) and cosine decay, no weight decay,
 AdamW(0.9, 0.95), 5 seeds. Arms baseline / qk_norm. The z-loss arms (the paper's fix
 for output-logit divergence, which needs far larger vocabularies and models than a CPU
-trains to show) stay in ARMS: a spec of one line, `sweep = lambda smoke=False:
-lr_sensitivity.sweep(smoke, arms=ARMS)`, runs all four.
+trains to show) stay in ARMS: a spec whose `sweep(smoke)` returns
+`lr_sensitivity.sweep(smoke, arms=lr_sensitivity.ARMS)` runs all four.
 
 3 widths x 7 LRs x 2 arms x 5 seeds = 210 trials; the LR and seed are scalars of one
 program, so each (width, arm) is one batched group of 35 trials; 21m49s on a 2-core CPU
