@@ -97,6 +97,15 @@ def findings(sweep):
         if arm not in set(at["arm"]):
             continue
         out.append(versus(arm, claim, want))
+    if "peri" in set(at["arm"]) and sweep.seed is not None:
+        per_seed, _ = stability.lr_sensitivity_over_seeds(runs, ["arm", "model.n_layers"],
+                                                          sweep.seed)
+        robust, _ = f.paired_finding(
+            "Peri-LN is less sensitive to the learning rate than pre-LN", per_seed,
+            "lr_sensitivity", "peri", "pre", "model.n_layers", "<0", label="depth",
+            what="LR sensitivity (Wortsman et al.) of peri minus pre", seed="seed",
+            figures=("lr_sweep.png",))
+        out.append(robust)
     if "peri_no_embed_norm" in set(at["arm"]):
         check = versus("peri_no_embed_norm", "(implementation check) Peri-LN without the "
                        "embedding norm", "<0")
