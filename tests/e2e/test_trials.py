@@ -182,17 +182,17 @@ def test_lm_sweep_batch_runs_a_group_and_accounts_for_each_trial(tmp_path):
 
 def test_experiment_specs_expand_into_batched_groups():
     """The stability studies: their grids are what their docstrings say, and every
-    (width, qk-norm) pair / width is one batched group."""
+    (width, arm) pair / width is one batched group."""
     from lm.config import exec_python_file
     from lm.sweep import expand
     from lm.sweep.runner import plan_groups
     root = Path(__file__).resolve().parents[2] / "experiments"
-    for name, trials, groups in (("lr_sensitivity", 168, 6), ("warmup_sensitivity", 126, 3)):
+    for name, trials, groups in (("lr_sensitivity", 210, 6), ("warmup_sensitivity", 140, 2)):
         sweep = exec_python_file(root / f"{name}.py", "sweep spec").sweep()
         expanded = expand(sweep)
         assert len(expanded) == trials
         lrs = sorted({t.tags["optim.lr"] for t in expanded})
-        assert lrs[0] == 1e-4 and lrs[-1] == 1.0 and len(lrs) == 7
+        assert lrs[0] == 1e-3 and lrs[-1] == 1.0 and len(lrs) == 7
         assert len(plan_groups(expanded, sweep, sweep.batch)) == groups
 
 
