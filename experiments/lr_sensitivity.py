@@ -16,7 +16,7 @@ trains to show) stay in ARMS: a spec whose `sweep(smoke)` returns
 `lr_sensitivity.sweep(smoke, arms=lr_sensitivity.ARMS)` runs all four.
 
 3 widths x 7 LRs x 2 arms x 5 seeds = 210 trials; the LR and seed are scalars of one
-program, so each (width, arm) is one batched group of 35 trials; 21m49s on a 2-core CPU
+program, so each (width, arm) is one batched group of 35 trials; 21m23s on a 2-core CPU
 (measured).
 
     lm sweep experiments/lr_sensitivity.py --workdir runs/lr_sensitivity

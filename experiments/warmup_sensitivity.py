@@ -5,7 +5,8 @@ architecture (no qk-norm, no z-loss), at its two smaller widths (32, 64), warmup
 25% of the 300 steps.
 
 2 widths x 7 LRs x 2 warmups x 5 seeds = 140 trials; warmup, LR and seed are scalars of
-one program, so each width is one batched group of 70 trials.
+one program, so each width is one batched group of 70 trials; 7m44s on a 2-core CPU
+(measured).
 
     lm sweep experiments/warmup_sensitivity.py --workdir runs/warmup_sensitivity
     lm analyze runs/warmup_sensitivity     # LR sensitivity per warmup and width, with intervals
