@@ -144,7 +144,7 @@ def _rope(hf: dict) -> tuple[float, dict]:
     return theta, out
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
+def rope_parameters(cfg: ModelConfig) -> dict:
     """lmlab's RoPE knobs as transformers' rope_parameters."""
     s = cfg.rope_scaling
     out = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -300,7 +300,7 @@ def decoder_config_to_hf(family, cfg: ModelConfig) -> dict:
         "head_dim": cfg.dh, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": _rope_parameters(cfg),
+        "rope_parameters": rope_parameters(cfg),
         "attention_dropout": 0.0, "dtype": cfg.param_dtype, "use_cache": True,
         "intermediate_size": _width(cfg.mlp.ratio, cfg.d_model),
     }

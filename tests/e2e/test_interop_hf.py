@@ -563,3 +563,60 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
     assert main(["export", "hf", str(run), "--out", str(tmp_path / "out")]) == 0
     for name in ("tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+
+
+# ------------------------------------- the newer families' config.json, both vintages
+
+
+def test_gemma_configs_as_older_transformers_saved_them():
+    """Hub configs of Gemma 2 / 3 written before transformers 5: no layer_types (one
+    global layer in 2, or in sliding_window_pattern), Gemma 3's rope_theta +
+    rope_local_base_freq + rope_scaling instead of rope_parameters per layer type,
+    hidden_act beside hidden_activation, cache_implementation."""
+    from lm.interop.families import hf_config_from_model, model_config_from_hf
+    hf = hf_config_from_model(_model_of("gemma3_text"), "gemma3_text", 0, 1, 2)
+    for key in ("layer_types", "rope_parameters"):
+        del hf[key]
+    hf.update(num_hidden_layers=26, sliding_window=512, sliding_window_pattern=6,
+              rope_theta=1e6, rope_local_base_freq=1e4, hidden_act="gelu_pytorch_tanh",
+              rope_scaling={"rope_type": "linear", "factor": 8.0},
+              cache_implementation="hybrid")
+    cfg = model_config_from_hf(hf)
+    a = cfg.attention
+    assert (a.window, a.window_pattern, a.local_rope_theta) == (512, "lllllg", 1e4)
+    assert (cfg.rope_theta, cfg.rope_scaling.type, cfg.rope_scaling.factor) == (1e6, "linear", 8.0)
+    assert cfg.qk_norm and cfg.scale_embeddings and cfg.mlp.activation == "geglu"
+    written = hf_config_from_model(cfg, "gemma3_text", 0, 1, 2)
+    assert written["layer_types"].count("full_attention") == 4  # layers 5, 11, 17, 23
+    assert written["rope_parameters"]["sliding_attention"] == {"rope_type": "default",
+                                                               "rope_theta": 1e4}
+    hf = hf_config_from_model(_model_of("gemma2"), "gemma2", 0, 1, 2)
+    for key in ("layer_types", "final_logit_softcapping", "query_pre_attn_scalar"):
+        del hf[key]  # Gemma2Config's defaults: 30.0, 256
+    cfg = model_config_from_hf(hf | {"hidden_act": "gelu_pytorch_tanh"})
+    assert (cfg.attention.window_pattern, cfg.logit_softcap, cfg.attention.scale_dim) == (
+        "lg", 30.0, 256.0)
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                  "partial_rotary_factor": 0.75}},
+     "rope_parameters.partial_rotary_factor=0.75 is not supported"),
+    ("phi3", {"resid_pdrop": 0.1}, "resid_pdrop=0.1 is not supported"),
+    ("olmo2", {"attention_bias": True}, "attention_bias=True is not supported"),
+    ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation='gelu' is not supported"),
+    ("gemma2", {"layer_types": ["chunked_attention", "full_attention"]},
+     "layer_types=['chunked_attention', 'full_attention'] is not one of"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention="),
+])
+def test_new_families_refuse_what_lmlab_does_not_compute(family, change, message):
+    from lm.config import ConfigError
+    from lm.interop.families import hf_config_from_model, model_config_from_hf
+    hf = hf_config_from_model(_model_of(family), family, 0, 1, 2) | change
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        model_config_from_hf(hf)
+    assert "\n" not in str(e.value)

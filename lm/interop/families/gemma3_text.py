@@ -14,7 +14,7 @@ from lm.config import ConfigError
 from lm.interop.families import Family, register
 from lm.interop.families.gemma2 import (REFUSES, UNSUPPORTED, gemma_config_from_hf,
                                         gemma_config_to_hf, tensors)
-from lm.interop.hf_config import _rope_parameters
+from lm.interop.hf_config import rope_parameters
 
 DEFAULTS = {"final_logit_softcapping": None, "attn_logit_softcapping": None,
             "use_bidirectional_attention": False}
@@ -47,7 +47,7 @@ def rope(hf: dict) -> float:
 
 def config_to_hf(family, cfg) -> dict:
     out = gemma_config_to_hf(family, cfg)
-    full = _rope_parameters(cfg)
+    full = rope_parameters(cfg)
     local = cfg.attention.local_rope_theta
     out["rope_parameters"] = {"full_attention": full, "sliding_attention": (
         {"rope_type": "default", "rope_theta": local} if local else dict(full))}
