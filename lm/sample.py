@@ -3,6 +3,9 @@ token at a time; temperature, top-k and top-p (nucleus) filtering; seeded."""
 
 from __future__ import annotations
 
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,53 +35,78 @@ def choose(logits_BV, key, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p))
 
 
+CACHE_BUCKET = 128  # cache lengths are rounded up to this: few shapes, few compiles
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(graphdef, temperature: float, top_k: int, top_p: float):
+    """The jitted prefill and decode of a model, compiled once per (model, sampling
+    settings, shapes) and reused across calls (a chat session, a benchmark). The cache is
+    donated: each step updates it in place instead of copying every layer's K/V."""
+    def step(params, tokens_BT, cache, index, key):
+        logits, aux = nnx.merge(graphdef, params)(tokens_BT, cache=cache, cache_index=index)
+        return choose(logits[:, -1], key, temperature, top_k, top_p), aux["cache"]
+
+    return jax.jit(step, donate_argnums=(2,))
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """KV-cache slots for a generation: what it needs, rounded up to CACHE_BUCKET, at most
+    max_seq_len. Decoding attends over every slot, so a cache of the model's whole context
+    (8k for many real models) would cost a short reply ~60x the attention it needs."""
+    need = prompt_len + max_new_tokens
+    return min(max_seq_len, -(-need // CACHE_BUCKET) * CACHE_BUCKET)
+
+
 def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             num_samples: int = 1, max_seq_len: int, stop_ids=()):
+             num_samples: int = 1, max_seq_len: int, stop_ids=(), timings: dict | None = None):
     """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded), each
     cut before the first of `stop_ids` (a model's end-of-sequence ids: there may be
     several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
 
-    The KV cache holds `max_seq_len` tokens. A longer generation slides the window:
-    when the cache is full, the last half of the text is prefilled into a fresh cache
-    (the model never sees positions it was not built for)."""
+    The KV cache holds what the generation needs (cache_length), at most `max_seq_len`
+    tokens. A longer generation slides the window: when the cache is full, the last half
+    of the text is prefilled into a fresh cache (the model never sees positions it was
+    not built for). `timings`, if given, gets first_token_s (prompt to first token,
+    compile included on a first call) and decode_s / decode_tokens (the rest)."""
     if not prompt_ids:
         raise ConfigError("the prompt must hold at least one token")
     model = nnx.merge(graphdef, params)
-
-    @jax.jit
-    def prefill(params, tokens, cache, key):
-        logits, aux = nnx.merge(graphdef, params)(tokens, cache=cache, cache_index=0)
-        return choose(logits[:, -1], key, temperature, top_k, top_p), aux["cache"]
-
-    @jax.jit
-    def decode(params, token_B, cache, index, key):
-        logits, aux = nnx.merge(graphdef, params)(token_B[:, None], cache=cache,
-                                                  cache_index=index)
-        return choose(logits[:, -1], key, temperature, top_k, top_p), aux["cache"]
-
+    step = _steps(graphdef, float(temperature), int(top_k), float(top_p))
+    start = time.perf_counter()
     key = jax.random.PRNGKey(seed)
     text = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (num_samples, 1))
-    keep = max_seq_len if len(prompt_ids) <= max_seq_len else max_seq_len // 2
-    produced = 0
+    length = cache_length(len(prompt_ids), max_new_tokens, max_seq_len)
+    keep = length if len(prompt_ids) <= length else length // 2
+    produced, first = 0, None
     while produced < max_new_tokens:
         context = text[:, -keep:]
-        cache = model.init_cache(num_samples, max_seq_len)
+        cache = model.init_cache(num_samples, length)
         key, sub = jax.random.split(key)
-        token, cache = prefill(params, context, cache, sub)
-        text = jnp.concatenate([text, token[:, None]], axis=1)
+        token, cache = step(params, context, cache, jnp.int32(0), sub)
+        new = [token]
         produced += 1
+        if first is None:
+            first = time.perf_counter() if timings is None else \
+                (jax.block_until_ready(token), time.perf_counter())[1]
         index = context.shape[1]
-        while produced < max_new_tokens and index < max_seq_len:
+        while produced < max_new_tokens and index < length:
             key, sub = jax.random.split(key)
-            token, cache = decode(params, token, cache, jnp.int32(index), sub)
-            text = jnp.concatenate([text, token[:, None]], axis=1)
+            token, cache = step(params, token[:, None], cache, jnp.int32(index), sub)
+            new.append(token)
             produced += 1
             index += 1
-        keep = max_seq_len // 2
+        text = jnp.concatenate([text, jnp.stack(new, axis=1)], axis=1)
+        keep = length // 2
+    rows = jax.device_get(text[:, len(prompt_ids):]).tolist()
+    if timings is not None:
+        end = time.perf_counter()
+        timings.update(first_token_s=first - start, decode_s=end - first,
+                       decode_tokens=num_samples * (produced - 1))
     stops = {int(i) for i in stop_ids}
     result = []
-    for row in jax.device_get(text[:, len(prompt_ids):]).tolist():
+    for row in rows:
         end = next((j for j, t in enumerate(row) if t in stops), len(row))
         result.append(row[:end])
     return result
