@@ -18,8 +18,9 @@ of 15 trials.
 from lm.sweep import Grid, Sweep
 
 # The centre of each optimizer's LR grid (a 3-point grid around 1e-2 / 2e-3 / 1e-2 /
-# 1e-2 / 3e-2 put AdamW's and SGD-SaI's optimum below it and Muon's above).
-CENTRE = {"adamw": 3e-3, "lion": 1e-3, "adafactor": 1e-2, "muon": 3e-2, "sgd_sai": 1e-2}
+# 1e-2 / 3e-2 put AdamW's and SGD-SaI's optimum below it and Muon's above; a 5-point one
+# around 1e-2 put Adafactor's at width 128 on its low edge, 1e-3).
+CENTRE = {"adamw": 3e-3, "lion": 1e-3, "adafactor": 3e-3, "muon": 3e-2, "sgd_sai": 1e-2}
 MULTS = [0.1, 0.32, 1.0, 3.2, 10.0]
 
 

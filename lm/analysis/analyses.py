@@ -249,8 +249,13 @@ def _lr_sweep_figure(finished, by: list[str], table, path) -> Path:
         keyed[colour] = keyed["size"].map(runs.groupby("size")[colour].first())
     notes = {(r[panel] if panel else None, r[colour]): f"sens. {r['lr_sensitivity']:.2f}"
              for _, r in keyed.iterrows()}
+    optima = None
+    if panel and "seed" in runs:  # the stars: each line's best LR, hollow on the edge
+        from lm.analysis.transfer import lr_optima
+        optima = lr_optima(runs, by=(panel, colour), n_boot=50)
     return figures.lr_panels(runs, path, panel=panel or "_none_", colour=colour,
                              loss_init=float(table["loss_init"].max()), notes=notes,
+                             optima=optima,
                              title="LR sensitivity (Wortsman et al. 2023, fig. 1)")
 
 

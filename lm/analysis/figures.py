@@ -67,14 +67,18 @@ def lr_panels(runs: pd.DataFrame, path, *, panel: str = "arm", colour: str = "mo
     done = runs[~runs["status"].isin(["missing", "running"])]
     panels = _ordered(done[panel]) if panel in done else [None]
     shades = _colours(_ordered(done[colour]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels) + 0.6, 6.0), 4.3),
+    cols = min(len(panels), 3)  # rows of at most 3 panels: each stays legible
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols + 0.6, 6.0), 4.0 * rows + 0.3),
                              sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     finite = done[loss].to_numpy(float)
     finite = finite[np.isfinite(finite)]
     best = finite.min() if finite.size else 0.0
     top = loss_init if loss_init is not None else (
         min(float(np.percentile(finite, 95)), best + 2.5) if finite.size else 1.0)
-    for ax, p in zip(axes[0], panels):
+    for ax, p in zip(axes.flat, panels):
         part = done if p is None else done[done[panel] == p]
         for c in _ordered(part[colour]):
             g = part[part[colour] == c]
@@ -102,7 +106,8 @@ def lr_panels(runs: pd.DataFrame, path, *, panel: str = "arm", colour: str = "mo
         ax.set(xscale="log", xlabel=lr, title="" if p is None else _label(panel, p))
         ax.grid(alpha=0.3, which="both", lw=0.5)
         ax.legend(fontsize=7, loc="upper left" if loss_init is None else "best")
-    axes[0][0].set_ylabel(f"{loss}" + (" (diverged = L_init)" if loss_init is not None else ""))
+    for row in axes:
+        row[0].set_ylabel(f"{loss}" + (" (diverged = L_init)" if loss_init is not None else ""))
     axes[0][0].set_ylim(best - 0.1 * max(top - best, 0.1), top + 0.05 * max(top - best, 0.1))
     fig.suptitle(f"{title}\nmean and 95% interval over seeds; star: best LR (hollow: on "
                  "the grid's edge, a bound)", fontsize=8.5)
