@@ -391,6 +391,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.scan_layers needs one mixer type per kind; mixer_pattern="
                           f"{m.mixer_pattern!r}, channel_pattern={m.channel_pattern!r} "
                           "(set model.scan_layers=false)")
+    if m.scan_layers and any(_mixers.layer_configs(m, i) != _mixers.layer_configs(m, 0)
+                             for i in range(m.n_layers)):
+        raise ConfigError("model.scan_layers needs every layer configured alike; "
+                          f"model.attention.window_pattern={m.attention.window_pattern!r} "
+                          "differs by layer (set model.scan_layers=false)")
+    if m.layernorm_scaling and m.norm_position == "out":
+        raise ConfigError("model.layernorm_scaling scales the norms on a sublayer's input; "
+                          "model.norm_position=out has none")
     positive("model.mup_base_width", m.mup_base_width)
     positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:

@@ -80,7 +80,32 @@ FAMILIES = {
     # RoPE on interleaved channel pairs; o_proj square (head_dim = hidden / heads).
     "helium": (transformers.HeliumConfig, dict(tie_word_embeddings=False, rms_norm_eps=1e-6,
                                                head_dim=8)),
+    # Fused qkv_proj and gate_up_proj, a sliding window.
+    "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False, rms_norm_eps=1e-5,
+                                           sliding_window=8)),
+    # Norms on the sublayers' outputs only; qk-norm over all heads at once.
+    "olmo2": (transformers.Olmo2Config, dict(tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    # Peri norms of (1 + weight), sqrt(d) embeddings (tied), GeGLU, query_pre_attn_scalar,
+    # attention and final soft-caps that bind, sliding and global layers alternating.
+    "gemma2": (transformers.Gemma2Config, dict(
+        tie_word_embeddings=True, rms_norm_eps=1e-6, sliding_window=8,
+        query_pre_attn_scalar=20, attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    # Gemma 2 + per-head qk-norm, two local layers to a global one, the local layers'
+    # own RoPE base and the global layers' linear RoPE scaling; no soft-caps.
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        tie_word_embeddings=False, rms_norm_eps=1e-6, sliding_window=8, num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16, rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=5e5),
+            "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
 }
+# The model class of a config class, where it is not its name with ForCausalLM.
+MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
+
+
+def model_class(cls):
+    name = cls.__name__
+    return getattr(transformers, MODEL_CLASSES.get(name, name.replace("Config", "ForCausalLM")))
 SHARDED = "llama"  # saved in several shards with a model.safetensors.index.json
 
 
@@ -124,7 +149,7 @@ def make(out: Path) -> None:
     for i, (family, (cls, extra)) in enumerate(FAMILIES.items()):
         torch.manual_seed(i)
         cfg = cls(**{**COMMON, **extra}, attn_implementation="eager")
-        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        model = model_class(cls)(cfg)
         randomise(model, i)
         model.eval()
         d = out / family
@@ -176,10 +201,18 @@ NEW_TOKENS = 24  # prompt + continuation < max_position_embeddings (no RoPE extr
 # is the EOS token, generation_config.json lists a second end-of-sequence id.
 # "qwen2-plain": Qwen's byte-level BPE (the pipeline transformers' Qwen2Tokenizer builds),
 # no BOS token, no pad token of its own, no post-processor.
+BOS_NAMES = dict(bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+BOS_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, unk_token_id=3)
 SAVED = {
-    "llama-bos": ("llama", dict(bos_token="<s>", eos_token="</s>", pad_token="</s>",
-                                unk_token="<unk>"),
-                  dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, unk_token_id=3), 100),
+    "llama-bos": ("llama", BOS_NAMES, BOS_IDS, 100),
+    # The families after Llama's lineage, through lm sample's KV cache (Gemma: local and
+    # global layers, soft-caps; OLMo 2: output norms, qk-norm over all heads), with
+    # llama-bos's tokenizer.
+    "phi3-bos": ("phi3", BOS_NAMES, BOS_IDS, 100),
+    "olmo2-bos": ("olmo2", BOS_NAMES, BOS_IDS, 101),
+    "gemma2-bos": ("gemma2", BOS_NAMES, dict(BOS_IDS, tie_word_embeddings=False),
+                   102),  # tied random ones repeat a token
+    "gemma3-bos": ("gemma3_text", BOS_NAMES, BOS_IDS, 100),
     "qwen2-plain": ("qwen2", dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
                     dict(bos_token_id=None, eos_token_id=0, pad_token_id=0, vocab_size=320,
                          tie_word_embeddings=False), 107),  # tied random ones repeat
@@ -225,13 +258,13 @@ def saved(out: Path) -> None:
         cls, extra = FAMILIES[family]
         torch.manual_seed(seed)
         cfg = cls(**{**COMMON, **extra, **fields}, attn_implementation="eager")
-        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        model = model_class(cls)(cfg)
         randomise(model, seed)
         model.eval()
         d = out / case
         model.save_pretrained(d)
-        tok = tokenizer() if family == "llama" else qwen2_tokenizer()
-        if family == "llama":
+        tok = qwen2_tokenizer() if family == "qwen2" else tokenizer()
+        if family != "qwen2":
             tok.post_processor = processors.TemplateProcessing(
                 single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
         transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(d)
@@ -384,7 +417,7 @@ def gguf_files(out: Path) -> None:
                   bos_token_id=meta["bos"], eos_token_id=meta["eos"],
                   attn_implementation="eager")
         torch.manual_seed(n)
-        model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(cfg)
+        model = model_class(cls)(cfg)
         randomise(model, n)
         arch = "llama" if family == "mistral" else family
         w = gguf.GGUFWriter(str(out / f"{case}.gguf"), arch)

@@ -31,11 +31,15 @@ def export_arguments(p) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--peft", action="store_true",
                    help="a LoRA run as a PEFT adapter directory (default: merged weights)")
+    p.add_argument("--family", default=None,
+                   help="the Hugging Face model_type to write, e.g. phi3 (fused q/k/v and "
+                        "gate/up projections) or helium (default: the first family that "
+                        "expresses the model: llama before mistral, phi3, helium)")
 
 
 def export_hf(args) -> int:
     from lm.interop.hf_export import export_hf
-    return export_hf(args.run, args.out, peft=args.peft)
+    return export_hf(args.run, args.out, peft=args.peft, family=args.family)
 
 
 COMMANDS = [

@@ -144,7 +144,7 @@ def _rope(hf: dict) -> tuple[float, dict]:
     return theta, out
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
+def rope_parameters(cfg: ModelConfig) -> dict:
     """lmlab's RoPE knobs as transformers' rope_parameters."""
     s = cfg.rope_scaling
     out = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -181,8 +181,9 @@ def decoder_config_from_hf(family, hf: dict) -> ModelConfig:
     kw = dict(
         vocab_size=int(_need(hf, "vocab_size")), d_model=d, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(head_dim), norm="rms", norm_position="pre",
+        head_dim=int(head_dim), norm="rms", norm_position=family.norm_position,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=family.qk_norm,
+        qk_norm_scope=family.qk_norm_scope,
         rope_theta=rope_theta, max_seq_len=int(_need(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), mixer_pattern="a")
     used |= {"hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -252,8 +253,8 @@ def _moe(cfg: ModelConfig) -> bool:
 # it is set). A family's record may replace the list (`unsupported`).
 DECODER_UNSUPPORTED = (
     ("model.norm", lambda c: c.norm != "rms"),
-    ("model.norm_position", lambda c: c.norm_position != "pre"),
     ("model.layernorm_scaling", lambda c: c.layernorm_scaling),
+    ("model.scale_embeddings", lambda c: c.scale_embeddings),
     ("model.embed_norm", lambda c: c.embed_norm),
     ("model.parallel_block", lambda c: c.parallel_block),
     ("model.logit_softcap", lambda c: bool(c.logit_softcap)),
@@ -263,6 +264,10 @@ DECODER_UNSUPPORTED = (
      lambda c: bool(set(c.channel_pattern) - {"f", "e"})),
     ("model.attention.softcap", lambda c: bool(c.attention.softcap)),
     ("model.attention.sinks", lambda c: bool(c.attention.sinks)),
+    ("model.attention.scale_dim", lambda c: c.attention.scale_dim not in (0, c.dh)),
+    ("model.attention.window_pattern (global layers among windowed ones)",
+     lambda c: bool(c.attention.window) and "g" in c.attention.window_pattern),
+    ("model.attention.local_rope_theta", lambda c: bool(c.attention.local_rope_theta)),
     ("model.mlp.activation", lambda c: "f" in c.channel_pattern and c.mlp.activation != "swiglu"),
     ("model.moe.activation", lambda c: _moe(c) and c.moe.activation != "swiglu"),
     ("model.moe.router", lambda c: _moe(c) and c.moe.router != "softmax"),
@@ -270,6 +275,13 @@ DECODER_UNSUPPORTED = (
     ("model.moe.bias_rate", lambda c: _moe(c) and c.moe.bias_rate > 0),
     ("model.moe.capacity_factor", lambda c: _moe(c) and c.moe.capacity_factor > 0),
 )
+
+
+def unsupported_except(*knobs: str) -> tuple:
+    """DECODER_UNSUPPORTED without the entries of these knobs (a family that has them)."""
+    missing = set(knobs) - {knob for knob, _ in DECODER_UNSUPPORTED}
+    assert not missing, missing
+    return tuple((k, bad) for k, bad in DECODER_UNSUPPORTED if k not in knobs)
 
 
 def _width(ratio: float, d: int) -> int:
@@ -288,7 +300,7 @@ def decoder_config_to_hf(family, cfg: ModelConfig) -> dict:
         "head_dim": cfg.dh, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": _rope_parameters(cfg),
+        "rope_parameters": rope_parameters(cfg),
         "attention_dropout": 0.0, "dtype": cfg.param_dtype, "use_cache": True,
         "intermediate_size": _width(cfg.mlp.ratio, cfg.d_model),
     }

@@ -30,14 +30,18 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 
 def write_adapter(out_dir: Path, run, params: dict, run_dir,
-                  write_base: Callable[[Path], str]) -> str:
+                  write_base: Callable[[Path], str], family: str | None = None) -> str:
     """The LoRA run `run` (a RunSetup; `params` its restored params) -> the adapter
     directory out_dir, and its base where that is not a Hugging Face directory:
-    `write_base(dir)` writes the base model there (hf_export.py write_model) and
-    describes it."""
+    `write_base(dir)` writes the base model there (hf_export.py write_model, in
+    `family` if named) and describes it. A Hugging Face base is adapted in its own
+    family's module names; a family that fuses matrices lmlab adapts separately (Phi-3's
+    qkv_proj, gate_up_proj) is refused: its adapters are not a PEFT LoRA of rank r."""
     from safetensors.numpy import save_file
 
-    from lm.interop.families import entries, family_for
+    from lm.interop.families import entries
+    from lm.interop.hf_export import choose_family
+    from lm.interop.hf_import import read_hf_config
     from lm.peft.lora import low_rank_factors, target_paths
     from lm.tree import path_key
     from lm.train.param_source import HFDirectory, from_init_from
@@ -45,7 +49,14 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir,
     lora = cfg.lora
     if not lora.rank:
         raise ConfigError(f"lm export hf --peft: {run_dir} is not a LoRA run (lora.rank = 0)")
-    family = family_for(cfg.model)
+    hf_base = bool(cfg.init_from) and isinstance(from_init_from(cfg.init_from), HFDirectory)
+    if hf_base:  # the base's own family, whose module names PEFT will look for
+        base_family = read_hf_config(Path(cfg.init_from))["model_type"]
+        if family not in (None, base_family):
+            raise ConfigError(f"lm export hf --peft --family {family}: the base "
+                              f"{cfg.init_from} is {base_family}")
+        family = base_family
+    family = choose_family(cfg.model, family)
     table = {e.path: e for e in entries(cfg.model, family)}
     tensors, modules = {}, []
     for path in target_paths(lora, params["base"], cfg.model):
@@ -53,6 +64,10 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir,
         update = np.tensordot(np.asarray(jax.device_get(ad["a"]), np.float64),
                               np.asarray(jax.device_get(ad["b"]), np.float64), axes=1)
         entry = table[path]
+        if entry.fused:
+            raise ConfigError(f"lm export hf --peft: {family}'s {entry.hf_names[0]} fuses "
+                              f"matrices lmlab adapts separately ({'/'.join(path[-2:])}); "
+                              "export the merged model instead (without --peft)")
         (hf_update,) = entry.to_hf(update)  # [out, in]
         b, a = map(np.asarray, low_rank_factors(hf_update, lora.rank))
         module = entry.hf_names[0].removesuffix(".weight")
@@ -60,7 +75,7 @@ def write_adapter(out_dir: Path, run, params: dict, run_dir,
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.init_from and isinstance(from_init_from(cfg.init_from), HFDirectory):
+    if hf_base:
         base, base_note = str(Path(cfg.init_from).absolute()), f"base {cfg.init_from}"
     else:
         base = str((out_dir / "base").absolute())

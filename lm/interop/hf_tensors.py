@@ -28,6 +28,10 @@ class Entry:
     hf_names: tuple[str, ...]
     to_lm: Callable[[list[np.ndarray]], np.ndarray]  # the HF tensors -> the lmlab array
     to_hf: Callable[[np.ndarray], list[np.ndarray]]  # and back, one per hf_name
+    # One part of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj): to_lm reads its
+    # rows of the whole tensor, to_hf gives those rows, and export concatenates the parts
+    # of a tensor along axis 0 in table order.
+    fused: bool = False
 
 
 def _same(names, path):
@@ -56,6 +60,25 @@ def _experts(names, path):
                  lambda x: [np.ascontiguousarray(w.T) for w in x])
 
 
+# A block's norms by model.norm_position: (HF module name, lmlab's). pre: Llama's; out:
+# OLMo 2's (only on the sublayers' outputs); peri: Gemma 2/3's (both sides of each).
+NORMS = {
+    "pre": (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")),
+    "out": (("post_attention_layernorm", "attn_out_norm"),
+            ("post_feedforward_layernorm", "mlp_out_norm")),
+    "peri": (("input_layernorm", "norm1"), ("post_attention_layernorm", "attn_out_norm"),
+             ("pre_feedforward_layernorm", "norm2"),
+             ("post_feedforward_layernorm", "mlp_out_norm")),
+}
+
+
+def rows(entry: Entry, name: str, start: int, stop: int) -> Entry:
+    """`entry` (one HF tensor [out, in]) read from rows [start, stop) of the fused HF
+    tensor `name` (see Entry.fused)."""
+    return Entry(entry.path, (name,), lambda t: entry.to_lm([t[0][start:stop]]), entry.to_hf,
+                 fused=True)
+
+
 def decoder_tensors(family, cfg: ModelConfig) -> list[Entry]:
     """The shared Llama-lineage decoder's table for a model of this config in `family`
     (a lm.interop.families.Family: its experts' tensor names)."""
@@ -65,12 +88,12 @@ def decoder_tensors(family, cfg: ModelConfig) -> list[Entry]:
     if not cfg.tie_embeddings:
         out.append(_transposed("lm_head.weight", ("unembed",)))
     pattern = (cfg.channel_pattern * cfg.n_layers)[:cfg.n_layers]
+    norms = NORMS[cfg.norm_position]
     for i in range(cfg.n_layers):
         p, b = f"model.layers.{i}.", ("blocks", i)
         att, mix = p + "self_attn.", b + ("mixer",)
-        out += [_same([p + "input_layernorm.weight"], b + ("norm1", "scale")),
-                _same([p + "post_attention_layernorm.weight"], b + ("norm2", "scale")),
-                _qkv(att + "q_proj.weight", mix + ("wq",), h, dh),
+        out += [_same([p + f"{name}.weight"], b + (norm, "scale")) for name, norm in norms]
+        out += [_qkv(att + "q_proj.weight", mix + ("wq",), h, dh),
                 _qkv(att + "k_proj.weight", mix + ("wk",), kv, dh),
                 _qkv(att + "v_proj.weight", mix + ("wv",), kv, dh),
                 _o_proj(att + "o_proj.weight", mix + ("wo",), h, dh)]

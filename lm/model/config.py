@@ -33,9 +33,10 @@ class ModelConfig(Composed):
     n_kv_heads: int = knob(0, doc="0 = n_heads (multi-head); 1 = MQA; in between = GQA.")
     head_dim: int = knob(0, doc="0 = d_model // n_heads.")
     norm: Literal["rms", "layer"] = knob("rms", doc="RMSNorm or LayerNorm.")
-    norm_position: Literal["pre", "post", "peri"] = knob(
+    norm_position: Literal["pre", "post", "peri", "out"] = knob(
         "pre", doc="Where a block's norms sit: before each mixer (pre), after the residual "
-                   "add (post), or both around the mixer (peri).")
+                   "add (post), both around the mixer (peri: Gemma 2/3), or only on each "
+                   "mixer's output, before the residual add (out: OLMo 2).")
     norm_eps: float = knob(1e-6, doc="Added to the mean square in every norm (HF: "
                                      "rms_norm_eps).")
     layernorm_scaling: bool = knob(False, doc="Scale each block's norm outputs by "
@@ -47,6 +48,13 @@ class ModelConfig(Composed):
                                        "outputs swamp the small-init embedding.")
     qk_norm: bool = knob(False, doc="A norm (of model.norm's kind) on each head's queries "
                                     "and keys.")
+    qk_norm_scope: Literal["head", "all"] = knob(
+        "head", doc="With qk_norm: normalise each head's query and key (head: Qwen3, "
+                    "Gemma 3), or all heads' projected queries and keys at once, before "
+                    "they are split into heads (all: OLMo 2).")
+    scale_embeddings: bool = knob(False, doc="Multiply the token embeddings by "
+                                             "sqrt(d_model) before the first block (Gemma); "
+                                             "a tied readout uses the table unscaled.")
     rope_theta: float = knob(10_000.0, roles={"free_init"}, doc="RoPE base frequency.")
     rope_scaling: RopeScaling = section(RopeScaling)
     max_seq_len: int = knob(2048, roles={"free_init", "eval_time"},

@@ -145,6 +145,10 @@ def validate(cfg: "ModelConfig") -> None:
                               f"{block_of(cfg, i)} with layer {j}, but their mixers differ "
                               f"(mixer_pattern={cfg.mixer_pattern!r}, channel_pattern="
                               f"{cfg.channel_pattern!r})")
+        if mixers.layer_configs(cfg, i) != mixers.layer_configs(cfg, j):
+            raise ConfigError(f"model.recursion: layer {i} would share block "
+                              f"{block_of(cfg, i)} with layer {j}, but they are configured "
+                              "differently (model.attention.window_pattern)")
 
 
 def _relaxable(cfg: "ModelConfig", block_params: dict, block: int) -> list[tuple[tuple, int]]:

@@ -1,4 +1,4 @@
-"""Decoder-only stack: blocks with pre / post / peri norm placement, optional LayerNorm
+"""Decoder-only stack: blocks with pre / post / peri / out norm placement, optional LayerNorm
 scaling, parallel mixer + channel mixer, optionally scanned over layers. The mixers are
 plug-ins (lm/model/mixers); nothing here depends on which ones a layer uses."""
 
@@ -34,12 +34,14 @@ class Block(nnx.Module):
         self.position = cfg.norm_position
         self.parallel = cfg.parallel_block
         self.layernorm_scaling = cfg.layernorm_scaling
-        self.mixer = mixers.sequence_mixer(cfg, layer)(cfg, rngs)
-        self.channel = mixers.channel_mixer(cfg, layer)(cfg, rngs)
-        self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
-        if not (self.parallel and self.position != "post"):
-            self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
-        if self.position == "peri":  # Peri-LN also normalises each sublayer's output
+        sequence, channel = mixers.sequence_mixer(cfg, layer), mixers.channel_mixer(cfg, layer)
+        self.mixer = sequence(sequence.layer_config(cfg, layer), rngs)
+        self.channel = channel(channel.layer_config(cfg, layer), rngs)
+        if self.position != "out":  # "out" normalises only the sublayers' outputs
+            self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+            if not (self.parallel and self.position != "post"):
+                self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+        if self.position in ("peri", "out"):  # each sublayer's output normalised
             self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
             self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
 
@@ -70,18 +72,19 @@ class Block(nnx.Module):
                 x = self.norm2(x + channel(x)) * ls
             return x, cache, max_logit, channel_aux
 
-        peri = self.position == "peri"
-        h = self.norm1(x) * ls
+        inputs = self.position != "out"  # pre / peri: norms on the sublayers' inputs
+        outputs = self.position in ("peri", "out")  # and / or on their outputs
+        h = self.norm1(x) * ls if inputs else x
         a, cache, max_logit = mix(h)
-        if peri:
+        if outputs:
             a = self.attn_out_norm(a)
         if self.parallel:
             m = channel(h)
-            x = x + a + (self.mlp_out_norm(m) if peri else m)
+            x = x + a + (self.mlp_out_norm(m) if outputs else m)
         else:
             x = x + a
-            m = channel(self.norm2(x) * ls)
-            x = x + (self.mlp_out_norm(m) if peri else m)
+            m = channel(self.norm2(x) * ls if inputs else x)
+            x = x + (self.mlp_out_norm(m) if outputs else m)
         return x, cache, max_logit, channel_aux
 
 
@@ -166,6 +169,8 @@ class Transformer(nnx.Module):
         # about to be used) so the lookup's output can take the batch sharding directly.
         table_VD = constrain(self.embed[...].astype(cdt), ("vocab", "act_embed"))
         x = constrain(table_VD[tokens_BT], ACT)
+        if cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the compute dtype
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), cdt)
         if cfg.embed_norm:
             x = self.embed_norm(x)
 

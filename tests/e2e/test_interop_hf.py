@@ -25,7 +25,7 @@ from lm.cli import main
 
 HERE = Path(__file__).resolve().parent.parent  # tests/
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "llama-rope-llama3",
-            "qwen3-rope-yarn", "helium"]
+            "qwen3-rope-yarn", "helium", "phi3", "olmo2", "gemma2", "gemma3_text"]
 TOL = 1e-4
 
 
@@ -111,7 +111,8 @@ def tiny_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1, **model_kw):
+def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1,
+                 family: str | None = None, **model_kw):
     """(An HF-format directory written from a random lmlab model by lmlab's own writer:
     config.json, safetensors (optionally sharded with an index), tokenizer.json; the
     model, holding the written weights)."""
@@ -136,7 +137,7 @@ def write_hf_dir(path: Path, overrides: dict | None = None, shards: int = 1, **m
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
-    family = family_for(cfg)
+    family = family or family_for(cfg)
     path.mkdir(parents=True)
     hf = hf_config_from_model(cfg, family, 0, 1, 2)
     hf.update(overrides or {})
@@ -306,15 +307,22 @@ def test_lora_runs_export_as_peft_adapters_that_peft_loads(reference, tmp_path):
 # ------------------------------------------------------------- the family records
 
 
-def _reference_cases() -> dict[str, str]:
-    """tests/hf_reference.py's cases: name -> the transformers config class they build
-    (read from its source: lmlab's Python never imports torch)."""
+def _reference_dict(name: str) -> dict:
+    """A dict literal of tests/hf_reference.py, keys -> their value's AST node (read from
+    its source: lmlab's Python never imports torch)."""
     import ast
     tree = ast.parse((HERE / "hf_reference.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "FAMILIES":
-            return {k.value: v.elts[0].attr for k, v in zip(node.value.keys, node.value.values)}
-    raise AssertionError("no FAMILIES in hf_reference.py")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            return {k.value: v for k, v in zip(node.value.keys, node.value.values)}
+    raise AssertionError(f"no {name} in hf_reference.py")
+
+
+def _reference_cases() -> dict[str, str]:
+    """tests/hf_reference.py's cases: name -> the transformers model class they build."""
+    classes = {k: v.value for k, v in _reference_dict("MODEL_CLASSES").items()}
+    configs = {k: v.elts[0].attr for k, v in _reference_dict("FAMILIES").items()}
+    return {k: classes.get(c, c.replace("Config", "ForCausalLM")) for k, c in configs.items()}
 
 
 def test_every_registered_family_has_a_reference_case():
@@ -325,8 +333,7 @@ def test_every_registered_family_has_a_reference_case():
     assert set(cases) == set(FAMILIES)
     for name, family in families.REGISTRY.items():
         assert name in cases, f"family {name} has no case in tests/hf_reference.py"
-        arch = cases[name].replace("Config", "ForCausalLM")
-        assert arch == family.architecture, (name, arch, family.architecture)
+        assert cases[name] == family.architecture, (name, cases[name], family.architecture)
 
 
 def test_a_family_is_one_record():
@@ -348,10 +355,13 @@ def test_a_family_is_one_record():
         assert cfg.problem(back) is None  # the record expresses what it reads ...
         first = next(f for f in families.REGISTRY.values() if f.problem(back) is None)
         assert family_for(back) == first.model_type  # ... and export writes the first
-        assert name in ("helium",) or first is cfg  # that does (Helium: as Llama)
+        assert name in ("helium", "phi3") or first is cfg  # that does (Helium: as Llama)
         assert hf_config_from_model(back, name, 0, 1, 2) == hf
-        names = [n for e in entries(back, name) for n in e.hf_names]
+        table = entries(back, name)
+        names = [n for e in table if not e.fused for n in e.hf_names]
+        fused = [n for e in table if e.fused for n in e.hf_names]
         assert len(names) == len(set(names)) and "model.embed_tokens.weight" in names
+        assert not set(fused) & set(names) and (name == "phi3") == bool(fused)
 
 
 def _model_of(family: str):
@@ -365,8 +375,16 @@ def _model_of(family: str):
     moe = dataclasses.replace(base.moe, n_experts=4, top_k=2, activation="swiglu",
                               router="softmax", renormalize=True)
     att = base.attention
+    gemma = dict(norm_position="peri", scale_embeddings=True, logit_softcap=30.0,
+                 mlp=dataclasses.replace(base.mlp, activation="geglu"))
     kw.update({
         "llama": {}, "helium": {},
+        "phi3": dict(attention=dataclasses.replace(att, window=8)),
+        "olmo2": dict(norm_position="out", qk_norm=True, qk_norm_scope="all"),
+        "gemma2": dict(gemma, attention=dataclasses.replace(
+            att, window=8, window_pattern="lg", softcap=50.0, scale_dim=16.0)),
+        "gemma3_text": dict(gemma, qk_norm=True, attention=dataclasses.replace(
+            att, window=8, window_pattern="lllllg", local_rope_theta=1e4, scale_dim=12.0)),
         "mistral": dict(attention=dataclasses.replace(att, window=8)),
         "qwen2": dict(attention=dataclasses.replace(att, qkv_bias=True)),
         "qwen3": dict(qk_norm=True),
@@ -392,11 +410,16 @@ def test_mixtral_reads_its_sliding_window():
 
 @pytest.mark.parametrize("change,message", [
     (dict(qk_norm=True, qkv_bias=True), "no Hugging Face family lmlab exports expresses this "
-     "model: model.attention.qkv_bias=true (llama, mistral, qwen3, mixtral, qwen3_moe, helium); "
-     "model.qk_norm=true (qwen2)"),
+     "model: model.attention.qkv_bias=true (llama, mistral, qwen3, mixtral, qwen3_moe, helium, "
+     "phi3, olmo2); model.qk_norm=true (qwen2); model.scale_embeddings=false (gemma2, "
+     "gemma3_text)"),
     (dict(window=16, qk_norm=True), "model.attention.window (qwen3, qwen3_moe)"),
-    (dict(logit_softcap=30.0), "model.logit_softcap has no equivalent in the Hugging Face "
-     "families lmlab exports (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, helium)"),
+    (dict(logit_softcap=30.0), "model.logit_softcap (llama, mistral, qwen2, qwen3, mixtral, "
+     "qwen3_moe, helium, phi3, olmo2); model.scale_embeddings=false (gemma2, gemma3_text)"),
+    (dict(norm_position="out", qk_norm=True), "model.qk_norm_scope=head (olmo2)"),
+    (dict(window=16, window_pattern="lg"), "model.attention.window_pattern (global layers "
+     "among windowed ones) (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, helium, phi3, "
+     "olmo2)"),
 ])
 def test_export_names_what_no_family_expresses(change, message):
     import dataclasses
@@ -404,7 +427,7 @@ def test_export_names_what_no_family_expresses(change, message):
     from lm.config import ConfigError
     from lm.interop.families import family_for
     cfg = _model_of("llama")
-    att = {k: change.pop(k) for k in ("qkv_bias", "window") if k in change}
+    att = {k: change.pop(k) for k in ("qkv_bias", "window", "window_pattern") if k in change}
     cfg = dataclasses.replace(cfg, **change,
                               attention=dataclasses.replace(cfg.attention, **att))
     with pytest.raises(ConfigError) as e:
@@ -413,34 +436,59 @@ def test_export_names_what_no_family_expresses(change, message):
 
 
 @needs_hf
-def test_helium_written_as_helium_is_the_same_checkpoint(reference, tmp_path):
-    """`lm export hf` writes a Helium import as Llama (the first family that expresses
-    it, checked by the roundtrip above); written as Helium by name, its tensors are the
-    source's exactly (q/k channels permuted back to interleaved pairs) and transformers'
-    HeliumForCausalLM gives the reference logits."""
-    from safetensors.numpy import load_file, save_file
+@pytest.mark.parametrize("family,default", [("helium", "llama"), ("phi3", "mistral")])
+def test_a_family_written_by_name_is_the_same_checkpoint(reference, tmp_path, capfd,
+                                                         family, default):
+    """`lm export hf` writes a Helium import as Llama and a Phi-3 one (with its window)
+    as Mistral (the first family that expresses it, checked by the roundtrip above);
+    `--family` writes it as itself: its tensors are the source's exactly (Helium's q/k
+    channels permuted back to interleaved pairs; Phi-3's q/k/v and gate/up fused again)
+    and transformers gives the reference logits."""
+    from safetensors.numpy import load_file
 
-    from lm.interop.families import hf_config_from_model
-    from lm.interop.hf_export import hf_tensors
     from lm.interop.hf_import import import_hf
-    from lm.train.param_source import restore_for_inference
-    assert import_hf(reference / "helium", tmp_path / "run") == 0
-    run, params, _ = restore_for_inference(tmp_path / "run")
+    assert import_hf(reference / family, tmp_path / "run") == 0
+    capfd.readouterr()
+    assert main(["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "plain")]) == 0
+    assert f"as {default} (" in capfd.readouterr().out
     out = tmp_path / "out"
-    out.mkdir()
-    hf = hf_config_from_model(run.cfg.model, "helium", 0, 1, 2)
-    (out / "config.json").write_text(json.dumps(hf))
-    tensors = hf_tensors(run.cfg.model, "helium", params)
-    save_file(tensors, str(out / "model.safetensors"))
-    source = load_file(str(reference / "helium" / "model.safetensors"))
+    assert main(["export", "hf", str(tmp_path / "run"), "--out", str(out), "--family",
+                 family]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    tensors = load_file(str(out / "model.safetensors"))
+    source = load_file(str(reference / family / "model.safetensors"))
     assert set(tensors) == set(source)
     for name, value in source.items():
         np.testing.assert_array_equal(tensors[name], value, err_msg=name)
     subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "logits",
                     str(reference / "tokens.npy"), str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
-    got, want = np.load(out / "logits_hf.npy"), np.load(reference / "helium" / "logits.npy")
+    got, want = np.load(out / "logits_hf.npy"), np.load(reference / family / "logits.npy")
     assert np.max(np.abs(got - want)) < TOL
+    # A family that cannot express the model is named with what it lacks.
+    code, err = _err(capfd, ["export", "hf", str(tmp_path / "run"), "--out",
+                             str(tmp_path / "no"), "--family", "olmo2"])
+    assert code == 2 and len(err) == 1 and "--family olmo2: model.norm_position=pre" in err[0]
+
+
+def test_peft_export_refuses_a_fused_base(tmp_path, capfd):
+    """A LoRA fine-tune of a Phi-3 directory: its adapters on q, k, v (and gate, up) are
+    separate lmlab matrices, which PEFT would have to put on the fused qkv_proj: refused
+    with one line (the merged export still works)."""
+    from conftest import TINY, lm, sets
+    hf_dir, _ = write_hf_dir(tmp_path / "hf", family="phi3")
+    common = [o for o in TINY if not o.startswith("model.")] + [
+        "steps=2", "checkpoint_every=2", "eval_every=2", "lora.rank=2",
+        "lora.targets=*.mixer.w[qkvo]"]
+    result = lm("train", "--run-dir", str(tmp_path / "run"), "--init-from", str(hf_dir),
+                *sets(*common))
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, err = _err(capfd, ["export", "hf", str(tmp_path / "run"), "--out",
+                             str(tmp_path / "peft"), "--peft"])
+    assert code == 2 and len(err) == 1, err
+    assert "phi3's model.layers.0.self_attn.qkv_proj.weight fuses" in err[0], err
+    assert main(["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "merged"),
+                 "--family", "phi3"]) == 0
 
 
 def test_export_refuses_a_channel_mixer_no_family_has():
@@ -472,8 +520,11 @@ def _listing(d: Path) -> dict:
     return {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(d.iterdir())}
 
 
+SAVED_CASES = ["llama-bos", "qwen2-plain", "phi3-bos", "olmo2-bos", "gemma2-bos", "gemma3-bos"]
+
+
 @needs_hf
-@pytest.mark.parametrize("case", ["llama-bos", "qwen2-plain"])
+@pytest.mark.parametrize("case", SAVED_CASES)
 def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd, case):
     """`lm sample --temperature 0` prints what transformers' generate(do_sample=False)
     continues the same prompt string with: the prompt framed by the tokenizer's own
@@ -481,7 +532,10 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
     lm sample used to put a BOS before every prompt), stopping at any of
     generation_config.json's end-of-sequence ids (llama-bos lists a second one the model
     emits mid-continuation). The directory imports untouched and the vocabulary does not
-    grow: the pad token is the EOS token (qwen2-plain has no pad or BOS token at all)."""
+    grow: the pad token is the EOS token (qwen2-plain has no pad or BOS token at all).
+    The other families' cases (llama-bos's tokenizer) take their KV-cache decoding
+    through what Llama's lacks: Gemma's local and global layers with their own RoPE and
+    soft-caps, OLMo 2's output norms and all-heads qk-norm, Phi-3's fused weights."""
     from lm.data.tokenizers import load_tokenizer
     src = saved / case
     ref = json.loads((src / "generate.json").read_text())
@@ -492,7 +546,7 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
     tok = load_tokenizer(str(run / "tokenizer.json"))
     hf_tok = json.loads((src / "tokenizer.json").read_text())
     assert tok.vocab_size == len(hf_tok["model"]["vocab"])  # nothing appended
-    assert tok.pad_id == tok.eos_id == (1 if case == "llama-bos" else 0)
+    assert tok.pad_id == tok.eos_id == (0 if case == "qwen2-plain" else 1)
     assert list(tok.frame(tok.encode(ref["prompt"]))) == ref["prompt_ids"]
     if case == "llama-bos":
         assert tok.stop_ids[0] == 1 and len(tok.stop_ids) == 2
@@ -509,3 +563,60 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
     assert main(["export", "hf", str(run), "--out", str(tmp_path / "out")]) == 0
     for name in ("tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+
+
+# ------------------------------------- the newer families' config.json, both vintages
+
+
+def test_gemma_configs_as_older_transformers_saved_them():
+    """Hub configs of Gemma 2 / 3 written before transformers 5: no layer_types (one
+    global layer in 2, or in sliding_window_pattern), Gemma 3's rope_theta +
+    rope_local_base_freq + rope_scaling instead of rope_parameters per layer type,
+    hidden_act beside hidden_activation, cache_implementation."""
+    from lm.interop.families import hf_config_from_model, model_config_from_hf
+    hf = hf_config_from_model(_model_of("gemma3_text"), "gemma3_text", 0, 1, 2)
+    for key in ("layer_types", "rope_parameters"):
+        del hf[key]
+    hf.update(num_hidden_layers=26, sliding_window=512, sliding_window_pattern=6,
+              rope_theta=1e6, rope_local_base_freq=1e4, hidden_act="gelu_pytorch_tanh",
+              rope_scaling={"rope_type": "linear", "factor": 8.0},
+              cache_implementation="hybrid")
+    cfg = model_config_from_hf(hf)
+    a = cfg.attention
+    assert (a.window, a.window_pattern, a.local_rope_theta) == (512, "lllllg", 1e4)
+    assert (cfg.rope_theta, cfg.rope_scaling.type, cfg.rope_scaling.factor) == (1e6, "linear", 8.0)
+    assert cfg.qk_norm and cfg.scale_embeddings and cfg.mlp.activation == "geglu"
+    written = hf_config_from_model(cfg, "gemma3_text", 0, 1, 2)
+    assert written["layer_types"].count("full_attention") == 4  # layers 5, 11, 17, 23
+    assert written["rope_parameters"]["sliding_attention"] == {"rope_type": "default",
+                                                               "rope_theta": 1e4}
+    hf = hf_config_from_model(_model_of("gemma2"), "gemma2", 0, 1, 2)
+    for key in ("layer_types", "final_logit_softcapping", "query_pre_attn_scalar"):
+        del hf[key]  # Gemma2Config's defaults: 30.0, 256
+    cfg = model_config_from_hf(hf | {"hidden_act": "gelu_pytorch_tanh"})
+    assert (cfg.attention.window_pattern, cfg.logit_softcap, cfg.attention.scale_dim) == (
+        "lg", 30.0, 256.0)
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                  "partial_rotary_factor": 0.75}},
+     "rope_parameters.partial_rotary_factor=0.75 is not supported"),
+    ("phi3", {"resid_pdrop": 0.1}, "resid_pdrop=0.1 is not supported"),
+    ("olmo2", {"attention_bias": True}, "attention_bias=True is not supported"),
+    ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation='gelu' is not supported"),
+    ("gemma2", {"layer_types": ["chunked_attention", "full_attention"]},
+     "layer_types=['chunked_attention', 'full_attention'] is not one of"),
+    ("gemma3_text", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention="),
+])
+def test_new_families_refuse_what_lmlab_does_not_compute(family, change, message):
+    from lm.config import ConfigError
+    from lm.interop.families import hf_config_from_model, model_config_from_hf
+    hf = hf_config_from_model(_model_of(family), family, 0, 1, 2) | change
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        model_config_from_hf(hf)
+    assert "\n" not in str(e.value)

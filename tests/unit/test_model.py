@@ -141,8 +141,8 @@ def test_scanned_layers_equal_the_layer_loop():
     np.testing.assert_allclose(aux_a["attn_logit_max"], aux_b["attn_logit_max"], rtol=1e-5)
 
 
-VARIANTS = list(itertools.product(["pre", "post", "peri"], [False, True], [False, True],
-                                  ["standard", "mup"]))
+VARIANTS = list(itertools.product(["pre", "post", "peri", "out"], [False, True],
+                                  [False, True], ["standard", "mup"]))
 
 
 @pytest.mark.parametrize("position,qk_norm,parallel,init", VARIANTS)
@@ -216,12 +216,12 @@ def test_every_parameter_has_logical_axes():
         assert ("vocab", "embed") in flat_axes and ("embed", "vocab") in flat_axes
 
 
-@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "geglu"])
 def test_mlp_custom_backward_equals_autodiff(kind):
-    from lm.model.mixers.mlp import activation, mlp_core
+    from lm.model.mixers.mlp import GATED, activation, mlp_core
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     x = jax.random.normal(keys[0], (2, 8, 16))
-    w_ins = tuple(0.2 * jax.random.normal(k, (16, 32)) for k in keys[1:1 + (2 if kind == "swiglu" else 1)])
+    w_ins = tuple(0.2 * jax.random.normal(k, (16, 32)) for k in keys[1:1 + (2 if kind in GATED else 1)])
     w_out = 0.2 * jax.random.normal(keys[4], (16, 32))  # stored [embed, mlp]
     cot = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 16))
 
@@ -293,3 +293,178 @@ def test_query_blocks_cover_the_sequence():
     assert query_blocks(256, 0) == [(0, 128), (128, 256)]  # auto: >= 128 queries a block
     assert len(query_blocks(4096, 0)) == 8 and query_blocks(100, 0) == [(0, 100)]
     assert query_blocks(3, 8) == [(0, 1), (1, 2), (2, 3)]
+
+
+# ------------------------------------------------ knobs of the Hugging Face families
+
+
+def _params(model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _with_params(model, params: dict):
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def test_norm_position_out_normalises_only_the_sublayer_outputs():
+    """OLMo 2: x + N(attn(x)), then + N(mlp(.)): no norm on a sublayer's input."""
+    cfg = dataclasses.replace(TINY, norm_position="out", n_layers=1)
+    model = make(cfg)
+    block = model.blocks[0]
+    assert not hasattr(block, "norm1") and not hasattr(block, "norm2")
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 10, cfg.d_model))
+    pos, seg = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32)
+    got = block(x, pos, seg, jnp.float32(0))[0]
+    h = x + block.attn_out_norm(block.mixer(x, pos, seg)[0])
+    want = h + block.mlp_out_norm(block.channel(h))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(model.blocks[0].attn_out_norm.scale[...]))) > 0
+
+
+def test_qk_norm_scope_all_normalises_all_heads_at_once():
+    """Scaling one query head's projection: a per-head norm undoes it, a norm over all
+    heads' queries together (OLMo 2) does not; scaling every head it undoes."""
+    x = tokens()
+
+    def change(scope, heads):
+        model = make(dataclasses.replace(TINY, qk_norm=True, qk_norm_scope=scope))
+        before = jitted(model)(x)[0]
+        p = _params(model)
+        for b in p["blocks"].values():
+            b["mixer"]["wq"] = b["mixer"]["wq"].at[:, heads].multiply(5.0)
+        after = jitted(_with_params(model, p))(x)[0]
+        return float(jnp.max(jnp.abs(after - before)))
+
+    assert make(dataclasses.replace(TINY, qk_norm=True, qk_norm_scope="all")).blocks[
+        0].mixer.q_norm.scale.shape == (TINY.n_heads * TINY.dh,)
+    assert change("head", slice(0, 1)) < 1e-4
+    assert change("all", slice(0, 1)) > 1e-2
+    assert change("all", slice(None)) < 1e-4
+
+
+def test_scale_embeddings_multiplies_the_embeddings_by_sqrt_d():
+    """Gemma: the same as a table sqrt(d_model) times larger (untied readout)."""
+    cfg = dataclasses.replace(TINY, tie_embeddings=False)
+    scaled = make(dataclasses.replace(cfg, scale_embeddings=True))
+    p = _params(scaled)
+    plain = _with_params(make(cfg), dict(p, embed=p["embed"] * math.sqrt(cfg.d_model)))
+    x = tokens()
+    np.testing.assert_allclose(jitted(scaled)(x)[0], jitted(plain)(x)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(jitted(scaled)(x)[0], jitted(_with_params(make(cfg), p))(x)[0],
+                           atol=1e-3)
+
+
+def test_geglu_is_a_tanh_gelu_gate_times_the_up_projection():
+    from lm.model.mixers.mlp import MLP
+    cfg = dataclasses.replace(TINY, mlp=MLPConfig("geglu", 2.0))
+    mlp = MLP(cfg, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 5, cfg.d_model))
+    g, u, o = (np.asarray(w[...]) for w in (mlp.w_gate, mlp.w_in, mlp.w_out))
+    a = np.asarray(x) @ g
+    gelu_tanh = 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
+    np.testing.assert_allclose(mlp(x), (gelu_tanh * (np.asarray(x) @ u)) @ o.T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_scale_dim_sets_the_attention_logit_scale():
+    """q.k / sqrt(4 head_dim) is q/2 . k / sqrt(head_dim): a query projection halved."""
+    cfg = dataclasses.replace(TINY, attention=AttentionConfig(scale_dim=4.0 * TINY.dh))
+    scaled = make(cfg)
+    p = _params(scaled)
+    halved = jax.tree_util.tree_map_with_path(
+        lambda path, w: w / 2 if getattr(path[-1], "key", None) == "wq" else w, p)
+    plain = _with_params(make(TINY), halved)
+    x = tokens()
+    np.testing.assert_allclose(jitted(scaled)(x)[0], jitted(plain)(x)[0], rtol=1e-5, atol=1e-5)
+    assert make(dataclasses.replace(TINY, attention=AttentionConfig(
+        scale_dim=float(TINY.dh)))).blocks[0].mixer.scale == make().blocks[0].mixer.scale
+
+
+def _same_params_logits(cfg, params, x):
+    return np.asarray(jitted(_with_params(make(cfg), params))(x)[0])
+
+
+def test_window_pattern_windows_only_the_local_layers():
+    """"lg": layer 0 sees the window, layer 1 everything (Gemma 2). All-local is the plain
+    window, all-global no window; the mix is neither."""
+    w = AttentionConfig(window=3)
+    x = tokens(2, 16)
+    cfg = dataclasses.replace(TINY, attention=dataclasses.replace(w, window_pattern="lg"))
+    model = make(cfg)
+    assert [b.mixer.window for b in model.blocks] == [3, 0]
+    p = _params(model)
+    mixed = _same_params_logits(cfg, p, x)
+    local = _same_params_logits(dataclasses.replace(TINY, attention=w), p, x)
+    np.testing.assert_allclose(_same_params_logits(dataclasses.replace(
+        TINY, attention=dataclasses.replace(w, window_pattern="l")), p, x), local, atol=1e-6)
+    np.testing.assert_allclose(_same_params_logits(dataclasses.replace(
+        TINY, attention=dataclasses.replace(w, window_pattern="g")), p, x),
+        _same_params_logits(TINY, p, x), atol=1e-6)
+    assert not np.allclose(mixed, local, atol=1e-3)
+    assert not np.allclose(mixed, _same_params_logits(TINY, p, x), atol=1e-3)
+
+
+def test_local_rope_theta_is_the_local_layers_unscaled_rope():
+    """Gemma 3: local layers rotate at their own base, without the global layers'
+    RoPE scaling."""
+    from lm.model.rope_scaling import RopeScaling
+    att = AttentionConfig(window=3, window_pattern="lg", local_rope_theta=100.0)
+    cfg = dataclasses.replace(TINY, rope_theta=1e4, attention=att, init_std=0.3,
+                              rope_scaling=RopeScaling(type="linear", factor=2.0))
+    model = make(cfg)
+    local, glob = model.blocks[0].mixer, model.blocks[1].mixer
+    assert (local.rope_theta, local.rope_scaling.type) == (100.0, "none")
+    assert (glob.rope_theta, glob.rope_scaling.type) == (1e4, "linear")
+    # every layer local: the model whose RoPE base is the local one
+    x = tokens()
+    all_local = dataclasses.replace(cfg, attention=dataclasses.replace(att, window_pattern="l"))
+    p = _params(model)
+    plain = dataclasses.replace(TINY, rope_theta=100.0, attention=AttentionConfig(window=3),
+                                init_std=0.3)
+    np.testing.assert_allclose(_same_params_logits(all_local, p, x),
+                               _same_params_logits(plain, p, x), atol=1e-6)
+    assert not np.allclose(_same_params_logits(dataclasses.replace(
+        all_local, attention=dataclasses.replace(att, window_pattern="l", local_rope_theta=0.0)),
+        p, x), _same_params_logits(plain, p, x), atol=1e-3)
+
+
+def test_kv_cache_decoding_of_a_gemma_like_stack_gives_the_full_forward_logits():
+    """Every knob of the Gemma / OLMo families through the decoding path."""
+    for cfg in (dataclasses.replace(
+            TINY, n_kv_heads=2, norm_position="peri", qk_norm=True, scale_embeddings=True,
+            logit_softcap=5.0, mlp=MLPConfig("geglu"), attention=AttentionConfig(
+                window=4, window_pattern="lg", local_rope_theta=100.0, scale_dim=12.0,
+                softcap=3.0)),
+            dataclasses.replace(TINY, n_kv_heads=2, norm_position="out", qk_norm=True,
+                                qk_norm_scope="all", mlp=MLPConfig("swiglu"))):
+        eager = make(cfg)
+        model = jitted(eager)
+        x = tokens(2, 14, seed=9)
+        full, _ = model(x)
+        logits, aux = model(x[:, :5], cache=eager.init_cache(2, 14), cache_index=0)
+        np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+        cache = aux["cache"]
+        for t in range(5, 14):
+            step_logits, aux = model(x[:, t:t + 1], cache=cache, cache_index=t)
+            cache = aux["cache"]
+            np.testing.assert_allclose(step_logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(window_pattern="lx"), "window_pattern='lx' must be a string of l"),
+    (dict(window=0, window_pattern="lg"), "window_pattern needs model.attention.window > 0"),
+    (dict(window=0, local_rope_theta=10.0), "local_rope_theta needs model.attention.window"),
+    (dict(window_pattern="lg", scan_layers=True), "model.scan_layers needs every layer "
+                                                  "configured alike"),
+    (dict(scale_dim=16.0, init="mup"), "scale_dim sets the logit scale"),
+])
+def test_per_layer_and_scale_knobs_refuse_what_they_cannot_mean(change, message):
+    from lm.config import ConfigError, TrainConfig, validate
+    model_kw = {k: change.pop(k) for k in ("scan_layers", "init") if k in change}
+    att = AttentionConfig(**{"window": 4, **change})
+    cfg = TrainConfig(model=dataclasses.replace(TINY, attention=att, **model_kw))
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

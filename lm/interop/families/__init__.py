@@ -12,9 +12,10 @@ and reuse the shared decoder mapping (lm/interop/hf_config.py) and tensor table
 `config_to_hf` or `tensors`.
 
 `lm import hf` picks the record by config.json's model_type; `lm export hf` (and
-`--peft`) writes the first registered family that expresses the model: its declared
-fields (qkv_bias, qk_norm, window, experts) are what it can express, and `unsupported`
-the lmlab knobs it cannot.
+`--peft`) writes the first registered family that expresses the model, or the one
+named by `--family`: its declared fields (qkv_bias, qk_norm and its scope,
+norm_position, window, experts) are what it can express, and `unsupported` the lmlab
+knobs it cannot.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ class Family:
     architecture: str              # config.json "architectures"[0] written on export
     # --- what the family's decoder has (read on import, required on export)
     qkv_bias: bool = False         # q/k/v projections carry biases
-    qk_norm: bool = False          # per-head RMSNorm on q and k
+    qk_norm: bool = False          # RMSNorm on q and k
+    qk_norm_scope: str = "head"    # ... per head (Qwen3), or "all" heads at once (OLMo 2)
+    norm_position: str = "pre"     # the block's norms: "pre" (Llama), "out" (OLMo 2),
+                                   # "peri" (Gemma 2/3); their tensors: hf_tensors.NORMS
     window: str = "switch"         # config.json sliding_window: "always" the window
                                    # (Mistral), "switch" only with use_sliding_window or
-                                   # all layer_types sliding (Qwen), else no window
+                                   # all layer_types sliding (Qwen), "layers" in the
+                                   # layers layer_types says (Gemma), else no window
     experts: Experts | None = None # None: dense SwiGLU MLP in every layer
     export_fields: Mapping = field(default_factory=dict)  # fixed fields written on export
     # --- what it refuses
@@ -71,9 +76,13 @@ class Family:
         a, moe = cfg.attention, "e" in cfg.channel_pattern
         if a.qkv_bias != self.qkv_bias:
             return f"model.attention.qkv_bias={str(a.qkv_bias).lower()}"
+        if cfg.norm_position != self.norm_position:
+            return f"model.norm_position={cfg.norm_position}"
         if cfg.qk_norm != self.qk_norm:
             return f"model.qk_norm={str(cfg.qk_norm).lower()}"
-        if a.window and self.window != "always":
+        if cfg.qk_norm and cfg.qk_norm_scope != self.qk_norm_scope:
+            return f"model.qk_norm_scope={cfg.qk_norm_scope}"
+        if a.window and self.window not in ("always", "layers"):
             return "model.attention.window"
         if moe != (self.experts is not None):
             return "MoE layers (model.channel_pattern with e)" if moe else "dense layers"
@@ -159,9 +168,11 @@ def entries(cfg: ModelConfig, family: str) -> list[Entry]:
 
 
 # The built-in families, in export preference order (llama before mistral: a model
-# without a window is written as Llama; Helium, which expresses only what Llama does,
-# is read on import and written only when asked for by name).
-BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "helium")
+# without a window is written as Llama; Helium and Phi-3, which express only what Llama
+# and Mistral do, are read on import and written only when asked for by name:
+# `lm export hf --family phi3`).
+BUILTIN = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "helium", "phi3",
+           "olmo2", "gemma2", "gemma3_text")
 for _name in BUILTIN:
     __import__(f"{__name__}.{_name}")
 

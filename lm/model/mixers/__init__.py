@@ -27,6 +27,7 @@ cache, FLOPs per token, parameter counts and validation all ask the mixer.
 from lm.model.mixers.base import (  # noqa: F401  (the plug-in API)
     CHANNEL_MIXERS, SEQUENCE_MIXERS, ChannelMixer, SequenceMixer, adaptable_matrices,
     all_mixers, channel_mixer, describe_adaptable, extra_flops_per_token, inactive_params,
+    layer_configs,
     logit_layers, register, scan_flops_per_token, sequence_mixer, sharded_linear_scan,
     used_mixers, validate, validate_mesh)
 # The registrations: one import per mixer file.

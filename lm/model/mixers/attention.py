@@ -1,6 +1,6 @@
 """Causal softmax self-attention (mixer code "a", section model.attention): GQA/MQA,
-RoPE, qk-norm, packed-document masking, a sliding window with sink tokens, and a KV
-cache for decoding.
+RoPE, qk-norm, packed-document masking, a sliding window with sink tokens (in every
+layer, or local layers among global ones: window_pattern), and a KV cache for decoding.
 
 The `xla` implementation materialises the scores (in causal query blocks), which also
 gives the per-layer maximum attention logit that stability studies track. `pallas` is,
@@ -107,6 +107,19 @@ class AttentionConfig:
                        doc="0 = full causal attention; w = see the last w tokens.")
     sinks: int = knob(0, roles={"free_init", "eval_time"},
                       doc="With a window: the first s tokens of a document stay visible.")
+    window_pattern: str = knob(
+        "", roles={"free_init", "eval_time"},
+        doc="With a window: which layers use it, by letter, cycled over the layers: l = "
+            "local (the window), g = global (full causal attention). \"\" = every layer "
+            "local; \"lg\" = alternating (Gemma 2); \"lllllg\" = Gemma 3's 5:1.")
+    local_rope_theta: float = knob(
+        0.0, roles={"free_init"},
+        doc="> 0: the local (windowed) layers' RoPE base frequency, without "
+            "model.rope_scaling, which then applies to the global layers only (Gemma 3's "
+            "rope_local_base_freq); 0 = every layer uses model.rope_theta and its scaling.")
+    scale_dim: float = knob(
+        0.0, doc="Attention logits are q.k / sqrt(scale_dim); 0 = head_dim (HF Gemma's "
+                 "query_pre_attn_scalar). Not with model.init=mup.")
     softcap: float = knob(
         0.0, doc="> 0: attention logits -> softcap * tanh(logits / softcap) (Gemma 2); the "
                  "max-logit diagnostic then reports the capped logits, the ones the softmax "
@@ -145,12 +158,44 @@ class Attention(SequenceMixer):
                               "(use auto, pallas or xla)")
         if a.sinks and not a.window:
             raise ConfigError("model.attention.sinks needs model.attention.window > 0")
+        if set(a.window_pattern) - set("lg"):
+            raise ConfigError(f"model.attention.window_pattern={a.window_pattern!r} must be a "
+                              "string of l (local: the window) and g (global)")
+        for key in ("window_pattern", "local_rope_theta"):
+            if getattr(a, key) and not a.window:
+                raise ConfigError(f"model.attention.{key} needs model.attention.window > 0")
+        if a.local_rope_theta < 0 or a.scale_dim < 0:
+            key = "local_rope_theta" if a.local_rope_theta < 0 else "scale_dim"
+            raise ConfigError(f"model.attention.{key} must be >= 0, got {getattr(a, key)}")
+        if a.scale_dim and cfg.init == "mup":
+            raise ConfigError("model.attention.scale_dim sets the logit scale that "
+                              "model.init=mup sets (use one of them)")
         if a.impl == "cudnn" and a.sinks:
             raise ConfigError("model.attention.impl=cudnn does not support sinks "
                               "(use pallas or xla)")
         if cfg.n_heads % cfg.kv_heads:
             raise ConfigError(
                 f"model.n_kv_heads={cfg.kv_heads} must divide model.n_heads={cfg.n_heads}")
+
+    @classmethod
+    def layer_config(cls, cfg: "ModelConfig", layer: int) -> "ModelConfig":
+        """window_pattern: a global layer sees no window (and no sinks); a local one, with
+        local_rope_theta, has its own unscaled RoPE."""
+        import dataclasses
+
+        from lm.model.rope_scaling import RopeScaling
+        a = cfg.attention
+        if not a.window:
+            return cfg
+        pattern = a.window_pattern or "l"
+        if pattern[layer % len(pattern)] == "g":
+            return dataclasses.replace(cfg, attention=dataclasses.replace(
+                a, window=0, sinks=0, window_pattern="", local_rope_theta=0.0))
+        if a.local_rope_theta:
+            return dataclasses.replace(cfg, rope_theta=a.local_rope_theta,
+                                       rope_scaling=RopeScaling(), attention=dataclasses.replace(
+                                           a, window_pattern="", local_rope_theta=0.0))
+        return dataclasses.replace(cfg, attention=dataclasses.replace(a, window_pattern=""))
 
     @classmethod
     def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
@@ -187,11 +232,16 @@ class Attention(SequenceMixer):
             self.bq = param(rngs, (h * dh,), ("heads",), 0.0, pdt)
             self.bk = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
             self.bv = param(rngs, (kv * dh,), ("kv_heads",), 0.0, pdt)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
+        self.qk_norm = cfg.qk_norm and cfg.qk_norm_scope
+        if self.qk_norm == "head":
             self.q_norm = Norm(dh, cfg.norm, "head_dim", pdt, cfg.norm_eps)
             self.k_norm = Norm(dh, cfg.norm, "head_dim", pdt, cfg.norm_eps)
-        if cfg.init == "mup":
+        elif self.qk_norm == "all":  # over all heads at once: flat, like the biases
+            self.q_norm = Norm(h * dh, cfg.norm, "heads", pdt, cfg.norm_eps)
+            self.k_norm = Norm(kv * dh, cfg.norm, "kv_heads", pdt, cfg.norm_eps)
+        if a.scale_dim:
+            self.scale = 1.0 / math.sqrt(a.scale_dim)
+        elif cfg.init == "mup":
             # muP: logits scale as 1/head_dim; equal to 1/sqrt(head_dim) at the base width.
             base_dh = cfg.mup_base_width / cfg.n_heads
             self.scale = math.sqrt(base_dh) / dh
@@ -214,8 +264,12 @@ class Attention(SequenceMixer):
             q_BTHD = q_BTHD + self.bq[...].astype(cdt).reshape(self.n_heads, self.dh)
             k_BTKD = k_BTKD + self.bk[...].astype(cdt).reshape(self.n_kv, self.dh)
             v_BTKD = v_BTKD + self.bv[...].astype(cdt).reshape(self.n_kv, self.dh)
-        if self.qk_norm:
+        if self.qk_norm == "head":
             q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        elif self.qk_norm == "all":
+            b, t = q_BTHD.shape[:2]
+            q_BTHD = self.q_norm(q_BTHD.reshape(b, t, -1)).reshape(q_BTHD.shape)
+            k_BTKD = self.k_norm(k_BTKD.reshape(b, t, -1)).reshape(k_BTKD.shape)
         q_BTHD = rope(q_BTHD, positions_BT, self.rope_theta, self.max_len,
                      self.rope_scaling)
         k_BTKD = rope(k_BTKD, positions_BT, self.rope_theta, self.max_len,

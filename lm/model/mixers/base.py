@@ -32,6 +32,14 @@ class _Mixer(nnx.Module):
         """Raise ConfigError (one line naming the key) for settings this mixer refuses."""
 
     @classmethod
+    def layer_config(cls, cfg: "ModelConfig", layer: int) -> "ModelConfig":
+        """The config this mixer is built with in layer `layer` (0-based): cfg itself
+        unless a knob varies by layer (attention's window_pattern: global layers see no
+        window). Layers whose configs differ cannot share one block (scan_layers,
+        recursion)."""
+        return cfg
+
+    @classmethod
     def validate_mesh(cls, cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
         """Raise ConfigError for a mesh this mixer cannot be split over (e.g. an expert
         axis that does not divide the experts)."""
@@ -141,6 +149,12 @@ def _check_pattern(key: str, pattern: str, table: dict) -> None:
         raise ConfigError(f"{key}={pattern!r} must be a non-empty string of {choices}")
 
 
+def layer_configs(cfg: "ModelConfig", layer: int) -> tuple:
+    """(sequence mixer's, channel mixer's) config in layer `layer` (_Mixer.layer_config)."""
+    return (sequence_mixer(cfg, layer).layer_config(cfg, layer),
+            channel_mixer(cfg, layer).layer_config(cfg, layer))
+
+
 def validate(cfg: "ModelConfig") -> None:
     """The patterns, then each mixer in use checks its own settings."""
     _check_pattern("model.mixer_pattern", cfg.mixer_pattern, SEQUENCE_MIXERS)
@@ -155,13 +169,14 @@ def validate_mesh(cfg: "ModelConfig", mesh_shape: dict[str, int]) -> None:
 
 
 def inactive_params(cfg: "ModelConfig") -> int:
-    return sum(sequence_mixer(cfg, i).inactive_params(cfg)
-               + channel_mixer(cfg, i).inactive_params(cfg) for i in range(cfg.n_layers))
+    return sum(sequence_mixer(cfg, i).inactive_params(layer_configs(cfg, i)[0])
+               + channel_mixer(cfg, i).inactive_params(layer_configs(cfg, i)[1])
+               for i in range(cfg.n_layers))
 
 
 def extra_flops_per_token(cfg: "ModelConfig", seq_len: int) -> float:
-    return sum(sequence_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
-               + channel_mixer(cfg, i).extra_flops_per_token(cfg, seq_len)
+    return sum(sequence_mixer(cfg, i).extra_flops_per_token(layer_configs(cfg, i)[0], seq_len)
+               + channel_mixer(cfg, i).extra_flops_per_token(layer_configs(cfg, i)[1], seq_len)
                for i in range(cfg.n_layers))
 
 

@@ -1,5 +1,5 @@
-"""Feed-forward channel mixer (code "f", section model.mlp): GELU or SwiGLU, with a
-hand-written backward pass.
+"""Feed-forward channel mixer (code "f", section model.mlp): GELU, SwiGLU or GeGLU, with
+a hand-written backward pass.
 
 Why a custom VJP: autodiff of `act(x @ W_in) @ W_out` leaves XLA:CPU to fuse the
 activation's derivative into a transposing copy of the [tokens, d_ff] gradient, which
@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class MLPConfig:
     """The feed-forward channel mixer (channel code "f")."""
-    activation: Literal["gelu", "swiglu"] = knob("gelu", doc="GELU, or SwiGLU (a gated "
-                                                          "unit with a third matrix).")
+    activation: Literal["gelu", "swiglu", "geglu"] = knob(
+        "gelu", doc="GELU, or a gated unit with a third matrix: SwiGLU (silu gate) or GeGLU "
+                    "(tanh-approximated GELU gate: Gemma).")
     ratio: float = knob(4.0, doc="Hidden width d_ff = ratio * d_model.")
 
     legacy: ClassVar[dict[str, str]] = {"mlp": "activation", "mlp_ratio": "ratio"}
@@ -48,10 +49,14 @@ class MLPConfig:
         return int(self.ratio * d_model)
 
 
+GATED = ("swiglu", "geglu")  # activations with a gate matrix (w_gate)
+
+
 def activation(kind: str, pre: tuple[jax.Array, ...]) -> jax.Array:
-    if kind == "swiglu":
+    """GELU is the tanh approximation (jax.nn.gelu's default; torch's gelu_pytorch_tanh)."""
+    if kind in GATED:
         gate, up = pre
-        return jax.nn.silu(gate) * up
+        return (jax.nn.silu(gate) if kind == "swiglu" else jax.nn.gelu(gate)) * up
     return jax.nn.gelu(pre[0])
 
 
@@ -99,7 +104,7 @@ class MLP(ChannelMixer):
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         d, f = cfg.d_model, cfg.mlp.d_ff(cfg.d_model)
         self.w_in = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
-        if self.kind == "swiglu":
+        if self.kind in GATED:
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), hidden_std(cfg, d), pdt)
         # Residual-branch output projections are scaled down with depth (GPT-2).
         out_std = hidden_std(cfg, f) / math.sqrt(2 * cfg.n_layers)
@@ -108,6 +113,6 @@ class MLP(ChannelMixer):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
         w_ins = (self.w_in[...].astype(cdt),)
-        if self.kind == "swiglu":
+        if self.kind in GATED:
             w_ins = (self.w_gate[...].astype(cdt),) + w_ins
         return mlp_core(self.kind, x_BTD, w_ins, self.w_out[...].astype(cdt))
