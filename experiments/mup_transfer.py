@@ -7,8 +7,8 @@ worse at its best LR.
 widths {32, 128, 512} (n_heads fixed: head_dim grows) x 7 LRs (1e-4 .. 1e-1, half a
 decade apart, so every width's optimum sits inside the grid) x seeds {0, 1, 2} x arms
 {sp, mup} = 126 trials of 120 steps, Adam(W) without weight decay, 10 warmup steps then
-cosine decay to 10%. Each (arm, width) is one batched group of 21 trials; 49m35s on a
-2-core CPU (measured, sharing it with other work; the width-512 groups take 85% of it).
+cosine decay to 10%. Each (arm, width) is one batched group of 21 trials; 32m37s on a
+2-core CPU (measured; the width-512 groups take most of it).
 
     lm sweep experiments/mup_transfer.py --workdir runs/mup_transfer
     lm analyze --lr-transfer runs/mup_transfer     # best LR per width + transfer penalty

@@ -8,7 +8,8 @@ match AdamW at half the optimizer memory?
 
 widths {64, 128} x 5 optimizers x 5 LRs x seeds {0, 1, 2} = 150 trials of 150 steps
 (10 warmup steps, cosine, weight decay 0.1); each (optimizer, width) is one batched group
-of 15 trials; 8m54s on a 2-core CPU (measured).
+of 15 trials; 8m54s on a 2-core CPU (measured; Adafactor's arm re-run on its
+new grid: 4m02s more, sharing the CPU with other work).
 
     lm sweep experiments/optimizers.py --workdir runs/optimizers --parallel 2
     lm analyze --optimizers runs/optimizers
