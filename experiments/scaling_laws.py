@@ -1,7 +1,7 @@
 """An IsoFLOP grid (Chinchilla approach 2; the runs also feed approach 3): 5 compute
 budgets x 5 model sizes; each trial's steps are chosen so that 6 N D matches its budget
-(N = total params with the tokenizer's vocabulary, D = steps x batch x seq_len); about
-11 min on a 2-core CPU with --parallel 2 (measured).
+(N = total params with the tokenizer's vocabulary, D = steps x batch x seq_len); 7m58s
+on a 2-core CPU, one trial at a time (measured).
 
     lm sweep experiments/scaling_laws.py --workdir runs/scaling_laws [--parallel 2]
     lm analyze runs/scaling_laws      # IsoFLOP and parametric fits, plots in analysis/
