@@ -29,6 +29,9 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            type quantized by its own quantizers), loaded by
                                            transformers (from_pretrained(gguf_file=)):
                                            OUT/<case>.json, its logits and token ids
+  python hf_reference.py loss ROWS DIR     DIR's model's mean token loss on lmlab's
+                                           packed eval rows (ROWS .npz), each document
+                                           alone: {"loss", "tokens"} on stdout
 """
 
 from __future__ import annotations
@@ -250,6 +253,29 @@ def greedy(d: Path) -> dict:
         new = new[:-1]
     return {"prompt": PROMPT, "prompt_ids": enc["input_ids"][0].tolist(), "new_ids": new,
             "text": PROMPT + tok.decode(new, skip_special_tokens=True)}
+
+
+def row_loss(rows_path: Path, d: Path) -> None:
+    """The mean token loss of DIR's model on packed rows (ROWS: an .npz of lmlab's eval
+    rows: inputs, targets, segment_ids, loss_mask), each document of a row run alone
+    from its first token (what lmlab's segment masking and per-document positions
+    compute): prints {"loss", "tokens"}."""
+    rows = np.load(rows_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager").eval()
+    nll, count = 0.0, 0.0
+    with torch.no_grad():
+        for inp, tgt, seg, mask in zip(rows["inputs"], rows["targets"], rows["segment_ids"],
+                                       rows["loss_mask"]):
+            for s in np.unique(seg[mask > 0]):
+                at = np.flatnonzero(seg == s)
+                logits = model(torch.as_tensor(inp[at][None], dtype=torch.long)).logits[0]
+                lp = torch.log_softmax(logits.double(), -1)
+                tok_nll = -lp[torch.arange(len(at)), torch.as_tensor(tgt[at], dtype=torch.long)]
+                m = torch.as_tensor(mask[at], dtype=torch.float64)
+                nll += float((tok_nll * m).sum())
+                count += float(m.sum())
+    print(json.dumps({"loss": nll / count, "tokens": count}))
 
 
 def saved(out: Path) -> None:
@@ -520,6 +546,8 @@ if __name__ == "__main__":
         saved(Path(sys.argv[2]))
     elif sys.argv[1] == "chatgen":
         chatgen(Path(sys.argv[2]))
+    elif sys.argv[1] == "loss":
+        row_loss(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1] == "gguf":
         gguf_files(Path(sys.argv[2]))
     else:

@@ -565,6 +565,36 @@ def test_greedy_sample_of_an_import_is_transformers_text(saved, tmp_path, capfd,
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
 
 
+@needs_hf
+@pytest.mark.parametrize("case", ["llama-bos", "qwen2-plain", "gemma2-bos"])
+def test_eval_loss_of_an_import_is_transformers_loss(saved, tmp_path, capfd, case):
+    """`lm eval` on an imported model gives transformers' mean token loss on the same
+    validation rows (the embedded corpus, framed by the model's tokenizer: BOS first for
+    llama-bos, nothing for qwen2-plain), padding out of the loss; transformers runs each
+    document of a row alone, as lmlab's segment mask sees it."""
+    from lm.config import load_run_config
+    from lm.data import eval_batches
+    from lm.data.tokenizers import load_tokenizer
+    run = tmp_path / "run"
+    assert main(["import", "hf", str(saved / case), "--run-dir", str(run)]) == 0
+    capfd.readouterr()
+    assert main(["eval", "--run", str(run), "--batches", "2"]) == 0
+    ours = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    cfg = load_run_config(run / "config.json")
+    batches = eval_batches(cfg.data, load_tokenizer(str(run / "tokenizer.json")),
+                           cfg.batch_size, 2)
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in
+            ("inputs", "targets", "segment_ids", "loss_mask")}
+    assert (rows["inputs"][0, 0] == 0) == (case != "qwen2-plain")  # BOS (id 0) or none
+    np.savez(tmp_path / "rows.npz", **rows)
+    out = subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "loss",
+                          str(tmp_path / "rows.npz"), str(saved / case)],
+                         check=True, capture_output=True, text=True, timeout=600)
+    ref = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ref["tokens"] == float(rows["loss_mask"].sum())
+    assert abs(ours["val_loss"] - ref["loss"]) < 1e-4, (ours, ref)
+
+
 # ------------------------------------- the newer families' config.json, both vintages
 
 
