@@ -88,8 +88,9 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
         new = [token]
         produced += 1
         if first is None:
-            first = time.perf_counter() if timings is None else \
-                (jax.block_until_ready(token), time.perf_counter())[1]
+            if timings is not None:  # the first token's time, not its dispatch's
+                jax.block_until_ready(token)
+            first = time.perf_counter()
         index = context.shape[1]
         while produced < max_new_tokens and index < length:
             key, sub = jax.random.split(key)

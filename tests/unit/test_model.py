@@ -156,21 +156,26 @@ def test_every_block_variant_overfits_a_tiny_batch(position, qk_norm, parallel, 
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_kv_cache_decoding_gives_the_full_forward_logits(scan_layers):
-    cfg = dataclasses.replace(TINY, n_kv_heads=2, scan_layers=scan_layers, qk_norm=True)
+def assert_cached_decoding_is_the_full_forward(cfg, length: int, prefill: int) -> None:
+    """Prefill `prefill` tokens into a KV cache, then decode one token at a time: every
+    step's logits equal the full forward pass's at that position."""
     eager = make(cfg)
     model = jitted(eager)
-    x = tokens(2, 20, seed=9)
+    x = tokens(2, length, seed=9)
     full, _ = model(x)
-    cache = eager.init_cache(2, 20)
-    logits, aux = model(x[:, :8], cache=cache, cache_index=0)  # prefill
-    np.testing.assert_allclose(logits, full[:, :8], rtol=1e-5, atol=1e-5)
+    logits, aux = model(x[:, :prefill], cache=eager.init_cache(2, length), cache_index=0)
+    np.testing.assert_allclose(logits, full[:, :prefill], rtol=1e-5, atol=1e-5)
     cache = aux["cache"]
-    for t in range(8, 20):
+    for t in range(prefill, length):
         step_logits, aux = model(x[:, t:t + 1], cache=cache, cache_index=t)
         cache = aux["cache"]
         np.testing.assert_allclose(step_logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decoding_gives_the_full_forward_logits(scan_layers):
+    cfg = dataclasses.replace(TINY, n_kv_heads=2, scan_layers=scan_layers, qk_norm=True)
+    assert_cached_decoding_is_the_full_forward(cfg, 20, 8)
 
 
 def test_logit_softcap_bounds_logits():
@@ -440,17 +445,7 @@ def test_kv_cache_decoding_of_a_gemma_like_stack_gives_the_full_forward_logits()
                 softcap=3.0)),
             dataclasses.replace(TINY, n_kv_heads=2, norm_position="out", qk_norm=True,
                                 qk_norm_scope="all", mlp=MLPConfig("swiglu"))):
-        eager = make(cfg)
-        model = jitted(eager)
-        x = tokens(2, 14, seed=9)
-        full, _ = model(x)
-        logits, aux = model(x[:, :5], cache=eager.init_cache(2, 14), cache_index=0)
-        np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
-        cache = aux["cache"]
-        for t in range(5, 14):
-            step_logits, aux = model(x[:, t:t + 1], cache=cache, cache_index=t)
-            cache = aux["cache"]
-            np.testing.assert_allclose(step_logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+        assert_cached_decoding_is_the_full_forward(cfg, 14, 5)
 
 
 @pytest.mark.parametrize("change,message", [
