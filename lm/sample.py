@@ -60,7 +60,8 @@ def cache_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
 
 def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             num_samples: int = 1, max_seq_len: int, stop_ids=(), timings: dict | None = None):
+             num_samples: int = 1, max_seq_len: int, stop_ids=(), timings: dict | None = None,
+             done=None, check_every: int = 16):
     """Token ids of `num_samples` continuations of `prompt_ids` (prompt excluded), each
     cut before the first of `stop_ids` (a model's end-of-sequence ids: there may be
     several, e.g. Llama-3's <|end_of_text|> and <|eot_id|>).
@@ -69,7 +70,10 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
     tokens. A longer generation slides the window: when the cache is full, the last half
     of the text is prefilled into a fresh cache (the model never sees positions it was
     not built for). `timings`, if given, gets first_token_s (prompt to first token,
-    compile included on a first call) and decode_s / decode_tokens (the rest)."""
+    compile included on a first call) and decode_s / decode_tokens (the rest).
+    `done(rows)`, if given, is asked every `check_every` tokens with the ids generated so
+    far (one list per sample) and ends the generation early when it says True (the
+    harness's stop strings: a reply that stopped need not run to max_new_tokens)."""
     if not prompt_ids:
         raise ConfigError("the prompt must hold at least one token")
     model = nnx.merge(graphdef, params)
@@ -92,7 +96,13 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
                 jax.block_until_ready(token)
             first = time.perf_counter()
         index = context.shape[1]
+        stopped = False
         while produced < max_new_tokens and index < length:
+            if done is not None and produced % check_every == 0:
+                so_far = jnp.concatenate([text, jnp.stack(new, axis=1)], axis=1)
+                if done(jax.device_get(so_far[:, len(prompt_ids):]).tolist()):
+                    stopped = True
+                    break
             key, sub = jax.random.split(key)
             token, cache = step(params, token[:, None], cache, jnp.int32(index), sub)
             new.append(token)
@@ -100,6 +110,8 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
             index += 1
         text = jnp.concatenate([text, jnp.stack(new, axis=1)], axis=1)
         keep = length // 2
+        if stopped:
+            break
     rows = jax.device_get(text[:, len(prompt_ids):]).tolist()
     if timings is not None:
         end = time.perf_counter()

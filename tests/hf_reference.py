@@ -29,6 +29,9 @@ written by transformers' save_pretrained, tokens and logits as .npy.
                                            type quantized by its own quantizers), loaded by
                                            transformers (from_pretrained(gguf_file=)):
                                            OUT/<case>.json, its logits and token ids
+  python hf_reference.py harness OUT       two `saved` cases, three tiny harness tasks
+                                           (OUT/tasks/) and lm-evaluation-harness's `hf`
+                                           backend's results: OUT/<case>/harness.json
   python hf_reference.py loss ROWS DIR     DIR's model's mean token loss on lmlab's
                                            packed eval rows (ROWS .npz), each document
                                            alone: {"loss", "tokens"} on stdout
@@ -278,35 +281,132 @@ def row_loss(rows_path: Path, d: Path) -> None:
     print(json.dumps({"loss": nll / count, "tokens": count}))
 
 
-def saved(out: Path) -> None:
+def save_case(case: str, d: Path) -> None:
+    """SAVED[case] written to d as transformers saves it, with generate.json."""
     from tokenizers import processors
-    for case, (family, names, fields, seed) in SAVED.items():
-        cls, extra = FAMILIES[family]
-        torch.manual_seed(seed)
-        cfg = cls(**{**COMMON, **extra, **fields}, attn_implementation="eager")
-        model = model_class(cls)(cfg)
-        randomise(model, seed)
-        model.eval()
-        d = out / case
-        model.save_pretrained(d)
-        tok = qwen2_tokenizer() if family == "qwen2" else tokenizer()
-        if family != "qwen2":
-            tok.post_processor = processors.TemplateProcessing(
-                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(d)
-        config = json.loads((d / "config.json").read_text())
-        config["_model_name_or_path"] = f"converted/{case}"  # as a GGUF conversion writes
-        (d / "config.json").write_text(json.dumps(config, indent=2))
-        if case == "llama-bos":
-            # A second end-of-sequence id (as Llama-3's <|eot_id|>): a token the model
-            # emits mid-continuation, so generate stops there.
-            first = greedy(d)["new_ids"]
-            stop = next(t for t in first[6:] if t not in first[:6] and t != 1)
-            generation = json.loads((d / "generation_config.json").read_text())
-            generation["eos_token_id"] = [1, stop]
-            (d / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        (d / "generate.json").write_text(json.dumps(greedy(d)))
+    family, names, fields, seed = SAVED[case]
+    cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = cls(**{**COMMON, **extra, **fields}, attn_implementation="eager")
+    model = model_class(cls)(cfg)
+    randomise(model, seed)
+    model.eval()
+    model.save_pretrained(d)
+    tok = qwen2_tokenizer() if family == "qwen2" else tokenizer()
+    if family != "qwen2":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    config["_model_name_or_path"] = f"converted/{case}"  # as a GGUF conversion writes
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    if case == "llama-bos":
+        # A second end-of-sequence id (as Llama-3's <|eot_id|>): a token the model
+        # emits mid-continuation, so generate stops there.
+        first = greedy(d)["new_ids"]
+        stop = next(t for t in first[6:] if t not in first[:6] and t != 1)
+        generation = json.loads((d / "generation_config.json").read_text())
+        generation["eos_token_id"] = [1, stop]
+        (d / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (d / "generate.json").write_text(json.dumps(greedy(d)))
+
+
+def saved(out: Path) -> None:
+    for case in SAVED:
+        save_case(case, out / case)
     print(json.dumps({"saved": list(SAVED)}))
+
+
+# lm-evaluation-harness tasks over TEXT's words (tests/e2e/test_harness.py): one of each
+# request type. Multiple choice: a context and four continuations, the gold one the text's
+# own; rolling: passages longer than the models' 64 positions (several windows);
+# generation: short contexts continued greedily until a stop string or 12 tokens.
+HARNESS_CASES = ["llama-bos", "qwen2-plain"]
+HARNESS_TASKS = {
+    "tiny_choice": """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""",
+    "tiny_rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    "tiny_generate": """output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: [".", "?"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def harness_tasks(out: Path) -> Path:
+    """HARNESS_TASKS as a folder of harness YAML tasks with their JSONL data (absolute
+    paths: both sides read the same files)."""
+    rng = np.random.default_rng(0)
+    words = TEXT.split()
+    folder = out / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"tiny_choice": [], "tiny_rolling": [], "tiny_generate": []}
+    for i in range(24):
+        at = int(rng.integers(0, len(words) - 12))
+        n = int(rng.integers(3, 8))
+        choices = [" " + " ".join(words[at + n:at + n + 3])]
+        while len(choices) < 4:
+            j = int(rng.integers(0, len(words) - 3))
+            c = " " + " ".join(words[j:j + 3])
+            if c not in choices:
+                choices.append(c)
+        gold = int(rng.integers(0, 4))
+        choices[0], choices[gold] = choices[gold], choices[0]
+        context = " ".join(words[at:at + n])
+        rows["tiny_choice"].append({"context": context, "choices": choices, "gold": gold})
+        rows["tiny_generate"].append({"context": context, "answer": choices[gold]})
+    for i in range(4):
+        start = int(rng.integers(0, len(words) // 2))
+        rows["tiny_rolling"].append({"text": " ".join((words * 3)[start:start + 40 + 10 * i])})
+    for task, body in HARNESS_TASKS.items():
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows[task]))
+        (folder / f"{task}.yaml").write_text(
+            f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\n" + body)
+    return folder
+
+
+def harness(out: Path) -> None:
+    """HARNESS_CASES saved under OUT/<case>/, HARNESS_TASKS under OUT/tasks/, and the
+    harness's own `hf` backend's results on them (OUT/<case>/harness.json: per task, the
+    metrics and each document's responses), offline."""
+    import os
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    folder = harness_tasks(out)
+    manager = TaskManager(include_path=str(folder))
+    for case in HARNESS_CASES:
+        save_case(case, out / case)
+        res = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(out / case), "dtype": "float32"},
+            tasks=list(HARNESS_TASKS), task_manager=manager, batch_size=4, device="cpu",
+            log_samples=True, bootstrap_iters=0)
+        body = {"results": res["results"],
+                "samples": {t: [{"doc_id": s["doc_id"], "resps": s["filtered_resps"]}
+                                for s in samples] for t, samples in res["samples"].items()}}
+        (out / case / "harness.json").write_text(json.dumps(body, default=str))
+    print(json.dumps({"harness": HARNESS_CASES, "lm_eval": lm_eval.__version__}))
 
 
 CHAT_NEW_TOKENS = 24
@@ -548,6 +648,8 @@ if __name__ == "__main__":
         chatgen(Path(sys.argv[2]))
     elif sys.argv[1] == "loss":
         row_loss(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "harness":
+        harness(Path(sys.argv[2]))
     elif sys.argv[1] == "gguf":
         gguf_files(Path(sys.argv[2]))
     else:

@@ -410,8 +410,9 @@ def _read_params(run_dir: Path, pieces: RunPieces, step: int | None) -> tuple[in
         ckpt.close()
 
 
-def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunSetup, Any, int]:
-    """(setup, params, step) of the latest checkpoint in a run dir, on the devices at
+def restore_for_inference(run_dir: str | Path, lora_rank: int = 0,
+                          step: int | None = None) -> tuple[RunSetup, Any, int]:
+    """(setup, params, step) of checkpoint `step` (None: the latest) in a run dir, on the devices at
     hand: the training mesh may have had more, so the run's config gets the data-parallel
     mesh over these devices and orbax reshards the checkpoint onto it (a LoRA run's base
     rebuilt from lora_base.json). `lora_rank`: a LoRA run's adapters used up to this rank
@@ -426,7 +427,11 @@ def restore_for_inference(run_dir: str | Path, lora_rank: int = 0) -> tuple[RunS
             raise ConfigError(f"--lora-rank: {run_dir} is not a LoRA run")
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, eval_rank=lora_rank))
     setup = setup_run(cfg)
-    restored = _read_params(run, setup.pieces, None)
+    if step is not None and not (run / "checkpoints" / str(step)).is_dir():
+        have = sorted(int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit())
+        raise ConfigError(f"--step {step}: {run_dir} has no checkpoint at that step "
+                          f"(it has {', '.join(map(str, have)) or 'none'})")
+    restored = _read_params(run, setup.pieces, step)
     if restored is None:
         raise ConfigError(f"--run {run_dir}: no checkpoint yet")
     step, params = restored

@@ -32,9 +32,10 @@ def _per_token(logits_BTV, targets_BT):
     return logz_BT - target_logit_BT, logz_BT, jnp.mean(logits_BTV, -1)
 
 
-def token_losses(graphdef, params, batch, loss_chunk: int = 0):
+def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_token):
     """Per-token negative log-likelihood, log Z and mean logit, plus the model's
-    diagnostics.
+    diagnostics. `per_token(logits_BTV, targets_BT)` -> a tuple of [B, T] arrays may
+    replace what is computed from the logits (the harness's scorer: NLL and greedy match).
 
     loss_chunk > 0: the readout and the cross-entropy run over chunks of that many
     positions under rematerialisation, so the [batch, seq, vocab] float32 logits never
@@ -44,22 +45,21 @@ def token_losses(graphdef, params, batch, loss_chunk: int = 0):
     model = nnx.merge(graphdef, params)
     if not loss_chunk:
         logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return (*_per_token(logits_BTV, batch["targets"]), aux)
+        return (*per_token(logits_BTV, batch["targets"]), aux)
     x_BTD, aux = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     b, t, d = x_BTD.shape
     n = t // loss_chunk
 
     @jax.checkpoint
     def chunk(weight_DV, x_BCD, targets_BC):
-        return _per_token(model.readout(x_BCD, weight_DV), targets_BC)
+        return per_token(model.readout(x_BCD, weight_DV), targets_BC)
 
     # Chunks as the leading axis of a sequential map: one chunk's logits live at a time.
     x_NBCD = x_BTD.reshape(b, n, loss_chunk, d).swapaxes(0, 1)
     t_NBC = batch["targets"].reshape(b, n, loss_chunk).swapaxes(0, 1)
     weight = model.readout_weight()
     outs = jax.lax.map(lambda xt: chunk(weight, *xt), (x_NBCD, t_NBC))
-    nll, logz, mean_logit = (o.swapaxes(0, 1).reshape(b, t) for o in outs)
-    return nll, logz, mean_logit, aux
+    return (*(o.swapaxes(0, 1).reshape(b, t) for o in outs), aux)
 
 
 def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0):
