@@ -169,7 +169,8 @@ def _speaker_docs(play: str, scenes: list[list[Line]], n: int, rng: random.Rando
             end = i
             while end and s[end - 1].kind == "blank":
                 end -= 1
-            if (ctx := _context(s, end)) is not None:
+            # one blank line before the name, as the continuation "\n\n" + name has it
+            if end == i - 1 and (ctx := _context(s, end)) is not None:
                 spots.append((x, ctx, in_scene))
     docs = []
     for x, ctx, in_scene in _pick(rng, spots, n):
@@ -250,9 +251,9 @@ def load_task_data(data_files: dict[str, str], config_source: str | None = None,
 
 
 def task_manager(include_paths=(), *, include_defaults: bool = True, metadata: dict | None = None):
-    """A harness TaskManager that indexes TASKS_DIR, then `include_paths` (a later path's
-    task overrides an earlier one's of the same name), plus the harness's built-in tasks
-    unless `include_defaults` is False (indexing those takes seconds)."""
+    """A harness TaskManager that indexes the harness's built-in tasks (unless
+    `include_defaults` is False: indexing those takes seconds), then TASKS_DIR, then
+    `include_paths` (a later folder's task overrides an earlier one's of the same name)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(TASKS_DIR), *(str(p) for p in include_paths)],
