@@ -133,7 +133,9 @@ def test_wheel_installs_and_runs_lm_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("lm/configs/default.py", "lm/configs/sizes.py", "lm/train/__init__.py",
                    "lm/train/loop.py", "lm/data/corpora/shakespeare.jsonl.xz",
-                   "lm/kernels/attention/flash.py", "lm/kernels/scan/chunked.py"):
+                   "lm/kernels/attention/flash.py", "lm/kernels/scan/chunked.py",
+                   "lm/evals/tasks/shakespeare_next_line.yaml",
+                   "lm/evals/tasks/shakespeare_next_line.test.jsonl"):
         assert needed in names, f"{needed} is not in {wheel.name}"
 
     venv = tmp_path / "venv"
