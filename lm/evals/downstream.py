@@ -27,7 +27,80 @@ import math
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from lm.errors import ConfigError
+from lm.schema import knob
+
+OPS = {"operational"}
+
+
+@dataclass(frozen=True)
+class TaskEvalConfig:
+    """Downstream tasks through lm-evaluation-harness at evaluation time (lm/evals/downstream.py)."""
+    tasks: str = knob("", roles=OPS, doc="Comma-separated harness task names (or tags, e.g. "
+                      "shakespeare: the embedded tasks), run at evaluation steps; \"\" = none.")
+    every: int = knob(0, roles=OPS, doc="Steps between task evaluations (0 = every "
+                      "eval_every); they also run at the last step.")
+    num_fewshot: int = knob(-1, roles=OPS, doc="Examples in context; -1 = each task's own.")
+    limit: int = knob(0, roles=OPS, doc="Documents per task; 0 = all.")
+    batch_size: int = knob(8, roles=OPS, doc="Rows per harness forward.")
+    include_path: str = knob("", roles=OPS, doc="A folder of harness YAML tasks (local data).")
+
+
+def validate(cfg: TaskEvalConfig, eval_every: int) -> None:
+    for key in ("every", "limit"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"evals.{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"evals.batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_fewshot < -1:
+        raise ConfigError(f"evals.num_fewshot must be >= -1, got {cfg.num_fewshot}")
+    if cfg.tasks and cfg.every and cfg.every % eval_every:
+        raise ConfigError(f"evals.every ({cfg.every}) must be a multiple of eval_every "
+                          f"({eval_every}): tasks run at evaluation steps")
+
+
+def check_config_tasks(cfg: TaskEvalConfig) -> None:
+    """Before a run dir exists: the tasks' names and data (one line if not)."""
+    if cfg.tasks:
+        load_tasks(task_manager([cfg.include_path] if cfg.include_path else []),
+                   parse_tasks(cfg.tasks))
+
+
+def due(cfg: TaskEvalConfig, eval_every: int, step: int, last: int) -> bool:
+    return bool(cfg.tasks) and (step % (cfg.every or eval_every) == 0 or step == last)
+
+
+def evaluate_during_training(run, params, cfg: TaskEvalConfig, step: int, run_dir) -> dict:
+    """{"tasks/<task>/<metric>": value} of `params` at `step`, also kept in the run dir
+    (process 0). A failing task is reported in one line and yields {}: it never stops
+    training or costs a checkpoint."""
+    import sys
+    import time
+    go_offline()
+    try:
+        from lm.evals.harness import HarnessLM
+        start = time.perf_counter()
+        lm = HarnessLM(run, params, batch_size=cfg.batch_size, progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # the harness's progress bars
+            results = evaluate_tasks(
+                lm, parse_tasks(cfg.tasks), limit=cfg.limit or None,
+                num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
+                include_paths=[cfg.include_path] if cfg.include_path else [],
+                bootstrap_iters=0)
+    except Exception as e:  # noqa: BLE001 (a task's failure is reported, training goes on)
+        print(f"  tasks @ {step}: failed, training continues ({type(e).__name__}: "
+              f"{_first_line(e)})", file=sys.stderr, flush=True)
+        return {}
+    import jax
+    if jax.process_index() == 0:
+        record(run_dir, step, results["scores"])
+    shown = ", ".join(f"{t} {row.get('acc', row.get('exact_match', row.get('bits_per_byte', float('nan')))):.4f}"
+                      for t, row in results["scores"].items())
+    print(f"  tasks @ {step}: {shown} ({time.perf_counter() - start:.1f}s)", flush=True)
+    return flat(results["scores"])
+
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
 
@@ -48,13 +121,12 @@ def task_manager(include_paths: list[str] = ()):
     """The harness's TaskManager over its own tasks, lmlab's embedded ones and
     `include_paths` (each must be a folder)."""
     go_offline()
-    from lm.evals.embedded_tasks import TASKS_DIR
     for path in include_paths:
         if not Path(path).is_dir():
             raise ConfigError(f"--include-path {path}: no such directory")
-    from lm_eval.tasks import TaskManager
+    from lm.evals import embedded_tasks
     with _quiet():
-        return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)])
+        return embedded_tasks.task_manager(list(include_paths))
 
 
 def check_tasks(manager, tasks: list[str]) -> None:
@@ -79,9 +151,22 @@ def load_tasks(manager, tasks: list[str]) -> dict:
             with _quiet():
                 out.update(get_task_dict([name], manager))
         except Exception as e:  # noqa: BLE001 (datasets raises many kinds for "not here")
-            raise ConfigError(f"task {name}: its data is not on disk ({_dataset_of(manager, name)}"
-                              f"; lmlab runs the harness offline: {_first_line(e)})") from None
+            if _missing_data(e):
+                raise ConfigError(f"task {name}: its data is not on disk ("
+                                  f"{_dataset_of(manager, name)}; lmlab runs the harness "
+                                  f"offline: {_first_line(e)})") from None
+            raise ConfigError(f"task {name} does not load ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
     return out
+
+
+def _missing_data(e: Exception) -> bool:
+    """Whether a task's load failed for want of its data (the hub is unreachable offline,
+    a local file is missing)."""
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, (FileNotFoundError, ConnectionError)) or any(
+        s in text for s in ("offline", "couldn't reach", "not found", "doesn't exist",
+                            "does not exist", "no such file", "unable to find"))
 
 
 def _dataset_of(manager, name: str) -> str:

@@ -350,6 +350,8 @@ def drive(job: Job) -> list[int]:
             run.summary.update(final_val_loss=result["loss"], final_val_bpb=result["bpb"],
                                best_val_loss=(result["loss"] if best is None
                                               else min(best, result["loss"])))
+            # Downstream task scores (lm/evals/downstream.py), as of their latest evaluation.
+            run.summary.update({k: v for k, v in result.items() if k.startswith("tasks/")})
             live.append(result["loss"])
         if not job.batched:
             print(f"  eval @ {step}: val loss {results[0]['loss']:.4f} | "

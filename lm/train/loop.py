@@ -23,6 +23,8 @@ import numpy as np
 from lm import config as config_lib
 from lm.config import TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
+from lm.evals.downstream import check_config_tasks, evaluate_during_training
+from lm.evals.downstream import due as tasks_due
 from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
@@ -60,6 +62,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
     eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+    check_config_tasks(cfg.evals)  # unknown task names, data not on disk: one line, now
     # Bad config and data are refused above, before the run dir exists; from here on
     # this process (this pod) is the run dir's one writer, or exits 2 naming the holder.
     with hold_for_pod(run_dir, "lm train"):
@@ -124,9 +127,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     def record(metrics: dict) -> dict:
         return dict(metrics, attn_logit_max={i: metrics["attn_logit_max"][i] for i in layers})
 
+    def evaluate_state(s) -> list[dict]:
+        result = evaluate(pieces, eval_step, s["params"], eval_data, tokenizer)
+        step = int(jax.device_get(s["step"]))
+        if tasks_due(cfg.evals, cfg.eval_every, step, cfg.steps):
+            result.update(evaluate_during_training(run, s["params"], cfg.evals, step, run_dir))
+        return [result]
+
     job = Job(cfg=cfg, runs=[run_record], batches=batches, state=state, start=start,
               step=train_step,
-              evaluate=lambda s: [evaluate(pieces, eval_step, s["params"], eval_data, tokenizer)],
+              evaluate=evaluate_state,
               checkpoint=lambda s, i: (s, batches),
               tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_flops=peak,
               record=record,

@@ -124,6 +124,8 @@ def unbatchable(cfg: TrainConfig) -> str | None:
         return "init_from (a fine-tune starts from a checkpoint, not an init)"
     if cfg.lora.rank:
         return "lora (the adapter optimizer is not batched yet)"
+    if cfg.evals.tasks:
+        return "evals.tasks (the harness scores one run's parameters at a time)"
     return None
 
 

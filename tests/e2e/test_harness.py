@@ -114,3 +114,113 @@ def test_bad_task_requests_are_one_line_and_exit_2(tmp_path, capfd, argv, messag
     assert main(["eval", "--run", str(tmp_path), *argv]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# ---------------------------------------------------------------- during training
+TASK_SETS = ("evals.tasks=shakespeare_next_line,shakespeare_perplexity", "evals.limit=6")
+
+
+def _task_records(run: Path) -> dict:
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("tasks/")}
+            for r in records if r["kind"] == "eval"}
+
+
+def test_task_scores_at_eval_steps_and_a_resumed_run_scores_the_same(tmp_path):
+    from conftest import TINY, lm, sets
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert lm("train", "--run-dir", str(full), *sets(*TINY, *TASK_SETS)).returncode == 0
+    first = lm("train", "--run-dir", str(resumed), *sets(*TINY, *TASK_SETS),
+               env={"LMLAB_FAULT": "sigterm@6"})
+    assert first.returncode == 128 + 15, first.stderr[-2000:]
+    second = lm("train", "--run-dir", str(resumed), *sets(*TINY, *TASK_SETS))
+    assert second.returncode == 0 and "resumed from step 6" in second.stdout
+    a, b = _task_records(full), _task_records(resumed)
+    assert sorted(a) == [6, 12] and a[12]
+    assert "tasks/shakespeare_next_line/acc" in a[12]
+    assert "tasks/shakespeare_perplexity/bits_per_byte" in a[12]
+    assert a == b  # the same parameters give the same scores
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["tasks/shakespeare_next_line/acc"] == a[12]["tasks/shakespeare_next_line/acc"]
+    kept = json.loads((full / "evals" / "tasks-step00000012.json").read_text())
+    assert kept["tasks"]["shakespeare_next_line"]["acc"] == summary[
+        "tasks/shakespeare_next_line/acc"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(full / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/tasks/shakespeare_next_line/acc")] == [6, 12]
+
+
+def test_a_failing_task_never_stops_training(tmp_path):
+    """A task whose scoring raises (its process_results) fails at every evaluation; the
+    run still trains to the end and keeps its checkpoints. A task whose documents do not
+    render is refused before training, in one line."""
+    from conftest import TINY, lm, sets
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "broken.jsonl").write_text('{"text": "a b c", "gold": 0}\n')
+    (folder / "scoring.py").write_text(
+        "def process_results(doc, results):\n    raise ValueError('boom')\n")
+    head = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {folder / 'broken.jsonl'}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: \"{{text}}\"\ndoc_to_target: gold\n"
+            "metric_list:\n  - metric: acc\n")
+    (folder / "broken.yaml").write_text(
+        "task: broken_task\n" + head + "doc_to_choice: [\" x\", \" y\"]\n"
+        "process_results: !function scoring.process_results\n")
+    (folder / "unrendered.yaml").write_text(
+        "task: unrendered_task\n" + head + "doc_to_choice: \"{{no_such_field}}\"\n")
+    run = tmp_path / "run"
+    out = lm("train", "--run-dir", str(run), *sets(*TINY, "evals.tasks=broken_task",
+                                                    f"evals.include_path={folder}"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tasks @ 6: failed, training continues (ValueError: boom)" in out.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert (run / "checkpoints" / "12").is_dir()
+    other = tmp_path / "other"
+    out = lm("train", "--run-dir", str(other), *sets(*TINY, "evals.tasks=unrendered_task",
+                                                      f"evals.include_path={folder}"))
+    assert out.returncode == 2 and "task unrendered_task does not load" in out.stderr
+    assert not other.exists()
+
+
+def test_train_refuses_unknown_tasks_before_the_run_dir_exists(tmp_path):
+    from conftest import TINY, lm, sets
+    run = tmp_path / "run"
+    out = lm("train", "--run-dir", str(run), *sets(*TINY, "evals.tasks=hellaswag"))
+    assert out.returncode == 2 and "task hellaswag: its data is not on disk" in out.stderr
+    assert not run.exists()
+
+
+# ------------------------------------------------------- packing against plain forwards
+def test_packed_loglikelihoods_equal_each_request_alone(tiny_run):
+    """Requests packed several to a row (segment ids, positions from 0) score what the
+    model's forward on each request alone gives."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from lm.evals.harness import HarnessLM
+    from lm.train.param_source import restore_for_inference
+    run, params, _ = restore_for_inference(tiny_run)
+    lm_ = HarnessLM(run, params, batch_size=2, progress=False)
+    rng = np.random.default_rng(0)
+    reqs = [(None, rng.integers(0, 256, size=int(rng.integers(1, 20))).tolist(),
+             rng.integers(0, 256, size=int(rng.integers(1, 8))).tolist()) for _ in range(11)]
+    # one longer than the model's 64 positions: cut from the left, as the harness does
+    reqs.append((None, list(range(80)), [5, 6, 7]))
+    got = lm_._loglikelihood_tokens(reqs)
+    model = nnx.merge(run.pieces.graphdef, params)
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, got):
+        whole = (ctx + cont)[-65:]
+        logits = model(jnp.asarray([whole[:-1]]))[0][0]
+        logp = np.asarray(jax_log_softmax(logits))
+        targets = whole[1:][-len(cont):]
+        rows = logp[-len(cont):]
+        want = float(sum(rows[i, t] for i, t in enumerate(targets)))
+        assert abs(ll - want) < 1e-4, (ll, want)
+        assert greedy == all(int(np.argmax(rows[i])) == t for i, t in enumerate(targets))
+
+
+def jax_log_softmax(x):
+    import jax
+    return jax.nn.log_softmax(x.astype("float32"), axis=-1)
