@@ -8,6 +8,8 @@ and says when it runs:
     on request   flag: `lm analyze --FLAG WORKDIR` runs that analysis alone (the first
                  requested in registry order when several flags are given)
 
+(An analysis may be both: automatic when it applies, and alone on request.)
+
 Its command-line options (`options`) and its flag join `lm analyze` by themselves. A new
 analysis is a function and one `register(Analysis(...))` line, here or in a plug-in
 module imported before `lm analyze` parses its arguments.
@@ -76,7 +78,7 @@ class Sweep:
 class Analysis:
     """name: how `lm analyze` calls it.  run(sweep): prints its section.
     applies(sweep) and when (the same in words, for "nothing to analyze"): an automatic
-    analysis.  flag and help: an analysis on request, `lm analyze --FLAG`.
+    analysis.  flag and help: an analysis on request, `lm analyze --FLAG` (one or both).
     options(parser): its own `lm analyze` options (read back from `sweep.options`)."""
 
     name: str
@@ -88,9 +90,9 @@ class Analysis:
     options: Callable[[argparse.ArgumentParser], None] | None = None
 
     def __post_init__(self):
-        if (self.applies is None) == (not self.flag):
-            raise TypeError(f"analysis {self.name!r}: give either applies (automatic) or "
-                            "flag (on request)")
+        if self.applies is None and not self.flag:
+            raise TypeError(f"analysis {self.name!r}: give applies (automatic) or flag "
+                            "(on request), or both")
 
     @property
     def dest(self) -> str:
@@ -390,6 +392,57 @@ def _bootstrap(law, n, d, loss, compute, n_boot: int) -> None:
 register(Analysis("scaling-laws", scaling_laws, applies=_is_scaling_sweep,
                   when="a size ladder or compute budgets (sweep tags size / budget)",
                   options=_scaling_options))
+
+
+# ------------------------------------------------------------------ task scaling
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", action="append", metavar="NAME",
+                   help="task scaling: this task (repeat for more; default: every task "
+                        "with scores)")
+    p.add_argument("--holdout", metavar="RUN", help="task scaling: the run to predict "
+                   "(default: the one with the most training FLOPs)")
+    p.add_argument("--task-loss", choices=("correct_bpb", "correct_nll"),
+                   default="correct_bpb", help="task scaling: step 1's task loss")
+    p.add_argument("--task-metric", default="acc",
+                   help="task scaling: the accuracy of step 2 (acc, acc_norm, ...)")
+    p.add_argument("--task-law", choices=("C", "ND"), default="C",
+                   help="task scaling: step 1 in compute C (A C^-alpha + E) or in N and D "
+                        "(A/N^alpha + B/D^beta + E)")
+
+
+def _has_task_scores(sweep: Sweep) -> bool:
+    from lm.analysis import task_scaling
+    return bool(task_scaling.task_names(sweep.done))
+
+
+def task_scaling(sweep: Sweep) -> None:
+    """The two-step task scaling law (task loss of compute, accuracy of task loss) of each
+    task, fitted to the completed runs but one, and its prediction of that one."""
+    from lm.analysis import task_scaling
+    from lm.errors import ConfigError
+    opts, done = sweep.options, sweep.done
+    have = task_scaling.task_names(done)
+    if not have:
+        raise ConfigError(f"lm analyze --task-scaling: no completed run in {sweep.workdir} "
+                          "has task scores (<run>/evals/tasks-step*.json)")
+    unknown = [t for t in opts.task or () if t not in have]
+    if unknown:
+        raise ConfigError(f"--task {unknown[0]}: no scores for it; tasks: {', '.join(have)}")
+    if opts.holdout is not None and opts.holdout not in set(done["run"]):
+        raise ConfigError(f"--holdout {opts.holdout}: not a completed run of {sweep.workdir}")
+    task_scaling.report(done, sweep.out, tasks=opts.task, holdout=opts.holdout,
+                        loss_metric=opts.task_loss, acc_metric=opts.task_metric,
+                        law=opts.task_law, n_boot=opts.n_boot,
+                        grid=None if opts.full_grid else COARSE_GRID)
+
+
+register(Analysis("task-scaling", task_scaling, applies=_has_task_scores,
+                  when="task scores (<run>/evals/tasks-step*.json)", flag="task-scaling",
+                  help="two-step task scaling law: task loss of compute, accuracy of task "
+                       "loss; predicts the largest run from the rest",
+                  options=_task_options))
 
 
 # ------------------------------------------------------------------ mixture of experts

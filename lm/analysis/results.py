@@ -95,8 +95,10 @@ def load(workdir) -> pd.DataFrame:
     path), `status` ("completed" | "interrupted" | "diverged at step N" | "running" |
     "missing" when summary.json is absent or incomplete), `diverged_step` (N for a
     diverged run, else NA), the other summary fields (NaN when missing), then the config
-    flattened with dotted names. A summary field that is also a config field — `steps`
-    (steps done vs steps planned) — is named `summary.<field>`.
+    flattened with dotted names, then `tasks/<task>/<metric>` for each downstream task
+    score of the run's newest tasks file (`task_scores`; NaN for runs without one). A
+    summary field that is also a config field — `steps` (steps done vs steps planned) —
+    is named `summary.<field>`.
 
     Note: a diverged run's `final_val_loss` is the last evaluation *before* it diverged;
     filter on status (or use `stability.lr_sensitivity_table`, which does) before using
@@ -124,6 +126,8 @@ def load(workdir) -> pd.DataFrame:
             v = summary.get(k)
             row[_summary_column(k, config)] = math.nan if v is None else v
         row.update(config)
+        row.update({f"{TASK_PREFIX}{task}/{metric}": v
+                    for task, scores in task_scores(run).items() for metric, v in scores.items()})
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=["run", "path", "status", "diverged_step",
@@ -137,6 +141,44 @@ def _summary_column(field: str, config: dict) -> str:
     # `steps` always collides with the config's planned steps; anything else only if a
     # config happens to have a field of the same name.
     return f"summary.{field}" if field == "steps" or field in config else field
+
+
+#: Column prefix of downstream task scores: `tasks/<task>/<metric>`.
+TASK_PREFIX = "tasks/"
+#: A run's task scores at one step: `<run>/evals/tasks-step<8-digit step>.json`, holding
+#: {"step": int, "tasks": {"<task>": {"<metric>": float, ...}}}. Metric names are the
+#: harness's without its ",none" filter suffix (acc, acc_norm, acc_stderr, ...) plus
+#: correct_bpb / correct_nll (the gold continuation's mean bits-per-byte / nats) and
+#: num_choices where known.
+TASKS_FILE = re.compile(r"tasks-step(\d{8})\.json")
+
+
+def task_scores(run_dir) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from the highest-step tasks file of a run (see
+    `TASKS_FILE`); {} when it has none. A file cut off mid-write is passed over for the
+    next newest; values that are not numbers (the harness's aliases) are left out, and
+    "nan" / "inf" strings come back as floats."""
+    evals = epath.Path(run_dir) / "evals"
+    if not evals.is_dir():
+        return {}
+    files = sorted(((int(m.group(1)), f) for f in evals.iterdir()
+                    if (m := TASKS_FILE.fullmatch(f.name))), key=lambda sf: sf[0], reverse=True)
+    for _, f in files:
+        record = _read_json(f)
+        tasks = record.get("tasks") if record is not None else None
+        if not isinstance(tasks, dict):
+            continue
+        out = {}
+        for task, scores in tasks.items():
+            values = {}
+            for metric, v in (scores.items() if isinstance(scores, dict) else ()):
+                v = _number(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    values[metric] = float(v)
+            if values:
+                out[str(task)] = values
+        return out
+    return {}
 
 
 def metrics(run_dir) -> pd.DataFrame:

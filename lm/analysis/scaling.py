@@ -365,24 +365,17 @@ def fit_loss_law(n, d, loss, *, delta: float = 1e-3, grid: dict | None = None,
     return _law(thetas[0], objs[0], log_n.size, _distinct(thetas, keep_optima))
 
 
-@dataclasses.dataclass(frozen=True)
-class LossLawBootstrap:
-    """Percentile bootstrap of an approach-3 fit.
+class PercentileIntervals:
+    """Percentile intervals of a bootstrap: `samples[name]` holds one value per resample
+    (NaN for a resample whose fit failed), `confidence` the default coverage and
+    `_estimates[name]` the full-data estimate."""
 
-    samples[name] holds one value per resample for E, A, B, alpha, beta, a, b, G and, for
-    each requested budget C, n_opt@C, d_opt@C, tokens_per_param@C (C formatted %.3g)."""
-
-    fit: LossLaw
     samples: dict
     confidence: float
-    budgets: tuple[float, ...] = ()  # where n_opt, d_opt and tokens_per_param were taken
+    _estimates: dict
 
     def estimate(self, name: str) -> float:
         return float(self._estimates[name])
-
-    @functools.cached_property
-    def _estimates(self) -> dict:
-        return _derived(self.fit, self.budgets)
 
     def interval(self, name: str, confidence: float | None = None) -> tuple[float, float]:
         q = self.confidence if confidence is None else confidence
@@ -399,6 +392,34 @@ class LossLawBootstrap:
 
         rows = {k: (self.estimate(k), *self.interval(k)) for k in self.samples}
         return pd.DataFrame.from_dict(rows, orient="index", columns=["estimate", "lo", "hi"])
+
+
+def refit_loss_law(fit: LossLaw, n, d, loss, *, delta: float = 1e-3) -> LossLaw:
+    """Fit `n, d, loss` (a bootstrap resample of the runs `fit` was fitted to) from
+    `fit`'s distinct local optima: a resample's objective is a small perturbation of the
+    full one, so its optimum is next to one of them."""
+    log_n, log_d, log_loss = _prepare(n, d, loss)
+    starts = fit.local_optima if fit.local_optima is not None else fit.theta[None]
+    with _single_threaded_blas():
+        thetas, objs = _minimise(starts, log_n, log_d, log_loss, delta)
+    return _law(thetas[0], objs[0], log_n.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossLawBootstrap(PercentileIntervals):
+    """Percentile bootstrap of an approach-3 fit.
+
+    samples[name] holds one value per resample for E, A, B, alpha, beta, a, b, G and, for
+    each requested budget C, n_opt@C, d_opt@C, tokens_per_param@C (C formatted %.3g)."""
+
+    fit: LossLaw
+    samples: dict
+    confidence: float
+    budgets: tuple[float, ...] = ()  # where n_opt, d_opt and tokens_per_param were taken
+
+    @functools.cached_property
+    def _estimates(self) -> dict:
+        return _derived(self.fit, self.budgets)
 
 
 def _derived(law: LossLaw, budgets: Sequence[float]) -> dict:
