@@ -276,7 +276,8 @@ def main(argv=None) -> int:
         return 1 if stale else 0
     for n, b in files.items():
         (TASKS_DIR / n).write_bytes(b)
-        print(f"{TASKS_DIR / n}: {b.count(b'\n')} docs, {len(b)} bytes")
+        docs = b.count(b"\n")
+        print(f"{TASKS_DIR / n}: {docs} docs, {len(b)} bytes")
     return 0
 
 
