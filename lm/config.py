@@ -32,8 +32,8 @@ from typing import Any, Literal
 from lm import optim as _optim
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
-from lm.evals import downstream as _downstream
-from lm.evals.downstream import TaskEvalConfig
+from lm.evals import task_config as _task_config
+from lm.evals.task_config import TaskEvalConfig
 from lm.model import mixers as _mixers
 from lm.model import recursive, rope_scaling
 from lm.model.config import ModelConfig
@@ -414,7 +414,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
-    _downstream.validate(cfg.evals, cfg.eval_every)
+    _task_config.validate(cfg.evals, cfg.eval_every)
     _optim.validate(o)  # the direction's name, then its own section
     _optim.validate_mup(o, m)  # model.init=mup needs the direction's muP rule
     positive("optim.lr", o.lr)
