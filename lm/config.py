@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lm import optim as _optim
+from lm.data import mixture as _mixture
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
 from lm.evals import task_config as _task_config
@@ -68,6 +69,18 @@ class DataConfig:
     response_field: str = knob("response", doc="instruction: the response's field.")
     validation_corpus: str = knob(
         "", doc="\"\" = split the corpus by document (see lm/data/sources.py).")
+    sources: str = knob(
+        "", doc="A weighted mixture instead of `corpus`: \"name:weight:path;...\" (each path "
+        "as `corpus` takes it), e.g. \"plays:0.8:shakespeare;keys:0.2:passkey\" "
+        "(lm/data/mixture.py). Validation loss is reported per source as well.")
+    stages: str = knob(
+        "", roles={"after_resume"},
+        doc="Mixture weights by stage: \"until:name=w,...;...\", until a step or a fraction "
+            "of `steps`, e.g. \"0.9:plays=0.8,keys=0.2;1.0:plays=0.5,keys=0.5\" (a cooldown "
+            "mix for the last 10%). \"\" = the sources' weights throughout.")
+    max_epochs: str = knob(
+        "", roles={"after_resume"},
+        doc="Per-source cap on epochs, \"name=K,...\": a source used up leaves the mixture.")
     validation_fraction: float = knob(0.1, doc="Share of the documents held out for "
                                                "validation when the corpus is split.")
     prefetch: int = knob(
@@ -414,6 +427,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
+    _mixture.check(cfg.data, cfg.steps)
     _task_config.validate(cfg.evals, cfg.eval_every)
     _optim.validate(o)  # the direction's name, then its own section
     _optim.validate_mup(o, m)  # model.init=mup needs the direction's muP rule

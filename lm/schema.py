@@ -26,6 +26,9 @@ from typing import Any, ClassVar, Iterator
 ROLES = {
     "operational": "may change between a run and its resumption: it steers bookkeeping, "
                    "not the computation (checked by lm train on an existing run dir)",
+    "after_resume": "may change between a run and its resumption: it steers only what the "
+                    "steps after the resume compute (data.stages: a later stage edited), so "
+                    "the resumed run is the uninterrupted one up to the resume",
     "free_init": "may differ from the source's under --init-from: it changes how the "
                  "weights are computed with, not their shapes",
     "eval_time": "settable by `lm eval --set` on a trained run: the parameters fit unchanged",

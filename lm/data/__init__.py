@@ -15,8 +15,8 @@ the one definition of the batch keys and dtypes): see lm/data/pipeline.py.
 """
 
 from lm.data.errors import DataError
-from lm.data.pipeline import (ROW_DTYPES, ROW_KEYS, eval_batches, packed_rows, target_bytes,
-                              train_iterator)
+from lm.data.pipeline import (ROW_DTYPES, ROW_KEYS, eval_batches, eval_batches_by_source,
+                              packed_rows, target_bytes, train_iterator)
 from lm.data.prefetch import Prefetcher, prefetch_depth
 from lm.data.prepare import prepare
 from lm.data.sources import SHAKESPEARE_VALIDATION_WORKS, load_documents
@@ -24,7 +24,7 @@ from lm.data.tokenizers import Tokenizer, load_tokenizer
 
 __all__ = [
     "DataError", "Tokenizer", "load_tokenizer", "load_documents", "train_iterator",
-    "eval_batches", "target_bytes", "prepare", "packed_rows", "ROW_KEYS", "ROW_DTYPES",
+    "eval_batches", "eval_batches_by_source", "target_bytes", "prepare", "packed_rows", "ROW_KEYS", "ROW_DTYPES",
     "Prefetcher", "prefetch_depth",
     "SHAKESPEARE_VALIDATION_WORKS",
 ]

@@ -175,7 +175,7 @@ def packed_rows(cfg, tokenizer, split: str) -> PackedRows:
 
 def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   read_threads: int = 0) -> grain.DatasetIterator:
+                   read_threads: int = 0, steps: int = 0) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's part of each global batch.
 
     `batch_size` is the GLOBAL batch. All rows are shuffled by `seed` (reshuffled each
@@ -185,7 +185,9 @@ def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
     of the processes' batches is therefore the single-process batch: the data does not
     depend on how many hosts run the job. The returned grain iterator has
     get_state()/set_state() with a small JSON-serialisable state. read_threads > 0
-    prefetches rows in threads (still deterministic).
+    prefetches rows in threads (still deterministic). A mixture (data.sources) is a
+    lm.data.mixture.MixtureIterator over its sources' rows (`steps`: what a stage's
+    fraction of the run is of).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -193,6 +195,9 @@ def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if batch_size % process_count:
         raise ValueError(f"global batch {batch_size} does not divide by {process_count} processes")
+    if cfg.sources:
+        return _mixture_iterator(cfg, tokenizer, batch_size, seed, process_index,
+                                 process_count, steps)
     rows = packed_rows(cfg, tokenizer, "train")
     if len(rows) == 0:
         raise DataError(f"data.corpus: the train split of {cfg.corpus} has no tokens")
@@ -210,6 +215,33 @@ def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
                              prefetch_buffer_size=4 * local if read_threads else 0)
     it_ds = stream.to_iter_dataset(read).batch(local, drop_remainder=True, batch_fn=_stack)
     return iter(it_ds)
+
+
+def _mixture_iterator(cfg, tokenizer, batch_size, seed, process_index, process_count, steps):
+    from lm.data import mixture
+    sources = mixture.parse_sources(cfg.sources)
+    names = [s.name for s in sources]
+    rows = []
+    for s in sources:
+        r = packed_rows(mixture.source_config(cfg, s), tokenizer, "train")
+        if len(r) == 0:
+            raise DataError(f"data.sources: the train split of source {s.name} ({s.path}) "
+                            "has no tokens")
+        rows.append(r)
+    schedule = mixture.Schedule(sources, mixture.parse_stages(cfg.stages, names, steps),
+                                mixture.parse_epochs(cfg.max_epochs, names))
+    return mixture.MixtureIterator(rows, schedule, batch_size, seed, process_index,
+                                   process_count)
+
+
+def eval_batches_by_source(cfg, tokenizer, batch_size: int,
+                           max_batches: int = 0) -> dict[str, list[dict]]:
+    """A mixture's validation batches per source ({} for a single corpus)."""
+    if not cfg.sources:
+        return {}
+    from lm.data import mixture
+    return {s.name: eval_batches(mixture.source_config(cfg, s), tokenizer, batch_size,
+                                 max_batches) for s in mixture.parse_sources(cfg.sources)}
 
 
 def eval_batches(cfg, tokenizer, batch_size: int, max_batches: int = 0) -> list[dict]:
@@ -245,4 +277,4 @@ def target_bytes(batch: dict, tokenizer) -> np.ndarray:
 
 
 __all__ = ["ROW_DTYPES", "ROW_KEYS", "RowIndex", "PackedRows", "build_row_index", "packed_rows",
-           "train_iterator", "eval_batches", "target_bytes"]
+           "train_iterator", "eval_batches", "eval_batches_by_source", "target_bytes"]

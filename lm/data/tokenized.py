@@ -41,7 +41,15 @@ def tokenize_documents(texts: list[str], tokenizer, chunk: int = 256) -> TokenDo
 
 
 def token_docs(cfg, tokenizer, split: str) -> TokenDocs:
-    """The tokens of `split` of `cfg` (a DataConfig); prepared dirs are memory-mapped."""
+    """The tokens of `split` of `cfg` (a DataConfig); prepared dirs are memory-mapped. A
+    mixture's (data.sources) are its sources' together, in their order (its validation
+    split: every source's)."""
+    if cfg.sources:
+        from lm.data.mixture import parse_sources, source_config
+        parts = [token_docs(source_config(cfg, s), tokenizer, split)
+                 for s in parse_sources(cfg.sources)]
+        return TokenDocs(tuple(t for p in parts for t in p.tokens),
+                         tuple(o for p in parts for o in p.offsets))
     if cfg.format == "instruction":
         from lm.data.instruction import instruction_docs
         return instruction_docs(cfg, tokenizer, split)

@@ -245,7 +245,7 @@ def _one(tree) -> list:
     return [tree]
 
 
-def _same(record: dict) -> dict:
+def _same(record: dict, step: int) -> dict:
     return record
 
 
@@ -259,8 +259,8 @@ class Job:
     step later), each per run along a leading axis when there are several runs.
     `evaluate(state) -> [{"loss", "bpb"}]` one result per run. `checkpoint(state, i) ->
     (state, data iterator)`: what run i's checkpoint holds. `per_run(tree)`: a tree of
-    host values split into one per run (default: the one run's). `record(metrics)`: a
-    run's logged metrics from its host metrics (default: as they are)."""
+    host values split into one per run (default: the one run's). `record(metrics, step)`:
+    a run's logged metrics of `step` from its host metrics (default: as they are)."""
     cfg: TrainConfig  # steps; log / eval / checkpoint / stop-sync intervals
     runs: list[Run]  # one, or K trials in the order of the state's trial axis
     batches: Any  # an lm.data.Prefetcher (or any iterator with close()), at `start`
@@ -273,7 +273,7 @@ class Job:
     flops_per_token: float
     peak_flops: float
     per_run: Callable[[Any], list] = _one
-    record: Callable[[dict], dict] = _same
+    record: Callable[[dict, int], dict] = _same
     evaluate_first: bool = False  # evaluate the state at `start` before training
     batched: bool = False  # the runs are trials of one program (lines and records say so)
 
@@ -320,7 +320,7 @@ def drive(job: Job) -> list[int]:
             host = job.per_run({n: jax.tree.map(np.asarray, v)
                                 for n, v in jax.device_get(metrics).items() if n != "finite"})
             for i in live:
-                record = job.record(host[i])
+                record = job.record(host[i], step)
                 record.update(step_time=step_time, tokens_per_s=tps, mfu=util)
                 if job.batched:
                     record["group_tokens_per_s"] = tps * k
@@ -350,7 +350,10 @@ def drive(job: Job) -> list[int]:
             run.summary.update(final_val_loss=result["loss"], final_val_bpb=result["bpb"],
                                best_val_loss=(result["loss"] if best is None
                                               else min(best, result["loss"])))
-            # Downstream task scores (lm/evals/downstream.py), as of their latest evaluation.
+            # A mixture's per-source validation (final_val_loss/<source>, ...) and downstream
+            # task scores (lm/evals/downstream.py), as of their latest evaluation.
+            run.summary.update({f"final_val_{k}": v for k, v in result.items()
+                                if k.startswith(("loss/", "bpb/"))})
             run.summary.update({k: v for k, v in result.items() if k.startswith("tasks/")})
             live.append(result["loss"])
         if not job.batched:

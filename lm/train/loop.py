@@ -22,7 +22,8 @@ import numpy as np
 
 from lm import config as config_lib
 from lm.config import TrainConfig
-from lm.data import Prefetcher, eval_batches, prefetch_depth, target_bytes, train_iterator
+from lm.data import (Prefetcher, eval_batches, eval_batches_by_source, prefetch_depth,
+                     target_bytes, train_iterator)
 from lm.evals.downstream import check_config_tasks, evaluate_during_training
 from lm.evals.downstream import due as tasks_due
 from lm.lock import hold_for_pod
@@ -35,19 +36,41 @@ from lm.train.mfu import device_peak_flops
 from lm.train.setup import RunSetup, check_resumable, setup_run
 
 
-def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
-    """{"loss": mean token loss, "bpb": bits per byte} over `batches`: floats, or arrays
-    [K] when eval_step returns K sums (a batched group's trials, lm/train/trials.py)."""
+def evaluate_sums(pieces, eval_step, params, batches, tokenizer) -> tuple:
+    """(summed NLL, target tokens, target bytes) over `batches`: floats, or arrays [K]
+    when eval_step returns K sums (a batched group's trials, lm/train/trials.py)."""
     nll, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
         s, c = eval_step(params, pieces.replicated_batch(batch))
         nll = nll + np.asarray(s, np.float64)
         count = count + np.asarray(c, np.float64)
         nbytes += float(np.sum(target_bytes(batch, tokenizer)))
+    return nll, count, nbytes
+
+
+def _loss_and_bpb(nll, count, nbytes) -> dict:
     loss, bpb = nll / np.maximum(count, 1.0), nll / math.log(2) / max(nbytes, 1.0)
     if np.ndim(loss) == 0:
         return {"loss": float(loss), "bpb": float(bpb)}
     return {"loss": loss, "bpb": bpb}
+
+
+def evaluate(pieces, eval_step, params, batches, tokenizer) -> dict:
+    """{"loss": mean token loss, "bpb": bits per byte} over `batches` (floats, or arrays
+    [K] for a batched group's trials)."""
+    return _loss_and_bpb(*evaluate_sums(pieces, eval_step, params, batches, tokenizer))
+
+
+def evaluate_by_source(pieces, eval_step, params, by_source: dict, tokenizer) -> dict:
+    """A mixture's validation: {"loss", "bpb"} over every source's validation tokens,
+    plus "loss/<source>" and "bpb/<source>" for each."""
+    out, total = {}, np.zeros(3)
+    for name, batches in by_source.items():
+        sums = evaluate_sums(pieces, eval_step, params, batches, tokenizer)
+        one = _loss_and_bpb(*sums)
+        out[f"loss/{name}"], out[f"bpb/{name}"] = one["loss"], one["bpb"]
+        total += np.asarray(sums, np.float64)
+    return {**_loss_and_bpb(*total), **out}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) -> int:
@@ -58,19 +81,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
     # Each process reads only its part of every global batch.
     source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed, jax.process_index(),
-                            jax.process_count(), read_threads=cfg.data.read_threads)
+                            jax.process_count(), read_threads=cfg.data.read_threads,
+                            steps=cfg.steps)
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
-    eval_data = eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+    eval_data = (eval_batches_by_source(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+                 or eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches))
     check_config_tasks(cfg.evals)  # unknown task names, data not on disk: one line, now
     # Bad config and data are refused above, before the run dir exists; from here on
     # this process (this pod) is the run dir's one writer, or exits 2 naming the holder.
     with hold_for_pod(run_dir, "lm train"):
-        return _train_holding_run_dir(run, run_dir, batches, eval_data)
+        return _train_holding_run_dir(run, run_dir, batches, eval_data, source)
 
 
 def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
-                           eval_data: list) -> int:
+                           eval_data: list | dict, source=None) -> int:
+    """eval_data: the validation batches, or a mixture's per source. source: the data
+    iterator under the prefetcher (a mixture's reports what each source gave)."""
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
     check_resumable(cfg, run_dir)
     if jax.process_index() == 0:
@@ -124,11 +151,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     eval_step = pieces.eval_step()
     layers = logit_layers(cfg.model)  # the others report NaN (no attention logits)
 
-    def record(metrics: dict) -> dict:
-        return dict(metrics, attn_logit_max={i: metrics["attn_logit_max"][i] for i in layers})
+    drawn = getattr(source, "drawn", lambda step: None)  # a mixture's tokens per source
+
+    def record(metrics: dict, step: int) -> dict:
+        return dict(metrics, attn_logit_max={i: metrics["attn_logit_max"][i] for i in layers},
+                    **(drawn(step) or {}))
 
     def evaluate_state(s) -> list[dict]:
-        result = evaluate(pieces, eval_step, s["params"], eval_data, tokenizer)
+        result = (evaluate_by_source(pieces, eval_step, s["params"], eval_data, tokenizer)
+                  if isinstance(eval_data, dict) else
+                  evaluate(pieces, eval_step, s["params"], eval_data, tokenizer))
         step = int(jax.device_get(s["step"]))
         if tasks_due(cfg.evals, cfg.eval_every, step, cfg.steps):
             result.update(evaluate_during_training(run, s["params"], cfg.evals, step, run_dir))

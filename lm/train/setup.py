@@ -25,7 +25,8 @@ def operational_fields() -> set[str]:
     """Fields that may change between a run and its resumption (role "operational"): they
     steer bookkeeping, not the computation, so the resumed run still reproduces the
     uninterrupted one."""
-    return set(config_lib.keys_with_role("operational"))
+    return set(config_lib.keys_with_role("operational")) | set(
+        config_lib.keys_with_role("after_resume"))
 
 
 def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:

@@ -126,6 +126,8 @@ def unbatchable(cfg: TrainConfig) -> str | None:
         return "lora (the adapter optimizer is not batched yet)"
     if cfg.evals.tasks:
         return "evals.tasks (the harness scores one run's parameters at a time)"
+    if cfg.data.sources:
+        return "data.sources (a mixture's per-source evaluation runs one run at a time)"
     return None
 
 
@@ -473,7 +475,7 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
         return [{"loss": float(per_trial["loss"][i]), "bpb": float(per_trial["bpb"][i])}
                 for i in range(k)]
 
-    def record(metrics: dict) -> dict:
+    def record(metrics: dict, step: int) -> dict:
         return dict(metrics, attn_logit_max={j: metrics["attn_logit_max"][j] for j in layers})
 
     job = Job(cfg=first, runs=runs, batches=batches, state=state, start=start,
