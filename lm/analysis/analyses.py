@@ -394,6 +394,43 @@ register(Analysis("scaling-laws", scaling_laws, applies=_is_scaling_sweep,
                   options=_scaling_options))
 
 
+# ------------------------------------------------------------------ data mixtures
+
+
+def _source_columns(runs) -> list[str]:
+    return [c for c in runs.columns if c.startswith("final_val_loss/")]
+
+
+def per_source_loss(sweep: Sweep) -> None:
+    """A mixture sweep's validation loss per source (and overall) per arm: mean and 95%
+    interval over seeds (lm/data/mixture.py records final_val_loss/<source>)."""
+    import pandas as pd
+
+    from lm.analysis.seeds import interval
+    done = sweep.done
+    cols = ["final_val_loss", *_source_columns(done)]
+    by = sweep.group_by(*( [sweep.seed] if sweep.seed else []), "data.sources", "data.stages")
+    by = by or ["run"]
+    rows = []
+    for key, group in done.groupby(by, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for c in cols:
+            iv = interval(group[c].to_numpy(float))
+            name = "overall" if c == "final_val_loss" else c.split("/", 1)[1]
+            row[name] = (f"{iv.mean:.4f}" if iv.n < 2 else
+                         f"{iv.mean:.4f} [{iv.lo:.4f}, {iv.hi:.4f}]")
+        row["runs"] = len(group)
+        rows.append(row)
+    seeds = f"; 95% intervals over {sweep.seed}" if sweep.seed else ""
+    print(f"Validation loss per source (nats/token; mean{seeds}):")
+    _print_table(pd.DataFrame(rows))
+
+
+register(Analysis("per-source-loss", per_source_loss,
+                  applies=lambda sweep: bool(_source_columns(sweep.done)),
+                  when="data mixtures (final_val_loss/<source> in summary.json)"))
+
+
 # ------------------------------------------------------------------ task scaling
 
 
