@@ -105,4 +105,4 @@ def run_id(run_dir: Path) -> str:
 
 
 # The built-in sinks (each registers itself).
-from lm.train.trackers import jsonl, tensorboard  # noqa: E402,F401
+from lm.train.trackers import jsonl, tensorboard, wandb_run  # noqa: E402,F401
