@@ -1,16 +1,19 @@
 """The sink interface of lm/train/trackers: a tracker registered by name receives the
 same records as metrics.jsonl and summary.json's fields at the end; a failing tracker
-is turned off with one line and training goes on. Through the real driver with the toy
-objective of test_driver.py (in-process, no model)."""
+is turned off with one line and training goes on; each trial of a group is a W&B run of
+its own. Through the real driver with the toy objective of test_driver.py (in-process,
+no model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from test_driver import Numbers, _cfg, _records, toy_job
 
+from lm import schema
 from lm.train import trackers
 from lm.train.driver import drive
 
@@ -95,3 +98,22 @@ def test_the_built_in_sinks_and_a_second_registration_of_a_name_is_refused():
     assert list(trackers.registered())[:2] == ["jsonl", "tensorboard"]  # metrics.jsonl first
     with pytest.raises(ValueError, match="registered twice"):
         trackers.register("jsonl", FileSink, enabled=lambda cfg: True)
+
+
+def test_each_trial_of_a_batched_group_is_a_wandb_run_of_its_own(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                        "WANDB_CONFIG_DIR": str(tmp_path / "wb" / "config"),
+                        "WANDB_CACHE_DIR": str(tmp_path / "wb" / "cache"),
+                        "WANDB_DATA_DIR": str(tmp_path / "wb" / "data")}.items():
+        monkeypatch.setenv(name, value)
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, track=schema.replace(cfg.track, wandb=True))
+    for d in ("r0", "r1"):
+        (tmp_path / d).mkdir()
+    assert drive(toy_job(tmp_path, 2, cfg, Numbers(2))) == [0, 0]
+    for d in ("r0", "r1"):  # two W&B runs at once in one process, each in its run dir
+        run_id = (tmp_path / d / trackers.RUN_ID_FILE).read_text().strip()
+        [offline] = (tmp_path / d / "wandb").glob("offline-run-*")
+        assert offline.name.endswith(f"-{run_id}")
+        assert (offline / f"run-{run_id}.wandb").stat().st_size > 0
