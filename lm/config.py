@@ -45,6 +45,7 @@ from lm.parallel.sharding import MESH_AXES
 from lm.peft import lora as _lora
 from lm.peft.lora import LoRAConfig
 from lm.schema import knob, section
+from lm.train.trackers.config import TrackConfig
 
 OPS = {"operational"}
 
@@ -132,6 +133,7 @@ class TrainConfig:
     mesh: MeshConfig = section(MeshConfig)
     lora: LoRAConfig = section(LoRAConfig)
     evals: TaskEvalConfig = section(TaskEvalConfig)
+    track: TrackConfig = section(TrackConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
@@ -151,7 +153,8 @@ class TrainConfig:
     eval_batches: int = knob(8, roles=OPS, doc="0 = the whole validation split.")
     checkpoint_every: int = knob(500, roles=OPS, doc="Steps between checkpoints.")
     keep_checkpoints: int = knob(2, roles=OPS, doc="Checkpoints kept (older ones deleted).")
-    tensorboard: bool = knob(True, roles=OPS, doc="Write TensorBoard scalars.")
+    tensorboard: bool = knob(True, roles=OPS, doc="Write TensorBoard scalars "
+                             "(`RUN/tensorboard/`; other trackers: the track section).")
     stop_sync_every: int = knob(
         10, roles=OPS,
         doc="Multi-process runs agree on a SIGTERM/SIGINT every this many steps (a host "

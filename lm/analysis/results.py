@@ -23,7 +23,7 @@ from etils import epath
 
 #: Sub-directories of a run that hold no runs and can be large (orbax writes many small
 #: files): not searched for config.json.
-_SKIP_DIRS = frozenset({"checkpoints", "tensorboard"})
+_SKIP_DIRS = frozenset({"checkpoints", "tensorboard", "wandb"})
 
 #: Summary fields in the order `lm train` writes them (columns come first in this order).
 SUMMARY_FIELDS = ("status", "steps", "tokens_seen", "params", "non_embedding_params",
@@ -47,7 +47,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def find_runs(workdir) -> list[epath.Path]:
     """Every directory under `workdir` (itself included, any depth) holding config.json,
-    sorted. Does not descend into checkpoints/ or tensorboard/."""
+    sorted. Does not descend into checkpoints/, tensorboard/ or wandb/."""
     root = epath.Path(workdir)
     if not root.exists():
         raise FileNotFoundError(f"no such directory: {root}")
@@ -227,7 +227,8 @@ def _number(v):
 
 #: Trial tags of sweep.json that become columns of `load_sweep` (a study's arms and sizes).
 TAG_COLUMNS = ("arm", "size")
-# Bookkeeping fields (they do not change what is trained): never shown as sweep axes.
+# Bookkeeping fields (they do not change what is trained; nor do the track.* trackers):
+# never shown as sweep axes.
 _BOOKKEEPING = {"name", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints", "tensorboard"}
 
@@ -265,7 +266,7 @@ def varying_columns(df: pd.DataFrame) -> list[str]:
     """Config columns whose value differs between runs (the sweep's axes)."""
     cols = []
     for c in df.columns:
-        if c not in CONFIG_DEFAULTS or c in _BOOKKEEPING:
+        if c not in CONFIG_DEFAULTS or c in _BOOKKEEPING or c.startswith("track."):
             continue
         if df[c].astype(str).nunique(dropna=False) > 1:
             cols.append(c)

@@ -32,6 +32,7 @@ fails, every checkpointer, metrics sink and the batch source are closed.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import os
@@ -232,12 +233,13 @@ def open_run(directory: Path, cfg: TrainConfig, start: int, counts: dict, fpt: f
              **extra) -> Run:
     """A run (re)starting at `start`: its summary.json written as "running" (keeping
     what an earlier start recorded of its evaluations; `extra`: more fields) and its
-    metrics sink opened (records after `start` dropped)."""
+    metrics sink opened: every tracker the config enables (lm/train/trackers; records
+    after `start` dropped from metrics.jsonl, a tracker's run continued)."""
     path = Path(directory) / "summary.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     summary = initial_summary(cfg, start, previous, counts, fpt, **extra)
     write_json(path, summary)
-    sink = MetricsSink(Path(directory), cfg.tensorboard, resume_step=start, enabled=sink_enabled)
+    sink = MetricsSink(Path(directory), cfg, resume_step=start, enabled=sink_enabled)
     return Run(Path(directory), summary, sink, ckpt, label)
 
 
@@ -428,9 +430,14 @@ def drive(job: Job) -> list[int]:
         else:
             failure = None
         # All of them, whatever fails: a checkpointer left unclosed would drop its
-        # pending async save.
+        # pending async save. The sinks last, told how each run ended (summary.json's
+        # fields, as written below) unless something failed on the way.
+        def close_sink(run: Run) -> None:
+            run.sink.close(None if failure is not None else
+                           dict(run.summary, status=run.status or "completed"))
+
         for close in [batches.close, *(r.ckpt.close for r in runs),
-                      *(r.sink.close for r in runs)]:
+                      *(functools.partial(close_sink, r) for r in runs)]:
             try:
                 close()
             except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)

@@ -30,6 +30,7 @@ from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
+from lm.train import trackers
 from lm.train.param_source import first_state, run_checkpointer
 from lm.train.driver import Job, drive, open_run
 from lm.train.mfu import device_peak_flops
@@ -88,6 +89,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     eval_data = (eval_batches_by_source(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
                  or eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches))
     check_config_tasks(cfg.evals)  # unknown task names, data not on disk: one line, now
+    trackers.check(cfg)  # a tracker that cannot work (wandb not installed): one line
     # Bad config and data are refused above, before the run dir exists; from here on
     # this process (this pod) is the run dir's one writer, or exits 2 naming the holder.
     with hold_for_pod(run_dir, "lm train"):

@@ -1,17 +1,16 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files and a console line."""
+"""Where metrics go: the sinks of lm/train/trackers (metrics.jsonl, TensorBoard, W&B, ...)
+and a console line."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from lm.train import trackers
+from lm.train.trackers import jsonl
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -32,47 +31,65 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 class MetricsSink:
-    """Writes nothing when not enabled (only process 0 of a multi-host job writes)."""
+    """A run's records fanned out to every sink its config enables (lm/train/trackers:
+    metrics.jsonl always, TensorBoard, W&B, ...). Writes nothing when not enabled (only
+    process 0 of a multi-host job writes). A non-critical sink that fails is turned off
+    with one line; a critical one's error (a local file's) is the run's."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int = 0,
-                 enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = Path(run_dir) / jsonl.FILE
+        self.sinks: list[tuple[trackers.Registration, trackers.Sink]] = []
         if not enabled:
             return
-        self._truncate_after(resume_step)
-        self.file = open(self.path, "a")
-        self.tb = EventFileWriter(str(run_dir / "tensorboard")) if tensorboard else None
+        rid = trackers.run_id(run_dir)
+        for reg in trackers.registered().values():
+            if not reg.enabled(cfg):
+                continue
+            sink = reg.factory()
+            self.sinks.append((reg, sink))
+            if not self._call(reg, sink, "open", Path(run_dir), cfg, resume_step, rid):
+                self.sinks.pop()
 
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run re-does the steps after its checkpoint: drop their old records
-        so metrics.jsonl reads as one uninterrupted run."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+    def _call(self, reg, sink, method: str, *args) -> bool:
+        """sink.method(*args); False when a non-critical sink failed (it is then off)."""
+        if reg.critical:
+            getattr(sink, method)(*args)
+            return True
+        try:
+            getattr(sink, method)(*args)
+            return True
+        except Exception as e:  # noqa: BLE001 (a tracker never stops training)
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"warning: the {reg.name} tracker failed ({type(e).__name__}: {first}); "
+                  "it is off for the rest of this run", flush=True)
+            return False
+
+    def _each(self, method: str, *args) -> None:
+        self.sinks = [(reg, sink) for reg, sink in self.sinks
+                      if self._call(reg, sink, method, *args) or reg.critical]
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:
-        if not self.enabled:
-            return
-        scalars = _scalars(metrics)
-        record = {"step": step, "kind": kind, **{
-            k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            summary = Summary(value=[Summary.Value(tag=f"{kind}/{k}", simple_value=v)
-                                     for k, v in scalars.items()])
-            self.tb.add_event(Event(wall_time=time.time(), step=step, summary=summary))
-            self.tb.flush()
+        if self.enabled:
+            self._each("log", step, _scalars(metrics), kind)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Give each sink `summary` (summary.json's fields as the run ends; None: the run
+        failed before they were known), then close them all; the first error of a
+        critical sink is raised once every sink is closed."""
         if not self.enabled:
             return
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        if summary is not None:
+            self._each("summary", summary)
+        failure = None
+        for reg, sink in self.sinks:
+            try:
+                self._call(reg, sink, "close")
+            except Exception as e:  # noqa: BLE001 (raised below, after the others)
+                failure = failure or e
+        self.sinks = []
+        if failure is not None:
+            raise failure
 
 
 def _duration(seconds: float) -> str:

@@ -61,6 +61,7 @@ from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
 from lm.optim import make_optimizer, schedule
 from lm.peft import make_model
+from lm.train import trackers
 from lm.train.checkpoint import Checkpointer
 from lm.train.driver import Job, drive, open_run
 from lm.train.loop import evaluate
@@ -376,6 +377,7 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     if len(dirs) != k or len(set(dirs)) != k:
         raise ConfigError("a trial group needs one distinct run directory per trial")
     first, tokenizer = group.setup.cfg, group.setup.tokenizer
+    trackers.check(first)  # before any run dir exists
     seeds = sorted({c.data_seed for c in cfgs})
     sources = [train_iterator(first.data, tokenizer, first.batch_size, s,
                               read_threads=first.data.read_threads) for s in seeds]

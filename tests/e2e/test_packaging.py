@@ -1,6 +1,7 @@
-"""The package as users install it: every third-party import is a declared dependency, and
-the wheel, installed into a fresh virtualenv, trains and benchmarks from a directory
-outside the checkout (default config, sizes and corpus come from the package)."""
+"""The package as users install it: every third-party import is a declared dependency (or
+one of a feature's extra), and the wheel, installed into a fresh virtualenv, trains and
+benchmarks from a directory outside the checkout (default config, sizes and corpus come
+from the package)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ FOLDERS = ("lm", "kernels")  # the checkout's code, installed as `lm` (kernels/:
 
 
 def _declared() -> set[str]:
+    """The dependencies, and those of the feature extras (e.g. `wandb`: imported only
+    where its feature is on); the test extra's are for the tests, never for lm/."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {_normal(re.match(r"[A-Za-z0-9_.-]+", d).group()) for d in project["dependencies"]}
+    extras = [d for name, deps in project.get("optional-dependencies", {}).items()
+              if name != "test" for d in deps]
+    return {_normal(re.match(r"[A-Za-z0-9_.-]+", d).group())
+            for d in [*project["dependencies"], *extras]}
 
 
 def _normal(name: str) -> str:
