@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from lm.train.trackers import Sink, register
+from lm.train.trackers.base import Sink, register
 
 FILE = "metrics.jsonl"
 

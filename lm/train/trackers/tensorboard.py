@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lm.train.trackers import Sink, register
+from lm.train.trackers.base import Sink, register
 
 
 class TensorBoardSink(Sink):

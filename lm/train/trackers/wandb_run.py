@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm.errors import ConfigError
-from lm.train.trackers import Sink, register
+from lm.train.trackers.base import Sink, register
 
 
 def check(cfg) -> None:
