@@ -65,12 +65,13 @@ def evaluate_during_training(run, params, cfg: TaskEvalConfig, step: int, run_di
     import jax
     if jax.process_index() == 0:
         record(run_dir, step, results["scores"])
-    shown = ", ".join(f"{t} {row.get('acc', row.get('exact_match', row.get('bits_per_byte', float('nan')))):.4f}"
-                      for t, row in results["scores"].items())
+    shown = ", ".join(f"{t} {m} {row[m]:.4f}" for t, row in results["scores"].items()
+                      for m in [next((m for m in HEADLINE if m in row), None)] if m)
     print(f"  tasks @ {step}: {shown} ({time.perf_counter() - start:.1f}s)", flush=True)
     return flat(results["scores"])
 
 
+HEADLINE = ("acc", "exact_match", "bits_per_byte", "word_perplexity")  # the console line's
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
 
 
@@ -146,7 +147,8 @@ def _dataset_of(manager, name: str) -> str:
     path = cfg.get("dataset_path", "unknown")
     files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     named = cfg.get("dataset_name")
-    return f"dataset {path}" + (f" ({named})" if named else "") + (f", files {files}" if files else "")
+    return (f"dataset {path}" + (f" ({named})" if named else "")
+            + (f", files {files}" if files else ""))
 
 
 def _first_line(e: Exception) -> str:

@@ -14,7 +14,8 @@ OPS = {"operational"}
 
 @dataclass(frozen=True)
 class TaskEvalConfig:
-    """Downstream tasks through lm-evaluation-harness at evaluation time (lm/evals/downstream.py)."""
+    """Downstream tasks through lm-evaluation-harness at evaluation time
+    (lm/evals/downstream.py)."""
     tasks: str = knob("", roles=OPS, doc="Comma-separated harness task names (or tags, e.g. "
                       "shakespeare: the embedded tasks), run at evaluation steps; \"\" = none.")
     every: int = knob(0, roles=OPS, doc="Steps between task evaluations (0 = every "
