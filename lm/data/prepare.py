@@ -68,7 +68,7 @@ DEFAULT_SHARD_TOKENS = 1 << 28  # 256M tokens: 512 MiB of uint16 per shard
 DEFAULT_UNIT_BYTES = 64 << 20  # input bytes per work unit (its tokens land in one file)
 WORK_DIR = ".prepare"
 _BATCH_CHARS = 1 << 20  # characters of text tokenized in one encode_batch call
-_MERGE_TOKENS = 1 << 24  # tokens of a unit copied into the shards at a time
+_MERGE_TOKENS = 1 << 22  # tokens of a unit copied into the shards at a time
 
 
 def prepare(cfg, out_dir, tokenizer: Tokenizer | None = None,
@@ -357,8 +357,7 @@ def _prepare_streamed(cfg, out, tok, dtype, shard_tokens, workers, unit_bytes, l
     first = 0  # global number of the unit's first document (of data.corpus)
     for u in keep:
         lens = np.fromfile(work / f"{u.id}.len", np.int64)
-        toks = np.memmap(work / f"{u.id}.tok", dtype, mode="r") if lens.size else \
-            np.zeros(0, dtype)
+        toks = work / f"{u.id}.tok"
         if u.key == "data.corpus" and not cfg.validation_corpus:
             val = validation_mask(np.arange(first, first + len(lens)), n_main,
                                   cfg.validation_fraction)
@@ -367,7 +366,6 @@ def _prepare_streamed(cfg, out, tok, dtype, shard_tokens, workers, unit_bytes, l
         if u.key == "data.corpus":
             first += len(lens)
         _merge_unit(toks, lens, val, writers, sources[u.key])
-        del toks
     splits = {s: writers[s].close() for s in SPLITS}
     bytes_in = sum(u.nbytes for u in units)
     return splits, sources, {"input_bytes": bytes_in, "skipped_files": len(bad_files),
@@ -375,15 +373,17 @@ def _prepare_streamed(cfg, out, tok, dtype, shard_tokens, workers, unit_bytes, l
                                 if bad_files else {})}
 
 
-def _merge_unit(toks, lens, val, writers, counts) -> None:
-    """Copy a unit's documents into the split writers, a bounded chunk at a time."""
+def _merge_unit(path: Path, lens, val, writers, counts) -> None:
+    """Copy a unit's documents into the split writers, a bounded chunk at a time (read,
+    not memory-mapped: mapped pages would stay resident for the whole unit)."""
     offs = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offs[1:])
     a = 0
     while a < len(lens):
         b = int(np.searchsorted(offs, offs[a] + _MERGE_TOKENS, side="right")) - 1
         b = max(b, a + 1)
-        chunk = np.asarray(toks[offs[a]:offs[b]])
+        chunk = np.fromfile(path, writers["train"].dtype, count=int(offs[b] - offs[a]),
+                            offset=int(offs[a]) * writers["train"].dtype.itemsize)
         cl, cv = lens[a:b], val[a:b]
         for split, want in (("train", False), ("validation", True)):
             sel = cv == want

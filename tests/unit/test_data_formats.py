@@ -246,7 +246,8 @@ def test_prepare_memory_is_bounded_on_a_corpus_larger_than_the_cap(tmp_path):
         while f.tell() < 32 << 20:
             f.write(block)
     size = sum(p.stat().st_size for p in d.iterdir())
-    r = run_prepare(tmp_path / "o", 8 << 20, corpus_dir=d, shard_tokens=1 << 24)
+    # Default units: a.jsonl is one unit of 64 MB, tokenized and merged in bounded pieces.
+    r = run_prepare(tmp_path / "o", 64 << 20, corpus_dir=d, shard_tokens=1 << 24)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["tokens"] > 0.85 * size
