@@ -265,6 +265,17 @@ def run_unit(unit: Unit, job: Job) -> dict:
     return rec
 
 
+def _start_method() -> str:
+    """fork (workers start at once, sharing the parent's imports) unless JAX has started
+    its backends (threads a fork would copy half-way): then spawn."""
+    import sys
+    if sys.platform != "linux":
+        return "spawn"
+    xb = sys.modules.get("jax._src.xla_bridge")
+    started = getattr(xb, "backends_are_initialized", lambda: True)() if xb else False
+    return "spawn" if started else "fork"
+
+
 def _run_units(units: list[Unit], job: Job, workers: int, log) -> dict[int, dict]:
     """Done records of every unit, running those not done yet on `workers` processes."""
     work = Path(job.work)
@@ -300,8 +311,7 @@ def _run_units(units: list[Unit], job: Job, workers: int, log) -> dict[int, dict
     import functools
     import multiprocessing as mp
 
-    # spawn: the parent may have imported jax (threads); a fork of it is unsafe.
-    with mp.get_context("spawn").Pool(n, initializer=_worker_init) as pool:
+    with mp.get_context(_start_method()).Pool(n, initializer=_worker_init) as pool:
         # Largest first keeps the cores busy to the end; the order of completion does not
         # matter (each unit has its own files; the merge follows document order).
         order = sorted(pending, key=lambda u: -u.nbytes)
