@@ -50,6 +50,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,14 +267,16 @@ def run_unit(unit: Unit, job: Job) -> dict:
 
 
 def _start_method() -> str:
-    """fork (workers start at once, sharing the parent's imports) unless JAX has started
-    its backends (threads a fork would copy half-way): then spawn."""
-    import sys
+    """fork (workers start at once, sharing the parent's imports) from a single-threaded
+    process; else forkserver (one fresh process imports lmlab, workers fork from it): a
+    fork copies other threads' locks half-way."""
     if sys.platform != "linux":
         return "spawn"
-    xb = sys.modules.get("jax._src.xla_bridge")
-    started = getattr(xb, "backends_are_initialized", lambda: True)() if xb else False
-    return "spawn" if started else "fork"
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = 2
+    return "fork" if threads == 1 else "forkserver"
 
 
 def _run_units(units: list[Unit], job: Job, workers: int, log) -> dict[int, dict]:
@@ -311,7 +314,10 @@ def _run_units(units: list[Unit], job: Job, workers: int, log) -> dict[int, dict
     import functools
     import multiprocessing as mp
 
-    with mp.get_context(_start_method()).Pool(n, initializer=_worker_init) as pool:
+    ctx = mp.get_context(_start_method())
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["lm.data.prepare"])
+    with ctx.Pool(n, initializer=_worker_init) as pool:
         # Largest first keeps the cores busy to the end; the order of completion does not
         # matter (each unit has its own files; the merge follows document order).
         order = sorted(pending, key=lambda u: -u.nbytes)
