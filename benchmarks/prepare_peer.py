@@ -44,7 +44,8 @@ s = prepare(DataConfig(corpus=corpus, tokenizer=tok), out, workers=workers)
 tokens = s["train"]["tokens"] + s["validation"]["tokens"]
 print(json.dumps({"tokens": tokens,
                   "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "rss_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+                  "rss_worker": max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                                    s.get("worker_peak_rss_mb", 0) * 1024)}))
 """
 
 DATASETS = r"""

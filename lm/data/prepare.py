@@ -260,6 +260,8 @@ def run_unit(unit: Unit, job: Job) -> dict:
         len_part.write_bytes(b"")
     os.replace(tok_part, work / f"{unit.id}.tok")
     os.replace(len_part, work / f"{unit.id}.len")
+    import resource
+    rec["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak of its process
     tmp = work / f"{unit.id}.done.part"
     tmp.write_text(json.dumps(rec))
     os.replace(tmp, done)
@@ -384,7 +386,9 @@ def _prepare_streamed(cfg, out, tok, dtype, shard_tokens, workers, unit_bytes, l
         _merge_unit(toks, lens, val, writers, sources[u.key])
     splits = {s: writers[s].close() for s in SPLITS}
     bytes_in = sum(u.nbytes for u in units)
+    rss = max((r.get("rss_kb", 0) for r in records.values()), default=0)
     return splits, sources, {"input_bytes": bytes_in, "skipped_files": len(bad_files),
+                             "worker_peak_rss_mb": round(rss / 1024, 1),
                              **({"first_skipped": next(iter(bad_files.values()))}
                                 if bad_files else {})}
 
