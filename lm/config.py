@@ -55,12 +55,17 @@ class DataConfig:
     """Where the tokens come from: corpus, tokenizer, format, validation split, reading."""
     corpus: str = knob(
         "shakespeare", doc="\"shakespeare\" (the embedded corpus) or a path: a "
-        "text/JSONL/Parquet file, a directory or glob of them, or a directory written by "
-        "`lm data prepare`.")
+        "text/JSONL (also .gz/.xz/.zst)/Parquet/Arrow/ArrayRecord file, a directory or glob "
+        "of them, a Hugging Face save_to_disk directory, or a directory written by "
+        "`lm data prepare` (lm/data/sources.py).")
     tokenizer: str = knob("byte", doc="\"byte\" | path to a SentencePiece .model | path to "
                                       "a Hugging Face tokenizer.json.")
     seq_len: int = knob(256, doc="Tokens per training row.")
     text_field: str = knob("text", doc="JSONL / Parquet column holding the document text.")
+    on_bad_shard: Literal["fail", "skip"] = knob(
+        "fail", doc="A corpus file that does not decode (bad gzip/zstd stream, invalid JSON "
+        "line, not a parquet file): fail = one error naming it; skip = leave the whole file "
+        "out, count it and warn once (lm/data/sources.py).")
     format: Literal["text", "instruction"] = knob(
         "text", doc="text: documents, every token a target; instruction: JSONL "
         "prompt/response records (or chat `messages`, with the tokenizer's chat template "

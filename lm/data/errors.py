@@ -16,3 +16,14 @@ class DataError(ValueError):
         # Keep the contract "one line" even when a reason comes from an OS or
         # library error message that spans several lines.
         super().__init__(" ".join(str(message).split()))
+
+
+class BadShard(DataError):
+    """A file of the corpus that does not decode (data.on_bad_shard decides: fail/skip)."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # crosses process boundaries (lm data prepare --workers)
+        return BadShard, (str(self), self.path)
