@@ -12,7 +12,7 @@ where it has weight 0), with 3 seeds.
     cooldown     1 : 0 for 80% of the steps, then 0.7 : 0.3  6%
 
 4 arms x 3 seeds = 12 runs, one at a time (a mixture's per-source evaluation trains
-alone); MEASURED_TIME on a 2-core CPU.
+alone); 10m24s on a 2-core CPU shared with other work (measured).
 
     lm sweep experiments/data_mixture.py --workdir runs/data_mixture
     lm analyze runs/data_mixture      # validation loss per source and arm, with intervals
