@@ -24,9 +24,11 @@ the run's mesh like the validation loss. The framing follows the harness's HF ba
 
 Loglikelihood requests are packed: several (context + continuation) sequences share a row,
 each with its own segment id and positions from 0, so a row's attention never crosses
-requests (the packing training uses) and no compute goes to padding. Rows have a few
-bucketed lengths (powers of two up to `max_length`) and `batch_size` rows per call, so a
-task compiles a handful of shapes.
+requests (the packing training uses) and little compute goes to padding. Requests go
+longest first; each call's rows are as long as the bucket (a power of two up to
+`max_length`) of its longest request, shorter ones fill the room left, and a call has at
+most `batch_size` rows (fewer, a power of two, for a short last call), so a task compiles
+a handful of shapes.
 """
 
 from __future__ import annotations
@@ -80,23 +82,6 @@ def row_lengths(max_length: int, multiple: int = 1) -> list[int]:
         n *= 2
     out.append(max_length)
     return sorted({-(-n // multiple) * multiple for n in out})
-
-
-def pack(lengths: list[int], row: int) -> list[list[int]]:
-    """First-fit decreasing: indices of `lengths` (each <= row) grouped into rows."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        for r, f in enumerate(free):
-            if lengths[i] <= f:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(row - lengths[i])
-    return rows
 
 
 class HarnessLM(TemplateLM):
@@ -163,25 +148,49 @@ class HarnessLM(TemplateLM):
         results = [(0.0, True)] * len(seqs)
         bar = tqdm(total=len(seqs), disable=disable_tqdm or not self.progress,
                    desc="lmlab loglikelihood")
-        for row_len, group in self._by_bucket([len(s) - 1 for s in seqs]):
-            rows = pack([len(seqs[i]) - 1 for i in group], row_len)
-            for start in range(0, len(rows), self.rows):
-                chunk = [[group[j] for j in r] for r in rows[start:start + self.rows]]
-                for i, out in self._score_rows(chunk, seqs, spans, row_len).items():
-                    results[i] = out
-                bar.update(sum(len(r) for r in chunk))
+        for row_len, rows in self._calls([len(s) - 1 for s in seqs]):
+            for i, out in self._score_rows(rows, seqs, spans, row_len).items():
+                results[i] = out
+            bar.update(sum(len(r) for r in rows))
         bar.close()
         return results
 
-    def _by_bucket(self, lengths: list[int]):
-        """(row length, request indices) for each bucket, short rows first."""
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(lengths):
-            groups.setdefault(next(b for b in self._buckets if b >= n), []).append(i)
-        return sorted(groups.items())
+    def _calls(self, lengths: list[int]):
+        """(row length, rows of request indices) for each forward call. Requests go
+        longest first; a call's rows are as long as the bucket of its longest request,
+        and the requests after it are packed into them first-fit (up to `self.rows`
+        rows), so shorter requests fill the room longer ones leave."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        k = 0
+        while k < len(order):
+            row_len = next(b for b in self._buckets if b >= lengths[order[k]])
+            rows: list[list[int]] = []
+            free: list[int] = []
+            while k < len(order):
+                i = order[k]
+                r = next((r for r, f in enumerate(free) if lengths[i] <= f), None)
+                if r is None:
+                    if len(rows) == self.rows:
+                        break
+                    rows.append([])
+                    free.append(row_len)
+                    r = len(rows) - 1
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                k += 1
+            yield row_len, rows
+
+    def _rows_per_call(self, used: int) -> int:
+        """Rows a call computes: a power of two >= `used` in whole mesh shards (at most
+        `self.rows`), so a short last call does not pay for a full batch."""
+        ways = self.pieces.mesh.size
+        n = 1
+        while n < used:
+            n *= 2
+        return min(self.rows, -(-n // ways) * ways)
 
     def _score_rows(self, rows, seqs, spans, row_len) -> dict[int, tuple[float, bool]]:
-        shape = (self.rows, row_len)
+        shape = (self._rows_per_call(len(rows)), row_len)
         batch = {k: np.zeros(shape, np.int32) for k in ("inputs", "targets", "segment_ids",
                                                        "positions")}
         batch["loss_mask"] = np.zeros(shape, np.float32)
