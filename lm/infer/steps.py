@@ -62,9 +62,25 @@ def row_key(seed, sample, index):
 
 
 def _sample(logits_BV, sampling):
+    """Each row's token. What the batch holds only picks the cheapest branch whose
+    result is the same for every row: all greedy (argmax), no row filtered (no sorts),
+    or the full filters (rows without filters pass through them unchanged)."""
     seed, sample, index, temperature, top_k, top_p = sampling
     keys = jax.vmap(row_key)(seed, sample, index)
-    return jax.vmap(sample_row)(logits_BV, keys, temperature, top_k, top_p)
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def plain(_):
+        scaled = logits_BV / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    def filtered(_):
+        return jax.vmap(sample_row)(logits_BV, keys, temperature, top_k, top_p)
+
+    sampling_rows = temperature > 0
+    any_filter = jnp.any(sampling_rows & ((top_k > 0) | (top_p < 1.0)))
+    branch = jnp.where(jnp.any(sampling_rows), jnp.where(any_filter, 2, 1), 0)
+    return jax.lax.switch(branch, [lambda _: greedy, plain, filtered], None)
 
 
 @functools.lru_cache(maxsize=8)

@@ -70,17 +70,19 @@ def test_a_requests_output_does_not_depend_on_the_batch(attention):
     graphdef, params = attention
     mine = [Request((4, 9, 2, 11), max_new_tokens=10, seed=3, id="greedy"),
             Request((4, 9, 2, 11), max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9,
-                    seed=3, n=2, id="sampled")]
+                    seed=3, n=2, id="sampled"),
+            Request((4, 9, 2, 11), max_new_tokens=10, temperature=0.9, seed=4, id="plain")]
     others = [Request(tuple(p), max_new_tokens=6 + i, temperature=0.7 * (i % 2), seed=i)
               for i, p in enumerate(PROMPTS)]
 
     def tokens(requests):
         engine = Engine(graphdef, params, slots=4, pages=40, page_size=4)
         return {r.id: [c.tokens for c in r.completions]
-                for r in engine.generate(requests) if r.id in ("greedy", "sampled")}
+                for r in engine.generate(requests) if isinstance(r.id, str)}
 
-    alone = {**tokens(mine[:1]), **tokens(mine[1:])}
-    mixed = tokens([others[0], mine[1], *others[1:3], mine[0], *others[3:]])
+    # (alone, each batch takes another sampling branch: greedy, filtered, plain; steps.py)
+    alone = {**tokens(mine[:1]), **tokens(mine[1:2]), **tokens(mine[2:])}
+    mixed = tokens([others[0], mine[1], *others[1:3], mine[0], *others[3:], mine[2]])
     assert alone == mixed
     assert alone["sampled"][0] != alone["sampled"][1]  # n samples draw their own keys
     assert alone["greedy"][0] == generate(graphdef, params, [4, 9, 2, 11], 10,
