@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -203,31 +202,33 @@ class Engine:
             self._prefill_one(seq, events)
 
     def _sampling(self, seqs: list[_Seq | None], index: list[int]):
-        def col(fn, dtype):
-            return jnp.asarray([fn(s) if s is not None else 0 for s in seqs], dtype)
-        return (col(lambda s: s.req.seed, jnp.int32), col(lambda s: s.sample, jnp.int32),
-                jnp.asarray(index, jnp.int32), col(lambda s: s.req.temperature, jnp.float32),
-                col(lambda s: s.req.top_k, jnp.int32),
-                jnp.asarray([s.req.top_p if s is not None else 1.0 for s in seqs], jnp.float32))
+        """Per-row (seed, sample, token index, temperature, top_k, top_p), as numpy
+        (handed to the step as they are: no dispatch per array)."""
+        def col(fn, dtype, idle=0):
+            return np.asarray([fn(s) if s is not None else idle for s in seqs], dtype)
+        return (col(lambda s: s.req.seed, np.int32), col(lambda s: s.sample, np.int32),
+                np.asarray(index, np.int32), col(lambda s: s.req.temperature, np.float32),
+                col(lambda s: s.req.top_k, np.int32),
+                col(lambda s: s.req.top_p, np.float32, 1.0))
 
     def _table(self, seqs: list[_Seq | None], width: int):
         table = np.full((len(seqs), width), TRASH_PAGE, np.int32)
         for i, s in enumerate(seqs):
             if s is not None:
                 table[i, :len(s.pages)] = s.pages
-        return jnp.asarray(table)
+        return table
 
     def _prefill_one(self, seq: _Seq, events: list[Event]) -> None:
         n = seq.n_prompt
         t = _bucket(n, 16, self.max_seq_len)
         pad = t - n  # left padding: segment 0, written to the trash page
-        tokens = jnp.asarray([[0] * pad + seq.tokens[:n]], jnp.int32)
-        positions = jnp.asarray([[0] * pad + list(range(n))], jnp.int32)
-        segments = jnp.asarray([[0] * pad + [1] * n], jnp.int32)
+        tokens = np.asarray([[0] * pad + seq.tokens[:n]], np.int32)
+        positions = np.asarray([[0] * pad + list(range(n))], np.int32)
+        segments = np.asarray([[0] * pad + [1] * n], np.int32)
         width = _bucket(len(seq.pages), 1, self.max_pages)
         token, self.cache = self._prefill(
             self.params, self.cache, tokens, positions, segments,
-            self._table([seq], width), jnp.int32(seq.slot), self._sampling([seq], [n]))
+            self._table([seq], width), np.int32(seq.slot), self._sampling([seq], [n]))
         self.stats["prefills"] += 1
         seq.cached = n
         if len(seq.tokens) == n:  # (a preempted sequence replays its own tokens instead)
@@ -265,8 +266,8 @@ class Engine:
         positions = [s.cached if s else 0 for s in rows]
         width = _bucket(max(len(s.pages) for s in active), 1, self.max_pages)
         out, self.cache = self._decode(
-            self.params, self.cache, jnp.asarray(tokens, jnp.int32),
-            jnp.asarray(positions, jnp.int32), jnp.asarray([s is not None for s in rows]),
+            self.params, self.cache, np.asarray(tokens, np.int32),
+            np.asarray(positions, np.int32), np.asarray([s is not None for s in rows]),
             self._table(rows, width), self._sampling(rows, [p + 1 for p in positions]))
         self.stats["decode_steps"] += 1
         out = jax.device_get(out)
