@@ -298,7 +298,7 @@ class Engine:
         """Where the first stop string starts in the sample's text, or None. Only the
         tail that the last token can have completed is decoded per token."""
         longest = max(len(s) for s in seq.req.stop_strings)
-        tail = self.decode(seq.generated[-(longest + 8):])
+        tail = self.decode(seq.generated[-(4 * longest + 8):])  # (a char: <= 4 byte tokens)
         if not any(s in tail for s in seq.req.stop_strings):
             return None
         text = self.decode(seq.generated)

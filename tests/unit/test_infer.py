@@ -12,6 +12,7 @@ from lm.config import ModelConfig
 from lm.errors import ConfigError
 from lm.infer import Engine, Request
 from lm.model import Transformer
+from lm.model.mixers.attention import AttentionConfig
 from lm.model.mixers.mamba2 import Mamba2Config
 from lm.model.mixers.moe import MoEConfig
 from lm.sample import generate
@@ -21,7 +22,9 @@ BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_
             init_std=0.5)
 MODELS = {
     "attention": {},
+    "window_sinks": dict(attention=AttentionConfig(window=8, sinks=2, window_pattern="lg")),
     "hybrid": dict(mixer_pattern="ma", mamba2=Mamba2Config(state=8, chunk=8)),
+    "retention_scanned": dict(mixer_pattern="r", scan_layers=True),  # slot axis 1
     "moe_scanned": dict(channel_pattern="e", scan_layers=True,
                         moe=MoEConfig(n_experts=4, top_k=2, ratio=2.0)),
 }
