@@ -56,3 +56,33 @@ def test_bad_input_is_one_line_exit_2(lm_here, tmp_path, content, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chat_lines_get_the_reply_lm_sample_chat_gives(lm_here, tmp_path):
+    """--chat renders each line's messages with the run's template: the greedy reply is
+    `lm sample --chat`'s (an imported run whose tokenizer ships a ChatML template)."""
+    from test_chat_template import SPECIALS, byte_bpe, jinja_dir
+    from test_interop_hf import write_hf_dir
+
+    from lm.interop.hf_import import import_hf
+    ids = {"bos_token_id": None, "pad_token_id": None,
+           "eos_token_id": SPECIALS.index("<|im_end|>")}
+    hf_dir, _ = write_hf_dir(tmp_path / "hf", ids, vocab_size=byte_bpe().get_vocab_size(),
+                             max_seq_len=128)
+    jinja_dir(tmp_path / "hf")
+    assert import_hf(hf_dir, tmp_path / "run") == 0
+    chats = [("be brief", "hi there"), ("you are a poet", "a line about the sea")]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": s}, {"role": "user", "content": u}]}) + "\n"
+        for s, u in chats))
+    result = lm_here("generate", "--run", str(tmp_path / "run"), "--in", str(inp), "--out",
+                     str(out), "--chat", "--temperature", "0", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for (system, user), row in zip(chats, rows):
+        sample = lm_here("sample", "--run", str(tmp_path / "run"), "--chat", user, "--system",
+                         system, "--temperature", "0", "--max-new-tokens", "16")
+        assert sample.returncode == 0, sample.stderr
+        assert row["text"] + "\n" == sample.stdout, (row, sample.stdout)
+    assert all(row["completion_tokens"] for row in rows)
