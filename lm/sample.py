@@ -1,5 +1,6 @@
 """Autoregressive sampling with a KV cache: prefill the prompt once, then decode one
-token at a time; temperature, top-k and top-p (nucleus) filtering; seeded."""
+token at a time; temperature, top-k and top-p (nucleus) filtering; seeded. One prompt at
+a time: many prompts go through the batched engine (lm/infer, `lm generate`)."""
 
 from __future__ import annotations
 

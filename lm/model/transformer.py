@@ -223,6 +223,29 @@ class Transformer(nnx.Module):
         return [self.blocks[recursive.block_of(self.cfg, i)].mixer.init_cache(batch, length)
                 for i in range(self.cfg.n_layers)]
 
+    def init_slot_cache(self, slots: int, pages: int, page_size: int):
+        """The batched engine's decoding state (lm/infer), shaped like init_cache's: per
+        layer, its mixer's init_slot_cache (a PagedKV page pool, or a state per slot).
+        Raises ConfigError naming the first mixer that cannot decode in the engine."""
+        from lm.errors import ConfigError
+        for mixer in mixers.used_mixers(self.cfg):
+            why = mixer.engine_refusal(self.cfg)
+            if why:
+                raise ConfigError(f"the inference engine cannot run this model: {why}")
+
+        def one(mixer):
+            state = mixer.init_slot_cache(slots, pages, page_size)
+            if state is None:
+                raise ConfigError(f"the inference engine cannot run this model: the "
+                                  f"{mixer.name} mixer has no engine decoding state")
+            return state
+
+        if self.cfg.scan_layers:
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layers, *x.shape)),
+                                one(self.blocks.mixer))
+        return [one(self.blocks[recursive.block_of(self.cfg, i)].mixer)
+                for i in range(self.cfg.n_layers)]
+
 
 def count_params(cfg: ModelConfig) -> dict:
     """Total and non-embedding parameter counts (the embedding table, and an untied

@@ -177,6 +177,9 @@ class LoRAModel(nnx.Module):
     def init_cache(self, batch: int, length: int):
         return self.base.init_cache(batch, length)
 
+    def init_slot_cache(self, slots: int, pages: int, page_size: int):
+        return self.base.init_slot_cache(slots, pages, page_size)
+
 
 def merged_params(model_cfg, lora: LoRAConfig, params: dict) -> dict:
     """{"base", "adapters"} params -> the base params with the adapters folded in (the

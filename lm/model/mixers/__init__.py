@@ -12,7 +12,8 @@ transformer.py wires the norms). Each mixer lives in one file of this package wi
   loading,
 - `adaptable`: the matrices LoRA and recursion's relaxations may adapt,
 - its FLOPs beyond the parameter matmuls (`extra_flops_per_token`), its decoding
-  cache (`init_cache`) and its validation (`validate`, raising ConfigError),
+  cache (`init_cache`; for the batched engine, lm/infer, `init_slot_cache`: pages or a
+  state per slot) and its validation (`validate`, raising ConfigError),
 
 and registers itself with `@register`. Layers pick mixers by the one-letter `code` in
 `model.mixer_pattern` (sequence) and `model.channel_pattern` (channel), cycled over the
@@ -21,7 +22,7 @@ after lm.config) + its import line below; a built-in one also gets a declared fi
 lm/model/config.py, so that editors and type checkers see `cfg.<name>`.
 
 Nothing outside this package branches on a mixer's name: the block, the sampler's
-cache, FLOPs per token, parameter counts and validation all ask the mixer.
+and the engine's caches, FLOPs per token, parameter counts and validation all ask the mixer.
 """
 
 from lm.model.mixers.base import (  # noqa: F401  (the plug-in API)

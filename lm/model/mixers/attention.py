@@ -33,6 +33,7 @@ from lm.errors import ConfigError
 from lm.schema import knob
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.model.mixers.base import SequenceMixer, register
+from lm.model.paged import PagedKV
 from lm.parallel.ring import ring_attention, sequence_attention_mode
 from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
 
@@ -255,6 +256,9 @@ class Attention(SequenceMixer):
         same document (equal segment ids).
         Decoding: `cache = {"k": [B,S,KV,Dh], "v": ...}`; the new keys are written at
         `cache_index` and each query sees cache slots up to its own position.
+        Paged decoding (lm/infer): `cache` is a PagedKV; the new keys are written at their
+        positions through its page table (padding, segment id 0, to the trash page) and
+        each query sees its row's pages up to its own position.
         """
         cdt = self.compute_dtype
         q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(cdt))
@@ -298,11 +302,15 @@ class Attention(SequenceMixer):
                 k_segment_ids_BT)
             return self._project_out(out_BTHD), None, max_logit
 
-        k_all = jax.lax.dynamic_update_slice(
-            cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(
-            cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-        new_cache = {"k": k_all, "v": v_all}
+        if isinstance(cache, PagedKV):  # the batched engine's pages (lm/model/paged.py)
+            new_cache = cache.write(k_BTKD, v_BTKD, positions_BT, segment_ids_BT > 0)
+            k_all, v_all = new_cache.view()
+        else:
+            k_all = jax.lax.dynamic_update_slice(
+                cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(
+                cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
         k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
         slots = jnp.arange(k_all.shape[1])[None, None, :]
         mask_BTS = (slots <= positions_BT[:, :, None]) & self._window(
@@ -433,6 +441,10 @@ class Attention(SequenceMixer):
             local_window_size=(self.window - 1, 0) if self.window else None,
             implementation="cudnn")
         return self._project_out(out), jnp.float32(jnp.nan)
+
+    def init_slot_cache(self, slots: int, pages: int, page_size: int) -> PagedKV:
+        shape = (pages, page_size, self.n_kv, self.dh)
+        return PagedKV(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
 
     def init_cache(self, batch: int, length: int) -> dict:
         shape = (batch, length, self.n_kv, self.dh)

@@ -51,6 +51,12 @@ class _Mixer(nnx.Module):
         return 0.0
 
     @classmethod
+    def engine_refusal(cls, cfg: "ModelConfig") -> str | None:
+        """Why the batched engine (lm/infer) cannot run this mixer with these settings
+        (one line), e.g. routing that depends on the other rows of the batch; None: it can."""
+        return None
+
+    @classmethod
     def inactive_params(cls, cfg: "ModelConfig") -> int:
         """Parameters of one layer's mixer that a token does not use (the experts it is not
         routed to): total minus these is the active count FLOPs and MFU are based on."""
@@ -71,6 +77,14 @@ class SequenceMixer(_Mixer):
     def init_cache(self, batch: int, length: int):
         """Decoding state for `batch` rows of up to `length` tokens."""
         raise NotImplementedError
+
+    def init_slot_cache(self, slots: int, pages: int, page_size: int):
+        """Decoding state for the batched engine (lm/infer): a PagedKV of `pages` pages of
+        `page_size` tokens shared by all sequences (lm/model/paged.py: attention), or a
+        state with one row per slot (a recurrent mixer: its init_cache(slots, 0)), which
+        the engine fills by a batch-1 prefill and keeps per slot. None: this mixer cannot
+        decode in the engine (it refuses the model)."""
+        return None
 
 
 class ChannelMixer(_Mixer):

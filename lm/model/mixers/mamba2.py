@@ -31,7 +31,8 @@ NO_LOGIT = jnp.nan  # the max-attention-logit diagnostic does not apply to this 
 def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
     """Depthwise causal convolution of width K; taps never reach into the previous
     document. `prefix_BKC` holds the K-1 inputs before x (zeros, or the decoding cache).
-    Returns (y_BTC, the last K-1 inputs: the next cache)."""
+    Returns (y_BTC, the last K-1 inputs: the next cache, holding only the last token's
+    document: inputs of an earlier one, e.g. left padding, are zeros there)."""
     k = w_KC.shape[0]
     t = x_BTC.shape[1]
     xp = jnp.concatenate([prefix_BKC.astype(x_BTC.dtype), x_BTC], axis=1)
@@ -43,7 +44,8 @@ def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
         start = k - 1 - lag
         same = (segp[:, start:start + t] == segment_ids_BT)[..., None]
         y = y + jnp.where(same, xp[:, start:start + t], 0) * w_KC[k - 1 - lag].astype(x_BTC.dtype)
-    return y, xp[:, t:]
+    last_doc = (segp[:, t:] == segment_ids_BT[:, -1:])[..., None]
+    return y, jnp.where(last_doc, xp[:, t:], 0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class Mamba2(SequenceMixer):
         self.out_norm = Norm(di, "rms", "mlp", pdt)
         out_std = hidden_std(cfg, di) / math.sqrt(2 * cfg.n_layers)
         self.w_out = param(rngs, (di, d), ("mlp", "embed"), out_std, pdt)
+
+    def init_slot_cache(self, slots: int, pages: int, page_size: int) -> dict:
+        return self.init_cache(slots)  # one recurrent state per slot; no pages
 
     def init_cache(self, batch: int, length: int = 0) -> dict:
         return {"ssm": jnp.zeros((batch, self.heads, self.state, self.head_width), jnp.float32),

@@ -226,6 +226,13 @@ class MoE(ChannelMixer):
                               f"{cfg.moe.n_experts}")
 
     @classmethod
+    def engine_refusal(cls, cfg: "ModelConfig") -> str | None:
+        if cfg.moe.capacity_factor > 0:  # which assignments drop depends on the batch
+            return ("model.moe.capacity_factor > 0 drops tokens by what else is in the "
+                    "batch (set it to 0, dropless, for the engine)")
+        return None
+
+    @classmethod
     def inactive_params(cls, cfg: "ModelConfig") -> int:
         m = cfg.moe
         per_expert = (3 if m.activation == "swiglu" else 2) * cfg.d_model * m.d_expert(cfg.d_model)

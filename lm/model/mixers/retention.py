@@ -74,6 +74,9 @@ class Retention(SequenceMixer):
         out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
         self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
 
+    def init_slot_cache(self, slots: int, pages: int, page_size: int) -> dict:
+        return self.init_cache(slots)  # one recurrent state per slot; no pages
+
     def init_cache(self, batch: int, length: int = 0) -> dict:
         return {"state": jnp.zeros((batch, self.heads, self.dh, self.dh), jnp.float32)}
 
