@@ -68,12 +68,7 @@ def parse_sources(text: str) -> list[Source]:
         if len(bits) != 3 or not bits[0].strip() or not bits[2].strip():
             raise ConfigError(f"data.sources: {part!r} is not name:weight:path")
         name, weight, path = (b.strip() for b in bits)
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ConfigError(f"data.sources: {name}'s weight {weight!r} is not a number") from None
-        if not math.isfinite(w) or w < 0:
-            raise ConfigError(f"data.sources: {name}'s weight must be >= 0, got {weight}")
+        w = _weight(weight, f"data.sources: {name}'s weight")
         if any(s.name == name for s in out):
             raise ConfigError(f"data.sources: source {name!r} is named twice")
         out.append(Source(name, w, path))
@@ -95,14 +90,19 @@ def _weights(text: str, names: list[str], key: str) -> dict[str, float]:
             raise ConfigError(f"{key}: {item!r} is not name=value")
         if name not in names:
             raise ConfigError(f"{key}: unknown source {name!r} (sources: {', '.join(names)})")
-        try:
-            v = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: {name}={value!r} is not a number") from None
-        if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{key}: {name} must be >= 0, got {value}")
-        out[name] = v
+        out[name] = _weight(value, f"{key}: {name}")
     return out
+
+
+def _weight(text: str, what: str) -> float:
+    """A finite number >= 0 (`what` names it in the error)."""
+    try:
+        w = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text.strip()!r} is not a number") from None
+    if not math.isfinite(w) or w < 0:
+        raise ConfigError(f"{what} must be >= 0, got {text.strip()}")
+    return w
 
 
 def parse_stages(text: str, names: list[str], steps: int) -> list[tuple[int, dict[str, float]]]:

@@ -11,14 +11,13 @@ generated text."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lm.cli import main
 
-from test_interop_hf import HERE, hf_python, needs_hf
+from test_interop_hf import hf_reference, needs_hf
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
@@ -28,10 +27,7 @@ TASKS = ["tiny_choice", "tiny_rolling", "tiny_generate"]
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("harness")
-    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "harness", str(out)],
-                   check=True, capture_output=True, text=True, timeout=900)
-    return out
+    return hf_reference("harness", tmp_path_factory.mktemp("harness"), timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,16 @@ def logits_of(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(logits)
 
 
+def hf_reference(command: str, out: Path, timeout: int = 600) -> Path:
+    """`python hf_reference.py COMMAND OUT` in the transformers environment; OUT."""
+    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), command, str(out)],
+                   check=True, capture_output=True, text=True, timeout=timeout)
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "make", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    return out
+    return hf_reference("make", tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
@@ -510,10 +514,7 @@ def saved(tmp_path_factory):
     save_pretrained (tokenizer_config.json, generation_config.json, the metadata fields
     real saves carry, `_model_name_or_path` as a GGUF conversion adds), each with
     transformers' greedy continuation of a prompt (generate.json)."""
-    out = tmp_path_factory.mktemp("saved")
-    subprocess.run([hf_python(), str(HERE / "hf_reference.py"), "saved", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    return out
+    return hf_reference("saved", tmp_path_factory.mktemp("saved"))
 
 
 def _listing(d: Path) -> dict:
