@@ -34,8 +34,8 @@ from flax import nnx
 
 from lm.errors import ConfigError
 from lm.infer.pages import PagePool
-from lm.infer.steps import programs
-from lm.model.paged import TRASH_PAGE
+from lm.infer.steps import has_slot_state, programs
+from lm.model.paged import TRASH_PAGE, PageStep
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class _Seq:
     tokens: list[int]  # prompt + generated
     n_prompt: int
     cached: int = 0  # tokens whose K/V (or state) the cache holds
+    start: int = 0  # prompt tokens found in shared pages (not fed in the prefill)
     pages: list[int] = field(default_factory=list)
     slot: int = -1
     order: int = 0  # admission counter (preemption picks the latest)
@@ -111,7 +112,9 @@ class Engine:
 
     def __init__(self, graphdef, params, *, slots: int = 8, pages: int = 256,
                  page_size: int = 16, max_seq_len: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None,
+                 prefill_tokens: int = 0, pack_prefill: bool = True,
+                 share_prefixes: bool = True, hydragen: bool = True, max_groups: int = 4):
         model = nnx.merge(graphdef, params)
         cfg = model.cfg if hasattr(model, "cfg") else model.base.cfg
         if slots < 1 or page_size < 1:
@@ -126,6 +129,14 @@ class Engine:
         self.cache = model.init_slot_cache(slots, pages, page_size)  # refuses a mixer
         self._layers = cfg.n_layers if cfg.scan_layers else None
         self._prefill, self._decode = programs(graphdef, self._layers)
+        # Recurrent layers keep one state per slot, which a row of several prompts, or a
+        # prefix read from pages, cannot give: their prompts prefill one to a row, whole.
+        recurrent = has_slot_state(self.cache)
+        self.pack_prefill = pack_prefill and not recurrent
+        self.share_prefixes = share_prefixes and not recurrent
+        self.hydragen, self.max_groups = hydragen, max_groups
+        # Prompt tokens one prefill takes (at least one whole prompt).
+        self.prefill_tokens = prefill_tokens or max(self.max_seq_len, 512)
         self.queue: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq | None] = [None] * slots
         self._pending: dict[Any, list] = {}  # id -> [request, completions by sample]
@@ -188,18 +199,34 @@ class Engine:
         return events
 
     def _admit(self, events: list[Event]) -> None:
+        """Admit queued sequences in order while a slot is free, the pool has their
+        pages and the prefill's token budget lasts; prefill them together."""
+        batch, fed, ps = [], 0, self.page_size
         while self.queue and None in self.running:
             seq = self.queue[0]
-            need = self.pool.pages_for(seq.n_prompt)
-            if need > self.pool.free:
-                return  # back-pressure: it waits for pages
+            prompt = seq.tokens[:seq.n_prompt]
+            # A shared prefix: whole pages, and at least the last prompt token fed (its
+            # logits give the first sample).
+            hits = (self.pool.lookup(prompt, (seq.n_prompt - 1) // ps)
+                    if self.share_prefixes else [])
+            need = self.pool.pages_for(seq.n_prompt) - len(hits)
+            feed = seq.n_prompt - len(hits) * ps
+            if need > self.pool.free or (batch and fed + feed > self.prefill_tokens):
+                break  # back-pressure: it waits for pages (or the next prefill)
             self.queue.popleft()
-            seq.pages = self.pool.take(need)
+            self.pool.share(hits)
+            seq.pages = hits + self.pool.take(need)
+            if self.share_prefixes:
+                self.pool.index(prompt, seq.pages, len(hits))
+            seq.start = len(hits) * ps
             seq.slot = self.running.index(None)
             self.running[seq.slot] = seq
             self._admitted += 1
             seq.order = self._admitted
-            self._prefill_one(seq, events)
+            batch.append(seq)
+            fed += feed
+        if batch:
+            self._prefill_batch(batch, events)
 
     def _sampling(self, seqs: list[_Seq | None], index: list[int]):
         """Per-row (seed, sample, token index, temperature, top_k, top_p), as numpy
@@ -211,28 +238,108 @@ class Engine:
                 col(lambda s: s.req.top_k, np.int32),
                 col(lambda s: s.req.top_p, np.float32, 1.0))
 
-    def _table(self, seqs: list[_Seq | None], width: int):
-        table = np.full((len(seqs), width), TRASH_PAGE, np.int32)
-        for i, s in enumerate(seqs):
-            if s is not None:
-                table[i, :len(s.pages)] = s.pages
-        return table
+    def _rows(self, batch: list[_Seq]) -> tuple[int, list[list[_Seq]]]:
+        """Row length and rows of the prefill: first-fit decreasing packing of the fed
+        tokens (Prepacking, arXiv:2404.09529), or one sequence a row."""
+        lengths = {id(s): s.n_prompt - s.start for s in batch}
+        t = _bucket(max(lengths.values()), 16, self.max_seq_len)
+        if not self.pack_prefill:
+            return t, [[s] for s in batch]
+        rows: list[list[_Seq]] = []
+        room: list[int] = []
+        for s in sorted(batch, key=lambda s: -lengths[id(s)]):
+            for i, r in enumerate(room):
+                if lengths[id(s)] <= r:
+                    rows[i].append(s)
+                    room[i] -= lengths[id(s)]
+                    break
+            else:
+                rows.append([s])
+                room.append(t - lengths[id(s)])
+        return t, rows
 
-    def _prefill_one(self, seq: _Seq, events: list[Event]) -> None:
-        n = seq.n_prompt
-        t = _bucket(n, 16, self.max_seq_len)
-        pad = t - n  # left padding: segment 0, written to the trash page
-        tokens = np.asarray([[0] * pad + seq.tokens[:n]], np.int32)
-        positions = np.asarray([[0] * pad + list(range(n))], np.int32)
-        segments = np.asarray([[0] * pad + [1] * n], np.int32)
-        width = _bucket(len(seq.pages), 1, self.max_pages)
-        token, self.cache = self._prefill(
-            self.params, self.cache, tokens, positions, segments,
-            self._table([seq], width), np.int32(seq.slot), self._sampling([seq], [n]))
+    def _prefill_batch(self, batch: list[_Seq], events: list[Event]) -> None:
+        ps = self.page_size
+        t, rows = self._rows(batch)
+        n_rows = _bucket(len(rows), 1, 1 << 30)
+        tokens = np.zeros((n_rows, t), np.int32)
+        positions = np.zeros((n_rows, t), np.int32)
+        segments = np.zeros((n_rows, t), np.int32)
+        write = np.full((n_rows, t), TRASH_PAGE, np.int32)
+        group = np.full((n_rows, t), -1, np.int32)
+        slots = np.full((n_rows,), self.slots, np.int32)  # out of range: dropped
+        prefixes: dict[tuple, int] = {}  # shared prefix pages -> group
+        order, last = [], []
+        for r, row in enumerate(rows):
+            used = sum(s.n_prompt - s.start for s in row)
+            col = 0 if self.pack_prefill else t - used  # (one a row: left-padded)
+            slots[r] = row[0].slot if len(row) == 1 else self.slots
+            for segment, s in enumerate(row, 1):
+                n = s.n_prompt - s.start
+                span = slice(col, col + n)
+                pos = np.arange(s.start, s.n_prompt)
+                tokens[r, span] = s.tokens[s.start:s.n_prompt]
+                positions[r, span] = pos
+                segments[r, span] = segment
+                write[r, span] = np.asarray(s.pages)[pos // ps]
+                if s.start:
+                    key = tuple(s.pages[:s.start // ps])
+                    group[r, span] = prefixes.setdefault(key, len(prefixes))
+                order.append(s)
+                last.append(r * t + col + n - 1)
+                col += n
+        step = PageStep(write, np.zeros((n_rows, 0), np.int32), np.zeros((n_rows,), np.int32),
+                        group, *self._group_tables(list(prefixes)))
+        n_seqs = _bucket(len(order), 1, 1 << 30)
+        last += [0] * (n_seqs - len(order))
+        padded = order + [None] * (n_seqs - len(order))
+        out, self.cache = self._prefill(
+            self.params, self.cache, tokens, positions, segments, step, slots,
+            np.asarray(last, np.int32), self._sampling(padded, [s.n_prompt for s in order]
+                                                       + [0] * (n_seqs - len(order))))
         self.stats["prefills"] += 1
-        seq.cached = n
-        if len(seq.tokens) == n:  # (a preempted sequence replays its own tokens instead)
-            self._take(seq, int(jax.device_get(token)[0]), events)
+        self.stats["prefill_rows"] += len(rows)
+        self.stats["prefill_tokens"] += sum(s.n_prompt - s.start for s in order)
+        self.stats["prefix_hit_tokens"] += sum(s.start for s in order)
+        out = jax.device_get(out)
+        for s, token in zip(order, out):
+            s.cached = s.n_prompt
+            if len(s.tokens) == s.n_prompt:  # (a preempted sequence replays its own tokens)
+                self._take(s, int(token), events)
+
+    def _group_tables(self, prefixes: list[tuple]):
+        """group_table [G, Mp] and group_len [G] of the shared prefixes (G = 0: none)."""
+        if not prefixes:
+            return np.zeros((0, 0), np.int32), np.zeros((0,), np.int32)
+        g = _bucket(len(prefixes), 1, 1 << 30)
+        width = _bucket(max(len(p) for p in prefixes), 1, self.max_pages)
+        table = np.full((g, width), TRASH_PAGE, np.int32)
+        length = np.zeros((g,), np.int32)
+        for i, p in enumerate(prefixes):
+            table[i, :len(p)] = p
+            length[i] = len(p) * self.page_size
+        return table, length
+
+    def _decode_groups(self, rows: list[_Seq | None]) -> dict[int, tuple]:
+        """Hydragen groups of the decode step: rows whose first pages are the same
+        physical pages (a shared prompt prefix), up to max_groups of the largest, as
+        {row: prefix pages}."""
+        by_first: dict[int, list[int]] = collections.defaultdict(list)
+        for i, s in enumerate(rows):
+            if s is not None and s.pages and self.pool.refs[s.pages[0]] > 1:
+                by_first[s.pages[0]].append(i)
+        groups = []
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            seqs = [rows[i] for i in members]
+            k, most = 0, min(s.cached for s in seqs) // self.page_size
+            while k < most and all(s.pages[k] == seqs[0].pages[k] for s in seqs):
+                k += 1
+            if k:
+                groups.append((len(members) * k, members, tuple(seqs[0].pages[:k])))
+        groups.sort(key=lambda g: -g[0])
+        return {i: pages for _, members, pages in groups[:self.max_groups] for i in members}
 
     def _grow(self) -> list[_Seq]:
         """The running sequences that get a decode step, each with the page for the
@@ -261,15 +368,38 @@ class Engine:
         self.queue.appendleft(seq)
 
     def _decode_step(self, active: list[_Seq], events: list[Event]) -> None:
+        ps = self.page_size
         rows = [s if s in active else None for s in self.running]
         tokens = [s.tokens[s.cached] if s else 0 for s in rows]
         positions = [s.cached if s else 0 for s in rows]
-        width = _bucket(max(len(s.pages) for s in active), 1, self.max_pages)
+        in_group = self._decode_groups(rows) if self.hydragen else {}
+        prefixes = list(dict.fromkeys(in_group.values()))
+        write = np.full((self.slots, 1), TRASH_PAGE, np.int32)
+        group = np.full((self.slots, 1), -1, np.int32)
+        read_from = np.zeros((self.slots,), np.int32)
+        own = []  # each row's pages after its group's prefix, up to its fed position
+        for i, s in enumerate(rows):
+            if s is None:
+                own.append([])
+                continue
+            write[i, 0] = s.pages[s.cached // ps]
+            skip = len(in_group.get(i, ()))
+            if skip:
+                group[i, 0] = prefixes.index(in_group[i])
+            read_from[i] = skip * ps
+            own.append(s.pages[skip:-(-s.cached // ps)])
+        width = _bucket(max(len(o) for o in own), 1, self.max_pages)
+        read = np.full((self.slots, width), TRASH_PAGE, np.int32)
+        for i, o in enumerate(own):
+            read[i, :len(o)] = o
+        step = PageStep(write, read, read_from, group, *self._group_tables(prefixes))
         out, self.cache = self._decode(
             self.params, self.cache, np.asarray(tokens, np.int32),
             np.asarray(positions, np.int32), np.asarray([s is not None for s in rows]),
-            self._table(rows, width), self._sampling(rows, [p + 1 for p in positions]))
+            step, self._sampling(rows, [p + 1 for p in positions]))
         self.stats["decode_steps"] += 1
+        if in_group:
+            self.stats["hydragen_steps"] += 1
         out = jax.device_get(out)
         for s, token in zip(rows, out):
             if s is None:

@@ -1,8 +1,8 @@
-"""The engine's two jitted programs: a batch-1 prefill of one sequence into its pages
-(or its slot's recurrent state), and one decode step over every slot at once, with
-fixed shapes (slots x pages per sequence, rounded up to a power of two) so that a run
-compiles a handful of programs. Each slot samples with its own key, derived from
-(request seed, sample index, token index): a row's tokens never depend on the others."""
+"""The engine's two jitted programs: a prefill of several prompts at once (packed several
+to a row with segment ids, or one to a row, left-padded), and one decode step over every
+slot at once. Shapes are bucketed to powers of two (rows, row length, sequences, page
+table widths, prefix groups) so that a run compiles a handful of programs. Each sequence
+samples with its own key, derived from (request seed, sample index, token index)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.model.paged import PagedKV
+from lm.model.paged import PagedKV, PageStep
 
 
 def _is_paged(x) -> bool:
     return isinstance(x, PagedKV)
 
 
-def attach(cache, table, layers: int | None):
-    """The stored cache with the step's page table in each PagedKV (broadcast over the
+def attach(cache, step: PageStep, layers: int | None):
+    """The stored cache with the step's PageStep in each PagedKV (broadcast over the
     layer axis when the layers are scanned: `layers`)."""
     if layers:
-        table = jnp.broadcast_to(table, (layers, *table.shape))
-    return jax.tree.map(lambda c: PagedKV(c.k, c.v, table) if _is_paged(c) else c, cache,
+        step = jax.tree.map(lambda x: jnp.broadcast_to(x, (layers, *x.shape)), step)
+    return jax.tree.map(lambda c: PagedKV(c.kv, step) if _is_paged(c) else c, cache,
                         is_leaf=_is_paged)
 
 
 def detach(cache):
-    return jax.tree.map(lambda c: PagedKV(c.k, c.v) if _is_paged(c) else c, cache,
+    return jax.tree.map(lambda c: PagedKV(c.kv) if _is_paged(c) else c, cache,
                         is_leaf=_is_paged)
 
 
@@ -37,6 +37,12 @@ def per_slot(cache, fn):
     """`fn(leaf)` on every per-slot state array (not the page pools)."""
     return jax.tree.map(lambda c: c if _is_paged(c) else jax.tree.map(fn, c), cache,
                         is_leaf=_is_paged)
+
+
+def has_slot_state(cache) -> bool:
+    """Whether the model keeps a recurrent state per slot (Mamba-2, retention layers)."""
+    leaves = jax.tree.leaves(per_slot(cache, lambda x: x), is_leaf=_is_paged)
+    return any(not _is_paged(x) for x in leaves)
 
 
 def sample_row(logits_V, key, temperature, top_k, top_p):
@@ -89,26 +95,36 @@ def programs(graphdef, layers: int | None):
     axis of per-slot states is then axis 1), else None. The cache is donated."""
     axis = 1 if layers else 0
 
-    def prefill(params, cache, tokens_1T, positions_1T, segments_1T, table_1M, slot, sampling):
+    def prefill(params, cache, tokens_RT, positions_RT, segments_RT, step, slots_R, last_N,
+                sampling):
+        """slots_R: the slot of each row's sequence (rows of recurrent models hold one
+        sequence each; a padding row's slot is out of range: its state is dropped);
+        last_N: the flat index of each sequence's last prompt token."""
         model = nnx.merge(graphdef, params)
-        row = per_slot(cache, lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis))
-        # A fresh sequence: its recurrent state starts at zero (the slot's old one is gone).
-        row = per_slot(row, jnp.zeros_like)
-        logits, aux = model(tokens_1T, positions_1T, segments_1T,
-                            cache=attach(row, table_1M, layers), cache_index=0)
+        # Fresh sequences: their recurrent state starts at zero (the slot's old one is gone).
+        rows = per_slot(cache, lambda x: jnp.zeros_like(
+            jnp.take(x, jnp.minimum(slots_R, x.shape[axis] - 1), axis=axis)))
+        hidden, aux = model.hidden_states(tokens_RT, positions_RT, segments_RT,
+                                          cache=attach(rows, step, layers), cache_index=0)
+        last = hidden.reshape(-1, hidden.shape[-1])[last_N]
+        logits = model.readout(last[None])[0]
         new = detach(aux["cache"])
-        merged = jax.tree.map(
-            lambda old, n: n if _is_paged(old) else jax.tree.map(
-                lambda o, x: jax.lax.dynamic_update_slice_in_dim(o, x.astype(o.dtype), slot,
-                                                                 axis), old, n),
-            cache, new, is_leaf=_is_paged)
-        return _sample(logits[:, -1], sampling), merged
 
-    def decode(params, cache, tokens_S, positions_S, active_S, table_SM, sampling):
+        def put(old, n):  # the rows' states back into their slots
+            idx = [slice(None)] * old.ndim
+            idx[axis] = slots_R
+            return old.at[tuple(idx)].set(n.astype(old.dtype), mode="drop")
+
+        merged = jax.tree.map(
+            lambda old, n: n if _is_paged(old) else jax.tree.map(put, old, n),
+            cache, new, is_leaf=_is_paged)
+        return _sample(logits, sampling), merged
+
+    def decode(params, cache, tokens_S, positions_S, active_S, step, sampling):
         model = nnx.merge(graphdef, params)
         logits, aux = model(tokens_S[:, None], positions_S[:, None],
                             active_S[:, None].astype(jnp.int32),
-                            cache=attach(cache, table_SM, layers), cache_index=0)
+                            cache=attach(cache, step, layers), cache_index=0)
         new = detach(aux["cache"])
 
         def keep_idle(old, n):  # idle rows keep their state (their K/V went to the trash)

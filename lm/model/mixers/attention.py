@@ -33,6 +33,7 @@ from lm.errors import ConfigError
 from lm.schema import knob
 from lm.model.layers import DTYPES, Norm, hidden_std, param, rope
 from lm.model.mixers.base import SequenceMixer, register
+from lm.model import paged
 from lm.model.paged import PagedKV
 from lm.parallel.ring import ring_attention, sequence_attention_mode
 from lm.parallel.sharding import active_mesh, constrain, is_sharded, shard_axes, shard_local
@@ -303,14 +304,15 @@ class Attention(SequenceMixer):
             return self._project_out(out_BTHD), None, max_logit
 
         if isinstance(cache, PagedKV):  # the batched engine's pages (lm/model/paged.py)
-            new_cache = cache.write(k_BTKD, v_BTKD, positions_BT, segment_ids_BT > 0)
-            k_all, v_all = new_cache.view()
-        else:
-            k_all = jax.lax.dynamic_update_slice(
-                cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(
-                cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
+            out_BTHD, new_cache, max_logit = paged.attend(
+                q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, cache,
+                scale=self.scale, window=self.window, sinks=self.sinks, softcap=self.softcap)
+            return self._project_out(out_BTHD), new_cache, max_logit
+        k_all = jax.lax.dynamic_update_slice(
+            cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(
+            cache["v"], v_BTKD.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+        new_cache = {"k": k_all, "v": v_all}
         k_BTKD, v_BTKD = k_all.astype(cdt), v_all.astype(cdt)
         slots = jnp.arange(k_all.shape[1])[None, None, :]
         mask_BTS = (slots <= positions_BT[:, :, None]) & self._window(
@@ -443,8 +445,7 @@ class Attention(SequenceMixer):
         return self._project_out(out), jnp.float32(jnp.nan)
 
     def init_slot_cache(self, slots: int, pages: int, page_size: int) -> PagedKV:
-        shape = (pages, page_size, self.n_kv, self.dh)
-        return PagedKV(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
+        return PagedKV.zeros(pages, page_size, self.n_kv, self.dh, self.compute_dtype)
 
     def init_cache(self, batch: int, length: int) -> dict:
         shape = (batch, length, self.n_kv, self.dh)
