@@ -194,6 +194,8 @@ class Engine:
         events: list[Event] = []
         self._admit(events)
         active = self._grow()
+        in_use = self.pool.capacity - self.pool.free
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], in_use)
         if active:
             self._decode_step(active, events)
         return events

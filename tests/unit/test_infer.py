@@ -138,3 +138,37 @@ def test_the_engine_refuses_what_it_cannot_run(attention):
                 Request((1,), stop_strings=("x",))):  # (no decode for stop strings)
         with pytest.raises(ConfigError):
             engine.submit(bad)
+
+
+def test_shared_prefixes_share_pages_and_change_no_output(attention):
+    """Few-shot prompts with one 12-token head (3 pages of 4) and a request of n=3
+    samples: with prefix sharing the later prompts take the head's pages instead of
+    prefilling them, decode reads them Hydragen-style, prompts pack into shared rows;
+    every combination gives the tokens of the plain engine (and of one-at-a-time greedy
+    generation), and the pool drains to empty, index included."""
+    graphdef, params = attention
+    head = tuple(range(20, 32))
+    tails = [(1, 2), (5,), (7, 8, 9, 10, 11), (3, 3, 3), (40, 41, 42, 43, 44, 45, 46)]
+    requests = [Request(head + t, max_new_tokens=9, id=i) for i, t in enumerate(tails)]
+    requests.append(Request(head + (6,), max_new_tokens=9, temperature=1.0, seed=5, n=3,
+                            id="n3"))
+    want = {i: [generate(graphdef, params, list(head + t), 9, temperature=0.0,
+                         max_seq_len=64)[0]] for i, t in enumerate(tails)}
+
+    def run(**kw):
+        engine = Engine(graphdef, params, slots=4, pages=64, page_size=4, **kw)
+        out = {r.id: [c.tokens for c in r.completions] for r in engine.generate(requests)}
+        assert engine.pool.free == engine.pool.capacity and engine.pool.indexed == 0
+        return out, engine.stats
+
+    plain, plain_stats = run(share_prefixes=False, hydragen=False, pack_prefill=False)
+    assert {i: plain[i] for i in want} == want
+    # one prompt a row, every prompt fed whole
+    assert plain_stats["prefill_rows"] == 8 and plain_stats["prefix_hit_tokens"] == 0
+    for kw in (dict(hydragen=False), dict(), dict(pack_prefill=False)):
+        got, stats = run(**kw)
+        assert got == plain, kw
+        assert stats["prefix_hit_tokens"] > 0 and stats["peak_pages"] < plain_stats["peak_pages"]
+        assert (stats["hydragen_steps"] > 0) == kw.get("hydragen", True)
+    _, packed = run()
+    assert packed["prefill_rows"] < plain_stats["prefill_rows"]  # several prompts a row
