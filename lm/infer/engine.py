@@ -2,23 +2,30 @@
 decoded together), a pool of K/V pages, continuous batching, streamed tokens.
 
 Life of a request: `submit` splits it into its n samples (sequences) and queues them.
-Each `step` (1) admits queued sequences, in order, while a slot is free and the pool has
-the pages of its prompt (else it waits: back-pressure), prefilling each alone into its
-pages (or its slot's recurrent state); (2) gives every running sequence the page its next
-token needs, as it grows; (3) runs one decode step over all slots; (4) hands back the
-new tokens as events and frees the slots and pages of sequences that finished (stop id,
-stop string, max_new_tokens, or the model's max_seq_len).
+Each `step` (1) admits queued sequences, in order, while a slot is free, the pool has
+the pages of its prompt (else it waits: back-pressure) and the prefill's token budget
+lasts; a prompt whose leading whole pages are already in the pool (the same tokens after
+the same pages: a shared few-shot prefix, the n samples of one prompt) takes those pages
+instead of new ones. The admitted prompts are prefilled together, packed several to a
+row with segment ids (Prepacking), reading the shared pages rather than feeding them.
+(2) gives every running sequence the page its next token needs, as it grows; (3) runs
+one decode step over all slots, in which the rows that share prefix pages read them
+once for the group (Hydragen, lm/model/paged.py); (4) hands back the new tokens as
+events and frees the slots and pages of sequences that finished (stop id, stop string,
+max_new_tokens, or the model's max_seq_len). A page shared by several sequences is freed
+when the last one lets go.
 
 When the pool runs dry mid-generation, a sequence that needs a page waits for one; if
-every running sequence waits, the one admitted last is preempted: its pages are freed
-and it is queued again at the front, to be prefilled and then fed the tokens it had
-already produced (teacher-forced through the same decode step, so its cache ends up
-bit for bit what it was: the output is unchanged).
+every running sequence waits, the one admitted last is preempted: its pages are given
+back and it is queued again at the front, to be prefilled and then fed the tokens it
+had already produced (teacher-forced through the same decode step).
 
-Determinism: a sequence's prefill runs alone at batch 1; in decode every row's
-arithmetic is independent of the other rows (fixed shapes; no cross-row op), and its
-token is drawn with a key of (seed, sample index, token index). So a request's output
-depends only on its prompt, settings, seed and the params, never on the batch.
+Batch independence: token i of sample j is drawn with a key of (seed, j, i), and in
+decode a row's arithmetic never mixes with the other rows' (fixed shapes, no cross-row
+op). A prefill row may hold several prompts, each masked to its own segment; what else
+shares the row changes the reduction lengths and so the logits' last bits at most (the
+tests check that tokens do not change; `pack_prefill=False, share_prefixes=False` gives
+each prompt a row of its own).
 """
 
 from __future__ import annotations
