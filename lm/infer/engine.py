@@ -20,12 +20,14 @@ every running sequence waits, the one admitted last is preempted: its pages are 
 back and it is queued again at the front, to be prefilled and then fed the tokens it
 had already produced (teacher-forced through the same decode step).
 
-Batch independence: token i of sample j is drawn with a key of (seed, j, i), and in
-decode a row's arithmetic never mixes with the other rows' (fixed shapes, no cross-row
-op). A prefill row may hold several prompts, each masked to its own segment; what else
-shares the row changes the reduction lengths and so the logits' last bits at most (the
-tests check that tokens do not change; `pack_prefill=False, share_prefixes=False` gives
-each prompt a row of its own).
+Batch independence: token i of sample j is drawn with a key of (seed, j, i), and a
+decode row's arithmetic never mixes with the other rows' (fixed shapes, no cross-row
+op). What else runs decides two things, each exact up to float rounding: which prompts
+share a prefill row (each masked to its own segment), and whether a row reads its
+prefix pages through a Hydragen group or its own table. So a request's logits may differ
+in their last bits with the batch, and its tokens do not change (tested);
+`pack_prefill=False, share_prefixes=False, hydragen=False` leaves only the prefill's
+row count and length to vary.
 """
 
 from __future__ import annotations
