@@ -91,35 +91,23 @@ def read_requests(path: str, chat: bool) -> list[dict]:
 
 def generate(args) -> int:
     from lm.errors import ConfigError
-    from lm.evals.overrides import check_keys, eval_time_graphdef
-    from lm.infer import Engine, Request
-    from lm.train.param_source import restore_for_inference
+    from lm.evals.overrides import check_keys
+    from lm.infer import Request
+    from lm.infer.load import load_engine
     _check(args)
     check_keys(args.overrides)
     records = read_requests(args.inp, args.chat)
-    run, params, step = restore_for_inference(args.run)
-    tokenizer = run.tokenizer
-    graphdef, cfg = eval_time_graphdef(run, args.overrides)
-    template = None
-    if args.chat:
-        from lm.data.chat_template import find_chat_template
-        template = find_chat_template(tokenizer)
-        if template is None:
-            raise ConfigError(f"lm generate --chat: the run's tokenizer ({tokenizer.spec}) "
-                              "has no chat template")
-    max_len = cfg.model.max_seq_len
-    pages = args.pages or args.batch * -(-max_len // args.page_size) + 1
-    engine = Engine(graphdef, params, slots=args.batch, pages=pages,
-                    page_size=args.page_size, max_seq_len=max_len,
-                    decode=lambda ids: tokenizer.decode(ids))
+    loaded = load_engine(args.run, args.overrides, slots=args.batch, pages=args.pages,
+                         page_size=args.page_size, chat=args.chat)
+    engine, step, pages = loaded.engine, loaded.step, loaded.engine.pool.pages
+    if args.chat and loaded.template is None:
+        raise ConfigError(f"lm generate --chat: the run's tokenizer ({loaded.tokenizer.spec}) "
+                          "has no chat template")
     for i, rec in enumerate(records):
         if args.chat:
-            from lm.data.chat_template import chat_prompt
-            ids, stops = chat_prompt(tokenizer, template, rec["messages"],
-                                     f"lm generate --in line {rec['line']}")
+            ids, stops = loaded.chat(rec["messages"], f"lm generate --in line {rec['line']}")
         else:
-            ids = [int(t) for t in tokenizer.frame(tokenizer.encode(rec["prompt"]))]
-            ids, stops = ids or [tokenizer.bos_id], tokenizer.stop_ids
+            ids, stops = loaded.prompt(rec["prompt"])
         try:
             engine.submit(Request(tuple(ids), max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,

@@ -461,3 +461,19 @@ class Engine:
         if all(c is not None for c in entry[1]):
             del self._pending[seq.rid]
             events.append(Event(seq.rid, result=Result(seq.rid, seq.n_prompt, entry[1])))
+
+    def cancel(self, rid: Any) -> bool:
+        """Drop request `rid` (between steps): its queued sequences go, its running ones
+        give back their slots and pages; no event follows for it. False where it is not in
+        flight (done, or never submitted)."""
+        if self._pending.pop(rid, None) is None:
+            return False
+        kept = [s for s in self.queue if s.rid != rid]
+        self.queue.clear()
+        self.queue.extend(kept)
+        for i, s in enumerate(self.running):
+            if s is not None and s.rid == rid:
+                self.pool.give_back(s.pages)
+                s.pages, self.running[i] = [], None
+        self.stats["cancelled"] += 1
+        return True

@@ -172,3 +172,22 @@ def test_shared_prefixes_share_pages_and_change_no_output(attention):
         assert (stats["hydragen_steps"] > 0) == kw.get("hydragen", True)
     _, packed = run()
     assert packed["prefill_rows"] < plain_stats["prefill_rows"]  # several prompts a row
+
+
+def test_cancel_drops_a_request_and_frees_its_slots_and_pages(attention):
+    """A cancelled request (some samples running, one queued) yields nothing more; its
+    slots and pages go back, and the request beside it is unchanged."""
+    graphdef, params = attention
+    engine = Engine(graphdef, params, slots=2, pages=40, page_size=4)
+    other = Request(tuple(PROMPTS[1]), max_new_tokens=10)
+    want = engine.generate([other])[0].completions[0].tokens
+    gone = engine.submit(Request(tuple(PROMPTS[0]), max_new_tokens=20, n=3))
+    kept = engine.submit(other)
+    engine.step()
+    engine.step()
+    assert engine.cancel(gone) and not engine.cancel(gone)
+    events = list(engine.run())
+    assert {e.id for e in events} == {kept}
+    assert events[-1].result.completions[0].tokens == want
+    assert engine.pool.free == engine.pool.capacity and engine.idle
+    assert engine.stats["cancelled"] == 1
