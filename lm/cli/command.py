@@ -82,6 +82,28 @@ def overrides_option(p: argparse.ArgumentParser, help: str) -> None:
                    help=help)
 
 
+def engine_options(p: argparse.ArgumentParser) -> None:
+    """The inference engine's scheduling switches (lm/infer; docs/inference.md), for
+    commands that build one: `engine_settings(args)` turns them into Engine kwargs."""
+    p.add_argument("--prefill-tokens", type=int, default=0,
+                   help="prompt tokens one prefill takes (0 = max(max_seq_len, 512); a "
+                        "longer prompt still goes whole)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="prefill one prompt a row (padded) instead of packing several")
+    p.add_argument("--no-share-prefixes", action="store_true",
+                   help="do not share the pages of a prompt prefix already in the pool")
+    p.add_argument("--no-hydragen", action="store_true",
+                   help="decode shared prefixes through each row's own page table")
+
+
+def engine_settings(args) -> dict:
+    from lm.errors import ConfigError
+    if args.prefill_tokens < 0:
+        raise ConfigError(f"--prefill-tokens must be >= 0, got {args.prefill_tokens}")
+    return dict(prefill_tokens=args.prefill_tokens, pack_prefill=not args.no_pack,
+                share_prefixes=not args.no_share_prefixes, hydragen=not args.no_hydragen)
+
+
 def config_options(p: argparse.ArgumentParser) -> None:
     """--config FILE and --set KEY=VALUE: the config a command trains / measures."""
     p.add_argument("--config", default=str(DEFAULT_CONFIG),

@@ -6,7 +6,8 @@ import json
 import sys
 import time
 
-from lm.cli.command import Command, overrides_option, run_option
+from lm.cli.command import (Command, engine_options, engine_settings, overrides_option,
+                             run_option)
 
 
 def arguments(p) -> None:
@@ -33,6 +34,7 @@ def arguments(p) -> None:
                    help="K/V pages in the pool (0 = enough for --batch sequences of the "
                         "model's max_seq_len); fewer make requests wait for pages")
     p.add_argument("--page-size", type=int, default=16, help="tokens per K/V page")
+    engine_options(p)
     overrides_option(p, "eval-time model knob (as for lm sample)")
 
 
@@ -98,7 +100,8 @@ def generate(args) -> int:
     check_keys(args.overrides)
     records = read_requests(args.inp, args.chat)
     loaded = load_engine(args.run, args.overrides, slots=args.batch, pages=args.pages,
-                         page_size=args.page_size, chat=args.chat)
+                         page_size=args.page_size, chat=args.chat,
+                         options=engine_settings(args))
     engine, step, pages = loaded.engine, loaded.step, loaded.engine.pool.pages
     if args.chat and loaded.template is None:
         raise ConfigError(f"lm generate --chat: the run's tokenizer ({loaded.tokenizer.spec}) "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lm.cli.command import Command, overrides_option, run_option
+from lm.cli.command import (Command, engine_options, engine_settings, overrides_option,
+                             run_option)
 
 
 def arguments(p) -> None:
@@ -22,6 +23,7 @@ def arguments(p) -> None:
                    help="K/V pages in the pool (0 = enough for --batch sequences of the "
                         "model's max_seq_len); fewer make requests wait for pages")
     p.add_argument("--page-size", type=int, default=16, help="tokens per K/V page")
+    engine_options(p)
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the largest max_tokens a request may ask for (400 beyond)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -57,7 +59,8 @@ def serve(args) -> int:
     check_keys(args.overrides)
     name = args.model_name or Path(args.run).resolve().name
     loaded = load_engine(args.run, args.overrides, slots=args.batch, pages=args.pages,
-                         page_size=args.page_size, chat=True)
+                         page_size=args.page_size, chat=True,
+                         options=engine_settings(args))
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                     max_queued=args.max_queued)
     try:

@@ -38,11 +38,12 @@ class Loaded:
 
 
 def load_engine(run_dir: str, overrides: list[str], *, slots: int, pages: int,
-                page_size: int, chat: bool = False) -> Loaded:
+                page_size: int, chat: bool = False, options: dict | None = None) -> Loaded:
     """The engine over `run_dir`'s latest checkpoint with eval-time `overrides` (--set):
     `slots` sequences, `pages` K/V pages of `page_size` tokens (0 = enough for `slots`
     sequences of the model's max_seq_len), decoding with the run's tokenizer. `chat`:
-    look for the tokenizer's chat template too (None where it has none)."""
+    look for the tokenizer's chat template too (None where it has none). `options`: more
+    Engine kwargs (packing, prefix sharing, Hydragen)."""
     check_keys(overrides)
     run, params, step = restore_for_inference(run_dir)
     tokenizer = run.tokenizer
@@ -51,5 +52,6 @@ def load_engine(run_dir: str, overrides: list[str], *, slots: int, pages: int,
     max_len = cfg.model.max_seq_len
     pages = pages or slots * -(-max_len // page_size) + 1
     engine = Engine(graphdef, params, slots=slots, pages=pages, page_size=page_size,
-                    max_seq_len=max_len, decode=lambda ids: tokenizer.decode(ids))
+                    max_seq_len=max_len, decode=lambda ids: tokenizer.decode(ids),
+                    **(options or {}))
     return Loaded(run, step, tokenizer, engine, template)

@@ -86,3 +86,21 @@ def test_chat_lines_get_the_reply_lm_sample_chat_gives(lm_here, tmp_path):
         assert sample.returncode == 0, sample.stderr
         assert row["text"] + "\n" == sample.stdout, (row, sample.stdout)
     assert all(row["completion_tokens"] for row in rows)
+
+
+def test_shared_prefix_scheduling_changes_no_text(tiny_run, tmp_path):
+    """Prompts with a common head: packed prefill, shared prefix pages and Hydragen decode
+    (the defaults) write the texts the engine writes with all three off."""
+    head = "First Citizen:\nBefore we proceed any further,"
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": head + t}) + "\n"
+                           for t in ("All:", "Speak, speak.", "You are", "First", "A")))
+    texts = []
+    for flags in ((), ("--no-pack", "--no-share-prefixes", "--no-hydragen")):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        result = lm("generate", "--run", str(tiny_run), "--in", str(inp), "--out", str(out),
+                    "--temperature", "0", "--max-new-tokens", "10", "--batch", "4",
+                    "--page-size", "8", *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        texts.append([json.loads(x)["text"] for x in out.read_text().splitlines()])
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
