@@ -143,10 +143,14 @@ def topology_devices(topo: Topology):
     from jax.experimental import topologies
     if os.environ.get("JAX_PLATFORMS") == "cpu":  # no TPU of ours to describe wrongly
         _describe_no_pod(os.environ)
+    # A host of a slice drives up to 2x2x1 chips; a slice smaller than that (v5e:1x1,
+    # one chip) is one host of its own size (libtpu refuses bounds that do not divide it).
+    shape = (*topo.shape, 1, 1)[:3]
+    bounds = tuple(min(b, s) for b, s in zip((2, 2, 1), shape))
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topo.name, chip_config_name="default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=topo.slices)
+            chips_per_host_bounds=bounds, num_slices=topo.slices)
     except Exception as e:  # noqa: BLE001 (libtpu missing or the name unknown to it)
         raise ConfigError(f"--topology {topo.name}: libtpu cannot describe it "
                           f"({str(e).splitlines()[0][:200]}); install lmlab[tpu]") from None
@@ -381,14 +385,14 @@ class Report:
     largest: list = dataclasses.field(default_factory=list)
 
 
-def _memory(compiled) -> dict:
+def memory_of(compiled) -> dict:
     m = compiled.memory_analysis()
     get = lambda k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)  # noqa: E731
     return {"argument": get("argument"), "output": get("output"), "alias": get("alias"),
             "temp": get("temp"), "code": get("generated_code")}
 
 
-def _peak(mem: dict) -> int:
+def peak_of(mem: dict) -> int:
     """Live bytes at the step's peak: inputs, the outputs not aliased to (donated)
     inputs, temporaries and the program itself."""
     return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
@@ -464,8 +468,8 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
         report.largest = _oom_lines("\n".join(msg.splitlines()[1:])) + _largest_state(state)
         return report
     report.compile_s = time.perf_counter() - t0
-    mem = _memory(compiled)
-    report.temp_bytes, report.peak_bytes = mem["temp"], _peak(mem)
+    mem = memory_of(compiled)
+    report.temp_bytes, report.peak_bytes = mem["temp"], peak_of(mem)
     report.fits = report.peak_bytes <= chip.hbm_bytes
     if not report.fits:
         report.largest = _largest_state(state)
@@ -502,11 +506,11 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
                             f"tuned large dense models on {chip.name}")
     if eval_step:
         e = pieces.eval_step().trace(state["params"], pieces.abstract_batch()).lower().compile()
-        report.eval_peak_bytes = _peak(_memory(e))
+        report.eval_peak_bytes = peak_of(memory_of(e))
     return report
 
 
-def _gib(b: float) -> str:
+def format_bytes(b: float) -> str:
     """Bytes in the largest unit that keeps them >= 1 (GiB, MiB, KiB)."""
     for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if b >= size:
@@ -540,19 +544,19 @@ def format_report(r: Report) -> str:
         lines += [f"  {ln}" for ln in r.largest]
         return "\n".join(lines)
     verdict = "fits" if r.fits else "DOES NOT FIT"
-    lines.append(f"per chip: params {_gib(r.params_bytes)} + optimizer {_gib(r.opt_bytes)}, "
-                 f"batch {_gib(r.batch_bytes)}, temporaries {_gib(r.temp_bytes)}; peak "
-                 f"{_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM: {verdict} "
+    lines.append(f"per chip: params {format_bytes(r.params_bytes)} + optimizer {format_bytes(r.opt_bytes)}, "
+                 f"batch {format_bytes(r.batch_bytes)}, temporaries {format_bytes(r.temp_bytes)}; peak "
+                 f"{format_bytes(r.peak_bytes)} of {format_bytes(r.hbm_bytes)} HBM: {verdict} "
                  f"({100 * r.peak_bytes / r.hbm_bytes:.0f}%)"
-                 + (f"; eval step peak {_gib(r.eval_peak_bytes)}" if r.eval_peak_bytes else ""))
+                 + (f"; eval step peak {format_bytes(r.eval_peak_bytes)}" if r.eval_peak_bytes else ""))
     if not r.fits:
         lines.append("  largest state buffers per chip: " + "; ".join(r.largest))
     if r.collectives:
         lines.append("collectives per step (loop trip counts applied; bytes: full buffers / "
                      "sent per chip):")
         for kind, c in r.collectives.items():
-            dcn = f", {_gib(c['dcn_moved'])} over DCN" if c["dcn_moved"] else ""
-            lines.append(f"  {kind:<19} x{c['count']:<5} {_gib(c['bytes'])} / {_gib(c['moved'])}{dcn}")
+            dcn = f", {format_bytes(c['dcn_moved'])} over DCN" if c["dcn_moved"] else ""
+            lines.append(f"  {kind:<19} x{c['count']:<5} {format_bytes(c['bytes'])} / {format_bytes(c['moved'])}{dcn}")
     else:
         lines.append("collectives per step: none")
     lines.append(f"FLOPs per step: model {r.model_flops:.3e} (analytic, all chips), "
@@ -655,7 +659,7 @@ def format_suggestions(reports: list[Report], considered: int) -> str:
         step = (_step_range(r) if calibrated else f">= {_ms(r.t_overlap)}" if r.fits else "-")
         mfu = _pct_range(r) if calibrated else (
             f"<= {100 * r.mfu_overlap:.0f}%" if r.fits else "-")
-        peak = _gib(r.peak_bytes) if not r.error else "refused"
+        peak = format_bytes(r.peak_bytes) if not r.error else "refused"
         lines.append(f"{i:<5}{mesh:<28}{r.remat:<7}{'yes' if r.fits else 'NO':<6}{peak:>11}"
                      f"{step:>20}{mfu:>10}")
     basis = next((r.mfu_basis for r in reports if r.fits and r.mfu_high), "")
@@ -699,9 +703,9 @@ def run_compile(cfg: TrainConfig, topology: str, slices: int = 1, do_suggest: bo
         Path(json_out).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
     if not any(r.fits for r in reports):
         r = reports[0]
-        why = r.error or f"peak {_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM per chip"
+        why = r.error or f"peak {format_bytes(r.peak_bytes)} of {format_bytes(r.hbm_bytes)} HBM per chip"
         if r.error and r.peak_bytes:
-            why = f"it needs about {_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM per chip ({r.error})"
+            why = f"it needs about {format_bytes(r.peak_bytes)} of {format_bytes(r.hbm_bytes)} HBM per chip ({r.error})"
         print(f"error: {r.config} does not fit on {r.topology}: {why} (try more fsdp or "
               "tensor, remat, a smaller batch; or lm compile --suggest)", file=sys.stderr)
         return EXIT_USER_ERROR
