@@ -35,7 +35,7 @@ from lm.config import ConfigError, TrainConfig
 from lm.infer.steps import programs
 from lm.kernels.attention.paged import KERNEL_NAME
 from lm.kernels.dispatch import compiling_for
-from lm.model.paged import PagedKV
+from lm.model.paged import PagedKV, PageStep
 from lm.parallel.sharding import activation_sharding, per_device_bytes, replicated, spec_for
 
 
@@ -84,7 +84,7 @@ def _cache_shardings(cache, mesh, rules):
         return NamedSharding(mesh, spec_for(names, x.shape, mesh, rules))
 
     return jax.tree.map(
-        lambda c: PagedKV(pool(c.k), pool(c.v)) if _paged(c) else jax.tree.map(
+        lambda c: PagedKV(pool(c.kv)) if _paged(c) else jax.tree.map(
             lambda _: replicated(mesh), c), cache, is_leaf=_paged)
 
 
@@ -112,8 +112,8 @@ def decode_report(cfg: TrainConfig, topo: Topology, *, slots: int, pages: int,
     cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                          cache, cache_sh)
     pools = [c for c in jax.tree.leaves(cache, is_leaf=_paged) if _paged(c)]
-    report.pool_bytes = sum(x.size * x.dtype.itemsize for c in pools for x in (c.k, c.v))
-    report.pool_chip_bytes = per_device_bytes([(c.k, c.v) for c in pools])
+    report.pool_bytes = sum(c.kv.size * c.kv.dtype.itemsize for c in pools)
+    report.pool_chip_bytes = per_device_bytes([c.kv for c in pools])
     report.params_chip_bytes = per_device_bytes(params)
     report.state_chip_bytes = per_device_bytes(cache) - report.pool_chip_bytes
 
@@ -123,7 +123,10 @@ def decode_report(cfg: TrainConfig, topo: Topology, *, slots: int, pages: int,
         return jax.ShapeDtypeStruct((slots, *shape), dtype, sharding=rep)
 
     tokens, positions, active = row(jnp.int32), row(jnp.int32), row(jnp.bool_)
-    table = row(jnp.int32, width)
+    # The step without Hydragen groups (G = 0): each row reads its pages through its table.
+    step = PageStep(row(jnp.int32, 1), row(jnp.int32, width), row(jnp.int32),
+                    row(jnp.int32, 1), jax.ShapeDtypeStruct((0, 0), jnp.int32, sharding=rep),
+                    jax.ShapeDtypeStruct((0,), jnp.int32, sharding=rep))
     sampling = (row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.float32),
                 row(jnp.int32), row(jnp.float32))
     _, decode = programs(graphdef, m.n_layers if m.scan_layers else None)
@@ -132,7 +135,7 @@ def decode_report(cfg: TrainConfig, topo: Topology, *, slots: int, pages: int,
     try:
         with activation_sharding(mesh, pieces.rules), compiling_for(platform), \
                 jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            lowered = decode.trace(params, cache, tokens, positions, active, table,
+            lowered = decode.trace(params, cache, tokens, positions, active, step,
                                    sampling).lower()
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 (the TPU compiler refuses what cannot fit)

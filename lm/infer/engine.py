@@ -398,7 +398,8 @@ class Engine:
             if skip:
                 group[i, 0] = prefixes.index(in_group[i])
             read_from[i] = skip * ps
-            own.append(s.pages[skip:-(-s.cached // ps)])
+            # (through the fed position: the TPU kernel reads the new key from its page)
+            own.append(s.pages[skip:s.cached // ps + 1])
         width = _bucket(max(len(o) for o in own), 1, self.max_pages)
         read = np.full((self.slots, width), TRASH_PAGE, np.int32)
         for i, o in enumerate(own):

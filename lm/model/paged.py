@@ -121,15 +121,35 @@ def _reach(q_pos, k_pos, window: int, sinks: int):
     return (q_pos - k_pos < window) | (k_pos < sinks)
 
 
+def _has_groups(st: PageStep) -> bool:
+    return bool(st.group_table.shape[0] and st.group_table.shape[-1])
+
+
 def attend(q_BTHD, k_BTKD, v_BTKD, positions_BT, segments_BT, cache: PagedKV, *,
-           scale: float, window: int = 0, sinks: int = 0, softcap: float = 0.0):
+           scale: float, window: int = 0, sinks: int = 0, softcap: float = 0.0,
+           impl: str = "xla", device_kind: str | None = None):
     """Attention of a step's queries over their sequences through the pages, the step's
     keys written first (so a prompt may read a shared prefix another prompt of the same
-    prefill writes). Returns (out_BTHD, new_cache, max_logit)."""
+    prefill writes). Returns (out_BTHD, new_cache, max_logit).
+
+    impl "auto"/"pallas": a decode step without Hydragen groups or sink tokens runs JAX's
+    TPU ragged paged attention kernel when compiling for a TPU that takes the settings
+    (kernels/attention/paged.py; its max logit is not reported: NaN); everything else,
+    and every step on CPU/GPU, is the XLA path below."""
     new = cache.write(k_BTKD, v_BTKD, positions_BT)
     st = cache.step
     b, t, h, dh = q_BTHD.shape
     kv = k_BTKD.shape[2]
+    if t == 1 and impl != "xla" and not sinks and st.read_table.shape[-1] and \
+            not _has_groups(st):
+        from lm.kernels.attention import paged as kernel
+        chosen = kernel.choose_impl(impl, head_dim=dh, heads=h, kv_heads=kv,
+                                    dtype=q_BTHD.dtype, kv_dtype=new.kv.dtype, window=window,
+                                    softcap=softcap)
+        if chosen == "pallas":
+            return (_kernel_decode(kernel, q_BTHD, new.kv, positions_BT, st.read_table,
+                                   scale, window, softcap, device_kind),
+                    new, jnp.float32(jnp.nan))
     q = q_BTHD.reshape(b, t, kv, h // kv, dh)
     valid = segments_BT > 0
     parts = []
@@ -145,7 +165,7 @@ def attend(q_BTHD, k_BTKD, v_BTKD, positions_BT, segments_BT, cache: PagedKV, *,
             positions_BT[:, :, None], k_pos[:, None, :], window, sinks)
         parts.append(_part(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale, softcap,
                            shared=False))
-    if st.group_table.shape[0] and st.group_table.shape[-1]:  # shared prefixes (Hydragen)
+    if _has_groups(st):  # shared prefixes (Hydragen)
         k, v = new.gather(st.group_table)  # [G, Sp, K, D]: once for all queries
         g_n, sp = k.shape[:2]
         k_pos = jnp.arange(sp)
@@ -157,6 +177,27 @@ def attend(q_BTHD, k_BTKD, v_BTKD, positions_BT, segments_BT, cache: PagedKV, *,
                            mask.reshape(b, t, g_n * sp), scale, softcap, shared=True))
     out, max_logit = _combine(parts, valid)
     return out.reshape(b, t, h, dh).astype(q_BTHD.dtype), new, max_logit
+
+
+def _kernel_decode(kernel, q_BTHD, kv_pool, positions_BT, table_BM, scale, window, softcap,
+                   device_kind):
+    """One decode token a row through the TPU kernel, per shard of the mesh (rows by
+    "batch", heads by "heads"/"kv_heads": a Pallas call is not partitioned by GSPMD).
+    A row's table covers its fed position (the engine's read_table does)."""
+    from lm.parallel.sharding import shard_local
+
+    def local(q_BHD, pool, pos_B, table):
+        n = q_BHD.shape[0]
+        return kernel.paged_attention(
+            q_BHD, pool, pos_B + 1, table, jnp.arange(n + 1, dtype=jnp.int32),
+            jnp.asarray([n], jnp.int32), scale=scale, window=window, softcap=softcap,
+            impl="pallas", device_kind=device_kind)
+
+    out = shard_local(local, (("batch", "heads", "head_dim"),
+                              (None, None, "kv_heads", "head_dim"), ("batch",),
+                              ("batch", None)), ("batch", "heads", "head_dim"))(
+        q_BTHD[:, 0], kv_pool, positions_BT[:, 0], table_BM)
+    return out[:, None]
 
 
 def _combine(parts, valid_BT):

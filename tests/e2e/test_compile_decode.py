@@ -39,13 +39,29 @@ def test_decode_report(tmp_path, lm_here, topology, mesh, scan, pool_ways):
     assert rep["argument_bytes"] >= rep["params_chip_bytes"] + rep["pool_chip_bytes"]
     assert rep["alias_bytes"] >= rep["pool_chip_bytes"]
     assert 0 < rep["peak_bytes"] < rep["hbm_bytes"]
-    assert rep["paged_kernel"] is False  # today: the XLA gather (not wired yet)
+    assert rep["paged_kernel"] is False  # head_dim 16: the TPU kernel wants 128 (XLA gather)
     text = r.stdout
     for words in (f"decode step on {topology}", f"{SLOTS} slots x 1 token",
                   f"page pool: {PAGES} pages x {PAGE_SIZE} tokens = {PAGES * PAGE_SIZE:,} token slots",
                   "per chip: arguments", "temporaries", "of 16.00 GiB HBM per chip: fits",
                   "attention: the XLA gather"):
         assert words in text, text
+
+
+@pytest.mark.parametrize("sinks,kernel", [(0, True), (2, False)], ids=["kernel", "sinks"])
+def test_decode_uses_the_tpu_paged_kernel_where_it_applies(tmp_path, lm_here, sinks, kernel):
+    """head_dim 128 (the kernel's) on v5e: the decode step's attention is the ragged
+    paged attention Pallas kernel, per tensor shard; with sink tokens (which it lacks)
+    the XLA gather."""
+    out = tmp_path / "decode.json"
+    r = lm_here("compile", "--decode", "--topology", "v5e:2x2", "--slots", "8",
+                "--pages", "64", "--page-size", "16", "--json", str(out),
+                *sets(*TINY, "model.d_model=256", "model.compute_dtype=bfloat16",
+                      "mesh.data=2", "mesh.tensor=2", "model.attention.window=32",
+                      f"model.attention.sinks={sinks}"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["paged_kernel"] is kernel
+    assert ("the Pallas paged-attention kernel" in r.stdout) is kernel, r.stdout
 
 
 @pytest.mark.parametrize("flags,message", [

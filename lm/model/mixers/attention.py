@@ -304,9 +304,12 @@ class Attention(SequenceMixer):
             return self._project_out(out_BTHD), None, max_logit
 
         if isinstance(cache, PagedKV):  # the batched engine's pages (lm/model/paged.py)
+            mesh = active_mesh()
             out_BTHD, new_cache, max_logit = paged.attend(
                 q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, cache,
-                scale=self.scale, window=self.window, sinks=self.sinks, softcap=self.softcap)
+                scale=self.scale, window=self.window, sinks=self.sinks, softcap=self.softcap,
+                impl="xla" if self.impl == "xla" else "auto",
+                device_kind=mesh.devices.flat[0].device_kind if mesh is not None else None)
             return self._project_out(out_BTHD), new_cache, max_logit
         k_all = jax.lax.dynamic_update_slice(
             cache["k"], k_BTKD.astype(cache["k"].dtype), (0, cache_index, 0, 0))
