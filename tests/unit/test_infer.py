@@ -191,3 +191,20 @@ def test_cancel_drops_a_request_and_frees_its_slots_and_pages(attention):
     assert events[-1].result.completions[0].tokens == want
     assert engine.pool.free == engine.pool.capacity and engine.idle
     assert engine.stats["cancelled"] == 1
+
+
+def test_a_lora_model_decodes_in_the_engine_as_one_at_a_time():
+    from lm.peft.lora import LoRAConfig, LoRAModel
+    model = LoRAModel(ModelConfig(**BASE), LoRAConfig(rank=4), nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    # Non-zero adapters (B starts at zero): the output must change with them.
+    params = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 and 4 in x.shape else x, params)
+    want = [generate(graphdef, params, p, 10, temperature=0.0, max_seq_len=64)[0]
+            for p in PROMPTS[:3]]
+    engine = Engine(graphdef, params, slots=2, pages=40, page_size=4)
+    got = engine.generate([Request(tuple(p), max_new_tokens=10) for p in PROMPTS[:3]])
+    assert [r.completions[0].tokens for r in got] == want
+    base = Engine(*_model(), slots=2, pages=40, page_size=4).generate(
+        [Request(tuple(PROMPTS[1]), max_new_tokens=10)])[0].completions[0].tokens
+    assert base != want[1]  # the adapters are in the output
