@@ -83,8 +83,11 @@ class PagedKV:
     def gather(self, table_NM):
         """Keys and values of the pages in `table_NM`, dense: [N, M * page_size, KV, Dh]."""
         n, m = table_NM.shape
-        pages = self.kv[table_NM].reshape(n, m * self.page_size, -1, self.kv.shape[-1])
-        return pages[:, :, 0::2], pages[:, :, 1::2]
+        p, ps, heads, dh = self.kv.shape
+        both = self.kv.reshape(p, ps, heads // 2, 2, dh)  # combined head 2j + c -> (j, c)
+        # One gather each (the pages' keys, their values): no gathered copy to split.
+        k, v = both[table_NM, :, :, 0], both[table_NM, :, :, 1]
+        return (k.reshape(n, m * ps, heads // 2, dh), v.reshape(n, m * ps, heads // 2, dh))
 
 
 NEG_INF = -1e30  # finite: a fully masked part gives exp(NEG_INF - m) = 0, not NaN
