@@ -118,9 +118,12 @@ def run_option(p: argparse.ArgumentParser) -> None:
 
 def load_config(args):
     """The validated TrainConfig of --config, --set (and --init-from, where the command
-    has it: the source run or HF directory then fixes the model)."""
+    has it: the source run or HF directory then fixes the model; --distill-from: the
+    teacher)."""
     from lm.config import resolve
     overrides = list(args.overrides)
+    if getattr(args, "distill_from", ""):
+        overrides.append(f"distill.teacher={args.distill_from}")
     if getattr(args, "init_from", ""):
         overrides.append(f"init_from={args.init_from}")
     cfg = resolve(args.config, overrides)

@@ -43,6 +43,10 @@ class RunPieces:
     # The platform kernels are chosen for, when not the mesh's (a CUDA lowering of a CPU
     # mesh's step in tests/unit/test_kernels_lowering.py).
     target_platform: str | None = field(default=None, repr=False)
+    # A distilling run's frozen teacher (lm/compress/teacher.py Teacher), attached by
+    # the commands that train (lm train, lm bench); its params are the step's third
+    # argument. None: no teacher (and for every command that does not train).
+    teacher: Any = field(default=None, repr=False)
     _abstract: dict | None = field(default=None, init=False, repr=False)
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -104,13 +108,20 @@ class RunPieces:
         return wrapped
 
     def train_step(self):
-        """The jitted, state-donating train step with explicit in/out shardings."""
+        """The jitted, state-donating train step with explicit in/out shardings; with a
+        teacher, (state, batch, teacher params) -> (state, metrics), the teacher's params
+        on their own shardings (the same mesh and rules) and never donated."""
+        distill = None
+        if self.teacher is not None:
+            distill = (self.teacher.pieces.graphdef, self.cfg.distill)
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included
-                               None if self.cfg.lora.rank else self.cfg.model)
-        return jax.jit(self.traced_with_mesh(step),
-                       in_shardings=(self.state_shardings, self.batch_sharding),
+                               None if self.cfg.lora.rank else self.cfg.model, distill)
+        in_shardings = (self.state_shardings, self.batch_sharding)
+        if self.teacher is not None:
+            in_shardings += (self.teacher.param_shardings,)
+        return jax.jit(self.traced_with_mesh(step), in_shardings=in_shardings,
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=0)
 
@@ -132,7 +143,10 @@ class RunPieces:
 
     def compile_train_step(self):
         """Ahead-of-time compiled train step and its per-device memory estimate (bytes)."""
-        compiled = self.train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
+        args = (self.abstract_state(), self.abstract_batch())
+        if self.teacher is not None:
+            args += (self.teacher.abstract_params(),)
+        compiled = self.train_step().lower(*args).compile()
         return compiled, memory_estimate(compiled)
 
     def global_batch(self, local: dict) -> dict:

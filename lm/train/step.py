@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm.compress.distill import kd_per_token, mixed_loss
+
 
 AUTO_CHUNK_VOCAB = 32_768  # loss_chunk=-1: chunk the cross-entropy from this vocabulary up
 AUTO_CHUNK = 512  # positions per chunk then: [B, 512, V] f32 logits live at a time
@@ -32,7 +34,8 @@ def _per_token(logits_BTV, targets_BT):
     return logz_BT - target_logit_BT, logz_BT, jnp.mean(logits_BTV, -1)
 
 
-def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_token):
+def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_token,
+                 teacher=None):
     """Per-token negative log-likelihood, log Z and mean logit, plus the model's
     diagnostics. `per_token(logits_BTV, targets_BT)` -> a tuple of [B, T] arrays may
     replace what is computed from the logits (the harness's scorer: NLL and greedy match).
@@ -41,33 +44,76 @@ def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_to
     positions under rematerialisation, so the [batch, seq, vocab] float32 logits never
     exist at once (at a 128k vocabulary and seq 2048 they alone are 1 GiB per sequence);
     the backward recomputes each chunk's logits (one more readout matmul: 2 * d_model *
-    vocab FLOPs per token)."""
+    vocab FLOPs per token).
+
+    teacher: (graphdef, params, kd) of a frozen teacher (lm/compress): its forward runs on
+    the same batch under stop_gradient, chunked like the student's readout, and
+    `kd(student_logits_BTV, teacher_logits_BTV)` -> [B, T] is appended to the per-token
+    outputs."""
     model = nnx.merge(graphdef, params)
+    t_model = None
+    if teacher is not None:
+        t_graphdef, t_params, kd = teacher
+        t_model = nnx.merge(t_graphdef, jax.lax.stop_gradient(t_params))
+        inner = per_token
+
+        def per_token(logits_BTV, targets_BT, teacher_logits_BTV):  # noqa: F811
+            return (*inner(logits_BTV, targets_BT),
+                    kd(logits_BTV, jax.lax.stop_gradient(teacher_logits_BTV)))
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     if not loss_chunk:
-        logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-        return (*per_token(logits_BTV, batch["targets"]), aux)
-    x_BTD, aux = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits_BTV, aux = model(*args)
+        if t_model is None:
+            return (*per_token(logits_BTV, batch["targets"]), aux)
+        teacher_BTV, _ = t_model(*args)
+        return (*per_token(logits_BTV, batch["targets"], teacher_BTV), aux)
+    x_BTD, aux = model.hidden_states(*args)
     b, t, d = x_BTD.shape
     n = t // loss_chunk
 
-    @jax.checkpoint
-    def chunk(weight_DV, x_BCD, targets_BC):
-        return per_token(model.readout(x_BCD, weight_DV), targets_BC)
+    def split(x_BT_):  # chunks as the leading axis
+        return x_BT_.reshape(b, n, loss_chunk, *x_BT_.shape[2:]).swapaxes(0, 1)
 
-    # Chunks as the leading axis of a sequential map: one chunk's logits live at a time.
-    x_NBCD = x_BTD.reshape(b, n, loss_chunk, d).swapaxes(0, 1)
-    t_NBC = batch["targets"].reshape(b, n, loss_chunk).swapaxes(0, 1)
     weight = model.readout_weight()
-    outs = jax.lax.map(lambda xt: chunk(weight, *xt), (x_NBCD, t_NBC))
+    if t_model is None:
+        @jax.checkpoint
+        def chunk(weight_DV, x_BCD, targets_BC):
+            return per_token(model.readout(x_BCD, weight_DV), targets_BC)
+
+        # A sequential map: one chunk's logits live at a time.
+        outs = jax.lax.map(lambda xt: chunk(weight, *xt), (split(x_BTD), split(batch["targets"])))
+    else:
+        xt_BTE, _ = t_model.hidden_states(*args)
+        t_weight = jax.lax.stop_gradient(t_model.readout_weight())
+        xt_BTE = jax.lax.stop_gradient(xt_BTE)
+
+        @jax.checkpoint
+        def chunk(weight_DV, x_BCD, targets_BC, xt_BCE):
+            return per_token(model.readout(x_BCD, weight_DV), targets_BC,
+                             t_model.readout(xt_BCE, t_weight))
+
+        outs = jax.lax.map(lambda xt: chunk(weight, *xt),
+                           (split(x_BTD), split(batch["targets"]), split(xt_BTE)))
     return (*(o.swapaxes(0, 1).reshape(b, t) for o in outs), aux)
 
 
-def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0):
+def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0,
+              teacher=None):
     """Loss normalised by `denom` (the token count of the whole step's batch, so that
     summing microbatch gradients gives exactly the full-batch gradient), plus the channel
     mixers' auxiliary losses (MoE load balancing, router z-loss) weighted by this
-    batch's share of those tokens. stats["channel"]: the mixers' aux per layer."""
-    nll, logz, mean_logit, aux = token_losses(graphdef, params, batch, loss_chunk)
+    batch's share of those tokens. stats["channel"]: the mixers' aux per layer.
+
+    teacher: (graphdef, params, distill section) of a frozen teacher: the data loss and
+    the distillation loss are mixed by distill.weight (lm/compress/distill.py);
+    stats["loss"] stays the data cross-entropy, stats["kd_loss"] is the distillation's."""
+    kd_args = None
+    if teacher is not None:
+        t_graphdef, t_params, dcfg = teacher
+        kd_args = (t_graphdef, t_params, functools.partial(
+            kd_per_token, temperature=dcfg.temperature, kind=dcfg.kind))
+    out = token_losses(graphdef, params, batch, loss_chunk, teacher=kd_args)
+    nll, logz, mean_logit, aux = out[0], out[1], out[2], out[-1]
     mask = batch["loss_mask"]
     ce = jnp.sum(nll * mask) / denom
     zl = jnp.sum(jnp.square(logz) * mask) / denom
@@ -84,7 +130,12 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
         "aux_loss": aux_loss,
         "channel": channel,
     }
-    return ce + z_loss * zl + aux_loss, stats
+    objective = ce
+    if teacher is not None:
+        kd = jnp.sum(out[3] * mask) / denom
+        stats["kd_loss"] = kd
+        objective = mixed_loss(ce, kd, teacher[2].weight)
+    return objective + z_loss * zl + aux_loss, stats
 
 
 def _all_finite(tree) -> jax.Array:
@@ -100,8 +151,13 @@ def _tree_rms(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
-                    grad_accum: int, loss_chunk: int = 0, model_cfg=None):
+                    grad_accum: int, loss_chunk: int = 0, model_cfg=None, distill=None):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
+
+    distill: (the teacher's graphdef, the distill section) of a distilling run
+    (lm/compress): the step is then (state, batch, teacher_params) -> (state, metrics),
+    the teacher's params an argument of their own (frozen: never differentiated, no
+    optimizer state), and metrics["kd_loss"] the distillation loss.
 
     metrics["channel"]: per layer, the channel mixers' diagnostics (MoE load, ...; means
     over microbatches); `model_cfg` applies their rule-based parameter updates (MoE's
@@ -111,11 +167,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     finite; the loop stops a run (diverged) at the first step where it is not, and never
     checkpoints such a state."""
 
-    def grads_and_stats(params, batch):
+    def grads_and_stats(params, batch, teacher_params=None):
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        teacher = None if distill is None else (distill[0], teacher_params, distill[1])
         # loss_chunk is a shape decision, bound here: eval_shape below would trace it.
-        grad_fn = jax.grad(functools.partial(loss_sums, loss_chunk=loss_chunk), argnums=1,
-                           has_aux=True)
+        grad_fn = jax.grad(functools.partial(loss_sums, loss_chunk=loss_chunk, teacher=teacher),
+                           argnums=1, has_aux=True)
         if grad_accum == 1:
             return grad_fn(graphdef, params, batch, z_loss, denom)
 
@@ -143,9 +200,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         stats["channel"] = jax.tree.map(lambda v: v / grad_accum, stats["channel"])
         return grads, stats
 
-    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array], teacher_params=None):
         params = state["params"]
-        grads, stats = grads_and_stats(params, batch)
+        grads, stats = grads_and_stats(params, batch, teacher_params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         if model_cfg is not None:
