@@ -81,12 +81,19 @@ class Teacher:
                               if isinstance(source, RunCheckpoint) else source.restore(self.pieces))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if pin is not None and not pin.is_file() and jax.process_index() == 0:
-            tmp = pin.with_suffix(".tmp")
-            tmp.write_text(json.dumps(pinned.to_json(), indent=2))
-            os.replace(tmp, pin)
         self.source = pinned
+        if run_dir is not None:
+            self.pin(run_dir)
         return params
+
+    def pin(self, run_dir: Path) -> None:
+        """Write the (pinned) source to RUN/distill_teacher.json, unless it is there."""
+        pin = Path(run_dir) / PIN_FILE
+        if pin.is_file() or jax.process_index() != 0:
+            return
+        tmp = pin.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.source.to_json(), indent=2))
+        os.replace(tmp, pin)
 
 
 def _source(path: str) -> RunCheckpoint | HFDirectory:

@@ -61,3 +61,34 @@ def test_a_lora_student_from_its_teacher_starts_at_zero_kd_loss(tiny_run, tmp_pa
     kd = _records(run, "kd_loss")
     assert abs(kd[1]) < 1e-6  # the adapters start at zero: the student is the teacher
     assert kd[4] > kd[1]
+
+
+def test_batched_trials_of_temperatures_and_weights_share_one_teacher(tiny_run, tmp_path):
+    """Two students at different temperatures and weights, one program, one teacher: each
+    equals the same student trained alone."""
+    import numpy as np
+
+    from lm import config as config_lib
+    from lm.configs import DEFAULT_CONFIG
+    from lm.train.loop import train
+    from lm.train.trials import group_configs, train_group
+
+    def cfg(*extra):
+        return config_lib.apply_overrides(
+            config_lib.load_config_file(DEFAULT_CONFIG),
+            [*TINY, "model.d_model=16", "steps=4", "checkpoint_every=2", "eval_every=4",
+             "log_every=1", "tensorboard=false", f"distill.teacher={tiny_run}", *extra])
+    cfgs = [cfg("name=a", "distill.temperature=1", "distill.weight=0.5"),
+            cfg("name=b", "distill.temperature=3", "distill.weight=0.9")]
+    assert group_configs(cfgs, 8) == [[0, 1]]
+    assert train_group(cfgs, [tmp_path / "group" / c.name for c in cfgs]) == [0, 0]
+    for c in cfgs:
+        assert train(c, tmp_path / "alone" / c.name) == 0
+        g, a = tmp_path / "group" / c.name, tmp_path / "alone" / c.name
+        for key in ("loss", "kd_loss"):
+            rg, ra = _records(g, key), _records(a, key)
+            assert sorted(rg) == sorted(ra) == [1, 2, 3, 4]
+            np.testing.assert_allclose([rg[s] for s in ra], [ra[s] for s in ra], atol=1e-5)
+        assert json.loads((g / "distill_teacher.json").read_text())["step"] == 12
+    assert _records(tmp_path / "group" / "a", "kd_loss") != _records(tmp_path / "group" / "b",
+                                                                      "kd_loss")
