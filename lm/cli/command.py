@@ -130,4 +130,7 @@ def load_config(args):
     if cfg.init_from:  # the source fixes the model (lm/train/param_source.py)
         from lm.train.param_source import with_source_model
         cfg = with_source_model(cfg, overrides)
+    if cfg.distill.teacher:  # the hidden-state loss's projection takes the teacher's width
+        from lm.compress.teacher import with_teacher_width
+        cfg = with_teacher_width(cfg)
     return cfg

@@ -26,6 +26,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lm.errors import ConfigError
 from lm.schema import knob
@@ -52,6 +53,23 @@ class DistillConfig:
         "forward_kl", doc="forward_kl = KL(teacher || student) (soft targets, "
                           "mass-covering); reverse_kl = KL(student || teacher) "
                           "(mode-seeking).")
+    hidden_weight: float = knob(
+        0.0, roles=TRACED,
+        doc="Weight of the hidden-state loss (TinyBERT): the mean squared error between "
+            "the student's residual stream after the layers of `hidden_layers`, mapped by "
+            "a learned linear projection when the widths differ, and the teacher's; added "
+            "to the loss. 0 = off.")
+    hidden_layers: str = knob(
+        "", doc="Student layer -> teacher layer pairs for the hidden-state loss, "
+                "\"s:t,...\" (0-based; negative counts from the last), e.g. \"-1:-1\"; \"\" = "
+                "every student layer i -> teacher layer (i + 1) * teacher_layers / "
+                "student_layers - 1 (uniform, as TinyBERT).")
+    teacher_width: int = knob(
+        0, doc="The teacher's d_model, filled from the teacher when training starts with "
+               "hidden_weight > 0: the shape of the learned projection [student d_model, "
+               "teacher_width] (none when the widths are equal). It lives in the train "
+               "state beside the params (state[\"distill\"], Adam on the run's LR "
+               "schedule), is checkpointed with it, and is not part of the model.")
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -59,6 +77,82 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"distill.weight must be in [0, 1], got {cfg.weight}")
     if cfg.temperature <= 0:
         raise ConfigError(f"distill.temperature must be positive, got {cfg.temperature}")
+    if cfg.hidden_weight < 0:
+        raise ConfigError(f"distill.hidden_weight must be >= 0, got {cfg.hidden_weight}")
+    if cfg.teacher_width < 0:
+        raise ConfigError(f"distill.teacher_width must be >= 0, got {cfg.teacher_width}")
+    _parse_pairs(cfg.hidden_layers)
+
+
+def _parse_pairs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        s, sep, t = item.partition(":")
+        try:
+            out.append((int(s), int(t)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"distill.hidden_layers: {item!r} is not student:teacher "
+                              "(e.g. \"1:3,-1:-1\")")
+    return out
+
+
+def hidden(cfg: DistillConfig) -> bool:
+    """The hidden-state loss is on (a Python decision: hidden_weight > 0 in the config,
+    whatever a batched trial's traced value)."""
+    return bool(cfg.teacher) and cfg.hidden_weight > 0
+
+
+def layer_pairs(cfg: DistillConfig, student_layers: int,
+                teacher_layers: int) -> tuple[tuple[int, int], ...]:
+    """The (student layer, teacher layer) pairs of the hidden-state loss, 0-based."""
+    pairs = _parse_pairs(cfg.hidden_layers) or [
+        (i, max((i + 1) * teacher_layers // student_layers - 1, 0))
+        for i in range(student_layers)]
+    out = []
+    for s, t in pairs:
+        if not (-student_layers <= s < student_layers and -teacher_layers <= t < teacher_layers):
+            raise ConfigError(f"distill.hidden_layers: {s}:{t} is out of range (the student "
+                              f"has {student_layers} layers, the teacher {teacher_layers})")
+        out.append((s % student_layers, t % teacher_layers))
+    return tuple(out)
+
+
+def projection_shape(cfg: DistillConfig, student_width: int) -> tuple[int, int] | None:
+    """[student d_model, teacher d_model] of the learned projection, or None (no
+    hidden-state loss, or equal widths)."""
+    if not hidden(cfg) or not cfg.teacher_width or cfg.teacher_width == student_width:
+        return None
+    return (student_width, cfg.teacher_width)
+
+
+def projection_optimizer():
+    """The projection's update direction: Adam's; the step scales it by the run's LR
+    (its schedule at the step), so the state does not depend on the schedule."""
+    return optax.scale_by_adam()
+
+
+def init_projection(shape: tuple[int, int], key) -> dict:
+    """{"params": {"proj": W [d_s, d_t] ~ N(0, 1 / d_s)}, "opt_state"}: a random
+    projection that keeps the scale of the residual stream, and its Adam state."""
+    w = jax.random.normal(key, shape, jnp.float32) / jnp.sqrt(jnp.float32(shape[0]))
+    params = {"proj": w}
+    return {"params": params, "opt_state": projection_optimizer().init(params)}
+
+
+def hidden_loss(student_h: list, teacher_h: list, proj, mask_BT, denom):
+    """Mean over the layer pairs of the masked mean (over tokens; `denom`: the step's
+    token count) of the per-token mean squared error, over the teacher's width, between
+    the projected student hidden state and the teacher's (no gradient to the teacher)."""
+    total = jnp.float32(0)
+    for s_h, t_h in zip(student_h, teacher_h):
+        s_h = s_h.astype(jnp.float32)
+        if proj is not None:
+            s_h = s_h @ proj["proj"].astype(jnp.float32)
+        diff = s_h - jax.lax.stop_gradient(t_h).astype(jnp.float32)
+        total = total + jnp.sum(jnp.mean(jnp.square(diff), -1) * mask_BT) / denom
+    return total / max(len(student_h), 1)
 
 
 def enabled(cfg: DistillConfig) -> bool:

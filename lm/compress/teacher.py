@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
-from lm.compress.distill import DistillConfig
+from lm.compress.distill import DistillConfig, hidden, layer_pairs
 from lm.config import ConfigError, TrainConfig
 from lm.data import DataError, load_tokenizer
 from lm.model import flops_per_token
@@ -47,6 +47,7 @@ class Teacher:
     cfg: TrainConfig  # the teacher's model and tokenizer, on the student's mesh and batch
     pieces: RunPieces
     source: RunCheckpoint | HFDirectory
+    pairs: tuple = ()  # (student layer, teacher layer) of the hidden-state loss; () = off
 
     @property
     def param_shardings(self) -> dict:
@@ -157,9 +158,30 @@ def teacher_for(setup: RunSetup) -> Teacher:
             f"{where}: the teacher's vocabulary ({t_vocab} logits, tokenizer "
             f"{cfg.data.tokenizer}) is not the student's ({s_vocab} logits, tokenizer "
             f"{student.data.tokenizer}); distillation needs one tokenizer")
+    pairs = ()
+    if hidden(student.distill):
+        pairs = layer_pairs(student.distill, student.model.n_layers, cfg.model.n_layers)
+        t_width, s_width = cfg.model.d_model, student.model.d_model
+        if t_width != s_width and student.distill.teacher_width != t_width:
+            raise ConfigError(f"distill.teacher_width={student.distill.teacher_width} is not "
+                              f"the teacher's d_model ({t_width}): leave it 0 (filled when "
+                              "training starts)")
     pieces = build(cfg, setup.pieces.mesh)
     pieces.target_platform = setup.pieces.target_platform
-    return Teacher(cfg, pieces, source)
+    return Teacher(cfg, pieces, source, pairs)
 
 
-__all__ = ["Teacher", "teacher_for", "teacher_config", "same_tokenizer", "PIN_FILE"]
+def with_teacher_width(cfg: TrainConfig) -> TrainConfig:
+    """cfg with distill.teacher_width filled from the teacher's config when the
+    hidden-state loss is on (the learned projection's shape); unchanged otherwise. The
+    teacher's weights are not read."""
+    if not hidden(cfg.distill) or cfg.distill.teacher_width:
+        return cfg
+    source = _source(cfg.distill.teacher)
+    width = teacher_config(cfg, source).model.d_model
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
+                                                                teacher_width=width))
+
+
+__all__ = ["Teacher", "teacher_for", "teacher_config", "with_teacher_width", "same_tokenizer",
+           "PIN_FILE"]

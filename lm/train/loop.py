@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
-from lm.compress.teacher import teacher_for
+from lm.compress.teacher import teacher_for, with_teacher_width
 from lm.config import TrainConfig
 from lm.data import (Prefetcher, eval_batches, eval_batches_by_source, prefetch_depth,
                      target_bytes, train_iterator)
@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     """Train (or resume) the run in `run_dir`; returns the exit code. `setup`: a prepared
     setup_run(cfg) (lm bench reuses one, and its compiled step, for several runs)."""
     run_dir = Path(run_dir)
-    run = setup if setup is not None else setup_run(cfg)
+    run = setup if setup is not None else setup_run(with_teacher_width(cfg))
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
     if cfg.distill.teacher and pieces.teacher is None:
         # Checked against the student (path, tokenizer, vocabulary) before the run dir

@@ -54,7 +54,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as config_lib
 from lm import schema
-from lm.compress.teacher import teacher_for
+from lm.compress.distill import init_projection, projection_shape
+from lm.compress.teacher import teacher_for, with_teacher_width
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.lock import hold
@@ -265,8 +266,13 @@ class Group:
             # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key already.
             model = make_model(cfg, nnx.Rngs(params=jax.random.key(cfg.seed)))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return {"params": params, "opt_state": tx.init(params),
-                    "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
+            state = {"params": params, "opt_state": tx.init(params),
+                     "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
+            # (a Python decision: the group's config, not the trial's traced weight)
+            shape = projection_shape(self.setup.cfg.distill, cfg.model.d_model)
+            if shape is not None:  # the hidden-state loss's projection
+                state["distill"] = init_projection(shape, jax.random.PRNGKey(cfg.seed + 2))
+            return state
 
         def init(values):
             return {"trials": self._vmap(init_one, 0)(values),
@@ -282,7 +288,8 @@ class Group:
 
         def step_one(values, state, batch, teacher_params):
             cfg, tx, lr_fn = self._one(values)  # distill.weight / temperature: traced
-            distill = None if teacher is None else (teacher.pieces.graphdef, cfg.distill)
+            distill = None if teacher is None else (teacher.pieces.graphdef, cfg.distill,
+                                                    teacher.pairs)
             step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
                                    cfg.grad_accum, pieces.loss_chunk, cfg.model, distill)
             return step(state, batch, teacher_params)
@@ -348,6 +355,11 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
         raise ConfigError("batched trials train in one process (run a pod job per trial)")
     if (why := unbatchable(cfgs[0])) is not None:
         raise ConfigError(f"batched trials do not support {why}: train it alone (--batch 1)")
+    cfgs = [with_teacher_width(c) for c in cfgs]  # (the projection's shape, if any)
+    if len({c.distill.hidden_weight > 0 for c in cfgs}) > 1:
+        raise ConfigError("trials of one group may differ in distill.hidden_weight, but all "
+                          "> 0 or all 0 (whether the hidden-state loss is computed is one "
+                          "program's decision)")
     k = len(cfgs)
     first = cfgs[0]
     rules_text = first.mesh.rules

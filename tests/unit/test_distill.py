@@ -66,7 +66,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kd_loss_and_gradient(kind, lo
     cfg, graphdef, params = _model()
     batch = _batch(cfg)
     dcfg = DistillConfig(teacher="x", weight=1.0, temperature=1.0, kind=kind)
-    teacher = (graphdef, jax.tree.map(jnp.copy, params), dcfg)
+    teacher = (graphdef, jax.tree.map(jnp.copy, params), dcfg, (), None)
     grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
         graphdef, params, batch, 0.0, jnp.sum(batch["loss_mask"]), loss_chunk, teacher)
     assert abs(float(stats["kd_loss"])) < 1e-6
@@ -76,7 +76,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kd_loss_and_gradient(kind, lo
     _, _, other = _model(seed=1)
     grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
         graphdef, params, batch, 0.0, jnp.sum(batch["loss_mask"]), loss_chunk,
-        (graphdef, other, dcfg))
+        (graphdef, other, dcfg, (), None))
     assert float(stats["kd_loss"]) > 1e-4
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 1e-6
 
@@ -87,8 +87,8 @@ def test_kd_loss_of_a_step_is_the_masked_mean_of_the_per_token_kl_and_chunks_agr
     batch = _batch(cfg)
     dcfg = DistillConfig(teacher="x", weight=0.3, temperature=2.0, kind="reverse_kl")
     denom = jnp.sum(batch["loss_mask"])
-    loss0, st0 = loss_sums(graphdef, params, batch, 0.0, denom, 0, (t_graphdef, t_params, dcfg))
-    loss8, st8 = loss_sums(graphdef, params, batch, 0.0, denom, 8, (t_graphdef, t_params, dcfg))
+    loss0, st0 = loss_sums(graphdef, params, batch, 0.0, denom, 0, (t_graphdef, t_params, dcfg, (), None))
+    loss8, st8 = loss_sums(graphdef, params, batch, 0.0, denom, 8, (t_graphdef, t_params, dcfg, (), None))
     s_logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
     t_logits, _ = nnx.merge(t_graphdef, t_params)(batch["inputs"])
     kd = kd_per_token(s_logits, t_logits, 2.0, "reverse_kl")
@@ -137,7 +137,7 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state(tmp_path):
 
     def loss_of_teacher(tp):
         return loss_sums(s_graphdef, params, b, 0.0, jnp.sum(b["loss_mask"]), 0,
-                         (t_graphdef, tp, setup.cfg.distill))[0]
+                         (t_graphdef, tp, setup.cfg.distill, (), None))[0]
     g = jax.grad(loss_of_teacher)(t_params)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
 
@@ -172,3 +172,52 @@ def test_a_teacher_of_another_vocabulary_or_tokenizer_or_gone_is_refused(lm_here
         resolve("configs/default.py", ["distill.temperature=0"])
     with pytest.raises(ConfigError, match=r"distill.weight must be in \[0, 1\]"):
         resolve("configs/default.py", ["distill.weight=1.5"])
+
+
+def test_hidden_state_loss_is_the_projected_mse_and_zero_for_an_equal_teacher():
+    from lm.compress.distill import layer_pairs
+    cfg, graphdef, params = _model()
+    batch = _batch(cfg)
+    denom = jnp.sum(batch["loss_mask"])
+    dcfg = DistillConfig(teacher="x", weight=1.0, hidden_weight=1.0, hidden_layers="0:0,1:1")
+    pairs = layer_pairs(dcfg, 2, 2)
+    grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
+        graphdef, params, batch, 0.0, denom, 0, (graphdef, params, dcfg, pairs, None))
+    assert abs(float(stats["hidden_loss"])) < 1e-10  # (weight 1: no data loss either)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
+    # A wider teacher (48), a projection [32, 48]: the hand-computed masked MSE.
+    _, t_graphdef, t_params = _model("model.d_model=48", "model.n_heads=3", "model.n_layers=4",
+                                     seed=2)
+    dcfg = DistillConfig(teacher="x", weight=1.0, hidden_weight=2.0, teacher_width=48)
+    pairs = layer_pairs(dcfg, 2, 4)
+    assert pairs == ((0, 1), (1, 3))
+    proj = {"proj": jax.random.normal(jax.random.PRNGKey(0), (32, 48)) / 6}
+    loss, stats = loss_sums(graphdef, params, batch, 0.0, denom, 8,
+                            (t_graphdef, t_params, dcfg, pairs, proj))
+    _, s_aux = nnx.merge(graphdef, params).hidden_states(batch["inputs"], taps=(0, 1))
+    _, t_aux = nnx.merge(t_graphdef, t_params).hidden_states(batch["inputs"], taps=(1, 3))
+    m = np.asarray(batch["loss_mask"])
+    want = np.mean([np.sum(np.mean((np.asarray(s) @ np.asarray(proj["proj"]) - np.asarray(t)) ** 2,
+                                   -1) * m) / m.sum()
+                    for s, t in zip(s_aux["taps"], t_aux["taps"])])
+    np.testing.assert_allclose(float(stats["hidden_loss"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(stats["kd_loss"]) + 2.0 * want, rtol=1e-4)
+    # The projection gets a gradient; the teacher does not.
+    g_proj = jax.grad(lambda pr: loss_sums(graphdef, params, batch, 0.0, denom, 0,
+                                           (t_graphdef, t_params, dcfg, pairs, pr))[0])(proj)
+    assert float(jnp.max(jnp.abs(g_proj["proj"]))) > 0
+    g_t = jax.grad(lambda tp: loss_sums(graphdef, params, batch, 0.0, denom, 0,
+                                        (t_graphdef, tp, dcfg, pairs, proj))[0])(t_params)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_t))
+
+
+def test_layer_pairs_default_to_a_uniform_map_and_refuse_out_of_range():
+    from lm.compress.distill import layer_pairs
+    on = DistillConfig(teacher="x", hidden_weight=1.0)
+    assert layer_pairs(on, 2, 4) == ((0, 1), (1, 3))
+    assert layer_pairs(on, 4, 2) == ((0, 0), (1, 0), (2, 0), (3, 1))
+    assert layer_pairs(dataclasses.replace(on, hidden_layers="-1:-1, 0:2"), 3, 6) == ((2, 5), (0, 2))
+    with pytest.raises(ConfigError, match="out of range"):
+        layer_pairs(dataclasses.replace(on, hidden_layers="3:0"), 3, 6)
+    with pytest.raises(ConfigError, match="is not student:teacher"):
+        resolve("configs/default.py", ["distill.hidden_layers=1-2"])

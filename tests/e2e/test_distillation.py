@@ -1,6 +1,8 @@
-"""`lm train --distill-from`: a narrower student distils from a tiny trained run (kd_loss
-in its records, the teacher's FLOPs in its accounting), a resumed distillation equals the
-uninterrupted one, and a LoRA student starting from its teacher starts at zero KD loss."""
+"""`lm train --distill-from`: a narrower, deeper student distils from a tiny trained run
+(kd_loss and hidden_loss, through a learned projection, in its records; the teacher's
+FLOPs in its accounting), a resumed distillation equals the uninterrupted one, a LoRA
+student starting from its teacher starts at zero KD loss, and batched trials at several
+temperatures and weights share one teacher and equal the same students alone."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ def _records(run, key):
     return out
 
 
-STUDENT = [*TINY, "model.d_model=16", "log_every=1", "distill.temperature=2",
-           "distill.weight=0.7"]
+STUDENT = [*TINY, "model.d_model=16", "model.n_layers=3", "log_every=1",
+           "distill.temperature=2", "distill.weight=0.7", "distill.hidden_weight=0.5"]
 
 
 def test_a_student_distils_and_resumes_as_if_uninterrupted(tiny_run, tmp_path):
@@ -33,6 +35,10 @@ def test_a_student_distils_and_resumes_as_if_uninterrupted(tiny_run, tmp_path):
     kd = _records(full, "kd_loss")
     assert sorted(kd) == list(range(1, 13)) and all(v > 0 for v in kd.values())
     assert kd[12] < kd[1]  # the student moves towards its teacher
+    hidden = _records(full, "hidden_loss")  # through a learned projection 16 -> 32
+    assert sorted(hidden) == list(range(1, 13)) and all(v > 0 for v in hidden.values())
+    config = json.loads((full / "config.json").read_text())
+    assert config["distill"]["teacher_width"] == 32
     summary = json.loads((full / "summary.json").read_text())
     teacher = json.loads((tiny_run / "summary.json").read_text())
     assert summary["teacher_flops_per_token"] == pytest.approx(teacher["flops_per_token"] / 3)
@@ -50,6 +56,9 @@ def test_a_student_distils_and_resumes_as_if_uninterrupted(tiny_run, tmp_path):
     assert "resumed from step" in second.stdout
     assert train_losses(run) == train_losses(full)
     assert _records(run, "kd_loss") == kd
+    assert _records(run, "hidden_loss") == hidden  # the projection was checkpointed
+    ev = lm("eval", "--run", str(run))  # a student with a projection evaluates as any run
+    assert ev.returncode == 0, ev.stderr[-2000:]
 
 
 def test_a_lora_student_from_its_teacher_starts_at_zero_kd_loss(tiny_run, tmp_path):
