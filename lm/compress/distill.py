@@ -22,7 +22,7 @@ This module imports nothing of lmlab beyond the schema and errors: lm.config imp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,21 @@ class DistillConfig:
                 "\"s:t,...\" (0-based; negative counts from the last), e.g. \"-1:-1\"; \"\" = "
                 "every student layer i -> teacher layer (i + 1) * teacher_layers / "
                 "student_layers - 1 (uniform, as TinyBERT).")
+    relation_weight: float = knob(
+        0.0, roles=TRACED,
+        doc="Weight of MiniLM's attention-relation loss (Wang et al. 2020, 2021): the KL "
+            "between the teacher's and the student's query-query, key-key and value-value "
+            "relations (causal softmaxes of scaled dot products) at `relation_layers`, "
+            "the heads' projections concatenated and split into `relation_heads`, so the "
+            "head counts may differ. Added to the loss. 0 = off.")
+    relation_layers: str = knob(
+        "-1:-1", doc="The student layer and teacher layer of the relation loss, \"s:t\" "
+                     "(0-based; negative counts from the last). Both must be attention "
+                     "layers.")
+    relation_heads: int = knob(
+        0, doc="Relation heads R: each of Q, K, V (all heads concatenated) is split into R "
+               "heads of width / R (must divide every such width of both models); 0 = "
+               "the teacher's n_heads.")
     teacher_width: int = knob(
         0, doc="The teacher's d_model, filled from the teacher when training starts with "
                "hidden_weight > 0: the shape of the learned projection [student d_model, "
@@ -82,6 +97,13 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.teacher_width < 0:
         raise ConfigError(f"distill.teacher_width must be >= 0, got {cfg.teacher_width}")
     _parse_pairs(cfg.hidden_layers)
+    if cfg.relation_weight < 0:
+        raise ConfigError(f"distill.relation_weight must be >= 0, got {cfg.relation_weight}")
+    if cfg.relation_heads < 0:
+        raise ConfigError(f"distill.relation_heads must be >= 0, got {cfg.relation_heads}")
+    if len(_parse_pairs(cfg.relation_layers)) != 1:
+        raise ConfigError(f"distill.relation_layers={cfg.relation_layers!r} must be one "
+                          "student:teacher pair")
 
 
 def _parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -117,6 +139,54 @@ def layer_pairs(cfg: DistillConfig, student_layers: int,
                               f"has {student_layers} layers, the teacher {teacher_layers})")
         out.append((s % student_layers, t % teacher_layers))
     return tuple(out)
+
+
+class Plan(NamedTuple):
+    """Which layers the hidden-state and relation losses compare (from the config and
+    the two models' depths; fixed when the step is built)."""
+    hidden: tuple = ()  # (student layer, teacher layer) pairs; () = off
+    relation: tuple | None = None  # (student layer, teacher layer, relation heads); None = off
+
+
+def relations(cfg: DistillConfig) -> bool:
+    """The attention-relation loss is on (a Python decision, as `hidden`)."""
+    return bool(cfg.teacher) and cfg.relation_weight > 0
+
+
+def relation_pair(cfg: DistillConfig, student_layers: int,
+                  teacher_layers: int) -> tuple[int, int]:
+    """(student layer, teacher layer) of the relation loss, 0-based."""
+    (s, t), = _parse_pairs(cfg.relation_layers)
+    if not (-student_layers <= s < student_layers and -teacher_layers <= t < teacher_layers):
+        raise ConfigError(f"distill.relation_layers: {s}:{t} is out of range (the student "
+                          f"has {student_layers} layers, the teacher {teacher_layers})")
+    return s % student_layers, t % teacher_layers
+
+
+def relation_loss(student_qkv, teacher_qkv, heads: int, mask_BT, segment_ids_BT, denom):
+    """MiniLM(v2)'s self-attention relation loss: for each of Q, K, V ([B, T, W], all
+    heads concatenated), split W into `heads` relation heads of width W / heads, take
+    the causal (same-document, key <= query) softmax of their scaled dot products, and
+    average KL(teacher relation || student relation) over the relation heads; masked
+    mean over query tokens (`denom`: the step's token count), mean over Q, K, V. Only
+    the concatenated width enters, so models whose heads split it differently give the
+    same relations."""
+    b, t = mask_BT.shape
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    visible = (j <= i)[None, None] & (segment_ids_BT[:, None, :, None]
+                                      == segment_ids_BT[:, None, None, :])
+
+    def log_rel(a_BTW):
+        a = a_BTW.astype(jnp.float32).reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("brid,brjd->brij", a, a) / jnp.sqrt(jnp.float32(a.shape[-1]))
+        return jax.nn.log_softmax(jnp.where(visible, scores, -1e30), axis=-1)
+
+    total = jnp.float32(0)
+    for s, tt in zip(student_qkv, teacher_qkv):
+        ls, lt = log_rel(s), jax.lax.stop_gradient(log_rel(tt))
+        kl = jnp.sum(jnp.where(visible, jnp.exp(lt) * (lt - ls), 0.0), axis=-1)  # [B,R,T]
+        total = total + jnp.sum(jnp.mean(kl, axis=1) * mask_BT) / denom
+    return total / 3
 
 
 def projection_shape(cfg: DistillConfig, student_width: int) -> tuple[int, int] | None:

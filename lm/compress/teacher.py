@@ -29,10 +29,11 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
-from lm.compress.distill import DistillConfig, hidden, layer_pairs
+from lm.compress.distill import (DistillConfig, Plan, hidden, layer_pairs, relation_pair,
+                                 relations)
 from lm.config import ConfigError, TrainConfig
 from lm.data import DataError, load_tokenizer
-from lm.model import flops_per_token
+from lm.model import flops_per_token, mixers
 from lm.peft.lora import LoRAConfig
 from lm.train.param_source import HFDirectory, RunCheckpoint, from_init_from, from_json
 from lm.train.setup import RunSetup
@@ -47,7 +48,7 @@ class Teacher:
     cfg: TrainConfig  # the teacher's model and tokenizer, on the student's mesh and batch
     pieces: RunPieces
     source: RunCheckpoint | HFDirectory
-    pairs: tuple = ()  # (student layer, teacher layer) of the hidden-state loss; () = off
+    plan: Plan = Plan()  # the layers the hidden-state and relation losses compare
 
     @property
     def param_shardings(self) -> dict:
@@ -158,7 +159,9 @@ def teacher_for(setup: RunSetup) -> Teacher:
             f"{where}: the teacher's vocabulary ({t_vocab} logits, tokenizer "
             f"{cfg.data.tokenizer}) is not the student's ({s_vocab} logits, tokenizer "
             f"{student.data.tokenizer}); distillation needs one tokenizer")
-    pairs = ()
+    pairs, relation = (), None
+    if relations(student.distill):
+        relation = _relation_plan(student, cfg)
     if hidden(student.distill):
         pairs = layer_pairs(student.distill, student.model.n_layers, cfg.model.n_layers)
         t_width, s_width = cfg.model.d_model, student.model.d_model
@@ -168,7 +171,28 @@ def teacher_for(setup: RunSetup) -> Teacher:
                               "training starts)")
     pieces = build(cfg, setup.pieces.mesh)
     pieces.target_platform = setup.pieces.target_platform
-    return Teacher(cfg, pieces, source, pairs)
+    return Teacher(cfg, pieces, source, Plan(pairs, relation))
+
+
+def _relation_plan(student: TrainConfig, teacher: TrainConfig) -> tuple[int, int, int]:
+    """(student layer, teacher layer, relation heads) of the relation loss, checked: both
+    layers attention, the models not layer-scanned, R dividing every Q/K/V width."""
+    d = student.distill
+    s, t = relation_pair(d, student.model.n_layers, teacher.model.n_layers)
+    heads = d.relation_heads or teacher.model.n_heads
+    widths = []
+    for who, m, layer in (("student", student.model, s), ("teacher", teacher.model, t)):
+        if m.scan_layers:
+            raise ConfigError(f"distill.relation_weight > 0 needs the {who}'s "
+                              "model.scan_layers=false")
+        if not hasattr(mixers.sequence_mixer(m, layer), "projections"):
+            raise ConfigError(f"distill.relation_layers: the {who}'s layer {layer} is not an "
+                              f"attention layer ({mixers.sequence_mixer(m, layer).name})")
+        widths += [m.n_heads * m.dh, m.kv_heads * m.dh]
+    if any(w % heads for w in widths):
+        raise ConfigError(f"distill.relation_heads={heads} must divide the Q/K/V widths of "
+                          f"both models ({', '.join(map(str, sorted(set(widths))))})")
+    return s, t, heads
 
 
 def with_teacher_width(cfg: TrainConfig) -> TrainConfig:

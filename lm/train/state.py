@@ -126,7 +126,7 @@ class RunPieces:
         on their own shardings (the same mesh and rules) and never donated."""
         distill = None
         if self.teacher is not None:
-            distill = (self.teacher.pieces.graphdef, self.cfg.distill, self.teacher.pairs)
+            distill = (self.teacher.pieces.graphdef, self.cfg.distill, self.teacher.plan)
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included

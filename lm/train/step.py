@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.compress.distill import hidden_loss, kd_per_token, mixed_loss, projection_optimizer
+from lm.compress.distill import (hidden_loss, kd_per_token, mixed_loss, projection_optimizer,
+                                 relation_loss)
+from lm.model import recursive
 
 
 AUTO_CHUNK_VOCAB = 32_768  # loss_chunk=-1: chunk the cross-entropy from this vocabulary up
@@ -108,18 +110,24 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
     mixers' auxiliary losses (MoE load balancing, router z-loss) weighted by this
     batch's share of those tokens. stats["channel"]: the mixers' aux per layer.
 
-    teacher: (graphdef, params, distill section, hidden-state layer pairs, projection
-    params or None) of a frozen teacher: the data loss and the distillation loss are
-    mixed by distill.weight, the hidden-state loss (over the (student layer, teacher
-    layer) pairs; none: off) added at distill.hidden_weight (lm/compress/distill.py);
-    stats["loss"] stays the data cross-entropy, stats["kd_loss"] and
-    stats["hidden_loss"] are the distillation's."""
-    kd_args = None
+    teacher: (graphdef, params, distill section, Plan, projection params or None) of a
+    frozen teacher: the data loss and the distillation loss are mixed by
+    distill.weight; the hidden-state loss (over plan.hidden's (student layer, teacher
+    layer) pairs) and the attention-relation loss (plan.relation) are added at
+    distill.hidden_weight and relation_weight (lm/compress/distill.py). stats["loss"]
+    stays the data cross-entropy; stats["kd_loss"], ["hidden_loss"] and
+    ["relation_loss"] are the distillation's."""
+    kd_args, pairs, rel = None, (), None
     if teacher is not None:
-        t_graphdef, t_params, dcfg, pairs, proj = teacher
+        t_graphdef, t_params, dcfg, plan, proj = teacher
+        pairs, rel = plan.hidden, plan.relation
+        s_taps, t_taps = [p[0] for p in pairs], [p[1] for p in pairs]
+        if rel is not None:  # the relation layers' inputs: the previous layers' outputs
+            s_taps.append(rel[0] - 1)
+            t_taps.append(rel[1] - 1)
         kd_args = (t_graphdef, t_params, functools.partial(
             kd_per_token, temperature=dcfg.temperature, kind=dcfg.kind),
-            tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+            tuple(s_taps), tuple(t_taps))
     out = token_losses(graphdef, params, batch, loss_chunk, teacher=kd_args)
     nll, logz, mean_logit, aux = out[0], out[1], out[2], out[-1]
     mask = batch["loss_mask"]
@@ -144,10 +152,29 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
         stats["kd_loss"] = kd
         objective = mixed_loss(ce, kd, dcfg.weight)
         if pairs:
-            hl = hidden_loss(aux["taps"], aux["teacher_taps"], proj, mask, denom)
+            n = len(pairs)
+            hl = hidden_loss(aux["taps"][:n], aux["teacher_taps"][:n], proj, mask, denom)
             stats["hidden_loss"] = hl
             objective = objective + jnp.asarray(dcfg.hidden_weight, jnp.float32) * hl
+        if rel is not None:
+            s_qkv = _layer_qkv(graphdef, params, batch, rel[0], aux["taps"][-1])
+            t_qkv = _layer_qkv(t_graphdef, jax.lax.stop_gradient(t_params), batch, rel[1],
+                               aux["teacher_taps"][-1])
+            rl = relation_loss(s_qkv, t_qkv, rel[2], mask, batch["segment_ids"], denom)
+            stats["relation_loss"] = rl
+            objective = objective + jnp.asarray(dcfg.relation_weight, jnp.float32) * rl
     return objective + z_loss * zl + aux_loss, stats
+
+
+def _layer_qkv(graphdef, params, batch, layer: int, x_BTD):
+    """The raw Q, K, V projections ([B, T, width]) of `layer`'s attention, from that
+    layer's input x (a LoRA model's with its adapters merged; a recursive model's shared
+    block with the layer's relaxation)."""
+    model = nnx.merge(graphdef, params)
+    if hasattr(model, "merged"):  # a LoRAModel: the effective weights
+        model = model.merged(batch["inputs"])
+    block = recursive.layer_block(model, layer)
+    return block.mixer.projections(block.mixer_input(x_BTD, jnp.float32(layer)))
 
 
 def _all_finite(tree) -> jax.Array:

@@ -289,7 +289,7 @@ class Group:
         def step_one(values, state, batch, teacher_params):
             cfg, tx, lr_fn = self._one(values)  # distill.weight / temperature: traced
             distill = None if teacher is None else (teacher.pieces.graphdef, cfg.distill,
-                                                    teacher.pairs)
+                                                    teacher.plan)
             step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
                                    cfg.grad_accum, pieces.loss_chunk, cfg.model, distill)
             return step(state, batch, teacher_params)
@@ -356,10 +356,11 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
     if (why := unbatchable(cfgs[0])) is not None:
         raise ConfigError(f"batched trials do not support {why}: train it alone (--batch 1)")
     cfgs = [with_teacher_width(c) for c in cfgs]  # (the projection's shape, if any)
-    if len({c.distill.hidden_weight > 0 for c in cfgs}) > 1:
-        raise ConfigError("trials of one group may differ in distill.hidden_weight, but all "
-                          "> 0 or all 0 (whether the hidden-state loss is computed is one "
-                          "program's decision)")
+    for key in ("hidden_weight", "relation_weight"):
+        if len({getattr(c.distill, key) > 0 for c in cfgs}) > 1:
+            raise ConfigError(f"trials of one group may differ in distill.{key}, but all > 0 "
+                              "or all 0 (whether that loss is computed is one program's "
+                              "decision)")
     k = len(cfgs)
     first = cfgs[0]
     rules_text = first.mesh.rules

@@ -65,11 +65,14 @@ def test_a_lora_student_from_its_teacher_starts_at_zero_kd_loss(tiny_run, tmp_pa
     run = tmp_path / "lora"
     result = lm("train", "--run-dir", str(run), "--init-from", str(tiny_run), "--distill-from",
                 str(tiny_run), *sets("lora.rank=4", "data.seq_len=32", "batch_size=4", "steps=4", "log_every=1", "eval_every=4",
-                                     "eval_batches=1", "distill.weight=0.5"))
+                                     "eval_batches=1", "distill.weight=0.5",
+                                     "distill.relation_weight=1", "distill.relation_heads=4"))
     assert result.returncode == 0, result.stderr[-2000:]
     kd = _records(run, "kd_loss")
     assert abs(kd[1]) < 1e-6  # the adapters start at zero: the student is the teacher
     assert kd[4] > kd[1]
+    rel = _records(run, "relation_loss")  # of the adapted (merged) projections
+    assert abs(rel[1]) < 1e-6 and rel[4] > rel[1]
 
 
 def test_batched_trials_of_temperatures_and_weights_share_one_teacher(tiny_run, tmp_path):

@@ -15,7 +15,7 @@ from conftest import TINY, assert_train_refused
 from flax import nnx
 
 from lm import config as config_lib
-from lm.compress.distill import DistillConfig, kd_per_token
+from lm.compress.distill import DistillConfig, Plan, kd_per_token
 from lm.config import ConfigError, resolve
 from lm.model import Transformer
 from lm.train.step import loss_sums
@@ -66,7 +66,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kd_loss_and_gradient(kind, lo
     cfg, graphdef, params = _model()
     batch = _batch(cfg)
     dcfg = DistillConfig(teacher="x", weight=1.0, temperature=1.0, kind=kind)
-    teacher = (graphdef, jax.tree.map(jnp.copy, params), dcfg, (), None)
+    teacher = (graphdef, jax.tree.map(jnp.copy, params), dcfg, Plan(), None)
     grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
         graphdef, params, batch, 0.0, jnp.sum(batch["loss_mask"]), loss_chunk, teacher)
     assert abs(float(stats["kd_loss"])) < 1e-6
@@ -76,7 +76,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kd_loss_and_gradient(kind, lo
     _, _, other = _model(seed=1)
     grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
         graphdef, params, batch, 0.0, jnp.sum(batch["loss_mask"]), loss_chunk,
-        (graphdef, other, dcfg, (), None))
+        (graphdef, other, dcfg, Plan(), None))
     assert float(stats["kd_loss"]) > 1e-4
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 1e-6
 
@@ -87,8 +87,8 @@ def test_kd_loss_of_a_step_is_the_masked_mean_of_the_per_token_kl_and_chunks_agr
     batch = _batch(cfg)
     dcfg = DistillConfig(teacher="x", weight=0.3, temperature=2.0, kind="reverse_kl")
     denom = jnp.sum(batch["loss_mask"])
-    loss0, st0 = loss_sums(graphdef, params, batch, 0.0, denom, 0, (t_graphdef, t_params, dcfg, (), None))
-    loss8, st8 = loss_sums(graphdef, params, batch, 0.0, denom, 8, (t_graphdef, t_params, dcfg, (), None))
+    loss0, st0 = loss_sums(graphdef, params, batch, 0.0, denom, 0, (t_graphdef, t_params, dcfg, Plan(), None))
+    loss8, st8 = loss_sums(graphdef, params, batch, 0.0, denom, 8, (t_graphdef, t_params, dcfg, Plan(), None))
     s_logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
     t_logits, _ = nnx.merge(t_graphdef, t_params)(batch["inputs"])
     kd = kd_per_token(s_logits, t_logits, 2.0, "reverse_kl")
@@ -137,7 +137,7 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state(tmp_path):
 
     def loss_of_teacher(tp):
         return loss_sums(s_graphdef, params, b, 0.0, jnp.sum(b["loss_mask"]), 0,
-                         (t_graphdef, tp, setup.cfg.distill, (), None))[0]
+                         (t_graphdef, tp, setup.cfg.distill, Plan(), None))[0]
     g = jax.grad(loss_of_teacher)(t_params)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
 
@@ -168,6 +168,15 @@ def test_a_teacher_of_another_vocabulary_or_tokenizer_or_gone_is_refused(lm_here
     result = lm_here("train", "--run-dir", str(tmp_path / "d"), "--distill-from",
                      str(tmp_path / "gone"), "--set", "steps=1")
     assert result.returncode == 2 and "distill.teacher=" in result.stderr
+    same = _fake_run(tmp_path / "same", "model.vocab_size=259")
+    assert_train_refused(lm_here, tmp_path / "e", [f"distill.teacher={same}", "model.vocab_size=259",
+                                                   "distill.relation_weight=1",
+                                                   "distill.relation_heads=5"],
+                         "distill.relation_heads=5 must divide the Q/K/V widths")
+    assert_train_refused(lm_here, tmp_path / "f", [f"distill.teacher={same}", "model.vocab_size=259",
+                                                   "distill.hidden_weight=1",
+                                                   "distill.hidden_layers=0:7"],
+                         "distill.hidden_layers: 0:7 is out of range")
     with pytest.raises(ConfigError, match="distill.temperature must be positive"):
         resolve("configs/default.py", ["distill.temperature=0"])
     with pytest.raises(ConfigError, match=r"distill.weight must be in \[0, 1\]"):
@@ -182,7 +191,7 @@ def test_hidden_state_loss_is_the_projected_mse_and_zero_for_an_equal_teacher():
     dcfg = DistillConfig(teacher="x", weight=1.0, hidden_weight=1.0, hidden_layers="0:0,1:1")
     pairs = layer_pairs(dcfg, 2, 2)
     grads, stats = jax.grad(loss_sums, argnums=1, has_aux=True)(
-        graphdef, params, batch, 0.0, denom, 0, (graphdef, params, dcfg, pairs, None))
+        graphdef, params, batch, 0.0, denom, 0, (graphdef, params, dcfg, Plan(pairs), None))
     assert abs(float(stats["hidden_loss"])) < 1e-10  # (weight 1: no data loss either)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
     # A wider teacher (48), a projection [32, 48]: the hand-computed masked MSE.
@@ -193,7 +202,7 @@ def test_hidden_state_loss_is_the_projected_mse_and_zero_for_an_equal_teacher():
     assert pairs == ((0, 1), (1, 3))
     proj = {"proj": jax.random.normal(jax.random.PRNGKey(0), (32, 48)) / 6}
     loss, stats = loss_sums(graphdef, params, batch, 0.0, denom, 8,
-                            (t_graphdef, t_params, dcfg, pairs, proj))
+                            (t_graphdef, t_params, dcfg, Plan(pairs), proj))
     _, s_aux = nnx.merge(graphdef, params).hidden_states(batch["inputs"], taps=(0, 1))
     _, t_aux = nnx.merge(t_graphdef, t_params).hidden_states(batch["inputs"], taps=(1, 3))
     m = np.asarray(batch["loss_mask"])
@@ -204,10 +213,10 @@ def test_hidden_state_loss_is_the_projected_mse_and_zero_for_an_equal_teacher():
     np.testing.assert_allclose(float(loss), float(stats["kd_loss"]) + 2.0 * want, rtol=1e-4)
     # The projection gets a gradient; the teacher does not.
     g_proj = jax.grad(lambda pr: loss_sums(graphdef, params, batch, 0.0, denom, 0,
-                                           (t_graphdef, t_params, dcfg, pairs, pr))[0])(proj)
+                                           (t_graphdef, t_params, dcfg, Plan(pairs), pr))[0])(proj)
     assert float(jnp.max(jnp.abs(g_proj["proj"]))) > 0
     g_t = jax.grad(lambda tp: loss_sums(graphdef, params, batch, 0.0, denom, 0,
-                                        (t_graphdef, tp, dcfg, pairs, proj))[0])(t_params)
+                                        (t_graphdef, tp, dcfg, Plan(pairs), proj))[0])(t_params)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_t))
 
 
@@ -221,3 +230,41 @@ def test_layer_pairs_default_to_a_uniform_map_and_refuse_out_of_range():
         layer_pairs(dataclasses.replace(on, hidden_layers="3:0"), 3, 6)
     with pytest.raises(ConfigError, match="is not student:teacher"):
         resolve("configs/default.py", ["distill.hidden_layers=1-2"])
+
+
+def _relation(graphdef, params, t_graphdef, t_params, batch, plan, weight=1.0):
+    dcfg = DistillConfig(teacher="x", weight=weight, relation_weight=1.0)
+    return jax.grad(loss_sums, argnums=1, has_aux=True)(
+        graphdef, params, batch, 0.0, jnp.sum(batch["loss_mask"]), 0,
+        (t_graphdef, t_params, dcfg, plan, None))
+
+
+def test_relation_loss_is_zero_for_an_equal_teacher_and_invariant_to_the_head_count():
+    """MiniLM relations are of the heads' projections concatenated: a model whose Q/K/V
+    are the same matrices split into 4 heads of 8 instead of 2 of 16 has the same
+    relations at a layer whose input is the same (layer 0: the embedding)."""
+    cfg, graphdef, params = _model()  # 2 heads x 16
+    batch = dict(_batch(cfg), segment_ids=jnp.asarray(  # two documents per row
+        np.repeat([[1] * 20 + [2] * 12], 4, 0), jnp.int32))
+    grads, stats = _relation(graphdef, params, graphdef, params, batch,
+                             Plan(relation=(1, 1, 4)))
+    assert abs(float(stats["relation_loss"])) < 1e-6
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
+
+    _, g4, p4 = _model("model.n_heads=4")  # 4 heads x 8, the same matrices reshaped
+    params, p4 = nnx.to_pure_dict(params), nnx.to_pure_dict(p4)
+    p4["embed"] = params["embed"]
+    for i in range(2):
+        for w in ("wq", "wk", "wv", "wo"):
+            p4["blocks"][i]["mixer"][w] = params["blocks"][i]["mixer"][w].reshape(
+                p4["blocks"][i]["mixer"][w].shape)
+    _, other_g, other = _model("model.d_model=48", "model.n_heads=3", seed=5)  # a teacher
+    plan = Plan(relation=(0, 1, 4))  # R=4 divides 32 (both students) and 48 (the teacher)
+    _, s2 = _relation(graphdef, params, other_g, other, batch, plan)
+    _, s4 = _relation(g4, p4, other_g, other, batch, plan)
+    assert float(s2["relation_loss"]) > 1e-4
+    np.testing.assert_allclose(float(s4["relation_loss"]), float(s2["relation_loss"]),
+                               rtol=1e-5)
+    # Either split as the other's teacher at layer 0: zero.
+    _, s24 = _relation(graphdef, params, g4, p4, batch, Plan(relation=(0, 0, 8)))
+    assert abs(float(s24["relation_loss"])) < 1e-6
