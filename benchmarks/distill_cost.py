@@ -6,6 +6,8 @@ training FLOPs; plus the teacher's forward).
 
     python benchmarks/distill_cost.py                      # default model as the teacher
     python benchmarks/distill_cost.py --teacher-set model.d_model=256 --rounds 7
+    python benchmarks/distill_cost.py --student-set model.d_model=64 \
+        --student-set distill.hidden_weight=1 --student-set distill.relation_weight=1
 
 The teacher is the config's model (with --teacher-set on top), the student the same
 config with --student-set (default: half the width); both at their seed's init (the
@@ -26,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from lm.compress.distill import DistillConfig  # noqa: E402
-from lm.compress.teacher import Teacher  # noqa: E402
+from lm.compress.distill import DistillConfig, Plan, hidden, layer_pairs, relations  # noqa: E402
+from lm.compress.teacher import Teacher, relation_plan  # noqa: E402
 from lm.config import resolve  # noqa: E402
 from lm.configs import DEFAULT_CONFIG  # noqa: E402
 from lm.data import eval_batches  # noqa: E402
@@ -53,14 +55,18 @@ def main() -> None:
     t_cfg = resolve(args.config, [*args.common, *args.teacher_set])
     student_set = args.student_set or [f"model.d_model={t_cfg.model.d_model // 2}"]
     s_cfg = resolve(args.config, [*args.common, *args.teacher_set, *student_set,
-                                  "distill.teacher=(benchmark)", f"distill.kind={args.kind}"])
+                                  "distill.teacher=(benchmark)", f"distill.kind={args.kind}",
+                                  f"distill.teacher_width={t_cfg.model.d_model}"])
     plain = setup_run(dataclasses.replace(s_cfg, distill=DistillConfig()))
     setup = setup_run(s_cfg)
     t_cfg = dataclasses.replace(t_cfg, mesh=s_cfg.mesh, batch_size=s_cfg.batch_size,
                                 model=dataclasses.replace(
                                     t_cfg.model, vocab_size=setup.cfg.model.vocab_size))
     t_pieces = build(t_cfg, setup.pieces.mesh)
-    teacher = Teacher(t_cfg, t_pieces, RunCheckpoint(Path("(benchmark)")))
+    d = setup.cfg.distill
+    plan = Plan(layer_pairs(d, setup.cfg.model.n_layers, t_cfg.model.n_layers) if hidden(d) else (),
+                relation_plan(setup.cfg, t_cfg) if relations(d) else None)
+    teacher = Teacher(t_cfg, t_pieces, RunCheckpoint(Path("(benchmark)")), plan)
     setup.pieces.teacher = teacher
     t_params = t_pieces.init_state()["params"]
 
@@ -99,7 +105,8 @@ def main() -> None:
     sm, tm = setup.cfg.model, t_cfg.model
     print(f"\nstudent d_model={sm.d_model} n_layers={sm.n_layers}; teacher d_model={tm.d_model} "
           f"n_layers={tm.n_layers}; batch {setup.cfg.batch_size} x seq {setup.cfg.data.seq_len}; "
-          f"{args.kind}; {jax.device_count()} {jax.devices()[0].platform} device(s); "
+          f"{args.kind}{'' if not plan.hidden else ', hidden states'}"
+          f"{'' if plan.relation is None else ', attention relations'}; {jax.device_count()} {jax.devices()[0].platform} device(s); "
           f"{args.rounds} interleaved rounds x {args.steps} steps\n")
     print("| arm | median step time (ms) | min..max (ms) | tokens/s | MFLOP/token (accounted) |")
     print("|---|---|---|---|---|")

@@ -161,7 +161,7 @@ def teacher_for(setup: RunSetup) -> Teacher:
             f"{student.data.tokenizer}); distillation needs one tokenizer")
     pairs, relation = (), None
     if relations(student.distill):
-        relation = _relation_plan(student, cfg)
+        relation = relation_plan(student, cfg)
     if hidden(student.distill):
         pairs = layer_pairs(student.distill, student.model.n_layers, cfg.model.n_layers)
         t_width, s_width = cfg.model.d_model, student.model.d_model
@@ -174,7 +174,7 @@ def teacher_for(setup: RunSetup) -> Teacher:
     return Teacher(cfg, pieces, source, Plan(pairs, relation))
 
 
-def _relation_plan(student: TrainConfig, teacher: TrainConfig) -> tuple[int, int, int]:
+def relation_plan(student: TrainConfig, teacher: TrainConfig) -> tuple[int, int, int]:
     """(student layer, teacher layer, relation heads) of the relation loss, checked: both
     layers attention, the models not layer-scanned, R dividing every Q/K/V width."""
     d = student.distill
@@ -207,5 +207,5 @@ def with_teacher_width(cfg: TrainConfig) -> TrainConfig:
                                                                 teacher_width=width))
 
 
-__all__ = ["Teacher", "teacher_for", "teacher_config", "with_teacher_width", "same_tokenizer",
-           "PIN_FILE"]
+__all__ = ["Teacher", "teacher_for", "teacher_config", "with_teacher_width", "relation_plan",
+           "same_tokenizer", "PIN_FILE"]
