@@ -1,9 +1,12 @@
-"""Knowledge distillation (Hinton et al. 2015): the `distill` config section and the
-per-token distillation loss. `lm train --distill-from TEACHER` sets `distill.teacher`.
+"""Knowledge distillation: the `distill` config section and the distillation losses.
+`lm train --distill-from TEACHER` sets `distill.teacher`.
 
 The student's loss is
 
-    loss = (1 - weight) * CE(data) + weight * T^2 * KL_T + z-loss + mixers' aux losses
+    loss = (1 - weight) * CE(data) + weight * T^2 * KL_T          (Hinton et al. 2015)
+           + hidden_weight * hidden                                (TinyBERT)
+           + relation_weight * relation                            (MiniLM)
+           + z-loss + mixers' aux losses
 
 KL_T is taken between the teacher's and the student's next-token distributions at
 temperature T (softmax(logits / T)): `forward_kl` = KL(teacher || student) (Hinton's
@@ -11,7 +14,12 @@ soft targets: mass-covering), `reverse_kl` = KL(student || teacher) (mode-seekin
 MiniLLM). The T^2 factor keeps the soft targets' gradient magnitude independent of T
 (the gradient of KL_T with respect to the student's logits scales as 1 / T^2). It is
 averaged over the tokens the data loss counts (loss_mask). weight and temperature are
-traced scalars (batched trials may differ in them).
+traced scalars (batched trials may differ in them), as are the other two weights.
+
+`hidden`: the mean squared error between the residual streams after mapped layers, the
+student's through a learned projection when the widths differ (`hidden_loss`; the
+projection lives in the train state, `init_projection`). `relation`: MiniLM's Q-Q, K-K,
+V-V relation KL at one layer pair (`relation_loss`). Which layers: a `Plan`.
 
 The teacher (lm/compress/teacher.py) is frozen: its parameters reach the step as an
 argument of their own, never differentiated and never in the optimizer's state.
