@@ -104,3 +104,25 @@ def test_batched_trials_of_temperatures_and_weights_share_one_teacher(tiny_run, 
         assert json.loads((g / "distill_teacher.json").read_text())["step"] == 12
     assert _records(tmp_path / "group" / "a", "kd_loss") != _records(tmp_path / "group" / "b",
                                                                       "kd_loss")
+
+
+def test_a_hugging_face_teacher_pinned_by_its_fingerprint_and_another_vocab_refused(tmp_path):
+    from test_interop_hf import write_hf_dir
+    hf, _ = write_hf_dir(tmp_path / "hf")  # qwen3-like, vocabulary 48, a WordLevel tokenizer
+    run = tmp_path / "student"
+    student = [*TINY, "steps=2", "log_every=1", "eval_every=2", "eval_batches=1",
+               f"data.tokenizer={hf / 'tokenizer.json'}", "model.vocab_size=48",
+               "model.d_model=16", "model.n_heads=2"]
+    result = lm("train", "--run-dir", str(run), "--distill-from", str(hf), *sets(*student))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"distilling from the Hugging Face dir {hf}" in result.stdout
+    assert all(v > 0 for v in _records(run, "kd_loss").values())
+    pin = json.loads((run / "distill_teacher.json").read_text())
+    assert pin["kind"] == "hf" and [f["name"] for f in pin["files"]] == ["model.safetensors"]
+
+    refused = lm("train", "--run-dir", str(tmp_path / "byte"), "--distill-from", str(hf),
+                 *sets(*TINY))  # a byte-level student: 259 logits, another tokenizer
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the teacher's vocabulary (48 logits" in lines[0], refused.stderr
+    assert not (tmp_path / "byte").exists()
