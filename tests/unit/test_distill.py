@@ -268,3 +268,35 @@ def test_relation_loss_is_zero_for_an_equal_teacher_and_invariant_to_the_head_co
     # Either split as the other's teacher at layer 0: zero.
     _, s24 = _relation(graphdef, params, g4, p4, batch, Plan(relation=(0, 0, 8)))
     assert abs(float(s24["relation_loss"])) < 1e-6
+
+
+def test_relation_loss_is_the_hand_computed_causal_relation_kl():
+    """relation_loss on a tiny case against numpy: per relation head, softmax over the
+    visible keys (key <= query, same document) of A A^T / sqrt(d_r), KL(teacher ||
+    student) per query, mean over heads, masked mean over queries, mean over Q/K/V."""
+    from lm.compress.distill import relation_loss
+    rng = np.random.default_rng(0)
+    b, t = 2, 5
+    s_qkv = [rng.normal(size=(b, t, 4)).astype(np.float32) for _ in range(3)]
+    t_qkv = [rng.normal(size=(b, t, 6)).astype(np.float32) for _ in range(3)]
+    seg = np.array([[1, 1, 1, 2, 2], [1, 1, 1, 1, 1]])
+    mask = np.array([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], np.float32)
+    heads = 2
+
+    def rel(a, row, i):  # [R, visible keys] log-probabilities of query i
+        keys = [j for j in range(t) if j <= i and seg[row, j] == seg[row, i]]
+        a = a[row].reshape(t, heads, -1).transpose(1, 0, 2)  # [R, T, d]
+        scores = np.einsum("rd,rkd->rk", a[:, i], a[:, keys]) / np.sqrt(a.shape[-1])
+        return scores - np.log(np.sum(np.exp(scores), -1, keepdims=True))
+
+    want = 0.0
+    for s, tt in zip(s_qkv, t_qkv):
+        for row in range(b):
+            for i in range(t):
+                ls, lt = rel(s, row, i), rel(tt, row, i)
+                kl = np.sum(np.exp(lt) * (lt - ls), -1).mean()
+                want += kl * mask[row, i] / mask.sum()
+    want /= 3
+    got = relation_loss([jnp.asarray(x) for x in s_qkv], [jnp.asarray(x) for x in t_qkv],
+                        heads, jnp.asarray(mask), jnp.asarray(seg), jnp.float32(mask.sum()))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
