@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lm.compress.teacher import teacher_for, with_teacher_width
 from lm.config import TrainConfig
 from lm.data import train_iterator
 from lm.hostmem import host_malloc_active
@@ -68,8 +69,12 @@ def loop_step_times(run: RunSetup, steps: int) -> list[float]:
 
 
 def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int = 2) -> dict:
-    run = setup_run(cfg)
+    run = setup_run(with_teacher_width(cfg))
     cfg, pieces = run.cfg, run.pieces
+    teacher_params = ()
+    if cfg.distill.teacher:  # a distilling run: the teacher's forward is in the step
+        pieces.teacher = teacher_for(run)
+        teacher_params = (pieces.teacher.load(),)
     data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.data_seed)
     batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
@@ -81,12 +86,12 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
         """Step times and page faults per step of `steps` steps after `warmup`."""
         nonlocal state
         for b in batches[:warmup]:
-            state, m = compiled(state, b)
+            state, m = compiled(state, b, *teacher_params)
         jax.block_until_ready(m)
         times, faults_before = [], _minor_faults()
         for b in batches[warmup:]:
             t0 = time.perf_counter()
-            state, m = compiled(state, b)
+            state, m = compiled(state, b, *teacher_params)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         return times, (_minor_faults() - faults_before) / steps
@@ -102,6 +107,8 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
     step_time = float(np.median(np.concatenate(bare)))
     tokens = cfg.batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    if pieces.teacher is not None:
+        fpt += pieces.teacher.forward_flops_per_token()
     peak, source = device_peak_flops(measure=True)  # same conditions as the step
     tps = tokens / step_time
     counts = count_params(cfg.model)

@@ -430,14 +430,19 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     chip, n = topo.chip, topo.chips
     state = pieces.abstract_state()
     batch = pieces.abstract_batch()
-    train_step = lambda: pieces.train_step().trace(state, batch)  # noqa: E731
+    t_args = ()
+    if cfg.distill.teacher:  # a distilling run's step takes the teacher's params too
+        from lm.compress.teacher import teacher_for
+        pieces.teacher = teacher_for(run)
+        t_args = (pieces.teacher.abstract_params(),)
+    train_step = lambda: pieces.train_step().trace(state, batch, *t_args)  # noqa: E731
     if trials > 1:
         from lm.train.trials import make_group
         group = make_group([dataclasses.replace(cfg, seed=cfg.seed + i, name=f"{cfg.name}.{i}")
                             for i in range(trials)], mesh=mesh)
         state, batch = group.abstract_state(), group.abstract_batch()
         train_step = lambda: group.step_fn().trace(  # noqa: E731
-            state, group.abstract_values(), batch)
+            state, group.abstract_values(), batch, *t_args)
         eval_step = False
     name = cfg.name if trials == 1 else (
         f"{cfg.name} x {trials} batched trials (trial axis on "

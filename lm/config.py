@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lm import optim as _optim
+from lm.compress import distill as _distill
+from lm.compress.distill import DistillConfig
 from lm.data import mixture as _mixture
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
@@ -139,6 +141,7 @@ class TrainConfig:
     lora: LoRAConfig = section(LoRAConfig)
     evals: TaskEvalConfig = section(TaskEvalConfig)
     track: TrackConfig = section(TrackConfig)
+    distill: DistillConfig = section(DistillConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
@@ -435,6 +438,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
+    _distill.validate(cfg.distill)
     _mixture.check(cfg.data, cfg.steps)
     _task_config.validate(cfg.evals, cfg.eval_every)
     _optim.validate(o)  # the direction's name, then its own section

@@ -118,13 +118,19 @@ def run_option(p: argparse.ArgumentParser) -> None:
 
 def load_config(args):
     """The validated TrainConfig of --config, --set (and --init-from, where the command
-    has it: the source run or HF directory then fixes the model)."""
+    has it: the source run or HF directory then fixes the model; --distill-from: the
+    teacher)."""
     from lm.config import resolve
     overrides = list(args.overrides)
+    if getattr(args, "distill_from", ""):
+        overrides.append(f"distill.teacher={args.distill_from}")
     if getattr(args, "init_from", ""):
         overrides.append(f"init_from={args.init_from}")
     cfg = resolve(args.config, overrides)
     if cfg.init_from:  # the source fixes the model (lm/train/param_source.py)
         from lm.train.param_source import with_source_model
         cfg = with_source_model(cfg, overrides)
+    if cfg.distill.teacher:  # the hidden-state loss's projection takes the teacher's width
+        from lm.compress.teacher import with_teacher_width
+        cfg = with_teacher_width(cfg)
     return cfg

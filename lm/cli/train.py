@@ -13,6 +13,10 @@ def train_arguments(p) -> None:
     p.add_argument("--init-from", default="", metavar="RUN_OR_HF_DIR",
                    help="start from these weights (an lmlab run or a Hugging Face model "
                         "dir), fresh optimizer; the same as --set init_from=...")
+    p.add_argument("--distill-from", default="", metavar="TEACHER",
+                   help="distil from this teacher (an lmlab run or a Hugging Face model dir "
+                        "with the same tokenizer; the distill section sets the loss); the "
+                        "same as --set distill.teacher=...")
 
 
 def train(args) -> int:

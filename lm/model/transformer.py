@@ -45,6 +45,12 @@ class Block(nnx.Module):
             self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
             self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
 
+    def mixer_input(self, x, layer_index):
+        """What the sequence mixer sees of the block's input x (its input norm applied
+        where the norm placement has one), as __call__ computes it."""
+        ls = jax.lax.rsqrt(layer_index + 1.0) if self.layernorm_scaling else 1.0
+        return self.norm1(x) * ls if self.position not in ("post", "out") else x
+
     def __call__(self, x, positions, segment_ids, layer_index, cache=None, cache_index=None):
         """-> (x, cache, max attention logit, the channel mixer's aux dict). layer_index
         counts from 0; LayerNorm scaling multiplies norm outputs by 1/sqrt(layer_index + 1)
@@ -155,8 +161,11 @@ class Transformer(nnx.Module):
         return logits
 
     def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
-                      cache_index=None):
-        """The final (normalised) hidden states [B, T, d_model] and aux (see __call__)."""
+                      cache_index=None, taps: tuple[int, ...] = ()):
+        """The final (normalised) hidden states [B, T, d_model] and aux (see __call__).
+        taps: layers whose output (the residual stream after the block, [B, T, d_model])
+        aux["taps"] lists, in that order (distillation's hidden-state loss); -1: the
+        input of layer 0 (the embedding)."""
         cfg = self.cfg
         cdt = DTYPES[cfg.compute_dtype]
         b, t = tokens_BT.shape
@@ -173,6 +182,7 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(math.sqrt(cfg.d_model), cdt)
         if cfg.embed_norm:
             x = self.embed_norm(x)
+        embedded = x
 
         def apply_block(block, x, layer_index, layer_cache):
             return block(x, positions_BT, segment_ids_BT, layer_index, layer_cache, cache_index)
@@ -184,14 +194,17 @@ class Transformer(nnx.Module):
             @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
             def run(x, block, layer_index, layer_cache):
                 x, layer_cache, max_logit, ch = apply_block(block, x, layer_index, layer_cache)
-                return constrain(x, ACT), layer_cache, (max_logit, _rms(x), ch)
+                x = constrain(x, ACT)
+                return x, layer_cache, (max_logit, _rms(x), ch, x if taps else None)
 
             layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.float32)
-            x, cache, (max_logits, resid_rms, stacked) = run(x, self.blocks, layer_ids, cache)
+            x, cache, (max_logits, resid_rms, stacked, outs) = run(x, self.blocks, layer_ids,
+                                                                   cache)
+            tapped = [embedded if i < 0 else outs[i] for i in taps]
             channel_aux = {i: jax.tree.map(lambda v, i=i: v[i], stacked)
                            for i in range(cfg.n_layers)} if stacked else {}
         else:
-            max_logits, resid_rms, new_cache, channel_aux = [], [], [], {}
+            max_logits, resid_rms, new_cache, channel_aux, by_layer = [], [], [], {}, {-1: x}
             for i in range(cfg.n_layers):
                 block = recursive.layer_block(self, i)
                 layer_cache = None if cache is None else cache[i]
@@ -200,8 +213,11 @@ class Transformer(nnx.Module):
                 max_logits.append(m)
                 resid_rms.append(_rms(x))
                 new_cache.append(layer_cache)
+                if i in taps:
+                    by_layer[i] = x
                 if ch:
                     channel_aux[i] = ch
+            tapped = [by_layer[i] for i in taps]
             max_logits, resid_rms = jnp.stack(max_logits), jnp.stack(resid_rms)
             if cache is not None:
                 cache = new_cache
@@ -209,6 +225,8 @@ class Transformer(nnx.Module):
         if cfg.norm_position != "post":
             x = self.final_norm(x)
         aux = {"attn_logit_max": max_logits, "resid_rms": resid_rms, "channel": channel_aux}
+        if taps:
+            aux["taps"] = tapped
         if cache is not None:
             aux["cache"] = cache
         return x, aux

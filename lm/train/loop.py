@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
+from lm.compress.teacher import teacher_for, with_teacher_width
 from lm.config import TrainConfig
 from lm.data import (Prefetcher, eval_batches, eval_batches_by_source, prefetch_depth,
                      target_bytes, train_iterator)
@@ -78,8 +79,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) 
     """Train (or resume) the run in `run_dir`; returns the exit code. `setup`: a prepared
     setup_run(cfg) (lm bench reuses one, and its compiled step, for several runs)."""
     run_dir = Path(run_dir)
-    run = setup if setup is not None else setup_run(cfg)
+    run = setup if setup is not None else setup_run(with_teacher_width(cfg))
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
+    if cfg.distill.teacher and pieces.teacher is None:
+        # Checked against the student (path, tokenizer, vocabulary) before the run dir
+        # exists; its weights are read once the run dir is held (lm/compress/teacher.py).
+        pieces.teacher = teacher_for(run)
     # Each process reads only its part of every global batch.
     source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed, jax.process_index(),
                             jax.process_count(), read_threads=cfg.data.read_threads,
@@ -106,6 +111,9 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     counts = count_params(cfg.model)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    teacher = pieces.teacher
+    if teacher is not None:  # the teacher's forward runs in the same step
+        fpt += teacher.forward_flops_per_token()
     peak, peak_source = device_peak_flops()
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
@@ -126,8 +134,11 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
 
     optim_line, optim_bytes = optim_lib.describe(cfg.optim, cfg.model, pieces.abstract_state())
     main = jax.process_index() == 0
+    extra = {}
+    if teacher is not None:
+        extra["teacher_flops_per_token"] = teacher.forward_flops_per_token()
     run_record = open_run(run_dir, cfg, start, counts, fpt, ckpt, sink_enabled=main,
-                          optimizer_state_bytes_per_param=optim_bytes)
+                          optimizer_state_bytes_per_param=optim_bytes, **extra)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
     print(f"{cfg.name}: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding"
           f"{active}), "
@@ -144,8 +155,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     if cfg.lora.rank:  # the saving: trainable params and optimizer state (lm/peft/lora.py)
         from lm.peft.lora import memory_report
         print(memory_report(pieces.abstract_state()), flush=True)
+    step_fn = None
+    if teacher is not None:  # frozen: restored at every start, never checkpointed
+        teacher_params = teacher.load(run_dir)
+        print(f"{teacher.describe()}: {cfg.distill.kind}, T={cfg.distill.temperature:g}, "
+              f"weight {cfg.distill.weight:g}; its forward adds "
+              f"{teacher.forward_flops_per_token() / 1e6:.2f} MFLOP/token", flush=True)
     t0 = time.perf_counter()
     train_step, memory = run.compiled_train_step()
+    if teacher is not None:
+        step_fn = lambda s, b: train_step(s, b, teacher_params)  # noqa: E731
     if memory.get("temp") is not None:
         print(f"compiled train step in {time.perf_counter() - t0:.1f}s; per device: arguments "
               f"{memory['argument'] / 2**20:.1f} MiB, temporaries {memory['temp'] / 2**20:.1f} MiB",
@@ -169,7 +188,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         return [result]
 
     job = Job(cfg=cfg, runs=[run_record], batches=batches, state=state, start=start,
-              step=train_step,
+              step=step_fn or train_step,
               evaluate=evaluate_state,
               checkpoint=lambda s, i: (s, batches),
               tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_flops=peak,

@@ -115,8 +115,9 @@ class RunCheckpoint:
         if self.step is not None and not (self.path / "checkpoints" / str(self.step)).is_dir():
             raise ConfigError(f"{self.describe()} is gone (keep_checkpoints may have removed it)")
 
-    def restore(self, pieces: RunPieces) -> tuple[RunCheckpoint, dict]:
-        """Restored onto pieces' mesh; a first start (step None) says which step."""
+    def restore(self, pieces: RunPieces, quiet: bool = False) -> tuple[RunCheckpoint, dict]:
+        """Restored onto pieces' mesh; a first start (step None) says which step (unless
+        `quiet`: the caller says it, e.g. a distilling run of its teacher)."""
         self.check()
         src_cfg = config_lib.load_run_config(self.path / "config.json")
         src_model, model = src_cfg.model, pieces.cfg.model
@@ -137,7 +138,7 @@ class RunCheckpoint:
         if restored is None:
             raise ConfigError(f"init_from={self.path}: the run has no checkpoint yet")
         step, params = restored
-        if self.step is None:  # a fine-tune's first start (a pinned step: a LoRA base)
+        if self.step is None and not quiet:  # a fine-tune's first start (a pinned step: a LoRA base)
             print(f"initialised from {self.path} (checkpoint step {step})", flush=True)
         if src_cfg.lora.rank:  # a LoRA source: its adapters folded into its base
             params = jax.jit(lambda p: merged_params(src_cfg.model, src_cfg.lora, p))(params)

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lm.compress.distill import init_projection, projection_shape
 from lm.kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
 from lm.data import ROW_DTYPES
@@ -43,6 +44,10 @@ class RunPieces:
     # The platform kernels are chosen for, when not the mesh's (a CUDA lowering of a CPU
     # mesh's step in tests/unit/test_kernels_lowering.py).
     target_platform: str | None = field(default=None, repr=False)
+    # A distilling run's frozen teacher (lm/compress/teacher.py Teacher), attached by
+    # the commands that train (lm train, lm bench); its params are the step's third
+    # argument. None: no teacher (and for every command that does not train).
+    teacher: Any = field(default=None, repr=False)
     _abstract: dict | None = field(default=None, init=False, repr=False)
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -63,7 +68,15 @@ class RunPieces:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": self.tx.init(params),
                 "step": jnp.zeros([], jnp.int32),
-                "rng": jax.random.PRNGKey(self.cfg.seed + 1)}
+                "rng": jax.random.PRNGKey(self.cfg.seed + 1), **self._distill_init()}
+
+    def _distill_init(self) -> dict:
+        """{"distill": the hidden-state loss's projection and its optimizer state} when
+        the student and teacher widths differ (lm/compress/distill.py), else {}."""
+        shape = projection_shape(self.cfg.distill, self.cfg.model.d_model)
+        if shape is None:
+            return {}
+        return {"distill": init_projection(shape, jax.random.PRNGKey(self.cfg.seed + 2))}
 
     def init_state(self) -> dict:
         return self._jit("init", lambda: jax.jit(self._init, out_shardings=self.state_shardings))()
@@ -78,10 +91,14 @@ class RunPieces:
         """A train state around given params (e.g. restored from elsewhere, on their
         shardings): a fresh optimizer state, step 0."""
         sh = self.state_shardings
-        return {"params": params,
-                "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
-                "step": jax.device_put(jnp.zeros([], jnp.int32), sh["step"]),
-                "rng": jax.device_put(jax.random.PRNGKey(self.cfg.seed + 1), sh["rng"])}
+        state = {"params": params,
+                 "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+                 "step": jax.device_put(jnp.zeros([], jnp.int32), sh["step"]),
+                 "rng": jax.device_put(jax.random.PRNGKey(self.cfg.seed + 1), sh["rng"])}
+        if "distill" in sh:
+            state["distill"] = jax.jit(lambda: self._distill_init()["distill"],
+                                       out_shardings=sh["distill"])()
+        return state
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state (the target of a resharding restore).
@@ -104,13 +121,20 @@ class RunPieces:
         return wrapped
 
     def train_step(self):
-        """The jitted, state-donating train step with explicit in/out shardings."""
+        """The jitted, state-donating train step with explicit in/out shardings; with a
+        teacher, (state, batch, teacher params) -> (state, metrics), the teacher's params
+        on their own shardings (the same mesh and rules) and never donated."""
+        distill = None
+        if self.teacher is not None:
+            distill = (self.teacher.pieces.graphdef, self.cfg.distill, self.teacher.plan)
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included
-                               None if self.cfg.lora.rank else self.cfg.model)
-        return jax.jit(self.traced_with_mesh(step),
-                       in_shardings=(self.state_shardings, self.batch_sharding),
+                               None if self.cfg.lora.rank else self.cfg.model, distill)
+        in_shardings = (self.state_shardings, self.batch_sharding)
+        if self.teacher is not None:
+            in_shardings += (self.teacher.param_shardings,)
+        return jax.jit(self.traced_with_mesh(step), in_shardings=in_shardings,
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=0)
 
@@ -132,7 +156,10 @@ class RunPieces:
 
     def compile_train_step(self):
         """Ahead-of-time compiled train step and its per-device memory estimate (bytes)."""
-        compiled = self.train_step().lower(self.abstract_state(), self.abstract_batch()).compile()
+        args = (self.abstract_state(), self.abstract_batch())
+        if self.teacher is not None:
+            args += (self.teacher.abstract_params(),)
+        compiled = self.train_step().lower(*args).compile()
         return compiled, memory_estimate(compiled)
 
     def global_batch(self, local: dict) -> dict:
@@ -188,5 +215,9 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     opt_sh = optim_state_shardings(abstract_opt, inner_params, inner_sh, replicated(mesh))
     state_sh = {"params": p_sh, "opt_state": opt_sh, "step": replicated(mesh),
                 "rng": replicated(mesh)}
+    shape = projection_shape(cfg.distill, cfg.model.d_model)
+    if shape is not None:  # small: replicated
+        abstract = jax.eval_shape(lambda: init_projection(shape, jax.random.PRNGKey(0)))
+        state_sh["distill"] = jax.tree.map(lambda _: replicated(mesh), abstract)
     return RunPieces(cfg, mesh, rules, graphdef, axes, tx, schedule(cfg.optim, cfg.steps),
                      state_sh, batch_sharding(mesh, rules, cfg.data.seq_len, cfg.batch_size))

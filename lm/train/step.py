@@ -11,6 +11,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm.compress.distill import (hidden_loss, kd_per_token, mixed_loss, projection_optimizer,
+                                 relation_loss)
+from lm.model import recursive
+
 
 AUTO_CHUNK_VOCAB = 32_768  # loss_chunk=-1: chunk the cross-entropy from this vocabulary up
 AUTO_CHUNK = 512  # positions per chunk then: [B, 512, V] f32 logits live at a time
@@ -32,7 +36,8 @@ def _per_token(logits_BTV, targets_BT):
     return logz_BT - target_logit_BT, logz_BT, jnp.mean(logits_BTV, -1)
 
 
-def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_token):
+def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_token,
+                 teacher=None):
     """Per-token negative log-likelihood, log Z and mean logit, plus the model's
     diagnostics. `per_token(logits_BTV, targets_BT)` -> a tuple of [B, T] arrays may
     replace what is computed from the logits (the harness's scorer: NLL and greedy match).
@@ -41,33 +46,90 @@ def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_to
     positions under rematerialisation, so the [batch, seq, vocab] float32 logits never
     exist at once (at a 128k vocabulary and seq 2048 they alone are 1 GiB per sequence);
     the backward recomputes each chunk's logits (one more readout matmul: 2 * d_model *
-    vocab FLOPs per token)."""
+    vocab FLOPs per token).
+
+    teacher: (graphdef, params, kd, student taps, teacher taps) of a frozen teacher
+    (lm/compress): its forward runs on the same batch under stop_gradient, chunked like
+    the student's readout, and `kd(student_logits_BTV, teacher_logits_BTV)` -> [B, T] is
+    appended to the per-token outputs; aux["taps"] and aux["teacher_taps"] then hold
+    the two models' hidden states after the layers the taps name."""
     model = nnx.merge(graphdef, params)
-    if not loss_chunk:
-        logits_BTV, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    t_model, taps, t_taps = None, (), ()
+    if teacher is not None:
+        t_graphdef, t_params, kd, taps, t_taps = teacher
+        t_model = nnx.merge(t_graphdef, jax.lax.stop_gradient(t_params))
+        inner = per_token
+
+        def per_token(logits_BTV, targets_BT, teacher_logits_BTV):  # noqa: F811
+            return (*inner(logits_BTV, targets_BT),
+                    kd(logits_BTV, jax.lax.stop_gradient(teacher_logits_BTV)))
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if not loss_chunk and t_model is None:
+        logits_BTV, aux = model(*args)
         return (*per_token(logits_BTV, batch["targets"]), aux)
-    x_BTD, aux = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_BTD, aux = model.hidden_states(*args, taps=taps) if taps else model.hidden_states(*args)
+    if t_model is not None:
+        xt_BTE, t_aux = (t_model.hidden_states(*args, taps=t_taps) if t_taps
+                         else t_model.hidden_states(*args))
+        xt_BTE = jax.lax.stop_gradient(xt_BTE)
+        t_weight = jax.lax.stop_gradient(t_model.readout_weight())
+        if t_taps:
+            aux = dict(aux, teacher_taps=jax.lax.stop_gradient(t_aux["taps"]))
+    if not loss_chunk:  # the teacher's: the whole sequence at once
+        return (*per_token(model.readout(x_BTD), batch["targets"],
+                           t_model.readout(xt_BTE, t_weight)), aux)
     b, t, d = x_BTD.shape
     n = t // loss_chunk
 
-    @jax.checkpoint
-    def chunk(weight_DV, x_BCD, targets_BC):
-        return per_token(model.readout(x_BCD, weight_DV), targets_BC)
+    def split(x_BT_):  # chunks as the leading axis
+        return x_BT_.reshape(b, n, loss_chunk, *x_BT_.shape[2:]).swapaxes(0, 1)
 
-    # Chunks as the leading axis of a sequential map: one chunk's logits live at a time.
-    x_NBCD = x_BTD.reshape(b, n, loss_chunk, d).swapaxes(0, 1)
-    t_NBC = batch["targets"].reshape(b, n, loss_chunk).swapaxes(0, 1)
     weight = model.readout_weight()
-    outs = jax.lax.map(lambda xt: chunk(weight, *xt), (x_NBCD, t_NBC))
+    if t_model is None:
+        @jax.checkpoint
+        def chunk(weight_DV, x_BCD, targets_BC):
+            return per_token(model.readout(x_BCD, weight_DV), targets_BC)
+
+        # A sequential map: one chunk's logits live at a time.
+        outs = jax.lax.map(lambda xt: chunk(weight, *xt), (split(x_BTD), split(batch["targets"])))
+    else:
+        @jax.checkpoint
+        def chunk(weight_DV, x_BCD, targets_BC, xt_BCE):
+            return per_token(model.readout(x_BCD, weight_DV), targets_BC,
+                             t_model.readout(xt_BCE, t_weight))
+
+        outs = jax.lax.map(lambda xt: chunk(weight, *xt),
+                           (split(x_BTD), split(batch["targets"]), split(xt_BTE)))
     return (*(o.swapaxes(0, 1).reshape(b, t) for o in outs), aux)
 
 
-def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0):
+def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0,
+              teacher=None):
     """Loss normalised by `denom` (the token count of the whole step's batch, so that
     summing microbatch gradients gives exactly the full-batch gradient), plus the channel
     mixers' auxiliary losses (MoE load balancing, router z-loss) weighted by this
-    batch's share of those tokens. stats["channel"]: the mixers' aux per layer."""
-    nll, logz, mean_logit, aux = token_losses(graphdef, params, batch, loss_chunk)
+    batch's share of those tokens. stats["channel"]: the mixers' aux per layer.
+
+    teacher: (graphdef, params, distill section, Plan, projection params or None) of a
+    frozen teacher: the data loss and the distillation loss are mixed by
+    distill.weight; the hidden-state loss (over plan.hidden's (student layer, teacher
+    layer) pairs) and the attention-relation loss (plan.relation) are added at
+    distill.hidden_weight and relation_weight (lm/compress/distill.py). stats["loss"]
+    stays the data cross-entropy; stats["kd_loss"], ["hidden_loss"] and
+    ["relation_loss"] are the distillation's."""
+    kd_args, pairs, rel = None, (), None
+    if teacher is not None:
+        t_graphdef, t_params, dcfg, plan, proj = teacher
+        pairs, rel = plan.hidden, plan.relation
+        s_taps, t_taps = [p[0] for p in pairs], [p[1] for p in pairs]
+        if rel is not None:  # the relation layers' inputs: the previous layers' outputs
+            s_taps.append(rel[0] - 1)
+            t_taps.append(rel[1] - 1)
+        kd_args = (t_graphdef, t_params, functools.partial(
+            kd_per_token, temperature=dcfg.temperature, kind=dcfg.kind),
+            tuple(s_taps), tuple(t_taps))
+    out = token_losses(graphdef, params, batch, loss_chunk, teacher=kd_args)
+    nll, logz, mean_logit, aux = out[0], out[1], out[2], out[-1]
     mask = batch["loss_mask"]
     ce = jnp.sum(nll * mask) / denom
     zl = jnp.sum(jnp.square(logz) * mask) / denom
@@ -84,7 +146,35 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
         "aux_loss": aux_loss,
         "channel": channel,
     }
-    return ce + z_loss * zl + aux_loss, stats
+    objective = ce
+    if teacher is not None:
+        kd = jnp.sum(out[3] * mask) / denom
+        stats["kd_loss"] = kd
+        objective = mixed_loss(ce, kd, dcfg.weight)
+        if pairs:
+            n = len(pairs)
+            hl = hidden_loss(aux["taps"][:n], aux["teacher_taps"][:n], proj, mask, denom)
+            stats["hidden_loss"] = hl
+            objective = objective + jnp.asarray(dcfg.hidden_weight, jnp.float32) * hl
+        if rel is not None:
+            s_qkv = _layer_qkv(graphdef, params, batch, rel[0], aux["taps"][-1])
+            t_qkv = _layer_qkv(t_graphdef, jax.lax.stop_gradient(t_params), batch, rel[1],
+                               aux["teacher_taps"][-1])
+            rl = relation_loss(s_qkv, t_qkv, rel[2], mask, batch["segment_ids"], denom)
+            stats["relation_loss"] = rl
+            objective = objective + jnp.asarray(dcfg.relation_weight, jnp.float32) * rl
+    return objective + z_loss * zl + aux_loss, stats
+
+
+def _layer_qkv(graphdef, params, batch, layer: int, x_BTD):
+    """The raw Q, K, V projections ([B, T, width]) of `layer`'s attention, from that
+    layer's input x (a LoRA model's with its adapters merged; a recursive model's shared
+    block with the layer's relaxation)."""
+    model = nnx.merge(graphdef, params)
+    if hasattr(model, "merged"):  # a LoRAModel: the effective weights
+        model = model.merged(batch["inputs"])
+    block = recursive.layer_block(model, layer)
+    return block.mixer.projections(block.mixer_input(x_BTD, jnp.float32(layer)))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -100,8 +190,16 @@ def _tree_rms(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
-                    grad_accum: int, loss_chunk: int = 0, model_cfg=None):
+                    grad_accum: int, loss_chunk: int = 0, model_cfg=None, distill=None):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
+
+    distill: (the teacher's graphdef, the distill section, the hidden-state loss's
+    (student layer, teacher layer) pairs) of a distilling run (lm/compress): the step is
+    then (state, batch, teacher_params) -> (state, metrics), the teacher's params an
+    argument of their own (frozen: never differentiated, no optimizer state), and
+    metrics["kd_loss"] (and "hidden_loss") the distillation losses. state["distill"]
+    (when the widths differ): the learned projection of the hidden-state loss and its
+    Adam state, updated here on the same LR schedule.
 
     metrics["channel"]: per layer, the channel mixers' diagnostics (MoE load, ...; means
     over microbatches); `model_cfg` applies their rule-based parameter updates (MoE's
@@ -111,13 +209,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     finite; the loop stops a run (diverged) at the first step where it is not, and never
     checkpoints such a state."""
 
-    def grads_and_stats(params, batch):
+    def grads_and_stats(params, batch, teacher_params=None, proj=None):
+        """((gradient of params, of the distillation projection), stats)."""
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        # loss_chunk is a shape decision, bound here: eval_shape below would trace it.
-        grad_fn = jax.grad(functools.partial(loss_sums, loss_chunk=loss_chunk), argnums=1,
-                           has_aux=True)
+
+        def objective(p, pr, mb):
+            teacher = None if distill is None else (distill[0], teacher_params, distill[1],
+                                                    distill[2], pr)
+            # loss_chunk is a shape decision, bound here: eval_shape below would trace it.
+            return loss_sums(graphdef, p, mb, z_loss, denom, loss_chunk, teacher)
+
+        grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
         if grad_accum == 1:
-            return grad_fn(graphdef, params, batch, z_loss, denom)
+            return grad_fn(params, proj, batch)
 
         # Microbatch i takes rows i, i + accum, ...: the sharded batch dimension stays
         # the (sharded) microbatch dimension, so splitting needs no communication.
@@ -126,15 +230,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
             batch)
 
         def body(acc, mb):
-            g, s = grad_fn(graphdef, params, mb, z_loss, denom)
+            g, s = grad_fn(params, proj, mb)
             acc_g, acc_s = acc
             # Token-weighted sums add up to full-batch values; maxima stay maxima.
             merged = {k: jax.tree.map(jnp.maximum if k == "attn_logit_max" else jnp.add,
                                       acc_s[k], s[k]) for k in s}
             return (jax.tree.map(jnp.add, acc_g, g), merged), None
 
-        g0, s0 = jax.eval_shape(
-            grad_fn, graphdef, params, jax.tree.map(lambda x: x[0], micro), z_loss, denom)
+        g0, s0 = jax.eval_shape(grad_fn, params, proj, jax.tree.map(lambda x: x[0], micro))
         init = (jax.tree.map(jnp.zeros_like, g0), jax.tree.map(jnp.zeros_like, s0))
         init[1]["attn_logit_max"] = jnp.full(s0["attn_logit_max"].shape, -jnp.inf)
         (grads, stats), _ = jax.lax.scan(body, init, micro)
@@ -143,9 +246,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         stats["channel"] = jax.tree.map(lambda v: v / grad_accum, stats["channel"])
         return grads, stats
 
-    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    def train_step(state: dict[str, Any], batch: dict[str, jax.Array], teacher_params=None):
         params = state["params"]
-        grads, stats = grads_and_stats(params, batch)
+        proj = state["distill"]["params"] if distill is not None and "distill" in state else None
+        (grads, proj_grads), stats = grads_and_stats(params, batch, teacher_params, proj)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         if model_cfg is not None:
@@ -168,6 +272,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         )
         new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], 1)}
+        if "distill" in state:  # the hidden-state loss's projection (lm/compress/distill.py)
+            new_state["distill"] = state["distill"]
+            if proj is not None:
+                direction, p_state = projection_optimizer().update(
+                    proj_grads, state["distill"]["opt_state"], proj)
+                lr = lr_fn(state["step"])
+                new_proj = jax.tree.map(lambda p, d: p - lr * d, proj, direction)
+                new_state["distill"] = {"params": new_proj, "opt_state": p_state}
+                metrics["finite"] = metrics["finite"] & _all_finite(new_proj)
         return new_state, metrics
 
     return train_step

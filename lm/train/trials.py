@@ -54,6 +54,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lm import config as config_lib
 from lm import schema
+from lm.compress.distill import init_projection, projection_shape
+from lm.compress.teacher import teacher_for, with_teacher_width
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.lock import hold
@@ -264,8 +266,13 @@ class Group:
             # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key already.
             model = make_model(cfg, nnx.Rngs(params=jax.random.key(cfg.seed)))
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            return {"params": params, "opt_state": tx.init(params),
-                    "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
+            state = {"params": params, "opt_state": tx.init(params),
+                     "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
+            # (a Python decision: the group's config, not the trial's traced weight)
+            shape = projection_shape(self.setup.cfg.distill, cfg.model.d_model)
+            if shape is not None:  # the hidden-state loss's projection
+                state["distill"] = init_projection(shape, jax.random.PRNGKey(cfg.seed + 2))
+            return state
 
         def init(values):
             return {"trials": self._vmap(init_one, 0)(values),
@@ -277,24 +284,29 @@ class Group:
         """(group state, values, batch) -> (group state, metrics stacked over trials)."""
         pieces = self.pieces
 
-        def step_one(values, state, batch):
-            cfg, tx, lr_fn = self._one(values)
-            step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
-                                   cfg.grad_accum, pieces.loss_chunk, cfg.model)
-            return step(state, batch)
+        teacher = pieces.teacher  # one frozen teacher shared by every trial (not vmapped)
 
-        def step(group, values, batch):
-            new, metrics = self._vmap(step_one, (0, 0, None if self.shared_data else 0))(
-                values, group["trials"], batch)
+        def step_one(values, state, batch, teacher_params):
+            cfg, tx, lr_fn = self._one(values)  # distill.weight / temperature: traced
+            distill = None if teacher is None else (teacher.pieces.graphdef, cfg.distill,
+                                                    teacher.plan)
+            step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
+                                   cfg.grad_accum, pieces.loss_chunk, cfg.model, distill)
+            return step(state, batch, teacher_params)
+
+        def step(group, values, batch, teacher_params=None):
+            new, metrics = self._vmap(step_one, (0, 0, None if self.shared_data else 0, None))(
+                values, group["trials"], batch, teacher_params)
             keep = group["alive"] & metrics["finite"]
             trials = jax.tree.map(
                 lambda n, o: jnp.where(keep.reshape(-1, *[1] * (n.ndim - 1)), n, o),
                 new, group["trials"])
             return {"trials": trials, "alive": keep}, metrics
 
-        return jax.jit(self.pieces.traced_with_mesh(step),
-                       in_shardings=(self.state_shardings(), self.values_sharding(),
-                                     self.batch_sharding()),
+        in_shardings = (self.state_shardings(), self.values_sharding(), self.batch_sharding())
+        if teacher is not None:
+            in_shardings += (teacher.param_shardings,)
+        return jax.jit(self.pieces.traced_with_mesh(step), in_shardings=in_shardings,
                        out_shardings=(self.state_shardings(), NamedSharding(pieces.mesh, P())),
                        donate_argnums=0)
 
@@ -321,8 +333,10 @@ class Group:
 
     def compile_step(self):
         """The AOT-compiled group step and its per-device memory (bytes)."""
-        compiled = self.step_fn().lower(self.abstract_state(), self.abstract_values(),
-                                        self.abstract_batch()).compile()
+        args = (self.abstract_state(), self.abstract_values(), self.abstract_batch())
+        if self.pieces.teacher is not None:
+            args += (self.pieces.teacher.abstract_params(),)
+        compiled = self.step_fn().lower(*args).compile()
         return compiled, memory_estimate(compiled)
 
 
@@ -341,6 +355,12 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
         raise ConfigError("batched trials train in one process (run a pod job per trial)")
     if (why := unbatchable(cfgs[0])) is not None:
         raise ConfigError(f"batched trials do not support {why}: train it alone (--batch 1)")
+    cfgs = [with_teacher_width(c) for c in cfgs]  # (the projection's shape, if any)
+    for key in ("hidden_weight", "relation_weight"):
+        if len({getattr(c.distill, key) > 0 for c in cfgs}) > 1:
+            raise ConfigError(f"trials of one group may differ in distill.{key}, but all > 0 "
+                              "or all 0 (whether that loss is computed is one program's "
+                              "decision)")
     k = len(cfgs)
     first = cfgs[0]
     rules_text = first.mesh.rules
@@ -351,6 +371,8 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
         rules_text = ",".join(filter(None, [rules_text, f"batch={batch}"]))
         mesh_cfg = dataclasses.replace(first.mesh, rules=rules_text)
         probe = setup_run(dataclasses.replace(first, mesh=mesh_cfg), probe.pieces.mesh)
+    if first.distill.teacher:  # checked before any run dir exists; one for the group
+        probe.pieces.teacher = teacher_for(probe)
     # Each trial's own config (its config.json), validated, with the vocabulary filled.
     cfgs = [config_lib.validate(with_vocab(c, probe.tokenizer.vocab_size)) for c in cfgs]
     shared = len({c.data_seed for c in cfgs}) == 1
@@ -456,9 +478,17 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
 
     # One model shape, sequence length and optimizer for the group (group_key): once.
     counts, fpt = count_params(first.model), flops_per_token(first.model, first.data.seq_len)
+    teacher, teacher_params, extra = pieces.teacher, None, {}
+    if teacher is not None:  # restored once, pinned in every trial's run dir
+        teacher_params = teacher.load(dirs[0])
+        for d in dirs[1:]:
+            teacher.pin(d)
+        extra["teacher_flops_per_token"] = teacher.forward_flops_per_token()
+        fpt += extra["teacher_flops_per_token"]
+        print(f"{teacher.describe()}, shared by the {k} trials", flush=True)
     _, optim_bytes = optim_lib.describe(first.optim, first.model, pieces.abstract_state())
     runs = [open_run(d, c, start, counts, fpt, ckpt, label=f"trial {c.name}: ",
-                     batched_with=names, optimizer_state_bytes_per_param=optim_bytes)
+                     batched_with=names, optimizer_state_bytes_per_param=optim_bytes, **extra)
             for c, d, ckpt in zip(cfgs, dirs, ckpts)]
     print(f"{k} trials batched as one program ({'one shared' if group.shared_data else 'own'} "
           f"data order{'s' if not group.shared_data else ''}; trial axis on "
@@ -481,7 +511,8 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
         return dict(metrics, attn_logit_max={j: metrics["attn_logit_max"][j] for j in layers})
 
     job = Job(cfg=first, runs=runs, batches=batches, state=state, start=start,
-              step=lambda s, batch: step_fn(s, values, batch),
+              step=(lambda s, batch: step_fn(s, values, batch)) if teacher is None else
+                   (lambda s, batch: step_fn(s, values, batch, teacher_params)),
               evaluate=evaluate_trials,
               # Each trial's checkpoint: its slice of the state, its data position.
               checkpoint=lambda s, i: (_slice(s["trials"], i), _TrialData(batches, index[i])),

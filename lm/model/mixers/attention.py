@@ -250,6 +250,22 @@ class Attention(SequenceMixer):
         else:
             self.scale = 1.0 / math.sqrt(dh)
 
+    def projections(self, x_BTD):
+        """The raw query, key and value projections of x (biases added; before qk-norm
+        and RoPE), each flat over its heads: [B, T, heads * head_dim] (keys and values:
+        kv_heads * head_dim). MiniLM's attention relations are taken of these, so they
+        do not depend on how the width is split into heads."""
+        cdt = self.compute_dtype
+        b, t = x_BTD.shape[:2]
+        out = []
+        for w, bias in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")):
+            y = jnp.einsum("btd,dhk->bthk", x_BTD, getattr(self, w)[...].astype(cdt))
+            y = y.reshape(b, t, -1)
+            if self.qkv_bias:
+                y = y + getattr(self, bias)[...].astype(cdt)
+            out.append(y)
+        return tuple(out)
+
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None, cache_index=None):
         """Returns (y_BTD, new_cache, max_logit).
 
