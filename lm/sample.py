@@ -1,6 +1,9 @@
 """Autoregressive sampling with a KV cache: prefill the prompt once, then decode one
-token at a time; temperature, top-k and top-p (nucleus) filtering; seeded. One prompt at
-a time: many prompts go through the batched engine (lm/infer, `lm generate`)."""
+token at a time; temperature, top-k and top-p (nucleus) filtering; seeded. `complete`
+(what `lm sample` calls) runs one prompt's samples through the batched engine (lm/infer)
+where it can and falls back on `generate`, the loop here, for what the engine cannot do:
+a generation longer than the model's context (the loop slides its window) or a model the
+engine refuses. Many prompts go through the engine too (`lm generate`, the harness)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ConfigError
+from lm.infer import Engine, Request
 
 
 def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
@@ -124,3 +128,37 @@ def generate(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
         end = next((j for j, t in enumerate(row) if t in stops), len(row))
         result.append(row[:end])
     return result
+
+
+def complete(graphdef, params, prompt_ids: list[int], max_new_tokens: int, *,
+             temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             num_samples: int = 1, max_seq_len: int, stop_ids=()) -> list[list[int]]:
+    """What `generate` returns (the ids of `num_samples` continuations, each cut before
+    its first stop id), from the batched engine (lm/infer): one request of `num_samples`
+    samples. The engine's pages are one per sample, `cache_length` tokens each: the
+    cache `generate` would allocate, and one decode program (no page-table widths to
+    compile as the text grows).
+
+    Falls back on `generate` where the engine cannot do it: `prompt + max_new_tokens`
+    beyond `max_seq_len` (the engine stops at the model's context; `generate` slides its
+    window and keeps going) or a model the engine refuses (an MoE whose capacity drops
+    tokens by batch). Greedy output is the same either way; sampled output follows the
+    engine's keys (seed, sample index, token index), not `generate`'s split chain."""
+    if not prompt_ids:
+        raise ConfigError("the prompt must hold at least one token")
+    if len(prompt_ids) + max_new_tokens <= max_seq_len:
+        length = cache_length(len(prompt_ids), max_new_tokens, max_seq_len)
+        try:
+            engine = Engine(graphdef, params, slots=num_samples, pages=num_samples + 1,
+                            page_size=length, max_seq_len=max_seq_len)
+        except ConfigError:  # the engine refuses this model (init_slot_cache says why)
+            engine = None
+        if engine is not None:
+            result, = engine.generate([Request(
+                tuple(int(t) for t in prompt_ids), max_new_tokens=max_new_tokens,
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                seed=int(seed), stop_ids=tuple(int(i) for i in stop_ids), n=num_samples)])
+            return [c.tokens for c in result.completions]
+    return generate(graphdef, params, prompt_ids, max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples,
+                    max_seq_len=max_seq_len, stop_ids=stop_ids)

@@ -71,7 +71,7 @@ def prompt_of(args, tokenizer) -> tuple[list[int], tuple[int, ...], str]:
 
 def sample(args) -> int:
     from lm.evals.overrides import check_keys, eval_time_graphdef
-    from lm.sample import generate
+    from lm.sample import complete
     from lm.train.param_source import restore_for_inference
     check_sampling_flags(args)
     check_keys(args.overrides)
@@ -80,8 +80,10 @@ def sample(args) -> int:
     prompt, stops, shown = prompt_of(args, tokenizer)
     print(f"sampling from {args.run} at checkpoint step {step}", file=sys.stderr, flush=True)
     # Eval-time knobs (a Λ mask, RoPE scaling, a longer max_seq_len = a longer KV cache).
+    # The batched engine generates (one request, --num-samples samples); a generation
+    # beyond max_seq_len slides the loop's window instead (lm.sample.complete).
     graphdef, cfg = eval_time_graphdef(run, args.overrides)
-    outs = generate(graphdef, params, prompt, args.max_new_tokens,
+    outs = complete(graphdef, params, prompt, args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, num_samples=args.num_samples,
                     max_seq_len=cfg.model.max_seq_len, stop_ids=stops)

@@ -16,11 +16,13 @@ the run's mesh like the validation loss. The framing follows the harness's HF ba
   declares one, else EOS;
 - `loglikelihood_rolling` scores the harness's disjoint rolling windows of `max_length`
   tokens (the model's `max_seq_len`);
-- `generate_until` decodes greedily (or samples, if the task asks for a temperature) with
-  the KV-cache sampler from the context left-truncated to `max_length - max_gen_toks`,
+- `generate_until` submits every request to one batched engine (lm/infer: `batch_size`
+  slots, paged K/V, continuous batching); each decodes greedily (or samples, if the task
+  asks for a temperature) from the context left-truncated to `max_length - max_gen_toks`,
   stops at the model's end-of-sequence ids (kept, decoded with special tokens skipped, as
-  transformers' generate returns them) or any stop string, and cuts the text at the first
-  stop string. Requests are generated one at a time (the batched engine is lm/infer's).
+  transformers' generate returns them) or any stop string, and the text is cut at the
+  first stop string. A model the engine refuses is generated one request at a time with
+  the KV-cache sampler (lm/sample.py).
 
 Loglikelihood requests are packed: several (context + continuation) sequences share a row,
 each with its own segment id and positions from 0, so a row's attention never crosses
@@ -43,10 +45,13 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lm.data.tokenizers import HFTokenizer, Tokenizer
+from lm.errors import ConfigError
+from lm.infer import Engine, Request
 from lm.sample import generate
 from lm.train.step import token_losses
 
 MIN_ROW = 64  # the shortest row bucket
+PAGE_SIZE = 16  # tokens per K/V page of generate_until's engine
 
 
 def prefix_token_id(tok: Tokenizer) -> int:
@@ -230,33 +235,97 @@ class HarnessLM(TemplateLM):
     # -- generation --------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = special_text(self.tok, self.tok.eos_id)
-        out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], desc="lmlab generate_until",
-                                        disable=disable_tqdm or not self.progress):
+        jobs = []
+        for context, gen_kwargs in (r.args for r in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            prompt = self.tok_encode(context, left_truncate_len=max(1, self._max_length - max_new))
-            stop_strings = [s for s in until if s]
-            stop_ids = set(self.tok.stop_ids)
-
-            def done(rows, stop_strings=stop_strings, stop_ids=stop_ids):
-                return bool(stop_ids.intersection(rows[0])) or any(
-                    s in self.tok.decode(rows[0]) for s in stop_strings)
-
+            jobs.append(dict(
+                prompt=self.tok_encode(context, left_truncate_len=max(1, self._max_length - max_new)),
+                max_new=max_new, temperature=temperature, until=until,
+                top_k=int(kwargs.get("top_k", 0) or 0),
+                top_p=float(kwargs.get("top_p", 1.0) or 1.0)))
+        bar = tqdm(total=len(jobs), desc="lmlab generate_until",
+                   disable=disable_tqdm or not self.progress)
+        generated = self._generate_batched(jobs, bar)
+        if generated is None:  # the engine refuses this model
+            generated = self._generate_alone(jobs, bar)
+        bar.close()
+        stop_ids = set(self.tok.stop_ids)
+        out = []
+        for (context, gen_kwargs), job, ids in zip((r.args for r in requests), jobs, generated):
             # Cut after (not before) the first end-of-sequence id, as the HF backend
             # decodes what generate returns: a stop id that is an ordinary token (a second
             # eos_token_id in generation_config.json) stays in the text.
-            ids = generate(self.graphdef, self.params, prompt, max_new,
-                           temperature=temperature, top_k=int(kwargs.get("top_k", 0) or 0),
-                           top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=self.seed,
-                           max_seq_len=self._max_length, done=done)[0]
             end = next((j + 1 for j, t in enumerate(ids) if t in stop_ids), len(ids))
             ids = ids[:end]
             self.tokens_generated += len(ids)
-            text = postprocess_generated_text(self.tok.decode(ids), until, None)
+            text = postprocess_generated_text(self.tok.decode(ids), job["until"], None)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
 
+    def _generate_batched(self, jobs: list[dict], bar) -> list[list[int]] | None:
+        """Each job's generated ids (through its first stop id, which is kept, or its
+        first stop string), all jobs through one engine; None if the engine refuses the
+        model. The engine drops a stop id from a sample, so here a stop id ends a sample
+        as a stop string does: `decode` renders it as a marker no text holds (a private-
+        use character around its id) and the markers are stop strings."""
+        stop_ids = {int(i) for i in self.tok.stop_ids}
+        marks = {i: f"\ue000stop {i}\ue000" for i in sorted(stop_ids)}
+
+        def decode(ids) -> str:
+            parts, start = [], 0
+            for j, t in enumerate(ids):
+                if t in stop_ids:
+                    parts += [self.tok.decode(ids[start:j]), marks[t]]
+                    start = j + 1
+            return "".join(parts) + self.tok.decode(ids[start:])
+
+        live = [i for i, job in enumerate(jobs) if job["max_new"] >= 1]
+        if not live:
+            bar.update(len(jobs))
+            return [[] for _ in jobs]
+        need = max(min(len(jobs[i]["prompt"]) + jobs[i]["max_new"], self._max_length)
+                   for i in live)
+        slots = min(self.rows, 1 << (len(live) - 1).bit_length())  # a short task: fewer
+        try:
+            engine = Engine(self.graphdef, self.params, slots=slots,
+                            pages=slots * -(-need // PAGE_SIZE) + 1, page_size=PAGE_SIZE,
+                            max_seq_len=self._max_length, decode=decode)
+        except ConfigError:
+            return None
+        for i in live:
+            job = jobs[i]
+            engine.submit(Request(
+                tuple(job["prompt"]), max_new_tokens=job["max_new"],
+                temperature=job["temperature"], top_k=job["top_k"], top_p=job["top_p"],
+                seed=self.seed, stop_strings=tuple(s for s in job["until"] if s) +
+                tuple(marks.values()), id=i))
+        out: list[list[int]] = [[] for _ in jobs]
+        bar.update(len(jobs) - len(live))
+        for event in engine.run():
+            if event.result is not None:
+                out[event.id] = event.result.completions[0].tokens
+                bar.update(1)
+        return out
+
+    def _generate_alone(self, jobs: list[dict], bar) -> list[list[int]]:
+        """Each job's generated ids with the KV-cache sampler, one at a time (a model the
+        engine refuses: an MoE whose capacity drops tokens by batch)."""
+        stop_ids = set(self.tok.stop_ids)
+        out = []
+        for job in jobs:
+            stop_strings = [s for s in job["until"] if s]
+
+            def done(rows, stop_strings=stop_strings):
+                return bool(stop_ids.intersection(rows[0])) or any(
+                    s in self.tok.decode(rows[0]) for s in stop_strings)
+
+            out.append(generate(self.graphdef, self.params, job["prompt"], job["max_new"],
+                                temperature=job["temperature"], top_k=job["top_k"],
+                                top_p=job["top_p"], seed=self.seed,
+                                max_seq_len=self._max_length, done=done)[0])
+            bar.update(1)
+        return out

@@ -41,6 +41,26 @@ def test_generate_writes_greedy_texts_in_input_order(tiny_run, tmp_path):
             assert row["completion_tokens"] == 12 and row["finish_reason"] == "length"
 
 
+def test_lm_sample_prints_the_engines_samples(tiny_run):
+    """`lm sample` generates through the engine (one request, --num-samples samples):
+    its sampled text is the engine's for the seed, framed as before."""
+    result = lm("sample", "--run", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens",
+                "12", "--temperature", "1", "--top-k", "20", "--seed", "3", "--num-samples",
+                "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    from lm.infer import Engine, Request
+    from lm.train.param_source import restore_for_inference
+    run, params, _ = restore_for_inference(tiny_run)
+    tok = run.tokenizer
+    ids = [int(t) for t in tok.frame(tok.encode("ROMEO:"))]
+    engine = Engine(run.pieces.graphdef, params, slots=2, pages=9, page_size=16)
+    got = engine.generate([Request(tuple(ids), max_new_tokens=12, temperature=1.0, top_k=20,
+                                   seed=3, stop_ids=tuple(tok.stop_ids), n=2)])[0]
+    want = "".join(f"--- sample {i}\nROMEO:{tok.decode(c.tokens)}\n"
+                   for i, c in enumerate(got.completions))
+    assert result.stdout == want
+
+
 @pytest.mark.parametrize("content,message", [
     ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
     ('{"messages": []}\n', 'line 1: needs a "prompt" field (use --chat for messages)'),

@@ -217,6 +217,41 @@ def test_packed_loglikelihoods_equal_each_request_alone(tiny_run):
         assert greedy == all(int(np.argmax(rows[i])) == t for i, t in enumerate(targets))
 
 
+def test_generate_until_is_the_engines_output(tiny_run):
+    """generate_until runs every request through one batched engine: a sampled request's
+    text is the engine's sample for the harness seed (the one-at-a-time sampler draws
+    others), cut at the first stop string; a greedy one is the KV-cache sampler's."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.utils import postprocess_generated_text
+
+    from lm.evals.harness import HarnessLM
+    from lm.infer import Engine, Request
+    from lm.sample import generate
+    from lm.train.param_source import restore_for_inference
+    run, params, _ = restore_for_inference(tiny_run)
+    lm_ = HarnessLM(run, params, batch_size=2, progress=False, seed=7)
+    tok = run.tokenizer
+    asks = [("ROMEO:", {"until": ["e"], "max_gen_toks": 12}),
+            ("JULIET:", {"until": ["\n\n"], "max_gen_toks": 10, "do_sample": True,
+                         "temperature": 1.0}),
+            ("To be, or not", {"until": ["zzz"], "max_gen_toks": 9})]
+    got = lm_.generate_until([SimpleNamespace(args=a) for a in asks])
+    engine = Engine(run.pieces.graphdef, params, slots=1, pages=5, page_size=16)
+    for (context, kw), text in zip(asks, got):
+        ids = [int(t) for t in tok.frame(tok.encode(context))]
+        if kw.get("do_sample"):
+            new = engine.generate([Request(tuple(ids), max_new_tokens=kw["max_gen_toks"],
+                                           temperature=1.0, seed=7,
+                                           stop_ids=tuple(tok.stop_ids))])[0]
+            new = new.completions[0].tokens
+        else:
+            new = generate(run.pieces.graphdef, params, ids, kw["max_gen_toks"],
+                           temperature=0.0, max_seq_len=64, stop_ids=tok.stop_ids)[0]
+        assert text == postprocess_generated_text(tok.decode(new), kw["until"], None), context
+    assert lm_.tokens_generated > 0
+
+
 def jax_log_softmax(x):
     import jax
     return jax.nn.log_softmax(x.astype("float32"), axis=-1)
