@@ -269,20 +269,8 @@ class HarnessLM(TemplateLM):
     def _generate_batched(self, jobs: list[dict], bar) -> list[list[int]] | None:
         """Each job's generated ids (through its first stop id, which is kept, or its
         first stop string), all jobs through one engine; None if the engine refuses the
-        model. The engine drops a stop id from a sample, so here a stop id ends a sample
-        as a stop string does: `decode` renders it as a marker no text holds (a private-
-        use character around its id) and the markers are stop strings."""
-        stop_ids = {int(i) for i in self.tok.stop_ids}
-        marks = {i: f"\ue000stop {i}\ue000" for i in sorted(stop_ids)}
-
-        def decode(ids) -> str:
-            parts, start = [], 0
-            for j, t in enumerate(ids):
-                if t in stop_ids:
-                    parts += [self.tok.decode(ids[start:j]), marks[t]]
-                    start = j + 1
-            return "".join(parts) + self.tok.decode(ids[start:])
-
+        model."""
+        stop_ids = tuple(int(i) for i in self.tok.stop_ids)
         live = [i for i, job in enumerate(jobs) if job["max_new"] >= 1]
         if not live:
             bar.update(len(jobs))
@@ -293,7 +281,8 @@ class HarnessLM(TemplateLM):
         try:
             engine = Engine(self.graphdef, self.params, slots=slots,
                             pages=slots * -(-need // PAGE_SIZE) + 1, page_size=PAGE_SIZE,
-                            max_seq_len=self._max_length, decode=decode)
+                            max_seq_len=self._max_length,
+                            decode=lambda ids: self.tok.decode(ids))
         except ConfigError:
             return None
         for i in live:
@@ -301,8 +290,8 @@ class HarnessLM(TemplateLM):
             engine.submit(Request(
                 tuple(job["prompt"]), max_new_tokens=job["max_new"],
                 temperature=job["temperature"], top_k=job["top_k"], top_p=job["top_p"],
-                seed=self.seed, stop_strings=tuple(s for s in job["until"] if s) +
-                tuple(marks.values()), id=i))
+                seed=self.seed, stop_ids=stop_ids, keep_stop=True,
+                stop_strings=tuple(s for s in job["until"] if s), id=i))
         out: list[list[int]] = [[] for _ in jobs]
         bar.update(len(jobs) - len(live))
         for event in engine.run():

@@ -49,7 +49,8 @@ from lm.model.paged import TRASH_PAGE, PageStep
 
 @dataclass(frozen=True)
 class Request:
-    """What to generate. `stop_ids` end a sample (the id is not part of it);
+    """What to generate. `stop_ids` end a sample (the id is not part of it, unless
+    `keep_stop`);
     `stop_strings` end it at the first occurrence in its text (needs the engine's
     `decode`); `n` samples, each with its own key."""
     prompt: tuple[int, ...]
@@ -62,6 +63,8 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     n: int = 1
     id: Any = None
+    keep_stop: bool = False  # a stop id stays as the sample's last token (as transformers'
+    # generate returns it: what the harness's HF backend decodes)
 
 
 @dataclass
@@ -426,6 +429,10 @@ class Engine:
         """A new token of `seq`: stream it, and finish the sequence if it ends here."""
         r = seq.req
         if token in r.stop_ids:
+            if r.keep_stop:
+                seq.tokens.append(token)
+                self.stats["tokens"] += 1
+                events.append(Event(seq.rid, seq.sample, token))
             return self._finish(seq, "stop", events)
         seq.tokens.append(token)
         self.stats["tokens"] += 1

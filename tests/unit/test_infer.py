@@ -208,3 +208,16 @@ def test_a_lora_model_decodes_in_the_engine_as_one_at_a_time():
     base = Engine(*_model(), slots=2, pages=40, page_size=4).generate(
         [Request(tuple(PROMPTS[1]), max_new_tokens=10)])[0].completions[0].tokens
     assert base != want[1]  # the adapters are in the output
+
+
+def test_keep_stop_keeps_the_stop_id_as_the_last_token(attention):
+    graphdef, params = attention
+    engine = Engine(graphdef, params, slots=2, pages=40, page_size=4)
+    full = engine.generate([Request(tuple(PROMPTS[1]), max_new_tokens=12)])[0].completions[0]
+    k = next(i for i in range(2, 12) if full.tokens[i] not in full.tokens[:i])
+    kept, dropped = engine.generate([
+        Request(tuple(PROMPTS[1]), max_new_tokens=12, stop_ids=(full.tokens[k],), keep_stop=keep)
+        for keep in (True, False)])
+    assert kept.completions[0].tokens == full.tokens[:k + 1]
+    assert dropped.completions[0].tokens == full.tokens[:k]
+    assert kept.completions[0].finish_reason == dropped.completions[0].finish_reason == "stop"
