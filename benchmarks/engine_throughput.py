@@ -22,8 +22,8 @@ float32, timed in the worker.
 
 Engine options: --shared-prefix N puts the same N random tokens before every prompt (a
 few-shot prefix); --no-hydragen / --no-pack / --engine-kwargs JSON pass hydragen=False /
-pack_prefill=False / anything to Engine where its constructor takes them (else a line
-says the option is not available yet); --ab adds the engine rows with the defaults too.
+pack_prefill=False / any other constructor option (share_prefixes, prefill_tokens, ...)
+to Engine; --ab adds the engine rows with the defaults too, interleaved.
 
     python benchmarks/engine_throughput.py --prompts 64 --rounds 2
     python benchmarks/engine_throughput.py --preset 100m --prompts 64 --rounds 1 \\
@@ -118,7 +118,7 @@ class HFSide:
 
 
 def engine_kwargs(args) -> dict:
-    """The constructor options asked for that this Engine has; says which it lacks."""
+    """The Engine constructor options asked for (an unknown one: one line, exit 2)."""
     from lm.infer import Engine
     asked = json.loads(args.engine_kwargs) if args.engine_kwargs else {}
     if args.no_hydragen:
@@ -126,9 +126,10 @@ def engine_kwargs(args) -> dict:
     if args.no_pack:
         asked["pack_prefill"] = False
     have = inspect.signature(Engine.__init__).parameters
-    for key in [k for k in asked if k not in have]:
-        print(f"engine option {key}={asked.pop(key)!r} is not available yet (Engine has no "
-              f"{key} argument); running without it", file=sys.stderr)
+    unknown = [k for k in asked if k not in have]
+    if unknown:
+        print(f"error: Engine has no option {', '.join(unknown)}", file=sys.stderr)
+        raise SystemExit(2)
     return asked
 
 
