@@ -385,6 +385,21 @@ class Report:
     largest: list = dataclasses.field(default_factory=list)
 
 
+def compile_or_refusal(compile_fn):
+    """(compiled, seconds, None), or (None, seconds, the compiler's message) where the
+    compiler refuses for memory: that is a verdict ("does not fit"). Any other error (a
+    lowering error that mentions a memory space is a bug to show) propagates."""
+    t0 = time.perf_counter()
+    try:
+        compiled = compile_fn()
+    except Exception as e:  # noqa: BLE001 (the TPU compiler refuses what cannot fit)
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "ran out of memory" not in msg.lower():
+            raise
+        return None, time.perf_counter() - t0, msg
+    return compiled, time.perf_counter() - t0, None
+
+
 def memory_of(compiled) -> dict:
     m = compiled.memory_analysis()
     get = lambda k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)  # noqa: E731
@@ -455,16 +470,8 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     report.opt_bytes = per_device_bytes(one["opt_state"])
     report.state_bytes = per_device_bytes(state)
     report.batch_bytes = per_device_bytes(batch)
-    t0 = time.perf_counter()
-    try:
-        compiled = train_step().lower().compile()
-    except Exception as e:  # noqa: BLE001 (the TPU compiler refuses what cannot fit)
-        msg = str(e)
-        # Only the compiler's refusals for memory count as "does not fit" (a lowering
-        # error that mentions a memory space is a bug to show, not a verdict).
-        if "RESOURCE_EXHAUSTED" not in msg and "ran out of memory" not in msg.lower():
-            raise
-        report.compile_s = time.perf_counter() - t0
+    compiled, report.compile_s, msg = compile_or_refusal(lambda: train_step().lower().compile())
+    if compiled is None:
         report.fits, report.error = False, msg.splitlines()[0][:300]
         need = re.search(r"required for HLO temporaries \(([\d.]+)G\)", msg)
         if need:  # what it would take: the compiler's temporaries on top of the inputs
@@ -472,7 +479,6 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
             report.peak_bytes = report.state_bytes + report.batch_bytes + report.temp_bytes
         report.largest = _oom_lines("\n".join(msg.splitlines()[1:])) + _largest_state(state)
         return report
-    report.compile_s = time.perf_counter() - t0
     mem = memory_of(compiled)
     report.temp_bytes, report.peak_bytes = mem["temp"], peak_of(mem)
     report.fits = report.peak_bytes <= chip.hbm_bytes

@@ -82,9 +82,16 @@ def overrides_option(p: argparse.ArgumentParser, help: str) -> None:
                    help=help)
 
 
-def engine_options(p: argparse.ArgumentParser) -> None:
-    """The inference engine's scheduling switches (lm/infer; docs/inference.md), for
-    commands that build one: `engine_settings(args)` turns them into Engine kwargs."""
+def engine_options(p: argparse.ArgumentParser, batch: int) -> None:
+    """The inference engine's size and scheduling switches (lm/infer; docs/inference.md),
+    for commands that build one (`batch`: the command's default --batch):
+    `engine_settings(args)` checks them and turns the switches into Engine kwargs."""
+    p.add_argument("--batch", type=int, default=batch,
+                   help="sequences decoded together (the engine's slots)")
+    p.add_argument("--pages", type=int, default=0,
+                   help="K/V pages in the pool (0 = enough for --batch sequences of the "
+                        "model's max_seq_len); fewer make requests wait for pages")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per K/V page")
     p.add_argument("--prefill-tokens", type=int, default=0,
                    help="prompt tokens one prefill takes (0 = max(max_seq_len, 512); a "
                         "longer prompt still goes whole)")
@@ -98,8 +105,13 @@ def engine_options(p: argparse.ArgumentParser) -> None:
 
 def engine_settings(args) -> dict:
     from lm.errors import ConfigError
-    if args.prefill_tokens < 0:
-        raise ConfigError(f"--prefill-tokens must be >= 0, got {args.prefill_tokens}")
+    for flag, value, ok, want in (
+            ("--batch", args.batch, args.batch >= 1, ">= 1"),
+            ("--pages", args.pages, args.pages == 0 or args.pages >= 2, "0 (auto) or >= 2"),
+            ("--page-size", args.page_size, args.page_size >= 1, ">= 1"),
+            ("--prefill-tokens", args.prefill_tokens, args.prefill_tokens >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"lm {args.command} {flag} must be {want}, got {value}")
     return dict(prefill_tokens=args.prefill_tokens, pack_prefill=not args.no_pack,
                 share_prefixes=not args.no_share_prefixes, hydragen=not args.no_hydragen)
 

@@ -28,13 +28,7 @@ def arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0,
                    help="line i samples with seed + i: its text depends on nothing else")
-    p.add_argument("--batch", type=int, default=16,
-                   help="sequences decoded together (the engine's slots)")
-    p.add_argument("--pages", type=int, default=0,
-                   help="K/V pages in the pool (0 = enough for --batch sequences of the "
-                        "model's max_seq_len); fewer make requests wait for pages")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per K/V page")
-    engine_options(p)
+    engine_options(p, batch=16)
     overrides_option(p, "eval-time model knob (as for lm sample)")
 
 
@@ -44,10 +38,7 @@ def _check(args) -> None:
             ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
             ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
             ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
-            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
-            ("--batch", args.batch, args.batch >= 1, ">= 1"),
-            ("--pages", args.pages, args.pages == 0 or args.pages >= 2, "0 (auto) or >= 2"),
-            ("--page-size", args.page_size, args.page_size >= 1, ">= 1")):
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)")):
         if not ok:
             raise ConfigError(f"lm generate {flag} must be {want}, got {value}")
 
@@ -97,11 +88,12 @@ def generate(args) -> int:
     from lm.infer import Request
     from lm.infer.load import load_engine
     _check(args)
+    options = engine_settings(args)
     check_keys(args.overrides)
     records = read_requests(args.inp, args.chat)
     loaded = load_engine(args.run, args.overrides, slots=args.batch, pages=args.pages,
                          page_size=args.page_size, chat=args.chat,
-                         options=engine_settings(args))
+                         options=options)
     engine, step, pages = loaded.engine, loaded.step, loaded.engine.pool.pages
     if args.chat and loaded.template is None:
         raise ConfigError(f"lm generate --chat: the run's tokenizer ({loaded.tokenizer.spec}) "

@@ -17,13 +17,7 @@ def arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 = a free port (printed)")
     p.add_argument("--model-name", default="",
                    help="the model id clients name (default: the run directory's name)")
-    p.add_argument("--batch", type=int, default=8,
-                   help="sequences decoded together (the engine's slots)")
-    p.add_argument("--pages", type=int, default=0,
-                   help="K/V pages in the pool (0 = enough for --batch sequences of the "
-                        "model's max_seq_len); fewer make requests wait for pages")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per K/V page")
-    engine_options(p)
+    engine_options(p, batch=8)
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the largest max_tokens a request may ask for (400 beyond)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -38,9 +32,6 @@ def _check(args) -> None:
     from lm.errors import ConfigError
     for flag, value, ok, want in (
             ("--port", args.port, 0 <= args.port < 65536, "in [0, 65535] (0 = a free one)"),
-            ("--batch", args.batch, args.batch >= 1, ">= 1"),
-            ("--pages", args.pages, args.pages == 0 or args.pages >= 2, "0 (auto) or >= 2"),
-            ("--page-size", args.page_size, args.page_size >= 1, ">= 1"),
             ("--max-tokens-limit", args.max_tokens_limit, args.max_tokens_limit >= 1, ">= 1"),
             ("--max-body-bytes", args.max_body_bytes, args.max_body_bytes >= 1, ">= 1"),
             ("--max-queued", args.max_queued, args.max_queued >= 0, ">= 0")):
@@ -56,11 +47,12 @@ def serve(args) -> int:
     from lm.infer.load import load_engine
     from lm.infer.server import Limits, Server
     _check(args)
+    options = engine_settings(args)
     check_keys(args.overrides)
     name = args.model_name or Path(args.run).resolve().name
     loaded = load_engine(args.run, args.overrides, slots=args.batch, pages=args.pages,
                          page_size=args.page_size, chat=True,
-                         options=engine_settings(args))
+                         options=options)
     limits = Limits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                     max_queued=args.max_queued)
     try:

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from lm.compile import Topology, format_bytes, memory_of, parse_topology, peak_of, topology_devices
+from lm.compile import (Topology, compile_or_refusal, format_bytes, memory_of, parse_topology,
+                        peak_of, topology_devices)
 from lm.config import ConfigError, TrainConfig
 from lm.infer.steps import programs
 from lm.kernels.attention.paged import KERNEL_NAME
@@ -131,21 +131,17 @@ def decode_report(cfg: TrainConfig, topo: Topology, *, slots: int, pages: int,
                 row(jnp.int32), row(jnp.float32))
     _, decode = programs(graphdef, m.n_layers if m.scan_layers else None)
     platform = devices[0].platform
-    t0 = time.perf_counter()
-    try:
+    def compile_decode():
         with activation_sharding(mesh, pieces.rules), compiling_for(platform), \
                 jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             lowered = decode.trace(params, cache, tokens, positions, active, step,
                                    sampling).lower()
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 (the TPU compiler refuses what cannot fit)
-        msg = str(e)
-        if "RESOURCE_EXHAUSTED" not in msg and "ran out of memory" not in msg.lower():
-            raise
-        report.compile_s = time.perf_counter() - t0
+        return lowered.compile()
+
+    compiled, report.compile_s, msg = compile_or_refusal(compile_decode)
+    if compiled is None:
         report.fits, report.error = False, msg.splitlines()[0][:300]
         return report
-    report.compile_s = time.perf_counter() - t0
     mem = memory_of(compiled)
     report.argument_bytes, report.output_bytes = mem["argument"], mem["output"]
     report.alias_bytes, report.temp_bytes, report.code_bytes = (mem["alias"], mem["temp"],

@@ -102,8 +102,8 @@ def programs(graphdef, layers: int | None):
         last_N: the flat index of each sequence's last prompt token."""
         model = nnx.merge(graphdef, params)
         # Fresh sequences: their recurrent state starts at zero (the slot's old one is gone).
-        rows = per_slot(cache, lambda x: jnp.zeros_like(
-            jnp.take(x, jnp.minimum(slots_R, x.shape[axis] - 1), axis=axis)))
+        rows = per_slot(cache, lambda x: jnp.zeros(
+            (*x.shape[:axis], slots_R.shape[0], *x.shape[axis + 1:]), x.dtype))
         hidden, aux = model.hidden_states(tokens_RT, positions_RT, segments_RT,
                                           cache=attach(rows, step, layers), cache_index=0)
         last = hidden.reshape(-1, hidden.shape[-1])[last_N]

@@ -139,3 +139,19 @@ def test_bad_sampling_flag_exits_2_naming_it(tmp_path, lm_here, flags, message):
     assert len(lines) == 1 and lines[0].startswith(f"error: lm sample {message}"), lines
 
 
+
+
+@pytest.mark.parametrize("command,flags,message", [
+    ("generate", ["--in", "p.jsonl", "--out", "o.jsonl", "--batch", "0"], "lm generate --batch must be >= 1"),
+    ("generate", ["--in", "p.jsonl", "--out", "o.jsonl", "--pages", "1"], "lm generate --pages must be 0 (auto)"),
+    ("serve", ["--page-size", "0"], "lm serve --page-size must be >= 1"),
+    ("serve", ["--prefill-tokens", "-1"], "lm serve --prefill-tokens must be >= 0"),
+])
+def test_bad_engine_sizes_are_one_line_before_any_loading(tmp_path, lm_here, command, flags,
+                                                          message):
+    """The engine's size flags (engine_options, shared by lm generate and lm serve) are
+    checked before the run (here: none) is read."""
+    result = lm_here(command, "--run", str(tmp_path / "no-run"), *flags)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
