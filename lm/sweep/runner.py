@@ -33,7 +33,7 @@ from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
 from lm.errors import EXIT_DIVERGED, EXIT_OK, exit_for_signal
 from lm.lock import hold
-from lm.sweep.spec import Sweep, Trial, base_config, expand, load_spec
+from lm.sweep.spec import Sweep, Trial, base_config, expand, load_spec, prepare_hook
 
 _FINAL = ("completed", "diverged")
 
@@ -160,7 +160,13 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
               smoke: bool = False, launch: Sequence[str] = (), batch: int | None = None) -> int:
     if parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
-    sweep = load_spec(spec_path, smoke=smoke)
+    wd = Path(workdir)
+    prepare = prepare_hook(spec_path)
+    if prepare is not None and not dry_run:
+        with hold(wd, "lm sweep"):
+            print(f"prepare: {spec_path} prepare(workdir={wd}, smoke={smoke})", flush=True)
+            prepare(workdir=wd, smoke=smoke)
+    sweep = load_spec(spec_path, smoke=smoke, workdir=wd)
     batch = sweep.batch if batch is None else batch
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1 (1 = each trial alone), got {batch}")
@@ -168,7 +174,6 @@ def run_sweep(spec_path: str, workdir: str, *, parallel: int = 1, dry_run: bool 
         raise ConfigError("--batch with --launch: a batched group trains in one process; "
                           "use --batch 1 to launch each trial as a pod job")
     trials = expand(sweep, smoke=smoke)   # validates every trial before anything runs
-    wd = Path(workdir)
     base = _base_path(sweep, wd.resolve())
     if dry_run:
         units = plan_groups(trials, sweep, batch)

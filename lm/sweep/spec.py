@@ -1,4 +1,7 @@
-"""Sweep specs: a Python file whose `sweep()` (or `sweep(smoke=False)`) returns a `Sweep`.
+"""Sweep specs: a Python file whose `sweep()` (or `sweep(smoke=False, workdir=None)`)
+returns a `Sweep`, and optionally a `prepare(workdir, smoke)` that `lm sweep` runs once
+before the trials (`prepare_hook`): a multi-stage experiment (train a parent, prune it,
+then heal the pruned models as trials) is still one `lm sweep` command.
 
 A trial is the base config plus, in this order: `Sweep.overrides`, `Sweep.smoke` (only
 with --smoke), the size's overrides, the arm's overrides, one value per axis, then
@@ -238,15 +241,31 @@ def expand(sweep: Sweep, *, smoke: bool = False) -> list[Trial]:
     return trials
 
 
-def load_spec(path: str | Path, *, smoke: bool = False) -> Sweep:
-    """Run the spec file's sweep() (passing smoke= if it takes it)."""
+def load_spec(path: str | Path, *, smoke: bool = False, workdir: str | Path | None = None) -> Sweep:
+    """Run the spec file's sweep() (passing smoke= and workdir= where it takes them: a
+    spec whose trials start from what its `prepare` wrote reads it from the workdir)."""
     path = Path(path)
     module = config_lib.exec_python_file(path, "sweep spec")
     fn = getattr(module, "sweep", None)
     if fn is None:
         raise ConfigError(f"sweep spec {path} defines no sweep() function")
     params = inspect.signature(fn).parameters
-    sweep = fn(smoke=smoke) if "smoke" in params else fn()
+    kwargs = {"smoke": smoke} if "smoke" in params else {}
+    if "workdir" in params:
+        kwargs["workdir"] = Path(workdir) if workdir is not None else None
+    sweep = fn(**kwargs)
     if not isinstance(sweep, Sweep):
         raise ConfigError(f"sweep() in {path} must return an lm.sweep.Sweep")
     return sweep
+
+
+def prepare_hook(path: str | Path) -> Callable[..., None] | None:
+    """The spec file's `prepare(workdir, smoke)`, if it has one: work its trials need
+    before they run (a parent to prune, say), done once by `lm sweep` under the
+    workdir's lock before the trials are expanded. It must skip what it finished before,
+    so a re-run of the sweep resumes it."""
+    module = config_lib.exec_python_file(Path(path), "sweep spec")
+    fn = getattr(module, "prepare", None)
+    if fn is not None and not callable(fn):
+        raise ConfigError(f"sweep spec {path}: prepare must be a function")
+    return fn

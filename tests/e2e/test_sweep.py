@@ -76,6 +76,37 @@ def test_dry_run_prints_commands(tmp_path, lm_here):
     assert not (tmp_path / "w").exists()
 
 
+def test_prepare_runs_once_before_the_trials_that_read_it(tmp_path, lm_here):
+    """A spec's prepare(workdir, smoke) runs under the lock before the trials are expanded,
+    and sweep(workdir=...) reads what it wrote (here: the LR of the trials); a dry run
+    prepares nothing. The trial is marked finished so nothing trains."""
+    spec = _spec(tmp_path, f"""
+        import json
+        from lm.sweep import Sweep
+        def prepare(workdir, smoke):
+            n = json.loads((workdir / "made.json").read_text())["n"] + 1 if (
+                workdir / "made.json").exists() else 1
+            (workdir / "made.json").write_text(json.dumps({{"n": n, "lr": 0.02}}))
+        def sweep(smoke=False, workdir=None):
+            made = workdir / "made.json"
+            lr = json.loads(made.read_text())["lr"] if made.exists() else 0.01
+            return Sweep(overrides={TINY!r}, arms={{"a": {{"optim.lr": lr}}}})
+    """)
+    work = tmp_path / "w"
+    dry = lm_here("sweep", spec, "--workdir", str(work), "--dry-run")
+    assert dry.returncode == 0 and "--set optim.lr=0.01" in dry.stdout
+    assert not work.exists()
+    (work / "arm=a").mkdir(parents=True)
+    (work / "arm=a" / "summary.json").write_text('{"status": "completed"}')
+    for n in (1, 2):
+        result = lm_here("sweep", spec, "--workdir", str(work))
+        assert result.returncode == 0, result.stderr
+        assert json.loads((work / "made.json").read_text())["n"] == n
+        trials = json.loads((work / "sweep.json").read_text())["trials"]
+        assert "optim.lr=0.02" in trials[0]["overrides"]
+        assert "skip arm=a: completed" in result.stdout
+
+
 NAMES = ["lr=1e-3,clip_norm=1", "lr=3e-3,clip_norm=1", "lr=1e30,clip_norm=0"]
 
 
