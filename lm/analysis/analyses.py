@@ -504,6 +504,30 @@ def mixture_of_experts(sweep: Sweep) -> None:
 register(Analysis("moe", mixture_of_experts, applies=_has_moe_runs, when="finished MoE runs"))
 
 
+# ------------------------------------------------------------------ compression
+
+
+def compression_front(sweep: Sweep) -> None:
+    """The Pareto front of compressed variants: loss against params, bytes, FLOPs/token
+    per recipe (lm/analysis/pareto.py)."""
+    from lm.analysis import pareto
+    print("\nCompressed models (loss against deployed size; * front = Pareto-optimal for "
+          "that size):")
+    print(pareto.report(sweep.finished, sweep.out))
+
+
+def _has_children(sweep: Sweep) -> bool:
+    runs = sweep.finished
+    return ("init_from" in runs and runs["init_from"].astype(str).str.len().gt(0).any()
+            and runs["params"].nunique() > 1)
+
+
+register(Analysis("pareto", compression_front, applies=_has_children,
+                  when="runs of several sizes started from others (init_from)", flag="pareto",
+                  help="loss against params, bytes and FLOPs/token per recipe (arm), with "
+                       "intervals over seeds and the Pareto front"))
+
+
 # ------------------------------------------------------------------ on request
 
 

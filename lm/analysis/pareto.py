@@ -1,0 +1,133 @@
+"""The Pareto front of compressed models: quality against size, per recipe.
+
+A sweep of compressed variants (experiments/compress.py: a parent, pruned and healed
+children, students of the same shapes trained from scratch) is read as one row per
+recipe: the validation loss over seeds (mean, Student-t interval) against three sizes,
+each what the deployed model costs:
+
+    params          non-zero parameters (a 2:4-sparse matrix counts half its entries)
+    bytes           the weights at 2 bytes each (bf16); a 2:4 matrix stored compressed as
+                    NVIDIA's sparse tensor cores read it: the kept half plus a 2-bit index
+                    per kept value (9/16 of its dense bytes)
+    flops/token     forward FLOPs per token (training FLOPs / 3, the 6N convention); a
+                    2:4 matrix's matmul at half its dense FLOPs (sparse tensor cores)
+
+A recipe is on the front for a size when no other recipe is at most as large and has a
+lower mean loss. Downstream task accuracies in the summaries (`tasks/<task>/acc`, from
+`evals.tasks`) are averaged per recipe beside the loss. The run's summary.json gives `params`, `flops_per_token` and, for a
+sparse run, `sparse_params` (the entries under 2:4 masks); a run without a recipe tag
+(the parent, trained by the experiment's prepare) is named by its directory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BYTES_PER_PARAM = 2          # bf16 weights as served
+SPARSE_BYTE_FRACTION = 9 / 16  # 2:4 in bf16: half the values + 2 bits per kept value
+SIZES = {"params": "non-zero params", "bytes": "weight bytes", "flops": "FLOPs/token"}
+
+
+def deployed_sizes(row: pd.Series) -> dict[str, float]:
+    """{params, bytes, flops} of one run's deployed model (see the module docstring)."""
+    params = float(row.get("params", math.nan))
+    sparse = row.get("sparse_params")
+    sparse = 0.0 if sparse is None or not np.isfinite(sparse) else float(sparse)
+    forward = float(row.get("flops_per_token", math.nan)) / 3
+    return {"params": params - sparse / 2,
+            "bytes": BYTES_PER_PARAM * (params - sparse + sparse * SPARSE_BYTE_FRACTION),
+            "flops": forward - sparse}  # a matmul is 2 FLOPs per weight; half of them skipped
+
+
+def recipe_of(runs: pd.DataFrame) -> pd.Series:
+    """Each run's recipe: its arm tag, else its directory name (the parent)."""
+    arm = runs["arm"] if "arm" in runs else pd.Series([None] * len(runs), index=runs.index)
+    return arm.where(arm.notna() & (arm.astype(str) != ""), runs["run"].astype(str))
+
+
+def pareto_table(runs: pd.DataFrame, loss: str = "final_val_loss") -> pd.DataFrame:
+    """One row per recipe: sizes, loss mean / interval / seeds, and `front_<size>` flags.
+    Runs without a finite loss (diverged, failed) are left out of the means."""
+    from lm.analysis.seeds import interval
+    rows = []
+    for recipe, group in runs.groupby(recipe_of(runs), sort=False):
+        sizes = pd.DataFrame([deployed_sizes(r) for _, r in group.iterrows()])
+        values = pd.to_numeric(group[loss], errors="coerce").to_numpy(float)
+        iv = interval(values)
+        tasks = {c: float(pd.to_numeric(group[c], errors="coerce").mean())
+                 for c in runs.columns if c.startswith("tasks/") and c.endswith("/acc")}
+        rows.append({"recipe": recipe, **{k: float(sizes[k].median()) for k in SIZES},
+                     "loss": iv.mean, "loss_lo": iv.lo, "loss_hi": iv.hi, "seeds": iv.n,
+                     **tasks})
+    table = pd.DataFrame(rows)
+    for size in SIZES:
+        table[f"front_{size}"] = on_front(table[size].to_numpy(), table["loss"].to_numpy())
+    return table.sort_values("params", ascending=False, ignore_index=True)
+
+
+def on_front(size: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Whether each point is Pareto-optimal (minimise both): no other point has
+    size <= its size and a lower loss, or a smaller size and the same loss."""
+    ok = np.isfinite(size) & np.isfinite(loss)
+    out = np.zeros(len(size), bool)
+    for i in np.flatnonzero(ok):
+        others = ok.copy()
+        others[i] = False
+        dominated = others & (size <= size[i]) & (loss <= loss[i]) & (
+            (size < size[i]) | (loss < loss[i]))
+        out[i] = not dominated.any()
+    return out
+
+
+def figure(table: pd.DataFrame, path: Path, marks: dict[str, str] | None = None) -> Path:
+    """Loss against each size (three panels, log x), each recipe a point with its
+    interval, the front joined by a line. `marks`: recipe -> a label prefix to show in
+    the legend (e.g. "parent", "scratch")."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(5 * len(SIZES), 4), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (size, label) in zip(axes, SIZES.items()):
+        for i, r in table.iterrows():
+            err = None if not np.isfinite(r["loss_lo"]) else [
+                [r["loss"] - r["loss_lo"]], [r["loss_hi"] - r["loss"]]]
+            ax.errorbar(r[size], r["loss"], yerr=err, fmt="o", capsize=3,
+                        color=colors[i % len(colors)], label=r["recipe"])
+        front = table[table[f"front_{size}"]].sort_values(size)
+        ax.plot(front[size], front["loss"], "k--", lw=1, label="_front")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Compressed models: loss against size (dashed: the Pareto front)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(runs: pd.DataFrame, out: Path) -> str:
+    """The table as text (sizes, loss with interval, * = on the front) and the figure."""
+    table = pareto_table(runs)
+    if table.empty:
+        return "no runs"
+    lines = [f"{'recipe':<28} {'params':>10} {'bytes':>10} {'flops/tok':>10} "
+             f"{'loss':>8} {'95% interval':>17} {'seeds':>5}  front"]
+    for _, r in table.iterrows():
+        iv = ("" if not np.isfinite(r["loss_lo"]) else
+              f"[{r['loss_lo']:.3f}, {r['loss_hi']:.3f}]")
+        front = ",".join(s for s in SIZES if r[f"front_{s}"]) or "-"
+        tasks = "".join(f"  {c.split('/')[1]} {r[c]:.3f}" for c in table.columns
+                        if c.startswith("tasks/") and np.isfinite(r[c]))
+        lines.append(f"{r['recipe']:<28} {r['params']:>10.4g} {r['bytes']:>10.4g} "
+                     f"{r['flops']:>10.4g} {r['loss']:>8.4f} {iv:>17} {r['seeds']:>5}  "
+                     f"{front}{tasks}")
+    path = figure(table, out / "pareto.png")
+    return "\n".join(lines) + f"\nplot: {path}"
