@@ -33,7 +33,7 @@ from lm.compress.distill import (DistillConfig, Plan, hidden, layer_pairs, relat
                                  relations)
 from lm.config import ConfigError, TrainConfig
 from lm.data import DataError, load_tokenizer
-from lm.model import flops_per_token, mixers
+from lm.model import ModelConfig, flops_per_token, mixers
 from lm.peft.lora import LoRAConfig
 from lm.train.param_source import HFDirectory, RunCheckpoint, from_init_from, from_json
 from lm.train.setup import RunSetup
@@ -61,6 +61,25 @@ class Teacher:
         """The teacher's forward FLOPs per token: a third of its training FLOPs (the 6N
         convention's forward share, attention included)."""
         return flops_per_token(self.cfg.model, self.cfg.data.seq_len) / 3
+
+    def step_flops_per_token(self, student: ModelConfig) -> float:
+        """All the FLOPs per token distillation adds to a `student` step: the teacher's
+        forward; the learned projection of the hidden-state loss where the widths
+        differ (2 d_s d_t per pair forward, x3 with its backward); the relation scores
+        (MiniLM: Q-Q, K-K and V-V products over the causally visible keys, (T + 1) / 2
+        on average, 2 W FLOPs per key for a width W: the student's forward and
+        backward, x3, the teacher's forward). Softmaxes and KLs are not counted, as
+        attention's are not."""
+        flops = self.forward_flops_per_token()
+        s_width, t_width = student.d_model, self.cfg.model.d_model
+        if self.plan.hidden and s_width != t_width:
+            flops += 6 * s_width * t_width * len(self.plan.hidden)
+        if self.plan.relation is not None:
+            visible = (self.cfg.data.seq_len + 1) / 2
+            def qkv(m):
+                return m.n_heads * m.dh + 2 * m.kv_heads * m.dh
+            flops += 2 * visible * (3 * qkv(student) + qkv(self.cfg.model))
+        return flops
 
     def describe(self) -> str:
         return (f"distilling from {self.source.describe()} ({self.cfg.model.d_model} wide, "

@@ -300,3 +300,28 @@ def test_relation_loss_is_the_hand_computed_causal_relation_kl():
     got = relation_loss([jnp.asarray(x) for x in s_qkv], [jnp.asarray(x) for x in t_qkv],
                         heads, jnp.asarray(mask), jnp.asarray(seg), jnp.float32(mask.sum()))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_the_step_counts_the_teachers_forward_projection_and_relation_flops():
+    """MFU counts what distillation adds: the teacher's forward (a third of its 6N
+    FLOPs), the projection (6 d_s d_t per hidden pair when widths differ) and the
+    relation products (2 W per visible key; student x3, teacher x1)."""
+    from lm.compress.teacher import Teacher
+    from lm.model import ModelConfig, flops_per_token
+    base = resolve("configs/default.py", TINY + ["model.vocab_size=259"])
+    teacher_model = dataclasses.replace(base.model, d_model=64, n_heads=4)  # dh 16
+    teacher_cfg = dataclasses.replace(base, model=teacher_model)
+    student = dataclasses.replace(base.model, d_model=32, n_heads=2, n_kv_heads=1)
+    forward = flops_per_token(teacher_model, base.data.seq_len) / 3
+    bare = Teacher(teacher_cfg, None, None, Plan())
+    assert bare.step_flops_per_token(student) == forward
+    hidden = Teacher(teacher_cfg, None, None, Plan(hidden=((0, 0), (1, 1))))
+    assert hidden.step_flops_per_token(student) == forward + 2 * 6 * 32 * 64
+    assert Teacher(teacher_cfg, None, None, Plan(hidden=((0, 0),))).step_flops_per_token(
+        dataclasses.replace(student, d_model=64)) == forward  # equal widths: no projection
+    relation = Teacher(teacher_cfg, None, None, Plan(relation=(1, 1, 2)))
+    visible = (base.data.seq_len + 1) / 2
+    s_qkv, t_qkv = 2 * 16 + 2 * 1 * 16, 3 * 64
+    assert relation.step_flops_per_token(student) == pytest.approx(
+        forward + 2 * visible * (3 * s_qkv + t_qkv))
+    assert isinstance(student, ModelConfig)
