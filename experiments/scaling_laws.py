@@ -35,7 +35,7 @@ def sweep(smoke: bool = False) -> Sweep:
     sizes, budgets = SIZES, BUDGETS
     if smoke:
         sizes = {k: SIZES[k] for k in ("d16", "d24", "d32")}
-        budgets = [5e9, 1e10]
+        budgets = [2.5e9, 5e9]
     return Sweep(
         overrides={"model.max_seq_len": 64, "data.seq_len": 64, "batch_size": 32,
                    "optim.lr": 3e-3, "optim.weight_decay": 0.1, "eval_batches": 8,
