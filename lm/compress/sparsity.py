@@ -48,11 +48,15 @@ from lm.schema import knob
 MODES = ("off", "fixed", "learned")
 SCORES = ("magnitude", "obs")
 
-# The fan-in (input) axes of each projection matrix, by its logical axis names: what a
-# group of M runs along. (mlp's w_out is stored [d_model, d_ff]: its input is "mlp".)
+# The fan-in (input) axes of each projection matrix, by its name and logical axis names:
+# what a group of M runs along; the first alternative whose axes the matrix has. (The
+# MLP's w_out is stored [d_model, d_ff], MoE's [experts, d_expert, d_model], Mamba-2's
+# [d_inner, d_model]: their inputs are the "mlp" / "expert_mlp" axes.)
+_EMBED = (("embed",),)
 FAN_IN = {
-    "wq": ("embed",), "wk": ("embed",), "wv": ("embed",), "wo": ("heads", "head_dim"),
-    "w_in": ("embed",), "w_gate": ("embed",), "w_out": ("mlp",),
+    "wq": _EMBED, "wk": _EMBED, "wv": _EMBED, "wg": _EMBED, "wo": (("heads", "head_dim"),),
+    "w_in": _EMBED, "w_gate": _EMBED, "w_out": (("mlp",), ("expert_mlp",)),
+    "w_z": _EMBED, "w_x": _EMBED, "w_b": _EMBED, "w_c": _EMBED, "w_dt": _EMBED,
 }
 
 
@@ -137,8 +141,8 @@ def target_paths(cfg: SparsityConfig, params: dict, axes: dict) -> dict[tuple, t
                               f"{', '.join(dotted(p) for p in list(leaves)[:3])})")
         for path in hits:
             names = get_path(axes, path)
-            fan_in = FAN_IN.get(path[-1])
-            if fan_in is None or not set(fan_in) <= set(names):
+            fan_in = next((f for f in FAN_IN.get(path[-1], ()) if set(f) <= set(names)), None)
+            if fan_in is None:
                 raise ConfigError(f"sparsity.targets: {dotted(path)} {tuple(names)} is not a "
                                   f"projection matrix with a known fan-in ({', '.join(FAN_IN)})")
             idx = tuple(names.index(a) for a in fan_in)
