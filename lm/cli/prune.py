@@ -9,7 +9,8 @@ from lm.cli.command import Command
 
 def arguments(p) -> None:
     p.add_argument("run", help="the run directory to prune (its newest checkpoint)")
-    p.add_argument("--out", required=True, help="the new run directory (must not exist or be empty)")
+    p.add_argument("--out", required=True,
+                   help="the new run directory (must not exist, or be empty)")
     p.add_argument("--method", required=True, metavar="N:M",
                    help="2:4 (any N:M with M dividing each target's fan-in): keep N of "
                         "every M weights along the fan-in")

@@ -339,7 +339,7 @@ def prune_2_4(run_dir, out_dir, *, score: str = "magnitude", targets: str | None
 
     from lm import config as config_lib
     from lm.data import eval_batches
-    from lm.interop.hf_import import TOKENIZER_FILES, check_run_dir, save_state
+    from lm.interop.hf_import import TOKENIZER_FILES, save_state
     from lm.train.loop import evaluate
     from lm.train.param_source import restore_for_inference
     from lm.train.state import build
@@ -349,13 +349,16 @@ def prune_2_4(run_dir, out_dir, *, score: str = "magnitude", targets: str | None
         raise ConfigError(f"--score {score!r}: one of {', '.join(SCORES)}")
     if calib_batches <= 0:
         raise ConfigError(f"--calib-batches must be positive, got {calib_batches}")
-    check_run_dir(out_dir, "prune")
-    saved = config_lib.load_run_config(run_dir / "config.json") \
-        if (run_dir / "config.json").is_file() else None
-    if saved is not None and saved.lora.rank:
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"lm prune: {run_dir} has no config.json (not a run directory)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"lm prune: --out {out_dir} exists and is not empty (nothing is "
+                          "overwritten)")
+    saved = config_lib.load_run_config(run_dir / "config.json")
+    if saved.lora.rank:
         raise ConfigError(f"lm prune: {run_dir} is a LoRA run (export or merge it first)")
     sparsity = dataclasses.replace(
-        saved.sparsity if saved is not None else SparsityConfig(), mode="fixed",
+        saved.sparsity, mode="fixed",
         pattern=pattern, **({"targets": targets} if targets else {}))
     validate(sparsity)
     setup, params, step = restore_for_inference(run_dir)
@@ -371,7 +374,7 @@ def prune_2_4(run_dir, out_dir, *, score: str = "magnitude", targets: str | None
     after = evaluate(setup.pieces, eval_step, pruned, batches, setup.tokenizer)
     state = pieces.fresh_state(pruned, masks=masks)
 
-    out_cfg = dataclasses.replace(saved if saved is not None else cfg, sparsity=sparsity)
+    out_cfg = dataclasses.replace(saved, sparsity=sparsity)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Path(cfg.data.tokenizer)
     if tok.is_file() and tok.parent.absolute() == run_dir.absolute():

@@ -156,7 +156,8 @@ def test_bad_prune_arguments_are_one_line_exit_2(lm_here, tmp_path):
     for args, message in [
             (["--method", "2:4", "--score", "hessian"], "--score 'hessian'"),
             (["--method", "4:2"], "need 0 < N < M"),
-            (["--method", "2:4", "--calib-batches", "0"], "--calib-batches")]:
+            (["--method", "2:4", "--calib-batches", "0"], "--calib-batches"),
+            (["--method", "2:4"], "has no config.json")]:
         result = lm_here("prune", str(tmp_path / "src"), "--out", str(tmp_path / "o"), *args)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()

@@ -70,6 +70,8 @@ def test_prune_heal_resume_export_import(tmp_path):
     config = json.loads((pruned / "config.json").read_text())
     assert config["sparsity"]["mode"] == "fixed"
     masks = _state(pruned, 0)["sparsity"]
+    again = lm("prune", str(dense), "--out", str(pruned), "--method", "2:4")
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
     ev = lm("eval", "--run", str(pruned), "--batches", "2")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(ev.stdout.strip().splitlines()[-1])["val_loss"] == pytest.approx(
@@ -86,9 +88,11 @@ def test_prune_heal_resume_export_import(tmp_path):
     second = lm("train", "--run-dir", str(resumed), "--init-from", str(pruned), *sets(*heal))
     assert second.returncode == 0 and "resumed from step" in second.stdout, second.stderr[-2000:]
     assert train_losses(resumed) == train_losses(full)
-    healed = _state(full, 8)
-    assert json.loads((full / "config.json").read_text())["sparsity"]["mode"] == "fixed"
     import jax
+    healed = _state(full, 8)
+    for got, want in zip(jax.tree.leaves(_state(resumed, 8)["sparsity"]), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert json.loads((full / "config.json").read_text())["sparsity"]["mode"] == "fixed"
     for got, want in zip(jax.tree.leaves(healed["sparsity"]), jax.tree.leaves(masks)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     from lm.tree import get_path, leaf_paths
@@ -100,7 +104,8 @@ def test_prune_heal_resume_export_import(tmp_path):
     # Export: dense tensors, exactly 2 zeros in every 4 inputs of each projection.
     out = tmp_path / "hf"
     _export_is_2_4(full, out)
-    _hf_tokenizer(out / "tokenizer.json", json.loads((out / "config.json").read_text())["vocab_size"])
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    _hf_tokenizer(out / "tokenizer.json", vocab)
     back = tmp_path / "back"
     r = lm("import", "hf", str(out), "--run-dir", str(back))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -146,7 +151,8 @@ def test_learned_masks_train_from_scratch_and_act_wherever_weights_are_read(tmp_
                for p, m in leaf_paths(jax.device_get(state["sparsity"])))  # dense weights
     ev = lm("eval", "--run", str(run), "--batches", "2")
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert json.loads(ev.stdout.strip().splitlines()[-1])["val_loss"] == pytest.approx(val, rel=1e-5)
+    got = json.loads(ev.stdout.strip().splitlines()[-1])["val_loss"]
+    assert got == pytest.approx(val, rel=1e-5)
     _export_is_2_4(run, tmp_path / "hf")
 
 
