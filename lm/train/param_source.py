@@ -261,7 +261,7 @@ def with_source_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     if not any(o.strip().startswith("data.tokenizer=") for o in overrides):
         data = dataclasses.replace(data, tokenizer=tokenizer)
     out = dataclasses.replace(cfg, model=model, data=data, init_from=str(source.path))
-    if isinstance(source, RunCheckpoint) and not any(
+    if isinstance(source, RunCheckpoint) and cfg.sparsity == type(cfg.sparsity)() and not any(
             o.strip().startswith("sparsity.") for o in overrides):
         # A sparse source's pattern and targets carry on (a pruned run heals with its
         # masks fixed); --set sparsity.mode=off trains it dense.
