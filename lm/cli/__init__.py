@@ -22,7 +22,7 @@ from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
 MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "interop",
-           "sweep", "launch", "data", "config")
+           "prune", "sweep", "launch", "data", "config")
 
 
 def commands() -> dict[str, Command]:

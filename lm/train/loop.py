@@ -32,6 +32,7 @@ from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
 from lm.train import trackers
+from lm.compress.sparsity import effective_params
 from lm.train.param_source import first_state, run_checkpointer
 from lm.train.driver import Job, drive, open_run
 from lm.train.mfu import device_peak_flops
@@ -179,12 +180,13 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                     **(drawn(step) or {}))
 
     def evaluate_state(s) -> list[dict]:
-        result = (evaluate_by_source(pieces, eval_step, s["params"], eval_data, tokenizer)
+        params = effective_params(s)  # a sparse run's masked (lm/compress/sparsity.py)
+        result = (evaluate_by_source(pieces, eval_step, params, eval_data, tokenizer)
                   if isinstance(eval_data, dict) else
-                  evaluate(pieces, eval_step, s["params"], eval_data, tokenizer))
+                  evaluate(pieces, eval_step, params, eval_data, tokenizer))
         step = int(jax.device_get(s["step"]))
         if tasks_due(cfg.evals, cfg.eval_every, step, cfg.steps):
-            result.update(evaluate_during_training(run, s["params"], cfg.evals, step, run_dir))
+            result.update(evaluate_during_training(run, params, cfg.evals, step, run_dir))
         return [result]
 
     job = Job(cfg=cfg, runs=[run_record], batches=batches, state=state, start=start,

@@ -131,6 +131,8 @@ def unbatchable(cfg: TrainConfig) -> str | None:
         return "evals.tasks (the harness scores one run's parameters at a time)"
     if cfg.data.sources:
         return "data.sources (a mixture's per-source evaluation runs one run at a time)"
+    if cfg.sparsity.mode != "off":
+        return "sparsity (the masks are not batched yet)"
     return None
 
 
