@@ -21,7 +21,7 @@ from lm.cli.command import Command
 from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
-MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "interop",
+MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "interop", "prune",
            "sweep", "launch", "data", "config")
 
 

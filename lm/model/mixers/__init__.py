@@ -32,4 +32,4 @@ from lm.model.mixers.base import (  # noqa: F401  (the plug-in API)
     logit_layers, register, scan_flops_per_token, sequence_mixer, sharded_linear_scan,
     used_mixers, validate, validate_mesh)
 # The registrations: one import per mixer file.
-from lm.model.mixers import attention, mamba2, mlp, moe, retention  # noqa: F401, E402
+from lm.model.mixers import attention, mamba2, mlp, moe, retention, skip  # noqa: F401, E402
