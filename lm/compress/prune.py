@@ -332,11 +332,13 @@ def width_importance(parent: Parent, batches: list[dict]) -> dict:
 
 def width_targets(m: ModelConfig, options: dict) -> dict:
     """The target shape {heads, kv_heads, ffn, d_model} from --heads / --kv-heads / --ffn /
-    --d-model (unset: kept) and --fraction F. The fraction rule: query heads, KV heads
-    (while a KV group has one query head; else the groups keep their KV head and lose
-    query heads) and ffn scale by 1 - F, d_model is kept; each projection's parameters
-    are linear in these, so the non-embedding parameters drop by about F (heads round to
-    a multiple of the KV heads). Explicit flags take precedence over the fraction."""
+    --d-model (unset: kept) and --fraction F. The fraction rule: the query heads scale by
+    1 - F (whole groups while a KV group has one query head, else the same query heads
+    per group fewer in every group: the KV heads stay), rounded to a valid GQA shape;
+    then ffn is chosen so that the non-embedding parameter count is (1 - F) times the
+    parent's as nearly as it can be (the count is linear in ffn; the KV projections a
+    GQA model keeps are made up for there). d_model is kept. Explicit flags take
+    precedence over the fraction."""
     ffn0 = m.mlp.d_ff(m.d_model)
     t = {"heads": m.n_heads, "kv_heads": m.kv_heads, "ffn": ffn0, "d_model": m.d_model}
     fraction = options.get("fraction")
@@ -349,14 +351,17 @@ def width_targets(m: ModelConfig, options: dict) -> dict:
             t["heads"] = t["kv_heads"] = max(1, round(m.n_heads * keep))
         else:
             t["heads"] = max(1, round(group * keep)) * m.kv_heads
-        t["ffn"] = max(1, round(ffn0 * keep))
-    for key, flag in (("heads", "heads"), ("kv_heads", "kv_heads"), ("ffn", "ffn"),
-                      ("d_model", "d_model")):
-        if options.get(flag) is not None:
-            t[key] = options[flag]
+    for key in ("heads", "kv_heads", "ffn", "d_model"):
+        if options.get(key) is not None:
+            t[key] = options[key]
     if options.get("heads") is not None and options.get("kv_heads") is None \
             and m.kv_heads == m.n_heads:
         t["kv_heads"] = t["heads"]  # multi-head attention stays multi-head
+    if fraction is not None and options.get("ffn") is None and t["heads"] % t["kv_heads"] == 0:
+        from lm.model import count_params
+        goal = (1 - fraction) * count_params(m)["non_embedding"]
+        n = [count_params(width_model(m, dict(t, ffn=f)))["non_embedding"] for f in (1, 2)]
+        t["ffn"] = min(ffn0, max(1, round(1 + (goal - n[0]) / (n[1] - n[0]))))
     names = {"heads": "--heads", "kv_heads": "--kv-heads", "ffn": "--ffn",
              "d_model": "--d-model"}
     now = {"heads": m.n_heads, "kv_heads": m.kv_heads, "ffn": ffn0, "d_model": m.d_model}
@@ -377,6 +382,18 @@ def width_targets(m: ModelConfig, options: dict) -> dict:
         raise ConfigError("lm prune --method width: give a smaller --heads, --kv-heads, "
                           "--ffn, --d-model or a --fraction (the target is the model)")
     return t
+
+
+def width_model(m: ModelConfig, t: dict) -> ModelConfig:
+    """The model section of shape `t` (width_targets): head_dim is set (it no longer
+    follows d_model / n_heads), mlp.ratio gives d_ff = t["ffn"] exactly."""
+    ratio = t["ffn"] / t["d_model"]
+    while int(ratio * t["d_model"]) < t["ffn"]:  # d_ff = int(ratio * d_model) exactly
+        ratio = float(np.nextafter(ratio, np.inf))
+    return dataclasses.replace(
+        m, d_model=t["d_model"], n_heads=t["heads"],
+        n_kv_heads=0 if (m.n_kv_heads == 0 and t["kv_heads"] == t["heads"]) else t["kv_heads"],
+        head_dim=m.dh, mlp=dataclasses.replace(m.mlp, ratio=ratio))
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -408,14 +425,8 @@ def prune_width(parent: Parent, batches: list[dict], options: dict) -> Pruned:
         per_layer["heads"].append(q)
         per_layer["kv_heads"].append(g)
         per_layer["mlp"].append(_top(imp["mlp"][i], t["ffn"]))
-    ratio = t["ffn"] / t["d_model"]
-    while int(ratio * t["d_model"]) < t["ffn"]:  # d_ff = int(ratio * d_model) exactly
-        ratio = float(np.nextafter(ratio, np.inf))
-    model = dataclasses.replace(
-        m, d_model=t["d_model"], n_heads=t["heads"],
-        n_kv_heads=0 if (m.n_kv_heads == 0 and t["kv_heads"] == t["heads"]) else t["kv_heads"],
-        head_dim=m.dh, mlp=dataclasses.replace(m.mlp, ratio=ratio))
-    params = slice_params(parent, keep, per_layer)
+    model = width_model(m, t)
+    params = slice_params(m, parent.params, keep, per_layer)
     report = {
         "score": "mean over calibration tokens of: |head output| (L2, before wo), "
                  "|MLP hidden activation| (gated product for GLUs), |residual channel| at "
@@ -430,19 +441,20 @@ def prune_width(parent: Parent, batches: list[dict], options: dict) -> Pruned:
     return Pruned(model, params, report)
 
 
-def slice_params(parent: Parent, keep: dict, per_layer: dict) -> dict:
+def slice_params(m: ModelConfig, params: dict, keep: dict, per_layer: dict) -> dict:
     """Every parameter sliced along its logical axes: "embed" by the kept channels,
     "heads" / "kv_heads" / "mlp" by the layer's kept heads and units (a flat
     [heads * head_dim] axis, q/k/v biases and an all-heads qk-norm, by the kept heads'
     slices). An RMSNorm whose normalised axis shrinks has its scale multiplied by
     sqrt(old / new): the mean square is then taken as if the removed entries were there
-    and zero, so a parent whose removed channels carry nothing is reproduced exactly."""
+    and zero, so a parent whose removed channels carry nothing is reproduced exactly.
+    `keep`: {"embed": kept channels}; `per_layer`: {"heads" | "kv_heads" | "mlp": [kept
+    indices of each layer]}."""
     from lm.model.transformer import param_axes
-    m = parent.model
     axes_tree = param_axes(_abstract_model(m))
     dh = m.dh
     out: dict = {}
-    for path, value in leaf_paths(parent.params):
+    for path, value in leaf_paths(params):
         value = np.asarray(value)
         axes = get_path(axes_tree, path)
         layer = path[1] if path[0] == "blocks" else None
@@ -507,11 +519,10 @@ def _refusals(cfg: TrainConfig, method: str) -> None:
 def load_parent(run: Path) -> Parent:
     """The run's config and newest checkpoint, layers unstacked (scan_layers=false)."""
     from lm.train.param_source import restore_for_inference
-    if not (run / "config.json").is_file():
-        raise ConfigError(f"lm prune: {run} is not a run directory (no config.json)")
-    cfg = config_lib.load_run_config(run / "config.json")
-    # Checked before the checkpoint is read.
-    setup, params, step = restore_for_inference(run)
+    try:
+        setup, params, step = restore_for_inference(run)
+    except ConfigError as e:
+        raise ConfigError(f"lm prune: {str(e).replace('--run ', '', 1)}") from None
     cfg = setup.cfg
     params = jax.tree.map(np.asarray, params)
     if cfg.model.scan_layers:  # one params tree per layer, as the pruned model holds them
