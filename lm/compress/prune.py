@@ -559,6 +559,8 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
     batches = eval_batches(parent.cfg.data, parent.tokenizer, parent.cfg.batch_size,
                            calib_batches)
     pruned = METHODS[method](parent, batches, options)
+    if config_lib.load_run_config(run / "config.json").model.scan_layers:
+        pruned = _restacked(pruned)
     before, after = count_params(parent.model), count_params(pruned.model)
     report = {
         "method": method, "source": str(run.absolute()), "source_step": parent.step,
@@ -579,6 +581,18 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
                   "d_ff": pruned.model.mlp.d_ff(pruned.model.d_model)}}
     _write_run(parent, pruned, out, report, force)
     return report
+
+
+def _restacked(pruned: Pruned) -> Pruned:
+    """A scanned parent's pruned model scanned again where it can be (one mixer per kind:
+    width pruning); a depth-pruned one stays unscanned (its layers differ)."""
+    m = pruned.model
+    if len(set(m.mixer_pattern)) > 1 or len(set(m.channel_pattern)) > 1:
+        return pruned
+    blocks = pruned.params["blocks"]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[blocks[i] for i in range(m.n_layers)])
+    return Pruned(dataclasses.replace(m, scan_layers=True),
+                  dict(pruned.params, blocks=stacked), pruned.report)
 
 
 def _write_run(parent: Parent, pruned: Pruned, out: Path, report: dict, force: bool) -> None:

@@ -24,13 +24,13 @@ def parent(tmp_path_factory):
     return run
 
 
-def _eval_loss(run, batches: int) -> float:
-    result = lm("eval", "--run", str(run), "--batches", str(batches))
+def _eval_loss(lm_here, run, batches: int) -> float:
+    result = lm_here("eval", "--run", str(run), "--batches", str(batches))
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])["val_loss"]
 
 
-def test_depth_and_width_pruned_runs_are_ordinary_runs(parent, tmp_path):
+def test_depth_and_width_pruned_runs_are_ordinary_runs(parent, tmp_path, lm_here):
     depth = tmp_path / "depth"
     result = lm("prune", str(parent), "--out", str(depth), "--method", "depth",
                 "--remove", "2", "--calib-batches", "2")
@@ -42,10 +42,10 @@ def test_depth_and_width_pruned_runs_are_ordinary_runs(parent, tmp_path):
     assert config["mixer_pattern"].count("-") + config["channel_pattern"].count("-") == 2
     assert len(config["mixer_pattern"]) == 3 and not config["scan_layers"]
     # `lm eval` on the calibration batches (the first validation batches) agrees.
-    assert _eval_loss(depth, 2) == pytest.approx(report["calib_loss_after"], rel=1e-5)
+    assert _eval_loss(lm_here, depth, 2) == pytest.approx(report["calib_loss_after"], rel=1e-5)
 
     width = tmp_path / "width"
-    result = lm("prune", str(parent), "--out", str(width), "--method", "width",
+    result = lm_here("prune", str(parent), "--out", str(width), "--method", "width",
                 "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--d-model", "24",
                 "--calib-batches", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -54,7 +54,7 @@ def test_depth_and_width_pruned_runs_are_ordinary_runs(parent, tmp_path):
     model = json.loads((width / "config.json").read_text())["model"]
     assert (model["d_model"], model["n_heads"], model["n_kv_heads"], model["head_dim"]) == (
         24, 2, 1, 8)  # head_dim kept (32 // 4), now explicit
-    assert _eval_loss(width, 2) == pytest.approx(report["calib_loss_after"], rel=1e-5)
+    assert _eval_loss(lm_here, width, 2) == pytest.approx(report["calib_loss_after"], rel=1e-5)
 
     tuned = tmp_path / "tuned"
     result = lm("train", "--run-dir", str(tuned), "--init-from", str(depth),
@@ -64,9 +64,9 @@ def test_depth_and_width_pruned_runs_are_ordinary_runs(parent, tmp_path):
     assert json.loads((tuned / "config.json").read_text())["model"]["channel_pattern"] == \
         config["channel_pattern"]
 
-    exported = lm("export", "hf", str(width), "--out", str(tmp_path / "hf"))
+    exported = lm_here("export", "hf", str(width), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr[-2000:]
-    refused = lm("export", "hf", str(depth), "--out", str(tmp_path / "hf_depth"))
+    refused = lm_here("export", "hf", str(depth), "--out", str(tmp_path / "hf_depth"))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
 
 
