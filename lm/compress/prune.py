@@ -166,21 +166,20 @@ def depth_scores(parent: Parent, batches: list[dict]) -> list[dict]:
         if _mixer_of(m, i, slot).output is None:
             raise ConfigError(f"lm prune --method depth: the {_mixer_of(m, i, slot).name} "
                               "mixer declares no output projection to score it by")
-    refs = [log_probs(parent.params, b) for b in batches]
-    base = [stats(parent.params, b, r) for b, r in zip(batches, refs)]
-    count = sum(float(c) for _, _, c in base)
-    base_nll = sum(float(s) for s, _, _ in base) / max(count, 1.0)
-    scores = []
-    for i, slot in sublayers(m):
-        p = zeroed(m, parent.params, i, slot)
-        nll = kl = 0.0
-        for b, r in zip(batches, refs):
-            s, k, _ = stats(p, b, r)
-            nll, kl = nll + float(s), kl + float(k)
-        scores.append({"layer": i, "sublayer": _mixer_of(m, i, slot).name, "slot": slot,
-                       "kl": kl / max(count, 1.0),
-                       "loss_delta": nll / max(count, 1.0) - base_nll})
-    return scores
+    present = sublayers(m)
+    nll, kl = np.zeros(len(present)), np.zeros(len(present))
+    base_nll = count = 0.0
+    for b in batches:  # one batch's [B, T, vocab] reference at a time
+        ref = log_probs(parent.params, b)
+        s, _, c = stats(parent.params, b, ref)
+        base_nll, count = base_nll + float(s), count + float(c)
+        for j, (i, slot) in enumerate(present):
+            s, k, _ = stats(zeroed(m, parent.params, i, slot), b, ref)
+            nll[j], kl[j] = nll[j] + float(s), kl[j] + float(k)
+    count = max(count, 1.0)
+    return [{"layer": i, "sublayer": _mixer_of(m, i, slot).name, "slot": slot,
+             "kl": kl[j] / count, "loss_delta": (nll[j] - base_nll) / count}
+            for j, (i, slot) in enumerate(present)]
 
 
 def depth_model(model_cfg: ModelConfig, removed: list[tuple[int, str]]) -> ModelConfig:
@@ -218,13 +217,15 @@ def prune_depth(parent: Parent, batches: list[dict], options: dict) -> Pruned:
     only = options.get("only") or ""
     if only not in ("", "attention", "mlp"):
         raise ConfigError(f"--only must be attention or mlp, got {only!r}")
-    scores = depth_scores(parent, batches)
     slot_of = {"attention": "mixer", "mlp": "channel"}
-    candidates = [s for s in scores if not only or s["slot"] == slot_of[only]]
-    k = _count(options, len(candidates), "sublayers" if not only else f"{only} sublayers")
-    if k >= len(scores):
+    present = sublayers(parent.model)
+    n = sum(1 for _, slot in present if not only or slot == slot_of[only])
+    k = _count(options, n, "sublayers" if not only else f"{only} sublayers")
+    if k >= len(present):
         raise ConfigError(f"--remove {k} would remove every sublayer of the model "
-                          f"({len(scores)})")
+                          f"({len(present)})")
+    scores = depth_scores(parent, batches)  # (checked first: scoring is the work)
+    candidates = [s for s in scores if not only or s["slot"] == slot_of[only]]
     ranked = sorted(candidates, key=lambda s: (s["kl"], s["layer"], s["slot"]))
     removed = sorted((s["layer"], s["slot"]) for s in ranked[:k])
     model = depth_model(parent.model, removed)
@@ -547,6 +548,8 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
                           f"{', '.join(METHODS)})")
     if calib_batches < 1:
         raise ConfigError(f"--calib-batches must be >= 1, got {calib_batches}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"lm prune: --out {out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"lm prune: --out {out} exists and is not empty (nothing is "
                           "overwritten; --force replaces it)")
