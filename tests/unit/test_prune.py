@@ -17,7 +17,7 @@ from flax import nnx
 from lm.config import ModelConfig, TrainConfig
 from lm.compress import prune as P
 from lm.infer import Engine, Request
-from lm.model import Transformer, count_params
+from lm.model import Transformer, count_params, mixers
 from lm.model.mixers.mlp import MLPConfig
 from lm.sample import generate
 
@@ -67,6 +67,9 @@ def test_a_zeroed_sublayer_equals_the_model_without_it(layout):
     # The removed sublayers' parameters and their own norms are gone from the model.
     counts = count_params(small)["total"]
     assert counts == sum(v.size for _, v in P.leaf_paths(pruned)) < count_params(cfg)["total"]
+    # FLOPs: the attention scores of the removed attention layer are gone too.
+    assert mixers.extra_flops_per_token(small, 16) == pytest.approx(
+        mixers.extra_flops_per_token(cfg, 16) * 2 / 3)
     if layout.get("norm_position", "pre") == "pre" and not layout.get("parallel_block"):
         assert "norm1" not in pruned["blocks"][1] and "norm2" not in pruned["blocks"][2]
 
