@@ -32,20 +32,14 @@ def arguments(p) -> None:
     width.add_argument("--d-model", type=int, default=None, help="embedding channels")
 
 
-# Which flags a method reads; a flag another method reads is an error, not ignored.
-OPTIONS = {"depth": ("remove", "fraction", "only"),
-           "width": ("heads", "kv_heads", "ffn", "d_model", "fraction")}
+# Every method's flags (lm/compress/prune.py METHODS says which a method reads; prune()
+# refuses the others in one line).
+FLAGS = ("remove", "fraction", "only", "heads", "kv_heads", "ffn", "d_model")
 
 
 def run(args) -> int:
     from lm.compress.prune import prune
-    from lm.errors import ConfigError
-    given = {k: getattr(args, k) for ks in OPTIONS.values() for k in ks
-             if getattr(args, k) is not None}
-    wrong = sorted(set(given) - set(OPTIONS.get(args.method, given)))
-    if wrong:
-        raise ConfigError(f"lm prune --method {args.method}: --{wrong[0].replace('_', '-')} "
-                          f"is not one of its options")
+    given = {k: getattr(args, k) for k in FLAGS}
     report = prune(args.run, args.out, args.method, calib_batches=args.calib_batches,
                    force=args.force, **given)
     print(json.dumps({k: report[k] for k in (

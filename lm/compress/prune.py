@@ -4,8 +4,9 @@ summary.json) that `lm eval`, `lm sample`, `lm generate`, `lm train --init-from`
 `lm export hf` read like any run, plus `prune.json` (the method, the importance scores,
 what was removed, the parameter counts and the calibration loss before and after).
 
-A method is one function in `METHODS`: `(parent: Parent, batches, options) -> Pruned`,
-the new model section, its params and the method's part of the report. The rest
+A method is one record in `METHODS`: its function `(parent: Parent, batches, options) ->
+Pruned` (the new model section, its params and the method's part of the report) and the
+options it reads. The rest
 (reading the run, calibration batches, the checks, writing the new run) is shared here.
 
 - depth: removes whole attention / MLP sublayers (a sublayer may go without its
@@ -483,9 +484,17 @@ def _abstract_model(m: ModelConfig):
 
 # ------------------------------------------------------------------ the command
 
-METHODS: dict[str, Callable[[Parent, list, dict], Pruned]] = {
-    "depth": prune_depth,
-    "width": prune_width,
+@dataclass(frozen=True)
+class Method:
+    """A pruning method: `prune(parent, calibration batches, options) -> Pruned` and the
+    keyword options (CLI flags, --kv-heads -> kv_heads) it reads; others are refused."""
+    prune: Callable[[Parent, list, dict], Pruned]
+    options: tuple[str, ...]
+
+
+METHODS: dict[str, Method] = {
+    "depth": Method(prune_depth, ("remove", "fraction", "only")),
+    "width": Method(prune_width, ("heads", "kv_heads", "ffn", "d_model", "fraction")),
 }
 
 
@@ -537,8 +546,8 @@ def load_parent(run: Path) -> Parent:
 def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int = 4,
           force: bool = False, **options) -> dict:
     """Prune the run in `run` into a new run dir `out` with `method` (METHODS); returns
-    the report written to out/prune.json. Options: depth: remove, fraction, only;
-    width: heads, kv_heads, ffn, d_model, fraction."""
+    the report written to out/prune.json. Options (None = not given): depth: remove,
+    fraction, only; width: heads, kv_heads, ffn, d_model, fraction."""
     from lm.data import eval_batches
     from lm.model import count_params
 
@@ -546,6 +555,11 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
     if method not in METHODS:
         raise ConfigError(f"lm prune: unknown --method {method!r} (choose from "
                           f"{', '.join(METHODS)})")
+    options = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(set(options) - set(METHODS[method].options))
+    if wrong:
+        raise ConfigError(f"lm prune --method {method}: --{wrong[0].replace('_', '-')} is "
+                          f"not one of its options ({', '.join(METHODS[method].options)})")
     if calib_batches < 1:
         raise ConfigError(f"--calib-batches must be >= 1, got {calib_batches}")
     if out.exists() and not out.is_dir():
@@ -561,7 +575,7 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
     parent = load_parent(run)
     batches = eval_batches(parent.cfg.data, parent.tokenizer, parent.cfg.batch_size,
                            calib_batches)
-    pruned = METHODS[method](parent, batches, options)
+    pruned = METHODS[method].prune(parent, batches, options)
     if config_lib.load_run_config(run / "config.json").model.scan_layers:
         pruned = _restacked(pruned)
     before, after = count_params(parent.model), count_params(pruned.model)
@@ -570,7 +584,7 @@ def prune(run: str | Path, out: str | Path, method: str, *, calib_batches: int =
         "calibration": {"batches": len(batches), "split": "validation",
                         "batch_size": parent.cfg.batch_size,
                         "seq_len": parent.cfg.data.seq_len},
-        "options": {k: v for k, v in options.items() if v is not None},
+        "options": options,
         **pruned.report,
         "params_before": before["total"], "params_after": after["total"],
         "non_embedding_params_before": before["non_embedding"],
