@@ -1,5 +1,5 @@
 """`lm train | train-group | eval | sample | generate | serve | bench | compile | import hf |
-export hf | sweep | results | analyze | launch {local,tpu,slurm} | data prepare`.
+export hf | prune | sweep | results | analyze | launch {local,tpu,slurm} | data prepare`.
 
 Each command group is one module here (lm/cli/<group>.py) that declares its commands as
 `COMMANDS = [Command(...)]` (lm/cli/command.py): arguments, handler, and how it runs.
