@@ -13,7 +13,9 @@ children with `lm prune` under WORKDIR/pruned/:
     depth25 / depth50   2 / 4 of the 8 sublayers removed (lowest residual-stream change)
     width25 / width50   non-embedding params down ~25% / ~50% (heads, MLP channels,
                         embedding channels ranked by activations)
-    sparse24            2:4 masks on every block matrix, one-shot, second-order score
+    sparse24            2:4 masks on every block matrix, one-shot by magnitude (the
+                        Fisher-diagonal "obs" score pruned worse on a small model:
+                        docs/sparsity.md)
 
 The trials, per child, 2 seeds each (a seed = data order; the same weights):
 
@@ -60,7 +62,7 @@ CHILDREN = {
     "depth50": ["--method", "depth", "--fraction", "0.5"],
     "width25": ["--method", "width", "--fraction", "0.25"],
     "width50": ["--method", "width", "--fraction", "0.5"],
-    "sparse24": ["--method", "2:4", "--score", "obs"],
+    "sparse24": ["--method", "2:4", "--score", "magnitude"],
 }
 SMOKE_CHILDREN = ("depth50", "width50", "sparse24")
 
@@ -104,7 +106,10 @@ def prepare(workdir: Path, smoke: bool) -> None:
     for child, args in _children(smoke).items():
         out = workdir / "pruned" / child
         if not (out / "prune.json").exists():
-            _lm(["prune", str(parent), "--out", str(out), "--force", *args], log)
+            if out.exists():  # an attempt that did not finish: this experiment's own scratch
+                import shutil
+                shutil.rmtree(out)
+            _lm(["prune", str(parent), "--out", str(out), *args], log)
 
 
 def _child_config(workdir: Path, child: str) -> dict:
