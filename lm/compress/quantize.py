@@ -103,10 +103,30 @@ def _provider(rules: tuple, act_products: bool):
     import qwix
     from qwix._src.utils import flax_util
 
+    from qwix._src.core.dot_general_qt import DotGeneralQtConfig
+
+    def activation_product(rule) -> DotGeneralQtConfig:
+        both = dict(qtype=rule.act_qtype, calibration_method=rule.act_calibration_method,
+                    disable_channelwise_axes=rule.disable_channelwise_axes)
+        grads = dict(grad_qtype=rule.bwd_qtype, grad_calibration_method=rule.bwd_calibration_method,
+                     grad_disable_channelwise_axes=rule.disable_channelwise_axes)
+        return DotGeneralQtConfig(
+            **{f"{side}_{k}": v for side in ("lhs", "rhs") for k, v in both.items()},
+            **{f"{side}_{k}": v for side in ("dlhs", "drhs") for k, v in grads.items()},
+            use_original_residuals=rule.act_qtype is not None and rule.bwd_qtype is None)
+
     class Provider(qwix.QtProvider):
         def _create_dot_general_qt_config(self, rule, op_id, lhs, rhs):
-            config = super()._create_dot_general_qt_config(rule, op_id, lhs, rhs)
-            if act_products or flax_util.find_param(lhs) or flax_util.find_param(rhs):
+            try:
+                weighted = bool(flax_util.find_param(lhs) or flax_util.find_param(rhs))
+                config = super()._create_dot_general_qt_config(rule, op_id, lhs, rhs)
+            except ValueError:
+                # qwix's last resort matches operands to parameters by shape and gives up
+                # at several same-shaped ones (Mamba-2's w_x / w_z / w_b / w_c against a
+                # scan's chunk product): a parameter is found by tracing it first, so
+                # this operand is an activation.
+                weighted, config = False, activation_product(rule)
+            if act_products or weighted:
                 return config
             return dataclasses.replace(config, lhs_qtype=None, rhs_qtype=None,
                                        dlhs_grad_qtype=None, drhs_grad_qtype=None,

@@ -112,3 +112,11 @@ def test_ptq_dequantizes_within_half_a_scale(bits, group):
     assert np.abs(w - deq).max() > 0
     if bits == 4:
         np.testing.assert_array_equal(unpack_int4(pack_int4(q), q.size).reshape(q.shape), q)
+
+
+def test_chip_peaks_for_quantized_matmuls():
+    from lm.chips import CHIPS, for_device_kind
+    assert for_device_kind("TPU v5p").peak("int8") == (918e12, "int8")
+    assert CHIPS["H100"].peak("fp8") == (1979e12, "fp8")
+    assert CHIPS["v6e"].peak("fp8") == (918e12, "bf16")  # no fp8 units: the bf16 peak
+    assert CHIPS["v4"].peak("int8") == (275e12, "bf16")
