@@ -255,7 +255,7 @@ def quantize_params(model_cfg, params: dict, bits: int, group: int = 0):
         set_(new, path, jnp.asarray(deq, old.dtype))
         name = ".".join(map(str, path))
         stored[name + ".q"] = pack_int4(q) if bits == 4 else q.reshape(shape)
-        stored[name + ".scale"] = scale
+        stored[name + ".scale"] = scale.reshape(*shape[:lead], *scale.shape[1:])
         after += (stored[name + ".q"].nbytes + scale.nbytes) - old.size * old.dtype.itemsize
     return new, stored, {"bytes_before": int(before), "bytes_after": int(after),
                          "matrices": len(weights)}
