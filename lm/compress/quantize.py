@@ -57,10 +57,6 @@ QTYPES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float
 
 # ---------------------------------------------------------------- quantized training
 
-def module_paths(model: nnx.Module) -> list[str]:
-    return ["/".join(map(str, p)) for p, _ in nnx.iter_modules(model)]
-
-
 def qwix_rules(q: QuantConfig, n_layers: int, prefix: str = "") -> tuple:
     """qwix QtRules: the kept paths first (a rule without a weight dtype leaves its
     matmuls alone), then the user's. `prefix`: the Transformer's own path in the model
@@ -80,15 +76,17 @@ def tag(model: nnx.Module, q: QuantConfig, n_layers: int) -> nnx.Module:
     that matches no module. A no-op when quant.mode is off."""
     if q.mode == "off":
         return model
-    paths = module_paths(model)
+    modules = list(nnx.iter_modules(model))
+    paths = ["/".join(map(str, p)) for p, _ in modules]
     for rule in parse_rules(q):
         if not any(re.fullmatch(rule.path, p) for p in paths):
             shown = ", ".join(repr(p) for p in paths if p.count("/") <= 2)
             raise ConfigError(f"quant.rules: {rule.path!r} matches no module (the modules: "
                               f"{shown[:300]})")
-    prefix = next((p + "/" for p, m in zip(paths, (m for _, m in nnx.iter_modules(model)))
+    # The Transformer's own path where it is not the root (a LoRA model's base).
+    prefix = next((p + "/" for p, (_, m) in zip(paths, modules)
                    if type(m).__name__ == "Transformer" and p), "")
-    for path, module in nnx.iter_modules(model):
+    for path, module in modules:
         module.qwix_path = tuple(path)
         module.disable_quant_stats_update = True  # dynamic-range scales: no statistics
         module.qwix_rngs = None
