@@ -518,14 +518,17 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     report.model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * trials
     recompute = {"none": 1.0, "full": 4 / 3}.get(cfg.model.remat, 1.15)  # dots: ~matmuls kept
     report.hw_flops_per_chip = report.model_flops * recompute / n
-    report.t_compute = report.hw_flops_per_chip / chip.peak_flops
+    from lm.compress.quantize import matmul_precision
+    # Quantized training's matmuls at the chip's int8 / fp8 peak where it has one.
+    peak, _ = chip.peak(matmul_precision(cfg.quant))
+    report.t_compute = report.hw_flops_per_chip / peak
     report.t_hbm = report.hbm_traffic / chip.hbm_bw
     ici = sum(c.moved - c.dcn_moved for c in colls.values())
     dcn = sum(c.dcn_moved for c in colls.values())
     report.t_ici, report.t_dcn = ici / chip.ici_bw, dcn / chip.dcn_bw
     terms = (report.t_compute, report.t_hbm, report.t_ici, report.t_dcn)
     report.t_overlap, report.t_serial = max(terms), max(terms[:2]) + sum(terms[2:])
-    ideal = report.model_flops / (n * chip.peak_flops)
+    ideal = report.model_flops / (n * peak)
     report.mfu_overlap = ideal / report.t_overlap if report.t_overlap else 0.0
     report.mfu_serial = ideal / report.t_serial if report.t_serial else 0.0
     achieved = chip.achieved_range()

@@ -118,6 +118,13 @@ def test_quantized_step_compiles_for_tpu_with_int8_matmuls(tmp_path, lm_here):
     assert "quantized matmuls: 16 int8" in r.stdout
     (rep,) = json.loads(report.read_text())
     assert rep["low_precision_dots"] == {"int8": 16}
+    # The roofline's compute time at v5p's int8 peak (918 TOPS), half the bf16 one's.
+    plain = tmp_path / "plain.json"
+    r = lm_here("compile", "--topology", "v5p:2x2x1", "--train-only", "--json", str(plain),
+                *sets(*TINY, "mesh.fsdp=4", "batch_size=8", "model.attention.impl=xla"))
+    (base,) = json.loads(plain.read_text())
+    assert base["low_precision_dots"] == {}
+    assert rep["t_compute"] == pytest.approx(base["t_compute"] * 459 / 918)
 
 
 @pytest.mark.parametrize("overrides,message", [
