@@ -84,6 +84,7 @@ def test_int8_matmuls_only_where_the_rules_say():
     (["quant.weight=int3"], "quant.weight"),
     (["quant.rules=blocks/0/mixer=int8,fp16"], "unknown dtype 'fp16'"),
     (["quant.keep_last_blocks=1", "model.scan_layers=true"], "scan_layers=false"),
+    (["distill.teacher=runs/teacher"], "does not combine with distillation"),
 ])
 def test_bad_quant_configs_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
