@@ -1,5 +1,5 @@
 """`lm quantize`: weight-only post-training quantization of a run into a new run
-(lm/compress/quantize.py)."""
+(lm/compress/ptq.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def arguments(p) -> None:
 
 
 def quantize(args) -> int:
-    from lm.compress.quantize import quantize_run
+    from lm.compress.ptq import quantize_run
     report = quantize_run(args.run, args.out, args.weights, args.group_size,
                           args.calib_batches)
     print(json.dumps({k: report[k] for k in ("weights", "group_size", "bytes_before",

@@ -34,7 +34,7 @@ ALL_MIXERS = r"blocks/([0-9]+/)?(mixer|channel)(/.*)?"
 @dataclass(frozen=True)
 class QuantConfig:
     """Quantized training (qwix) and the post-training quantization record
-    (lm/compress/quant_rules.py, lm/compress/quantize.py)."""
+    (lm/compress/quant_rules.py, quantize.py, ptq.py)."""
     mode: Literal["off", "train"] = knob(
         "off", doc="train = the matmuls the rules select run quantized (fake quant with a "
                    "straight-through backward, qwix QtProvider) in training, evaluation and "

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from lm.compress.quantize import (dequantize_matrix, matmul_precision, pack_int4,
-                                  quantize_matrix, unpack_int4)
+from lm.compress.ptq import dequantize_matrix, pack_int4, quantize_matrix, unpack_int4
+from lm.compress.quantize import matmul_precision
 from lm.config import ConfigError, resolve
 from lm.train.state import build
 
