@@ -35,6 +35,7 @@ from lm.train import trackers
 from lm.compress.sparsity import effective_params
 from lm.train.param_source import first_state, run_checkpointer
 from lm.train.driver import Job, drive, open_run
+from lm.compress.quantize import matmul_precision
 from lm.train.mfu import device_peak_flops
 from lm.train.setup import RunSetup, check_resumable, setup_run
 
@@ -115,7 +116,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     teacher = pieces.teacher
     if teacher is not None:  # the teacher's forward (and the losses) run in the same step
         fpt += teacher.step_flops_per_token(cfg.model)
-    peak, peak_source = device_peak_flops()
+    peak, peak_source = device_peak_flops(precision=matmul_precision(cfg.quant))
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
