@@ -262,10 +262,9 @@ def make_transfer_step(parent_gd, student_gds, layers, tx):
     return step
 
 
-def measure(parent_gd, parent_params, student_gds, student, batches, layers) -> dict:
+def measure(fn, parent_params, student, batches, layers) -> dict:
     """Per-layer MSE and relative MSE (MSE / mean square of the attention output) over
-    `batches`, averaged."""
-    fn = jax.jit(lambda s, p, b: transfer_losses(parent_gd, p, student_gds, s, b, layers))
+    `batches`, averaged. `fn`: transfer_losses jitted, (student, parent, batch)."""
     mse, power = np.zeros(len(layers)), np.zeros(len(layers))
     for b in batches:
         m, p = fn(student, parent_params, b)
@@ -288,7 +287,8 @@ def transfer(parent_model, parent_params: dict, hybrid: Hybrid, layers, calibrat
     pparams = unstack_blocks(parent_params, parent_model)
     gds = _mixer_graphdefs(hybrid.model, layers)
     student = {i: hybrid.params["blocks"][i]["mixer"] for i in layers}
-    before = measure(parent_gd, pparams, gds, student, held_out, layers)
+    losses = jax.jit(lambda s, p, b: transfer_losses(parent_gd, p, gds, s, b, layers))
+    before = measure(losses, pparams, student, held_out, layers)
     adamw = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10),
                                                            max(steps, 1)), weight_decay=0.0)
     tx = optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
@@ -301,7 +301,7 @@ def transfer(parent_model, parent_params: dict, hybrid: Hybrid, layers, calibrat
         if (s + 1) % every == 0 or s + 1 == steps:
             log(f"transfer step {s + 1}/{steps}: mse " + " ".join(
                 f"{i}:{float(v):.3g}" for i, v in zip(layers, np.asarray(mse))))
-    after = measure(parent_gd, pparams, gds, student, held_out, layers)
+    after = measure(losses, pparams, student, held_out, layers)
     params = {**hybrid.params, "blocks": dict(hybrid.params["blocks"])}
     for i in layers:
         params["blocks"][i] = {**params["blocks"][i], "mixer": student[i]}
@@ -360,6 +360,8 @@ def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
                           "and --eval-batches >= 1")
     if not (Path(run) / "config.json").is_file():
         raise ConfigError(f"lm linearize: {run} is not a run directory (no config.json)")
+    if not any(p.name.isdigit() for p in (Path(run) / "checkpoints").glob("*")):
+        raise ConfigError(f"lm linearize: {run} has no checkpoint yet (nothing to linearize)")
     parent_cfg = config_lib.load_run_config(Path(run) / "config.json")
     if recursive.enabled(parent_cfg.model):
         raise ConfigError("lm linearize: the run's layers share blocks (model.recursion); "
