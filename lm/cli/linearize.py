@@ -15,6 +15,9 @@ def arguments(p) -> None:
                                                 "be empty)")
     p.add_argument("--layers", default="", help="0-based attention layers to linearize, "
                    "e.g. 1,3 (default: every attention layer)")
+    p.add_argument("--keep-window", type=int, default=0, metavar="W",
+                   help="retention: keep softmax attention over the last W tokens beside the "
+                        "linear part (LoLCATs' hybrid; model.retention.window); 0 = off")
     p.add_argument("--transfer-steps", type=int, default=200,
                    help="attention-transfer steps (0 = the construction alone)")
     p.add_argument("--lr", type=float, default=1e-3, help="attention-transfer peak LR (adamw, "
@@ -37,6 +40,7 @@ def run(args) -> int:
     linearize(args.run, args.out, args.to, layers=args.layers, steps=args.transfer_steps,
               lr=args.lr, batch_size=args.batch_size, eval_batches=args.eval_batches,
               overrides=args.overrides, seed=args.seed, train=args.train,
+              keep_window=args.keep_window,
               log=lambda line: print(line, flush=True))
     return 0
 

@@ -9,7 +9,9 @@ Construction (`hybrid_model`, `initial_mixer`):
   retention  the LoLCATs linear attention: model.retention.feature_map=hedgehog (a
              per-head learned map [softmax(x W), softmax(-x W)], W = I at the start),
              normalize=sum (linear attention's denominator), gate=false; the RetNet
-             decay is kept (decay=retnet; --set model.retention.decay=none drops it).
+             decay is kept (decay=retnet; --set model.retention.decay=none drops it);
+             --keep-window W sets retention.window = W (LoLCATs' hybrid: the last W
+             tokens by softmax attention, the older by the linear part, one normaliser).
              Q/K/V/O map directly: wq = wq, wk / wv = the kv heads repeated to the
              query heads (GQA), wo = wo; RoPE is the same. Attention's qkv biases and
              qk-norm have no place (dropped, listed in the report).
@@ -78,14 +80,19 @@ def parse_layers(model_cfg, spec: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def hybrid_model(parent, layers: tuple[int, ...], target: str, overrides: list[str] = ()):
+def hybrid_model(parent, layers: tuple[int, ...], target: str, overrides: list[str] = (),
+                 keep_window: int = 0):
     """The linearized model config: `target`'s code at `layers`, the parent's mixers
     elsewhere (the pattern written out per layer), the target's section set for the
-    construction (module doc) unless the parent already uses that mixer, then
-    `overrides` (--set model.*)."""
+    construction (module doc) unless the parent already uses that mixer, with
+    `keep_window` (retention.window: LoLCATs' softmax window), then `overrides`
+    (--set model.*)."""
     if target not in TARGETS:
         raise ConfigError(f"lm linearize --to {target!r}: unknown target mixer (choose "
                           f"{' or '.join(TARGETS)})")
+    if keep_window < 0 or (keep_window and target != "retention"):
+        raise ConfigError(f"lm linearize --keep-window {keep_window}: must be >= 0, and "
+                          "works with --to retention only")
     code = TARGETS[target]
     n = parent.n_layers
     pattern = "".join(code if i in layers else parent.mixer_pattern[i % len(parent.mixer_pattern)]
@@ -96,12 +103,17 @@ def hybrid_model(parent, layers: tuple[int, ...], target: str, overrides: list[s
     if target not in used:  # its section is ours to set (no parent layer reads it)
         if target == "retention":
             model = dataclasses.replace(model, retention=dataclasses.replace(
-                parent.retention, feature_map="hedgehog", normalize="sum", gate=False))
+                parent.retention, feature_map="hedgehog", normalize="sum", gate=False,
+                window=keep_window))
         else:
             width = parent.n_heads * parent.dh
             expand = width // parent.d_model if width % parent.d_model == 0 else parent.mamba2.expand
             model = dataclasses.replace(model, mamba2=dataclasses.replace(
                 parent.mamba2, state=parent.dh, expand=max(1, expand)))
+    elif keep_window and model.retention.window != keep_window:
+        raise ConfigError("lm linearize --keep-window: the run already has retention layers "
+                          f"(model.retention.window={model.retention.window}), whose settings "
+                          "the new layers share")
     if overrides:
         bad = [o for o in overrides if not o.strip().startswith("model.")]
         if bad:
@@ -183,10 +195,10 @@ class Hybrid:
 
 
 def build_hybrid(parent_model, parent_params: dict, layers, target: str, overrides=(),
-                 seed: int = 0) -> Hybrid:
+                 seed: int = 0, keep_window: int = 0) -> Hybrid:
     """The hybrid model and its starting params: the parent's everywhere but the new
     mixers, which start from initial_mixer."""
-    model = hybrid_model(parent_model, layers, target, overrides)
+    model = hybrid_model(parent_model, layers, target, overrides, keep_window)
     flat = dataclasses.replace(model, scan_layers=False)
     fresh = _pure(Transformer(flat, nnx.Rngs(params=seed)))
     parent_flat = unstack_blocks(parent_params, parent_model)
@@ -333,7 +345,7 @@ def _copy_tokenizer(cfg: TrainConfig, out: Path) -> TrainConfig:
 def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
               steps: int = 200, lr: float = 1e-3, batch_size: int = 0, eval_batches: int = 4,
               overrides: list[str] = (), seed: int = 0, train: str = "",
-              log=print) -> dict:
+              keep_window: int = 0, log=print) -> dict:
     """`lm linearize`: the run in `run` -> a linearized run in `out` (module doc).
     Returns the report (also written to out/linearize.json)."""
     from lm.data import eval_batches as make_eval_batches
@@ -368,7 +380,7 @@ def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
                           "untie it first (lm train --init-from RUN --set "
                           "model.recursion.blocks=0)")
     chosen = parse_layers(parent_cfg.model, layers)
-    hybrid_model(parent_cfg.model, chosen, target, overrides)  # its errors before any work
+    hybrid_model(parent_cfg.model, chosen, target, overrides, keep_window)  # errors first
     setup, params, step = restore_for_inference(run)
     pcfg = setup.cfg
     batches_held_out = make_eval_batches(pcfg.data, setup.tokenizer, pcfg.batch_size, eval_batches)
@@ -377,7 +389,7 @@ def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
     if pcfg.lora.rank:  # a LoRA run: its adapters folded in, as --init-from does
         params = jax.jit(lambda p: merged_params(pcfg.model, pcfg.lora, p))(params)
     params = jax.device_get(params)
-    hybrid = build_hybrid(pcfg.model, params, chosen, target, overrides, seed)
+    hybrid = build_hybrid(pcfg.model, params, chosen, target, overrides, seed, keep_window)
     log(f"linearizing layers {','.join(map(str, chosen))} of {run} (step {step}) into "
         f"{target}: pattern {hybrid.model.mixer_pattern}")
 
@@ -402,7 +414,8 @@ def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
     report = {
         "source": str(Path(run).absolute()), "source_step": step, "target": target,
         "layers": list(chosen), "mixer_pattern": cfg.model.mixer_pattern,
-        "transfer_steps": steps, "lr": lr, "trained": train, "batch_size": batch_size or pcfg.batch_size,
+        "keep_window": keep_window, "transfer_steps": steps, "lr": lr, "trained": train,
+        "batch_size": batch_size or pcfg.batch_size,
         "mapped": {str(i): {"mapped": m, "dropped": d} for i, (m, d) in hybrid.mapped.items()},
         "mse_before": mse["before"], "mse_after": mse["after"],
         "eval_batches": len(batches_held_out),

@@ -44,17 +44,28 @@ def test_a_linearized_run_is_an_ordinary_run(linearized, tmp_path):
     assert sorted(train_losses(ft)) == [1, 2]
 
 
-def test_one_layer_into_mamba2_and_the_refusals(tiny_run, linearized, tmp_path, lm_here):
+def test_one_layer_into_mamba2_a_window_hybrid_and_the_refusals(tiny_run, linearized, tmp_path,
+                                                                lm_here):
     out = tmp_path / "mamba2"
     result = lm_here("linearize", str(tiny_run), "--to", "mamba2", "--layers", "1",
                      "--out", str(out), "--transfer-steps", "2", "--eval-batches", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["model"]["mixer_pattern"] == "am"
+    out = tmp_path / "window"
+    result = lm_here("linearize", str(tiny_run), "--to", "retention", "--layers", "0",
+                     "--keep-window", "8", "--out", str(out), "--transfer-steps", "2",
+                     "--eval-batches", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["mixer_pattern"] == "ra" and model["retention"]["window"] == 8
+    assert lm_here("sample", "--run", str(out), "--max-new-tokens", "4",
+                   "--prompt", "To be").returncode == 0
     empty = tmp_path / "no_checkpoint"
     empty.mkdir()
     shutil.copyfile(tiny_run / "config.json", empty / "config.json")
     for args, message in (
             ([str(tiny_run), "--to", "mlp"], "unknown target mixer"),
+            ([str(tiny_run), "--to", "mamba2", "--keep-window", "4"], "retention only"),
             ([str(tiny_run), "--to", "retention", "--layers", "2"], "layer 2 is out of range"),
             ([str(linearized), "--to", "mamba2", "--layers", "0"], "not an attention layer"),
             ([str(empty), "--to", "retention"], "has no checkpoint yet")):

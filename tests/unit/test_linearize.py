@@ -98,6 +98,71 @@ def test_a_retention_layer_at_init_is_the_attentions_linear_attention(parent_par
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _retention_from(parent_params, layer, overrides, keep_window):
+    model = L.hybrid_model(PARENT, (layer,), "retention", overrides, keep_window)
+    fresh = nnx.to_pure_dict(nnx.state(Retention(model, nnx.Rngs(1)), nnx.Param))
+    params, _, _ = L.initial_mixer(parent_params["blocks"][layer]["mixer"], fresh, PARENT,
+                                   model, "retention")
+    mixer = Retention(model, nnx.Rngs(2))
+    state = nnx.state(mixer, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(mixer, state)
+    return mixer
+
+
+def test_with_a_window_covering_the_text_the_layer_is_the_attention_itself(parent_params):
+    """--keep-window W >= T: every key is in the softmax window, so the new layer at init
+    computes the parent's softmax attention exactly (the linear part sees nothing)."""
+    from lm.model.mixers.attention import Attention
+    attn = Attention(PARENT, nnx.Rngs(0))
+    state = nnx.state(attn, nnx.Param)
+    nnx.replace_by_pure_dict(state, parent_params["blocks"][0]["mixer"])
+    nnx.update(attn, state)
+    mixer = _retention_from(parent_params, 0, [], keep_window=16)
+    x = jax.random.normal(jax.random.key(4), (2, 12, PARENT.d_model))
+    pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+    want = attn(x, pos, seg)[0]
+    assert float(jnp.std(want)) > 1e-3
+    np.testing.assert_allclose(mixer(x, pos, seg)[0], want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_window_and_the_linear_part_share_one_normaliser(parent_params):
+    """LoLCATs' hybrid by hand: keys in (t - W, t] by f exp(q.k / sqrt(d) - max), older
+    ones by phi(q).phi(k) (Hedgehog at W = I, no decay), one denominator."""
+    w, t = 3, 10
+    mixer = _retention_from(parent_params, 1, ["model.retention.decay=none"], keep_window=w)
+    attn = parent_params["blocks"][1]["mixer"]
+    x = jax.random.normal(jax.random.key(5), (1, t, PARENT.d_model))
+    pos = jnp.broadcast_to(jnp.arange(t), (1, t))
+    got = mixer(x, pos, jnp.ones((1, t), jnp.int32))[0]
+    h = PARENT.n_heads
+
+    def proj(name):
+        y = jnp.einsum("btd,dhk->bthk", x, attn[name])
+        return jnp.repeat(y, h // y.shape[2], axis=2)[0]
+
+    q = rope(proj("wq")[None], pos, PARENT.rope_theta, PARENT.max_seq_len)[0]
+    k = rope(proj("wk")[None], pos, PARENT.rope_theta, PARENT.max_seq_len)[0]
+    v = proj("wv")
+
+    def phi(z):
+        return jnp.concatenate([jax.nn.softmax(z, -1), jax.nn.softmax(-z, -1)], -1)
+
+    f = 0.5  # sigmoid(0): the window factor's start
+    out = np.zeros((t, h, PARENT.dh))
+    for i in range(t):
+        for j in range(h):
+            win = list(range(max(0, i - w + 1), i + 1))
+            s = np.array([float(q[i, j] @ k[s_, j]) / np.sqrt(PARENT.dh) for s_ in win])
+            a = f * np.exp(s - s.max())
+            lin = np.array([float(phi(q[i, j]) @ phi(k[s_, j])) for s_ in range(0, i - w + 1)])
+            num = sum(a_ * v[s_, j] for a_, s_ in zip(a, win)) + sum(
+                l_ * v[s_, j] for l_, s_ in zip(lin, range(0, i - w + 1)))
+            out[i, j] = num / (a.sum() + lin.sum())
+    want = jnp.einsum("thk,hkd->td", out, attn["wo"])
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_transfer_lowers_each_layers_mse(parent_params):
     hybrid = L.build_hybrid(PARENT, parent_params, (0, 1), "retention")
     held_out = [_batch(1)]
@@ -118,10 +183,12 @@ def test_attention_transfer_lowers_each_layers_mse(parent_params):
     np.testing.assert_array_equal(params["embed"], parent_params["embed"])
 
 
-@pytest.mark.parametrize("target", ["retention", "mamba2"])
-def test_the_linearized_models_cached_decode_equals_its_full_forward(parent_params, target):
-    hybrid = L.build_hybrid(PARENT, parent_params, (0,), target)
+@pytest.mark.parametrize("target,window", [("retention", 0), ("retention", 4), ("mamba2", 0)])
+def test_the_linearized_models_cached_decode_equals_its_full_forward(parent_params, target,
+                                                                     window):
+    hybrid = L.build_hybrid(PARENT, parent_params, (0,), target, keep_window=window)
     cfg = hybrid.model
+    assert cfg.retention.window == window
     assert cfg.mixer_pattern == ("ra" if target == "retention" else "ma")
     if target == "mamba2":  # state = head_dim, inner width = heads x head_dim: all mapped
         assert (cfg.mamba2.state, cfg.mamba2.expand) == (PARENT.dh, 1)
@@ -149,6 +216,8 @@ def test_refusals_are_one_line_config_errors():
         L.parse_layers(dataclasses.replace(PARENT, mixer_pattern="r"), "")
     with pytest.raises(ConfigError, match="unknown target mixer"):
         L.hybrid_model(PARENT, (0,), "mlp")
+    with pytest.raises(ConfigError, match="with --to retention only"):
+        L.hybrid_model(PARENT, (0,), "mamba2", keep_window=4)
     with pytest.raises(ConfigError, match="only model"):
         L.hybrid_model(PARENT, (0,), "retention", ["steps=3"])
     with pytest.raises(ConfigError, match="normalize=sum needs positive features"):

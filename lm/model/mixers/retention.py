@@ -53,6 +53,11 @@ class RetentionConfig:
     decay: Literal["retnet", "none"] = knob(
         "retnet", doc="retnet: per-head gamma_h = 1 - 2^(-5-h); none: gamma = 1 (plain "
                       "causal linear attention).")
+    window: int = knob(
+        0, doc="> 0: LoLCATs' sliding window: the last `window` tokens by softmax attention "
+               "(exp(q.k / sqrt(d_head) - max)) times a learned per-head factor, the older "
+               "ones by the linear part, normalised together (needs normalize=sum); "
+               "decoding keeps their K/V beside the state. 0 = linear only.")
 
     legacy: ClassVar[dict[str, str]] = {"scan_chunk": "chunk", "scan_impl": "scan_impl"}
 
@@ -76,11 +81,17 @@ class Retention(SequenceMixer):
         if r.normalize == "sum" and r.feature_map == "identity":
             raise ConfigError("model.retention.normalize=sum needs positive features: "
                               "model.retention.feature_map=elu or hedgehog")
+        if r.window < 0 or (r.window and r.normalize != "sum"):
+            raise ConfigError(f"model.retention.window={r.window} must be >= 0, and > 0 needs "
+                              "model.retention.normalize=sum (the two parts share one "
+                              "normaliser)")
 
     @classmethod
     def extra_flops_per_token(cls, cfg: "ModelConfig", seq_len: int) -> float:
         dk = feature_width(cfg)
-        return scan_flops_per_token(cfg, seq_len, cfg.retention.chunk, cfg.n_heads, dk, cfg.dh)
+        window = 6 * 2 * min(cfg.retention.window, seq_len) * cfg.n_heads * cfg.dh  # as attention's
+        return window + scan_flops_per_token(cfg, seq_len, cfg.retention.chunk, cfg.n_heads,
+                                             dk, cfg.dh)
 
     def __init__(self, cfg: "ModelConfig", rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
@@ -106,6 +117,9 @@ class Retention(SequenceMixer):
             self.fk = nnx.Param(eye, logical_axes=("heads", "head_dim", None))
         if r.normalize == "rms":
             self.head_norm = Norm(dh, "rms", "head_dim", pdt)
+        self.window = r.window
+        if r.window:  # the softmax window's weight against the linear part: sigmoid(wf)
+            self.wf = nnx.Param(jnp.zeros((h,), pdt), logical_axes=("heads",))
         out_std = hidden_std(cfg, h * dh) / math.sqrt(2 * cfg.n_layers)
         self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), out_std, pdt)
 
@@ -116,6 +130,10 @@ class Retention(SequenceMixer):
         cache = {"state": jnp.zeros((batch, self.heads, self.dk, self.dh), jnp.float32)}
         if self.normalize == "sum":  # the normaliser's running sum of phi(k)
             cache["norm"] = jnp.zeros((batch, self.heads, self.dk), jnp.float32)
+        if self.window:  # the last `window` tokens' rotated keys and values, oldest first
+            shape = (batch, self.window, self.heads, self.dh)
+            cache.update(k_win=jnp.zeros(shape, self.cdt), v_win=jnp.zeros(shape, self.cdt),
+                         valid=jnp.zeros((batch, self.window), bool))
         return cache
 
     def features(self, x_BTHD, which: str):
@@ -136,15 +154,23 @@ class Retention(SequenceMixer):
         b, t, _ = x_BTD.shape
         def proj(w):
             return jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(cdt))
-        q = self.features(rope(proj(self.wq), positions_BT, self.rope_theta, self.max_len,
-                               self.rope_scaling), "q")
-        k = self.features(rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len,
-                               self.rope_scaling), "k")
+        q_raw = rope(proj(self.wq), positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
+        k_raw = rope(proj(self.wk), positions_BT, self.rope_theta, self.max_len,
+                     self.rope_scaling)
         if self.decay == "retnet":
             gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(self.heads, dtype=jnp.float32))
             log_decay = jnp.broadcast_to(jnp.log(gamma), (b, t, self.heads))
         else:
             log_decay = jnp.zeros((b, t, self.heads), jnp.float32)
+        if self.window:
+            y, new_cache = self._windowed(q_raw, k_raw, proj(self.wv), log_decay,
+                                          segment_ids_BT, cache)
+            if self.gate:
+                y = y * jax.nn.silu(proj(self.wg))
+            out = jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(cdt))
+            return out, new_cache, jnp.float32(NO_LOGIT)
+        q, k = self.features(q_raw, "q"), self.features(k_raw, "k")
         y, state = sharded_linear_scan(q, k, proj(self.wv), log_decay,
                                        segment_ids=segment_ids_BT,
                                        initial_state=None if cache is None else cache["state"],
@@ -163,6 +189,60 @@ class Retention(SequenceMixer):
             y = y * jax.nn.silu(proj(self.wg))
         out = jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(cdt))
         return out, new_cache, jnp.float32(NO_LOGIT)
+
+    def _windowed(self, q_raw, k_raw, v, log_decay, segment_ids_BT, cache):
+        """LoLCATs' sliding-window hybrid. The keys are extended by the W before the
+        chunk (the cache's, or none: training) to E = W + T; query i (extended index
+        i + W) sees extended keys (i, i + W] by softmax and, through the linear state,
+        every key up to extended index i (positions <= t - W), decayed by gamma^W more.
+        The cached keys belong to the first token's document (they are its past); the
+        cache keeps the last W keys and the state of the last token's document only."""
+        b, t, h, _ = v.shape
+        w = self.window
+        decoding = cache is not None
+        cache = cache if decoding else self.init_cache(b)  # training: no past
+        seg = segment_ids_BT
+        seg_ext = jnp.concatenate([jnp.where(cache["valid"], seg[:, :1], -1), seg], axis=1)
+        k_ext = jnp.concatenate([cache["k_win"].astype(k_raw.dtype), k_raw], axis=1)
+        v_ext = jnp.concatenate([cache["v_win"].astype(v.dtype), v], axis=1)
+        real = (seg_ext >= 0)[..., None, None]
+        # Linear part: keys at extended 0..T-1 (positions t - W), queries at T.
+        phi_q = self.features(q_raw, "q")
+        phi_k = jnp.where(real[:, :t], self.features(k_ext[:, :t], "k"), 0)
+        lin, state = sharded_linear_scan(phi_q, phi_k, v_ext[:, :t], log_decay,
+                                         segment_ids=seg_ext[:, :t],
+                                         initial_state=cache["state"],
+                                         chunk_size=self.chunk, impl=self.impl)
+        z, z_last = decayed_sum(phi_k, log_decay, seg_ext[:, :t], cache["norm"])
+        reach = (seg_ext[:, :t] == seg)[..., None, None].astype(jnp.float32)  # same document
+        lag = jnp.exp(w * log_decay)[..., None] * reach  # gamma^W
+        num = lin.astype(jnp.float32) * lag
+        den = jnp.einsum("bthk,bthk->bth", phi_q.astype(jnp.float32), z)[..., None] * lag
+        # Softmax part over the window (extended keys i+1 .. i+W).
+        e = jnp.arange(w + t)[None, :]
+        i = jnp.arange(t)[:, None]
+        mask = ((e > i) & (e <= i + w))[None] & (seg_ext[:, None, :] == seg[:, :, None])
+        scores = jnp.einsum("bthk,bshk->bhts", q_raw, k_ext,
+                            preferred_element_type=jnp.float32) * (self.dh ** -0.5)
+        scores = jnp.where(mask[:, None], scores, -1e30)
+        top = jax.lax.stop_gradient(jnp.max(scores, -1, keepdims=True))
+        a = jnp.where(mask[:, None], jnp.exp(scores - top), 0.0)
+        factor = jax.nn.sigmoid(self.wf[...].astype(jnp.float32))[None, :, None, None]
+        a = a * factor
+        num = num + jnp.einsum("bhts,bshk->bthk", a, v_ext.astype(jnp.float32))
+        den = den + jnp.sum(a, -1).transpose(0, 2, 1)[..., None]
+        y = (num / (den + NORM_EPS)).astype(v.dtype)
+        if not decoding:
+            return y, None
+        last = seg[:, -1:]
+        keep = seg_ext[:, t - 1] == last[:, 0]  # the state's document is the last token's
+        new_cache = {
+            "state": jnp.where(keep[:, None, None, None], state, 0.0),
+            "norm": jnp.where(keep[:, None, None], z_last, 0.0),
+            "k_win": k_ext[:, t:].astype(cache["k_win"].dtype),
+            "v_win": v_ext[:, t:].astype(cache["v_win"].dtype),
+            "valid": seg_ext[:, t:] == last}
+        return y, new_cache
 
 
 NORM_EPS = 1e-6  # keeps normalize=sum finite where phi(q) . z underflows
