@@ -296,9 +296,10 @@ def transfer(parent_model, parent_params: dict, hybrid: Hybrid, layers, calibrat
     on `held_out` batches)."""
     flat = dataclasses.replace(parent_model, scan_layers=False)
     parent_gd = nnx.graphdef(nnx.eval_shape(lambda: Transformer(flat, nnx.Rngs(0))))
-    pparams = unstack_blocks(parent_params, parent_model)
+    # On the device once (host arrays would be copied in at every step).
+    pparams = jax.device_put(unstack_blocks(parent_params, parent_model))
     gds = _mixer_graphdefs(hybrid.model, layers)
-    student = {i: hybrid.params["blocks"][i]["mixer"] for i in layers}
+    student = jax.device_put({i: hybrid.params["blocks"][i]["mixer"] for i in layers})
     losses = jax.jit(lambda s, p, b: transfer_losses(parent_gd, p, gds, s, b, layers))
     before = measure(losses, pparams, student, held_out, layers)
     adamw = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10),

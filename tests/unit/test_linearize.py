@@ -206,6 +206,19 @@ def test_the_linearized_models_cached_decode_equals_its_full_forward(parent_para
         np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+def test_a_scanned_parent_linearized_whole_stays_scanned(parent_params):
+    scanned = dataclasses.replace(PARENT, scan_layers=True)
+    stacked = L.stack_blocks(parent_params, scanned)
+    hybrid = L.build_hybrid(scanned, stacked, (0, 1), "retention")
+    assert hybrid.model.scan_layers and hybrid.model.mixer_pattern == "rr"
+    want = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Transformer(hybrid.model, nnx.Rngs(0))), nnx.Param))
+    got = L.stack_blocks(hybrid.params, hybrid.model)
+    assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+    partial = L.build_hybrid(scanned, stacked, (1,), "retention")  # patterns differ
+    assert not partial.model.scan_layers and partial.model.mixer_pattern == "ar"
+
+
 def test_refusals_are_one_line_config_errors():
     hybrid = dataclasses.replace(PARENT, mixer_pattern="ar")
     with pytest.raises(ConfigError, match="layer 2 is out of range"):
