@@ -20,8 +20,8 @@ def arguments(p) -> None:
                         "linear part (LoLCATs' hybrid; model.retention.window); 0 = off")
     p.add_argument("--transfer-steps", type=int, default=200,
                    help="attention-transfer steps (0 = the construction alone)")
-    p.add_argument("--lr", type=float, default=1e-3, help="attention-transfer peak LR (adamw, "
-                   "warmup then cosine)")
+    p.add_argument("--lr", type=float, default=0.0, help="attention-transfer peak LR (adamw, "
+                   "warmup then cosine; 0 = 1e-2 with --train new, 1e-3 with all)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="calibration rows per step (0 = the run's batch_size)")
     p.add_argument("--eval-batches", type=int, default=4,

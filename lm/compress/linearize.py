@@ -344,11 +344,12 @@ def _copy_tokenizer(cfg: TrainConfig, out: Path) -> TrainConfig:
 
 
 def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
-              steps: int = 200, lr: float = 1e-3, batch_size: int = 0, eval_batches: int = 4,
+              steps: int = 200, lr: float = 0.0, batch_size: int = 0, eval_batches: int = 4,
               overrides: list[str] = (), seed: int = 0, train: str = "",
               keep_window: int = 0, log=print) -> dict:
     """`lm linearize`: the run in `run` -> a linearized run in `out` (module doc).
-    Returns the report (also written to out/linearize.json)."""
+    `lr` 0: 1e-2 when only the new params train (train="new"), else 1e-3. Returns the
+    report (also written to out/linearize.json)."""
     from lm.data import eval_batches as make_eval_batches
     from lm.data import train_iterator
     from lm.interop.hf_import import save_state
@@ -368,9 +369,12 @@ def linearize(run: str | Path, out: str | Path, target: str, layers: str = "",
     train = train or ("new" if target == "retention" else "all")
     if train not in ("new", "all"):
         raise ConfigError(f"lm linearize --train {train!r}: choose new or all")
-    if steps < 0 or lr <= 0 or batch_size < 0 or eval_batches < 1:
-        raise ConfigError("lm linearize: --transfer-steps >= 0, --lr > 0, --batch-size >= 0 "
+    if steps < 0 or lr < 0 or batch_size < 0 or eval_batches < 1:
+        raise ConfigError("lm linearize: --transfer-steps >= 0, --lr >= 0, --batch-size >= 0 "
                           "and --eval-batches >= 1")
+    # Feature maps alone (W near the identity) take a larger step than the projections
+    # (LoLCATs trains its feature maps at 1e-2); measured on the tiny run, docs.
+    lr = lr or (1e-2 if train == "new" else 1e-3)
     if not (Path(run) / "config.json").is_file():
         raise ConfigError(f"lm linearize: {run} is not a run directory (no config.json)")
     if not any(p.name.isdigit() for p in (Path(run) / "checkpoints").glob("*")):
