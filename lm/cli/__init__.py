@@ -1,6 +1,6 @@
 """`lm train | train-group | eval | sample | generate | serve | bench | compile | quantize |
-import hf | export hf | prune | sweep | results | analyze | launch {local,tpu,slurm} | data
-prepare`.
+import hf | export hf | prune | linearize | sweep | results | analyze | launch
+{local,tpu,slurm} | data prepare`.
 
 Each command group is one module here (lm/cli/<group>.py) that declares its commands as
 `COMMANDS = [Command(...)]` (lm/cli/command.py): arguments, handler, and how it runs.
@@ -23,7 +23,7 @@ from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
 MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "quantize",
-           "interop", "prune", "sweep", "launch", "data", "config")
+           "interop", "prune", "linearize", "sweep", "launch", "data", "config")
 
 
 def commands() -> dict[str, Command]:
