@@ -139,6 +139,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     extra = {}
     if teacher is not None:
         extra["teacher_flops_per_token"] = teacher.forward_flops_per_token()
+        # what the model alone costs is flops_per_token minus this (lm analyze --pareto)
+        extra["distill_flops_per_token"] = teacher.step_flops_per_token(cfg.model)
+    if pieces.sparse_targets:  # the weights under N:M masks, and N:M
+        from lm.compress.sparsity import parse_pattern
+        from lm.tree import get_path
+        abstract = pieces.abstract_state()["params"]
+        extra["sparse_params"] = sum(int(np.prod(get_path(abstract, p).shape))
+                                     for p in pieces.sparse_targets)
+        parse_pattern(cfg.sparsity.pattern)
+        extra["sparse_pattern"] = cfg.sparsity.pattern
     run_record = open_run(run_dir, cfg, start, counts, fpt, ckpt, sink_enabled=main,
                           optimizer_state_bytes_per_param=optim_bytes, **extra)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")
