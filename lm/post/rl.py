@@ -13,7 +13,8 @@ them: no host copy, on a pod as here); a lag keeps k device copies of earlier pa
 The order of a step: μ = rl.updates_per_batch optimizer updates on B_s, then the rollout
 B_{s+1} (so the batch a checkpoint holds is the next one, already sampled), log, save.
 A checkpoint holds {"train": the train state, "rollout": B_{s+1}, "lagged": the k
-params the next k rollouts are sampled by}: a resumed run samples nothing twice and
+params the next k rollouts are sampled by, "reference": the initial policy (only with
+rl.kl_weight > 0)}: a resumed run samples nothing twice and
 repeats the uninterrupted run's rollouts and losses. The run dir is a training run's
 (config.json, metrics.jsonl, summary.json, checkpoints/; one writer, lm/lock.py), and
 SIGTERM / LMLAB_FAULT=sigterm@N stop it after the step with a checkpoint (exit 143).
@@ -204,32 +205,39 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
     ckpt = run_checkpointer(run_dir, pieces)
     cursor = _Cursor()
+    # The reference: the initial policy, frozen; never made when kl_weight is 0. It is
+    # checkpointed (a source run may have trained on since: its newest checkpoint is
+    # no longer the policy this run started from).
+    need_ref = rl.kl_weight > 0
+    params_abstract = pieces.abstract_state()["params"]
     abstract = {"train": pieces.abstract_state(), "rollout": rollouts.abstract(),
-                "lagged": [pieces.abstract_state()["params"]] * rl.lag}
+                "lagged": [params_abstract] * rl.lag,
+                "reference": params_abstract if need_ref else None}
     restored = ckpt.restore_newest_intact(
         lambda step: ckpt.restore(step, abstract, cursor), rename=True)
-    # The reference: the initial policy, frozen; never read when kl_weight is 0.
-    need_ref = rl.kl_weight > 0
     if restored is None:
         state, start = first_state(pieces, ckpt), 0
         ref = _copy(state["params"]) if need_ref else None
         lagged = [_copy(state["params"]) for _ in range(rl.lag)]
         pending = rollouts.sample(0, lagged[0] if lagged else state["params"], ref)
+        sampled = 1
     else:
         start, tree = restored
         state, pending, lagged = tree["train"], tree["rollout"], list(tree["lagged"])
-        ref = None
-        if need_ref:  # the initial policy again (init_from's weights, or the seed's)
-            ref = first_state(pieces, ckpt)["params"]
-        print(f"resumed from step {start} in {run_dir}", flush=True)
+        ref = tree["reference"]
+        sampled = 0  # the batch of step start + 1 came with the checkpoint
+        print(f"resumed from step {start} in {run_dir} (with the rollout batch of step "
+              f"{start + 1})", flush=True)
     update = jax.jit(pieces.traced_with_mesh(grpo.make_update_step(
         pieces.graphdef, pieces.tx, pieces.lr_fn, rl, pieces.loss_chunk)),
         in_shardings=(pieces.state_shardings, pieces.batch_sharding),
         out_shardings=(pieces.state_shardings, replicated(pieces.mesh)), donate_argnums=0)
     summary_path = run_dir / "summary.json"
     previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    # rollout_batches: sampled over the run's starts (a resume samples none twice).
     summary = {"status": "running", "steps": start, "task": rl.task,
-               "first_reward_mean": previous.get("first_reward_mean")}
+               "first_reward_mean": previous.get("first_reward_mean"),
+               "rollout_batches": previous.get("rollout_batches", 0) + sampled}
     write_json(summary_path, summary)
     sink = MetricsSink(run_dir, cfg, resume_step=start, enabled=jax.process_index() == 0)
     faults = Faults(ckpt.wait)
@@ -264,8 +272,8 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                 if step < cfg.steps:
                     sampler = lagged[0] if rl.lag else state["params"]
                     pending = rollouts.sample(s + 1, sampler, ref)
-                else:
-                    pending = pending  # (the last step's batch is saved again: shapes)
+                    summary["rollout_batches"] += 1
+                # (after the last step, its own batch is saved again: the tree's shape)
                 total = gen_seconds + learn_seconds
                 first = per_update[0]
                 metrics = {**roll, "loss": float(first["loss"]),
@@ -297,8 +305,8 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                 summary.update(steps=step, reward_mean=roll["reward_mean"])
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or signum:
                     cursor.step = step
-                    ckpt.save(step, {"train": state, "rollout": pending, "lagged": lagged},
-                              cursor, force=True)
+                    ckpt.save(step, {"train": state, "rollout": pending, "lagged": lagged,
+                                     "reference": ref}, cursor, force=True)
                 faults.settled(step)
                 if signum:
                     status, code = f"stopped by signal {signum} after step {step}", \
