@@ -163,8 +163,8 @@ class Rollouts:
                              else jnp.zeros(self.shape, jnp.float32))
         rep = replicated(self.run.pieces.mesh)
         put = lambda x: jax.device_put(x, rep)  # noqa: E731
-        batch["ref_logp"] = jax.device_put(batch["ref_logp"], self.run.pieces.batch_sharding)
-        batch["old_logp"] = jax.device_put(batch["old_logp"], self.run.pieces.batch_sharding)
+        for key in ("old_logp", "ref_logp"):  # laid out as the rows (the checkpoint's)
+            batch[key] = jax.device_put(batch[key], self.run.pieces.batch_sharding)
         batch["rewards"] = put(rewards.reshape(b))
         batch["lengths"] = put(lengths)
         batch["bad_rewards"] = put(np.int32(bad))
@@ -182,6 +182,19 @@ def rollout_metrics(batch: dict, group: int) -> dict:
             "completion_len_max": int(lengths.max()),
             "no_signal_groups": float((by_group == by_group[:, :1]).all(1).mean()),
             "bad_rewards": int(batch["bad_rewards"])}
+
+
+def _log_line(step: int, steps: int, window: list[dict]) -> str:
+    """The console line of the steps since the last one (their means)."""
+    def mean(key: str) -> float:
+        return float(np.mean([w[key] for w in window]))
+    kl = f" | kl {mean('kl'):.4f}" if "kl" in window[-1] else ""
+    seconds = mean("gen_seconds") + mean("learn_seconds")
+    return (f"step {step}/{steps} | reward {mean('reward_mean'):.3f} (std "
+            f"{mean('reward_std'):.3f}) | len {mean('completion_len_mean'):.1f} | loss "
+            f"{mean('loss'):.4f}{kl} | clip {mean('clip_fraction'):.3f} | gen "
+            f"{100 * mean('gen_share'):.0f}% learn {100 * mean('learn_share'):.0f}% of "
+            f"{seconds:.2f}s")
 
 
 def train_rl(cfg: TrainConfig, run_dir: str | Path) -> int:
@@ -246,7 +259,6 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
           f"{rl.kl_weight:g}, {rl.loss_mean}-level mean; steps {start} -> {cfg.steps}",
           flush=True)
     code, status, window = EXIT_OK, "done", []
-    batch_keys = ROLLOUT_KEYS
     try:
         with StopFlag(cfg.stop_sync_every) as stop:
             for s in range(start, cfg.steps):
@@ -254,7 +266,7 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                 gen_seconds = float(pending["gen_seconds"])
                 roll = rollout_metrics(pending, rl.group)
                 t0 = time.perf_counter()
-                batch = {k: pending[k] for k in batch_keys}
+                batch = {k: pending[k] for k in ROLLOUT_KEYS}
                 per_update = []
                 for u in range(rl.updates_per_batch):
                     state, m = update(state, batch)
@@ -267,12 +279,12 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                     status, code = f"diverged at step {step}", EXIT_DIVERGED
                     print(f"step {step}: non-finite loss or parameters; stopping", flush=True)
                     break
-                if rl.lag:  # the params after this step sample the rollout k steps on
-                    lagged = lagged[1:] + [_copy(state["params"])]
-                if step < cfg.steps:
+                if step < cfg.steps:  # B_{step+1}, sampled by the params after step - k
                     sampler = lagged[0] if rl.lag else state["params"]
                     pending = rollouts.sample(s + 1, sampler, ref)
                     summary["rollout_batches"] += 1
+                if rl.lag:  # lagged: the params after steps step-k+1 .. step
+                    lagged = lagged[1:] + [_copy(state["params"])]
                 # (after the last step, its own batch is saved again: the tree's shape)
                 total = gen_seconds + learn_seconds
                 first = per_update[0]
@@ -280,7 +292,7 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                            "loss_last_update": float(per_update[-1]["loss"]),
                            "clip_fraction": float(np.mean([m["clip_fraction"]
                                                            for m in per_update])),
-                           "ratio_mean": float(per_update[-1]["ratio_mean"]),
+                           "ratio_mean": float(first["ratio_mean"]),  # 1 on-policy
                            "grad_norm": float(first["grad_norm"]), "lr": float(first["lr"]),
                            "gen_seconds": gen_seconds, "learn_seconds": learn_seconds,
                            "gen_share": gen_seconds / total, "learn_share": learn_seconds / total}
@@ -291,15 +303,7 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                 if summary["first_reward_mean"] is None:
                     summary["first_reward_mean"] = roll["reward_mean"]
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    mean = lambda k: np.mean([w[k] for w in window])  # noqa: E731
-                    kl = f" | kl {mean('kl'):.4f}" if "kl" in metrics else ""
-                    print(f"step {step}/{cfg.steps} | reward {mean('reward_mean'):.3f} "
-                          f"(std {mean('reward_std'):.3f}) | len "
-                          f"{mean('completion_len_mean'):.1f} | loss {mean('loss'):.4f}{kl} | "
-                          f"clip {mean('clip_fraction'):.3f} | gen "
-                          f"{100 * mean('gen_share'):.0f}% learn "
-                          f"{100 * mean('learn_share'):.0f}% of {mean('gen_seconds') + mean('learn_seconds'):.2f}s",
-                          flush=True)
+                    print(_log_line(step, cfg.steps, window), flush=True)
                     window = []
                 signum = stop.requested(step)
                 summary.update(steps=step, reward_mean=roll["reward_mean"])

@@ -87,6 +87,10 @@ def test_a_resumed_run_repeats_the_uninterrupted_rollouts_and_losses(sft_run, tm
     # The batch pending at the stop came back with the checkpoint: none sampled twice.
     summaries = [json.loads((r / "summary.json").read_text()) for r in (full, run)]
     assert [s["rollout_batches"] for s in summaries] == [8, 8]
+    # Lag 1: B_1 and B_2 are both the initial policy's samples; the learner has moved
+    # by step 2 (ratio off 1), not at step 1.
+    assert a[1]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(a[2]["ratio_mean"] - 1.0) > 1e-4
     assert a[8]["kl"] > 0 and any(a[s]["clip_fraction"] > 0 for s in a)
 
 

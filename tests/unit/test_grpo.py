@@ -141,3 +141,16 @@ def test_reward_specs_and_a_failing_reward_function(tmp_path):
         rl_tasks.reward_function("fuzzy")
     with pytest.raises(ConfigError, match="not a regular expression"):
         rl_tasks.reward_function("regex:(")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("rl.temperature=0", "rl.temperature must be > 0"),
+    ("rl.group=0", "rl.group must be >= 1"),
+    ("rl.clip_eps=1.5", "rl.clip_eps must be in"),
+    ("rl.lag=-1", "rl.lag must be >= 0"),
+    ("rl.task=multiply", "rl.task"),
+])
+def test_bad_rl_settings_are_config_errors(override, match):
+    from lm.config import TrainConfig, apply_overrides, validate
+    with pytest.raises(ConfigError, match=match):
+        validate(apply_overrides(TrainConfig(), [override]))
