@@ -115,7 +115,13 @@ class Rollouts:
         cfg, rl, tok = self.cfg, self.cfg.rl, self.run.tokenizer
         problems = rl_tasks.problems(rl.task, rl.size, cfg.seed, step, rl.prompts)
         prompts = [[int(t) for t in tok.frame(tok.encode(p.prompt))] for p in problems]
-        max_len = cfg.model.max_seq_len
+        # A row holds prompt + completion less one token: no sequence needs more pages.
+        max_len = min(cfg.model.max_seq_len, cfg.data.seq_len + 1)
+        for p, ids in zip(problems, prompts):
+            if len(ids) >= max_len:
+                raise ConfigError(f"data.seq_len={cfg.data.seq_len} (model.max_seq_len="
+                                  f"{cfg.model.max_seq_len}) leaves no room to generate after "
+                                  f"the prompt {p.prompt!r} ({len(ids)} tokens); raise it")
         per_seq = -(-max_len // PAGE_SIZE)
         # The learner's params as they are (no copy): the engine reads the same arrays.
         engine = Engine(self.run.pieces.graphdef, params, slots=cfg.batch_size,
