@@ -50,6 +50,8 @@ from lm.optim.config import OptimConfig
 from lm.parallel.sharding import MESH_AXES
 from lm.peft import lora as _lora
 from lm.peft.lora import LoRAConfig
+from lm.post import rl_config as _rl
+from lm.post.rl_config import RLConfig
 from lm.schema import knob, section
 from lm.train.trackers.config import TrackConfig
 
@@ -148,6 +150,7 @@ class TrainConfig:
     distill: DistillConfig = section(DistillConfig)
     sparsity: SparsityConfig = section(SparsityConfig)
     quant: QuantConfig = section(QuantConfig)
+    rl: RLConfig = section(RLConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
@@ -445,6 +448,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
     _distill.validate(cfg.distill)
+    _rl.validate(cfg.rl)
     _sparsity.validate(cfg.sparsity)
     if _sparsity.enabled(cfg.sparsity) and cfg.lora.rank:
         raise ConfigError("sparsity.mode and lora.rank: a LoRA run's base is frozen "

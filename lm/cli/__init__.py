@@ -1,4 +1,4 @@
-"""`lm train | train-group | eval | sample | generate | serve | bench | compile | quantize |
+"""`lm train | train-group | rl | eval | sample | generate | serve | bench | compile | quantize |
 import hf | export hf | prune | linearize | sweep | results | analyze | launch
 {local,tpu,slurm} | data prepare`.
 
@@ -22,8 +22,8 @@ from lm.cli.command import Command
 from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
-MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "quantize",
-           "interop", "prune", "linearize", "sweep", "launch", "data", "config")
+MODULES = ("train", "rl", "eval", "sample", "generate", "serve", "bench", "compile",
+           "quantize", "interop", "prune", "linearize", "sweep", "launch", "data", "config")
 
 
 def commands() -> dict[str, Command]:

@@ -1,0 +1,1 @@
+"""Post-training: preference objectives (DPO family) and RL with verifiable rewards (GRPO)."""
