@@ -16,6 +16,8 @@ EXPERIMENTS = {
     "optimizers": {"lr_transfer.png"},
     "norm_placement": {"lr_sweep.png", "residual_growth.png"},
     "scaling_laws": {"loss_law.png"},
+    "low_precision": {"lr_sweep.png"},
+    "compress": {"pareto.png"},
 }
 
 
