@@ -86,8 +86,10 @@ def evaluate_preference(pieces, eval_step, params, batches, frozen=()) -> dict:
         out = jax.device_get(eval_step(params, pieces.replicated_batch(batch), *frozen))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-    n = max(float(sums.pop("pairs", 0.0)), 1.0)
-    return {**{k: float(v) / n for k, v in sums.items()}, "bpb": float("nan")}
+    n = np.maximum(sums.pop("pairs", 0.0), 1.0)  # (the same for every trial of a group)
+    means = {k: v / n for k, v in sums.items()}  # arrays [K] for a batched group's trials
+    return {**{k: float(v) if np.ndim(v) == 0 else v for k, v in means.items()},
+            "bpb": float("nan")}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) -> int:
