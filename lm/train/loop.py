@@ -138,6 +138,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     teacher = pieces.teacher
     if teacher is not None:  # the teacher's forward (and the losses) run in the same step
         fpt += teacher.step_flops_per_token(cfg.model)
+    elif cfg.objective == "dpo":  # a LoRA run's base as the reference: one more forward
+        fpt += flops_per_token(cfg.model, cfg.data.seq_len) / 3
     peak, peak_source = device_peak_flops()
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
