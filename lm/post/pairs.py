@@ -115,11 +115,11 @@ class PairRows:
         for i, pair in enumerate(pairs):  # a prompt must leave room for the completion
             for d in (2 * i, 2 * i + 1):
                 learned = np.flatnonzero(weights[offsets[d] + 1:offsets[d + 1]] > 0)
-                if not len(learned) or learned[0] >= self.seq_len:
+                # target j predicts token j + 1: the completion starts at token learned[0] + 1
+                if learned[0] >= self.seq_len:
                     raise DataError(
-                        f"{pair.where}: the prompt is {learned[0] if len(learned) else '?'} "
-                        f"tokens, data.seq_len={self.seq_len} leaves no room for the "
-                        "completion")
+                        f"{pair.where}: the prompt is {learned[0] + 1} tokens, "
+                        f"data.seq_len={self.seq_len} leaves no room for the completion")
         self.n = len(pairs)
 
     def __len__(self) -> int:
