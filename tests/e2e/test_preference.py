@@ -105,3 +105,23 @@ def test_bad_pairs_are_one_line_naming_the_record(lm_here, tmp_path):
                          "must be even")
     assert_train_refused(lm_here, tmp_path / "nopairs", ["objective=orpo"],
                          "needs data.preferences")
+
+
+def test_batched_trials_sweep_beta_in_one_program_as_each_alone(tiny_run, pairs, tmp_path):
+    """Two DPO trials at different beta from one --init-from, one program and one shared
+    reference: each equals the same run alone."""
+    from lm import config as config_lib
+    from lm.configs import DEFAULT_CONFIG
+    from lm.train.loop import train
+    from lm.train.trials import train_group
+    base = config_lib.apply_overrides(config_lib.load_config_file(DEFAULT_CONFIG), dpo(
+        pairs, f"init_from={tiny_run}", "steps=4", "eval_every=4", "tensorboard=false"))
+    cfgs = [config_lib.apply_overrides(base, [f"name=b{b}", f"preference.beta={b}"])
+            for b in (0.1, 0.5)]
+    assert train_group(cfgs, [tmp_path / "group" / c.name for c in cfgs]) == [0, 0]
+    assert train(cfgs[1], tmp_path / "alone") == 0
+    group = tmp_path / "group" / "b0.5"
+    assert train_losses(group) == pytest.approx(train_losses(tmp_path / "alone"), rel=1e-5)
+    assert train_losses(group) != train_losses(tmp_path / "group" / "b0.1")
+    assert (_records(group, "eval")[-1]["reward_margin"]
+            == pytest.approx(_records(tmp_path / "alone", "eval")[-1]["reward_margin"], rel=1e-4))
