@@ -32,6 +32,8 @@ from typing import Any, Literal
 from lm import optim as _optim
 from lm.compress import distill as _distill
 from lm.compress.distill import DistillConfig
+from lm.compress import sparsity as _sparsity
+from lm.compress.sparsity import SparsityConfig
 from lm.data import mixture as _mixture
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
@@ -150,6 +152,7 @@ class TrainConfig:
     track: TrackConfig = section(TrackConfig)
     distill: DistillConfig = section(DistillConfig)
     preference: PreferenceConfig = section(PreferenceConfig)
+    sparsity: SparsityConfig = section(SparsityConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
@@ -451,6 +454,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
     _lora.validate(cfg.lora, m)
     _distill.validate(cfg.distill)
+    _sparsity.validate(cfg.sparsity)
+    if _sparsity.enabled(cfg.sparsity) and cfg.lora.rank:
+        raise ConfigError("sparsity.mode and lora.rank: a LoRA run's base is frozen "
+                          "(prune the merged model instead)")
     _preference.validate(cfg.preference)
     if cfg.objective != "lm":
         _validate_preference_run(cfg)

@@ -1,5 +1,5 @@
 """`lm train | train-group | eval | sample | generate | serve | bench | compile | import hf |
-export hf | sweep | results | analyze | launch {local,tpu,slurm} | data prepare`.
+export hf | prune | sweep | results | analyze | launch {local,tpu,slurm} | data prepare`.
 
 Each command group is one module here (lm/cli/<group>.py) that declares its commands as
 `COMMANDS = [Command(...)]` (lm/cli/command.py): arguments, handler, and how it runs.
@@ -22,7 +22,7 @@ from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
 MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "interop",
-           "sweep", "launch", "data", "config")
+           "prune", "sweep", "launch", "data", "config")
 
 
 def commands() -> dict[str, Command]:

@@ -13,6 +13,7 @@ from lm.model.mixers.mamba2 import Mamba2Config
 from lm.model.mixers.mlp import MLPConfig
 from lm.model.mixers.moe import MoEConfig
 from lm.model.mixers.retention import RetentionConfig
+from lm.model.mixers.skip import SkipChannelConfig, SkipConfig
 from lm.model.recursive import Recursion, migrate_model_section
 from lm.model.rope_scaling import RopeScaling
 from lm.schema import Composed, knob, section
@@ -81,17 +82,20 @@ class ModelConfig(Composed):
             "without batch dimensions: weights-side products, not attention scores).")
     mixer_pattern: str = knob(
         "a", doc="Sequence mixer per layer by code letter, cycled over the layers: a = "
-                 "attention, m = Mamba-2 (SSD), r = RetNet retention. \"a\" = a transformer; "
-                 "\"mmma\" = attention every 4th layer.")
+                 "attention, m = Mamba-2 (SSD), r = RetNet retention, - = none (a pruned "
+                 "layer's removed attention). \"a\" = a transformer; \"mmma\" = attention "
+                 "every 4th layer.")
     channel_pattern: str = knob(
         "f", doc="Channel mixer per layer, cycled likewise: f = the MLP, e = mixture of "
-                 "experts (\"fe\" = MoE every 2nd layer).")
+                 "experts, - = none (removed by pruning) (\"fe\" = MoE every 2nd layer).")
 
     attention: AttentionConfig = section(AttentionConfig)
     mamba2: Mamba2Config = section(Mamba2Config)
     retention: RetentionConfig = section(RetentionConfig)
     mlp: MLPConfig = section(MLPConfig)
     moe: MoEConfig = section(MoEConfig)
+    skip: SkipConfig = section(SkipConfig)
+    skip_channel: SkipChannelConfig = section(SkipChannelConfig)
 
     @property
     def kv_heads(self) -> int:

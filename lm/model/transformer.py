@@ -37,19 +37,28 @@ class Block(nnx.Module):
         sequence, channel = mixers.sequence_mixer(cfg, layer), mixers.channel_mixer(cfg, layer)
         self.mixer = sequence(sequence.layer_config(cfg, layer), rngs)
         self.channel = channel(channel.layer_config(cfg, layer), rngs)
+        # A removed sublayer (mixers/skip.py, pruning) takes its own norms with it; with
+        # post placement the norms sit on the residual stream and stay.
+        self.has_mixer, self.has_channel = not sequence.empty, not channel.empty
+        post = self.position == "post"
         if self.position != "out":  # "out" normalises only the sublayers' outputs
-            self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
-            if not (self.parallel and self.position != "post"):
+            if post or self.has_mixer or (self.parallel and self.has_channel):
+                self.norm1 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+            if not (self.parallel and not post) and (post or self.has_channel):
                 self.norm2 = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
         if self.position in ("peri", "out"):  # each sublayer's output normalised
-            self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
-            self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+            if self.has_mixer:
+                self.attn_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
+            if self.has_channel:
+                self.mlp_out_norm = Norm(cfg.d_model, cfg.norm, "embed", pdt, cfg.norm_eps)
 
     def mixer_input(self, x, layer_index):
         """What the sequence mixer sees of the block's input x (its input norm applied
         where the norm placement has one), as __call__ computes it."""
         ls = jax.lax.rsqrt(layer_index + 1.0) if self.layernorm_scaling else 1.0
-        return self.norm1(x) * ls if self.position not in ("post", "out") else x
+        if self.position in ("post", "out") or not hasattr(self, "norm1"):
+            return x
+        return self.norm1(x) * ls
 
     def __call__(self, x, positions, segment_ids, layer_index, cache=None, cache_index=None):
         """-> (x, cache, max attention logit, the channel mixer's aux dict). layer_index
@@ -78,19 +87,21 @@ class Block(nnx.Module):
                 x = self.norm2(x + channel(x)) * ls
             return x, cache, max_logit, channel_aux
 
-        inputs = self.position != "out"  # pre / peri: norms on the sublayers' inputs
-        outputs = self.position in ("peri", "out")  # and / or on their outputs
-        h = self.norm1(x) * ls if inputs else x
+        # pre / peri: norms on the sublayers' inputs, and / or (peri, out) on their
+        # outputs; a removed sublayer has neither (its zero output is added as it is).
+        inputs = self.position != "out"
+        outputs = self.position in ("peri", "out")
+        h = self.norm1(x) * ls if inputs and hasattr(self, "norm1") else x
         a, cache, max_logit = mix(h)
-        if outputs:
+        if outputs and self.has_mixer:
             a = self.attn_out_norm(a)
         if self.parallel:
             m = channel(h)
-            x = x + a + (self.mlp_out_norm(m) if outputs else m)
+            x = x + a + (self.mlp_out_norm(m) if outputs and self.has_channel else m)
         else:
             x = x + a
-            m = channel(self.norm2(x) * ls if inputs else x)
-            x = x + (self.mlp_out_norm(m) if outputs else m)
+            m = channel(self.norm2(x) * ls if inputs and self.has_channel else x)
+            x = x + (self.mlp_out_norm(m) if outputs and self.has_channel else m)
         return x, cache, max_logit, channel_aux
 
 

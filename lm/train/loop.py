@@ -34,6 +34,7 @@ from lm.parallel.sharding import per_device_bytes
 from lm.post.pairs import pair_eval_batches, pair_iterator
 from lm.post.reference import attach_frozen
 from lm.train import trackers
+from lm.compress.sparsity import effective_params
 from lm.train.param_source import first_state, run_checkpointer
 from lm.train.driver import Job, drive, open_run
 from lm.train.mfu import device_peak_flops
@@ -212,13 +213,15 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
 
     def evaluate_state(s) -> list[dict]:
         if cfg.objective != "lm":
-            return [evaluate_preference(pieces, eval_step, s["params"], eval_data, frozen)]
-        result = (evaluate_by_source(pieces, eval_step, s["params"], eval_data, tokenizer)
+            return [evaluate_preference(pieces, eval_step, effective_params(s), eval_data,
+                                        frozen)]
+        params = effective_params(s)  # a sparse run's masked (lm/compress/sparsity.py)
+        result = (evaluate_by_source(pieces, eval_step, params, eval_data, tokenizer)
                   if isinstance(eval_data, dict) else
-                  evaluate(pieces, eval_step, s["params"], eval_data, tokenizer))
+                  evaluate(pieces, eval_step, params, eval_data, tokenizer))
         step = int(jax.device_get(s["step"]))
         if tasks_due(cfg.evals, cfg.eval_every, step, cfg.steps):
-            result.update(evaluate_during_training(run, s["params"], cfg.evals, step, run_dir))
+            result.update(evaluate_during_training(run, params, cfg.evals, step, run_dir))
         return [result]
 
     job = Job(cfg=cfg, runs=[run_record], batches=batches, state=state, start=start,

@@ -54,6 +54,7 @@ import jax
 
 from lm import config as config_lib
 from lm.config import ConfigError, TrainConfig
+from lm.compress.sparsity import effective_params
 from lm.interop.families import model_config_from_hf
 from lm.interop.hf_import import load_params, read_hf_config
 from lm.model import recursive
@@ -260,6 +261,13 @@ def with_source_model(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     if not any(o.strip().startswith("data.tokenizer=") for o in overrides):
         data = dataclasses.replace(data, tokenizer=tokenizer)
     out = dataclasses.replace(cfg, model=model, data=data, init_from=str(source.path))
+    if isinstance(source, RunCheckpoint) and cfg.sparsity == type(cfg.sparsity)() and not any(
+            o.strip().startswith("sparsity.") for o in overrides):
+        # A sparse source's pattern and targets carry on (a pruned run heals with its
+        # masks fixed); --set sparsity.mode=off trains it dense.
+        src_sparsity = config_lib.load_run_config(source.path / "config.json").sparsity
+        if src_sparsity.mode != "off":
+            out = dataclasses.replace(out, sparsity=src_sparsity)
     out = config_lib.apply_overrides(out, [o for o in overrides if o.strip().startswith("model.")])
     return config_lib.validate(out)
 
@@ -396,7 +404,9 @@ def _read_params(run_dir: Path, pieces: RunPieces, step: int | None) -> tuple[in
     (a trainer may be writing it): an unreadable checkpoint is reported and skipped,
     never renamed; a pinned one that does not read is a ConfigError."""
     ckpt = run_checkpointer(run_dir, pieces)
-    read = lambda s: ckpt.restore_params(s, pieces.abstract_state())["params"]  # noqa: E731
+    # The params as the model computes with them: a sparse run's masked (the one place
+    # inference, export and --init-from read a run's weights; lm/compress/sparsity.py).
+    read = lambda s: effective_params(ckpt.restore_params(s, pieces.abstract_state()))  # noqa: E731
     try:
         if step is None:
             return ckpt.restore_newest_intact(read, rename=False)

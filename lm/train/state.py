@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lm.compress import sparsity
 from lm.compress.distill import init_projection, projection_shape
 from lm.kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
@@ -29,7 +30,7 @@ from lm.parallel.ring import sequence_attention
 from lm.post.preference import Objective, needs_reference
 from lm.train.step import (loss_chunk_for, make_eval_step, make_preference_eval_step,
                            make_train_step)
-from lm.tree import get_path
+from lm.tree import get_path, set_path
 
 
 @dataclass
@@ -51,6 +52,9 @@ class RunPieces:
     # lm bench); its params are the step's third argument. None: no such model (and for
     # every command that does not train).
     teacher: Any = field(default=None, repr=False)
+    # A sparse run's target matrices: {path in params: fan-in axes} (lm/compress/
+    # sparsity.py); {} when sparsity.mode=off. Their masks are state["sparsity"].
+    sparse_targets: dict = field(default_factory=dict, repr=False)
     _abstract: dict | None = field(default=None, init=False, repr=False)
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -71,7 +75,16 @@ class RunPieces:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": self.tx.init(params),
                 "step": jnp.zeros([], jnp.int32),
-                "rng": jax.random.PRNGKey(self.cfg.seed + 1), **self._distill_init()}
+                "rng": jax.random.PRNGKey(self.cfg.seed + 1), **self._distill_init(),
+                **self._sparsity_init(params)}
+
+    def _sparsity_init(self, params: dict) -> dict:
+        """{"sparsity": the N:M masks, top-N magnitudes of `params`} of a sparse run,
+        else {}."""
+        if not self.sparse_targets:
+            return {}
+        return {"sparsity": sparsity.magnitude_masks(self.cfg.sparsity, params,
+                                                     self.sparse_targets)}
 
     def _distill_init(self) -> dict:
         """{"distill": the hidden-state loss's projection and its optimizer state} when
@@ -90,9 +103,10 @@ class RunPieces:
         return jax.jit(lambda: get_path(self._init()["params"], path),
                        out_shardings=get_path(self.state_shardings["params"], path))()
 
-    def fresh_state(self, params: dict) -> dict:
+    def fresh_state(self, params: dict, masks: dict | None = None) -> dict:
         """A train state around given params (e.g. restored from elsewhere, on their
-        shardings): a fresh optimizer state, step 0."""
+        shardings): a fresh optimizer state, step 0; a sparse run's `masks` (default: the
+        top-N magnitudes of params)."""
         sh = self.state_shardings
         state = {"params": params,
                  "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
@@ -101,6 +115,10 @@ class RunPieces:
         if "distill" in sh:
             state["distill"] = jax.jit(lambda: self._distill_init()["distill"],
                                        out_shardings=sh["distill"])()
+        if "sparsity" in sh:
+            state["sparsity"] = (jax.device_put(masks, sh["sparsity"]) if masks is not None
+                                 else jax.jit(lambda p: self._sparsity_init(p)["sparsity"],
+                                              out_shardings=sh["sparsity"])(params))
         return state
 
     def abstract_state(self) -> dict:
@@ -148,13 +166,17 @@ class RunPieces:
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included
                                None if self.cfg.lora.rank else self.cfg.model, distill,
-                               objective)
+                               self._sparsity_hook(), objective)
         in_shardings = (self.state_shardings, self.batch_sharding)
         if self.teacher is not None:
             in_shardings += (self.teacher.param_shardings,)
         return jax.jit(self.traced_with_mesh(step), in_shardings=in_shardings,
                        out_shardings=(self.state_shardings, replicated(self.mesh)),
                        donate_argnums=0)
+
+    def _sparsity_hook(self):
+        """(sparsity section, target fan-ins) of a sparse run's step, else None."""
+        return (self.cfg.sparsity, self.sparse_targets) if self.sparse_targets else None
 
     def eval_step(self):
         return self.params_batch_fn("eval", make_eval_step(self.graphdef, self.loss_chunk))
@@ -248,5 +270,12 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     if shape is not None:  # small: replicated
         abstract = jax.eval_shape(lambda: init_projection(shape, jax.random.PRNGKey(0)))
         state_sh["distill"] = jax.tree.map(lambda _: replicated(mesh), abstract)
+    targets = {}
+    if sparsity.enabled(cfg.sparsity):  # masks on their matrices' shardings
+        targets = sparsity.target_paths(cfg.sparsity, pure, axes)
+        state_sh["sparsity"] = {}
+        for path in targets:
+            set_path(state_sh["sparsity"], path, get_path(p_sh, path))
     return RunPieces(cfg, mesh, rules, graphdef, axes, tx, schedule(cfg.optim, cfg.steps),
-                     state_sh, batch_sharding(mesh, rules, cfg.data.seq_len, cfg.batch_size))
+                     state_sh, batch_sharding(mesh, rules, cfg.data.seq_len, cfg.batch_size),
+                     sparse_targets=targets)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from lm.compress.distill import (hidden_loss, kd_per_token, mixed_loss, projection_optimizer,
                                  relation_loss)
+from lm.compress import sparsity as sparsity_lib
 from lm.model import recursive
 from lm.post.preference import Objective, preference_stats, valid_pairs
 
@@ -222,7 +223,7 @@ def _tree_rms(tree) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
                     grad_accum: int, loss_chunk: int = 0, model_cfg=None, distill=None,
-                    objective: Objective | None = None):
+                    sparsity=None, objective: Objective | None = None):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
 
     distill: (the teacher's graphdef, the distill section, the hidden-state loss's
@@ -236,6 +237,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     metrics["channel"]: per layer, the channel mixers' diagnostics (MoE load, ...; means
     over microbatches); `model_cfg` applies their rule-based parameter updates (MoE's
     balancing bias) after the optimizer's.
+
+    sparsity: (the sparsity section, {target path: fan-in axes}) of a sparse run
+    (lm/compress/sparsity.py): the forward computes with params * state["sparsity"]
+    (the masks); fixed, the gradient and the updated params are masked; learned, the
+    gradient goes straight through to the dense weights (plus SR-STE decay) and the
+    masks follow the weights' magnitudes when due (metrics["mask_flips"]: entries
+    changed).
 
     objective: a preference objective (lm/post/preference.py `Objective`): the batch's rows
     are pairs (2i chosen, 2i + 1 rejected; microbatches split by pairs), the loss and
@@ -295,9 +303,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         params = state["params"]
         proj = (state["distill"]["params"] if distill is not None and objective is None
                 and "distill" in state else None)
-        (grads, proj_grads), stats = grads_and_stats(params, batch, teacher_params, proj)
+        masks = state["sparsity"] if sparsity is not None else None
+        forward = params if masks is None else sparsity_lib.masked(params, masks)
+        (grads, proj_grads), stats = grads_and_stats(forward, batch, teacher_params, proj)
+        if masks is not None:
+            grads = sparsity_lib.gradients(sparsity[0], grads, params, masks)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if masks is not None:
+            new_params, masks, flips = sparsity_lib.after_update(
+                sparsity[0], new_params, masks, state["step"], sparsity[1])
         if model_cfg is not None:
             from lm.model.transformer import update_outside_gradient
             new_params = update_outside_gradient(model_cfg, params, new_params, stats["channel"])
@@ -318,6 +333,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
         )
         new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.fold_in(state["rng"], 1)}
+        if masks is not None:
+            new_state["sparsity"] = masks
+            if sparsity[0].mode == "learned":
+                metrics["mask_flips"] = flips
         if "distill" in state:  # the hidden-state loss's projection (lm/compress/distill.py)
             new_state["distill"] = state["distill"]
             if proj is not None:

@@ -131,6 +131,8 @@ def unbatchable(cfg: TrainConfig) -> str | None:
         return "evals.tasks (the harness scores one run's parameters at a time)"
     if cfg.data.sources:
         return "data.sources (a mixture's per-source evaluation runs one run at a time)"
+    if cfg.sparsity.mode != "off":
+        return "sparsity (the masks are not batched yet)"
     return None
 
 
@@ -301,7 +303,7 @@ class Group:
                 teacher.pieces.graphdef, cfg.distill, teacher.plan)
             step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
                                    cfg.grad_accum, pieces.loss_chunk, cfg.model, distill,
-                                   objective)
+                                   objective=objective)
             return step(state, batch, teacher_params)
 
         def step(group, values, batch, teacher_params=None):

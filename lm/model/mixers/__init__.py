@@ -21,6 +21,9 @@ layers. Adding a mixer = one new file (here, or anywhere: a plug-in imported bef
 after lm.config) + its import line below; a built-in one also gets a declared field in
 lm/model/config.py, so that editors and type checkers see `cfg.<name>`.
 
+A removed sublayer (depth pruning, lm/compress/prune.py) is the "-" mixer of skip.py, in
+either pattern: no parameters, zero output, and the block leaves out its norms (`empty`).
+
 Nothing outside this package branches on a mixer's name: the block, the sampler's
 and the engine's caches, FLOPs per token, parameter counts and validation all ask the mixer.
 """
@@ -32,4 +35,4 @@ from lm.model.mixers.base import (  # noqa: F401  (the plug-in API)
     logit_layers, register, scan_flops_per_token, sequence_mixer, sharded_linear_scan,
     used_mixers, validate, validate_mesh)
 # The registrations: one import per mixer file.
-from lm.model.mixers import attention, mamba2, mlp, moe, retention  # noqa: F401, E402
+from lm.model.mixers import attention, mamba2, mlp, moe, retention, skip  # noqa: F401, E402

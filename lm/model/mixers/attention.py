@@ -145,6 +145,7 @@ def _mean_visible_keys(seq_len: int, window: int) -> float:
 @register
 class Attention(SequenceMixer):
     name, code, Config = "attention", "a", AttentionConfig
+    output = "wo"
     adaptable = {"wq": 1, "wk": 1, "wv": 1, "wo": 2}
 
     @classmethod

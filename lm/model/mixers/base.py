@@ -26,6 +26,13 @@ class _Mixer(nnx.Module):
     # attention's wo [heads, head_dim, embed] -> 2. A weight [in..., out...] gets
     # adapters A [in..., rank], B [rank, out...]. Stacked experts are not declared.
     adaptable: ClassVar[dict[str, int]] = {}
+    # A removed sublayer (lm/model/mixers/skip.py): output zero, no parameters; the block
+    # leaves out its norms.
+    empty: ClassVar[bool] = False
+    # The parameter whose zeroing makes this mixer's output zero (its output projection,
+    # with no bias after it): depth pruning (lm/compress/prune.py) scores a sublayer by
+    # the parent with it zeroed. None: not declared (such a layer is not scored).
+    output: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, cfg: "ModelConfig") -> None:

@@ -73,6 +73,7 @@ class Mamba2(SequenceMixer):
     projection. Heads = model.n_heads, each of width mamba2.expand * d_model / n_heads."""
 
     name, code, Config = "mamba2", "m", Mamba2Config
+    output = "w_out"
     adaptable = {"w_z": 1, "w_x": 1, "w_b": 1, "w_c": 1, "w_dt": 1, "w_out": 1}
 
     @classmethod

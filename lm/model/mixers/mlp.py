@@ -90,6 +90,7 @@ mlp_core.defvjp(_fwd, _bwd)
 @register
 class MLP(ChannelMixer):
     name, code, Config = "mlp", "f", MLPConfig
+    output = "w_out"
     # (w_out is stored [d_model, d_ff]: its rank-r updates are the same set either way.)
     adaptable = {"w_in": 1, "w_gate": 1, "w_out": 1}
 

@@ -46,6 +46,7 @@ class Retention(SequenceMixer):
     swish gate, and the output projection."""
 
     name, code, Config = "retention", "r", RetentionConfig
+    output = "wo"
     adaptable = {"wq": 1, "wk": 1, "wv": 1, "wg": 1, "wo": 2}
 
     @classmethod
