@@ -159,8 +159,11 @@ def arms(workdir: Path, smoke: bool) -> dict[str, dict]:
 def sweep(smoke: bool = False, workdir: Path | None = None) -> Sweep:
     from lm.sweep import Grid
     workdir = Path(workdir or ".")
+    # The model comes from the child (init_from) or its config (scratch arms), never
+    # from the base: init_from refuses a model section that differs from its source's.
     base = {k: v for k, v in _parent_overrides(smoke).items()
-            if k not in ("steps", "eval_every", "checkpoint_every", "seed")}
+            if k not in ("steps", "eval_every", "checkpoint_every", "seed")
+            and not k.startswith("model.")}
     return Sweep(overrides=base, arms=arms(workdir, smoke),
                  axes=[Grid("seed", [0] if smoke else SEEDS)], batch=len(SEEDS))
 

@@ -33,6 +33,7 @@ from lm.hostmem import host_malloc_active
 from lm.model import count_params, flops_per_token
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
+from lm.compress.quantize import matmul_precision
 from lm.train.mfu import device_peak_flops, mfu
 from lm.train.setup import RunSetup, setup_run
 
@@ -114,7 +115,8 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     if pieces.teacher is not None:
         fpt += pieces.teacher.forward_flops_per_token()
-    peak, source = device_peak_flops(measure=True)  # same conditions as the step
+    peak, source = device_peak_flops(measure=True,  # same conditions as the step
+                                     precision=matmul_precision(cfg.quant))
     tps = tokens / step_time
     counts = count_params(cfg.model)
     result = {

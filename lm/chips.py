@@ -12,7 +12,7 @@ kernel efficiency and, for a compute-bound step, says 100%.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GiB = 2**30
 
@@ -34,6 +34,15 @@ class Chip:
     # Published achieved MFU of tuned large dense models on this chip, one slice:
     # (what, MFU) pairs; empty where none is published (see the sources per chip).
     achieved_mfu: tuple[tuple[str, float], ...] = ()
+    # Dense int8 / fp8 matmul peaks (OP/s) where the chip has them (LOW_PRECISION below).
+    peak_int8: float | None = None
+    peak_fp8: float | None = None
+
+    def peak(self, precision: str = "bf16") -> tuple[float, str]:
+        """(peak OP/s of matmuls in `precision`, its name): int8 / fp8 where the chip
+        publishes one, else the bf16 peak."""
+        low = {"int8": self.peak_int8, "fp8": self.peak_fp8}.get(precision)
+        return (low, precision) if low else (self.peak_bf16, "bf16")
 
     @property
     def peak_flops(self) -> float:
@@ -84,6 +93,19 @@ GPUS = {
     "B200": Chip("B200", ("NVIDIA B200",), 2250e12, None, 180 * 10**9, 8e12, 900e9),
     "GB200": Chip("GB200", ("NVIDIA GB200",), 2250e12, None, 186 * 10**9, 8e12, 900e9),
 }
+
+# Dense low-precision peaks (half the "with sparsity" figures where only those are
+# printed). Google Cloud TPU docs (system architecture pages): v5e 394 int8 TOPS, v5p
+# 918, Trillium (v6e) 1836; no fp8 matmul units on these. NVIDIA data sheets (SXM):
+# H100 / H200 1979 TFLOPS fp8 and 1979 TOPS int8, A100 624 TOPS int8 (no fp8), L4 242.5
+# fp8 / int8, B200 4.5 PFLOPS fp8 / 4.5 POPS int8. v4: none published beyond bf16.
+LOW_PRECISION = {"v5e": (394e12, None), "v5p": (918e12, None), "v6e": (1836e12, None),
+                 "H100": (1979e12, 1979e12), "H200": (1979e12, 1979e12),
+                 "A100": (624e12, None), "L4": (242.5e12, 242.5e12),
+                 "B200": (4.5e15, 4.5e15)}
+for _name, (_int8, _fp8) in LOW_PRECISION.items():
+    _table = TPUS if _name in TPUS else GPUS
+    _table[_name] = replace(_table[_name], peak_int8=_int8, peak_fp8=_fp8)
 
 CHIPS = {**TPUS, **GPUS}
 

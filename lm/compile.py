@@ -380,6 +380,7 @@ class Report:
     mfu_high: float = 0.0         # MFU range (lm/chips.py); 0 where none is published
     mfu_basis: str = ""
     custom_calls: int = 0
+    low_precision_dots: dict = dataclasses.field(default_factory=dict)  # dtype -> count
     compile_s: float = 0.0
     error: str = ""
     largest: list = dataclasses.field(default_factory=list)
@@ -398,6 +399,21 @@ def compile_or_refusal(compile_fn):
             raise
         return None, time.perf_counter() - t0, msg
     return compiled, time.perf_counter() - t0, None
+
+
+LOW_PRECISION_TYPES = {"i8": "int8", "f8E4M3FN": "fp8_e4m3", "f8E5M2": "fp8_e5m2"}
+
+
+def low_precision_dots(stablehlo: str) -> dict[str, int]:
+    """{dtype: count} of the dot_generals in a lowered step (StableHLO text: operand types
+    are spelled out there, not in the compiled HLO) whose first operand is int8 or fp8:
+    quantized training's matmuls (lm/compress/quantize.py)."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*x?(\w+)>", stablehlo):
+        name = LOW_PRECISION_TYPES.get(m.group(1))
+        if name:
+            out[name] = out.get(name, 0) + 1
+    return out
 
 
 def memory_of(compiled) -> dict:
@@ -470,7 +486,8 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     report.opt_bytes = per_device_bytes(one["opt_state"])
     report.state_bytes = per_device_bytes(state)
     report.batch_bytes = per_device_bytes(batch)
-    compiled, report.compile_s, msg = compile_or_refusal(lambda: train_step().lower().compile())
+    lowered = train_step().lower()  # its StableHLO names the matmuls' operand types
+    compiled, report.compile_s, msg = compile_or_refusal(lowered.compile)
     if compiled is None:
         report.fits, report.error = False, msg.splitlines()[0][:300]
         need = re.search(r"required for HLO temporaries \(([\d.]+)G\)", msg)
@@ -486,6 +503,7 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
         report.largest = _largest_state(state)
     text = compiled.as_text()
     report.custom_calls = text.count("custom_call_target=\"tpu_custom_call\"")
+    report.low_precision_dots = low_precision_dots(lowered.as_text())
     slice_of = {d.id: getattr(d, "slice_index", 0) for d in devices}
     dcn_axes = frozenset(a for a in MESH_AXES
                          if getattr(cfg.mesh, f"dcn_{a}") > 1)
@@ -500,14 +518,17 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     report.model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens * trials
     recompute = {"none": 1.0, "full": 4 / 3}.get(cfg.model.remat, 1.15)  # dots: ~matmuls kept
     report.hw_flops_per_chip = report.model_flops * recompute / n
-    report.t_compute = report.hw_flops_per_chip / chip.peak_flops
+    from lm.compress.quantize import matmul_precision
+    # Quantized training's matmuls at the chip's int8 / fp8 peak where it has one.
+    peak, _ = chip.peak(matmul_precision(cfg.quant))
+    report.t_compute = report.hw_flops_per_chip / peak
     report.t_hbm = report.hbm_traffic / chip.hbm_bw
     ici = sum(c.moved - c.dcn_moved for c in colls.values())
     dcn = sum(c.dcn_moved for c in colls.values())
     report.t_ici, report.t_dcn = ici / chip.ici_bw, dcn / chip.dcn_bw
     terms = (report.t_compute, report.t_hbm, report.t_ici, report.t_dcn)
     report.t_overlap, report.t_serial = max(terms), max(terms[:2]) + sum(terms[2:])
-    ideal = report.model_flops / (n * chip.peak_flops)
+    ideal = report.model_flops / (n * peak)
     report.mfu_overlap = ideal / report.t_overlap if report.t_overlap else 0.0
     report.mfu_serial = ideal / report.t_serial if report.t_serial else 0.0
     achieved = chip.achieved_range()
@@ -586,6 +607,9 @@ def format_report(r: Report) -> str:
                      "usually reach less)")
     if r.custom_calls:
         lines.append(f"kernels: {r.custom_calls} TPU custom calls (Pallas / Mosaic)")
+    if r.low_precision_dots:  # quantized training (quant.mode=train)
+        lines.append("quantized matmuls: " + ", ".join(
+            f"{n} {dtype}" for dtype, n in sorted(r.low_precision_dots.items())))
     return "\n".join(lines)
 
 

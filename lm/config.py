@@ -34,6 +34,8 @@ from lm.compress import distill as _distill
 from lm.compress.distill import DistillConfig
 from lm.compress import sparsity as _sparsity
 from lm.compress.sparsity import SparsityConfig
+from lm.compress import quant_rules as _quant_rules
+from lm.compress.quant_rules import QuantConfig
 from lm.data import mixture as _mixture
 from lm import schema
 from lm.errors import ConfigError  # re-exported: the one definition
@@ -153,6 +155,7 @@ class TrainConfig:
     distill: DistillConfig = section(DistillConfig)
     preference: PreferenceConfig = section(PreferenceConfig)
     sparsity: SparsityConfig = section(SparsityConfig)
+    quant: QuantConfig = section(QuantConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
@@ -464,6 +467,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif d.preferences:
         raise ConfigError("data.preferences is set but objective=lm (set objective=dpo, "
                           "simpo or orpo)")
+    _quant_rules.validate(cfg.quant, m.scan_layers)
+    if cfg.quant.mode != "off" and cfg.distill.teacher:
+        raise ConfigError("quant.mode=train does not combine with distillation yet")
     _mixture.check(cfg.data, cfg.steps)
     _task_config.validate(cfg.evals, cfg.eval_every)
     _optim.validate(o)  # the direction's name, then its own section

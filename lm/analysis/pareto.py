@@ -9,14 +9,17 @@ each what the deployed model costs:
     bytes           the weights at 2 bytes each (bf16); a 2:4 matrix stored compressed as
                     NVIDIA's sparse tensor cores read it: the kept half plus a 2-bit index
                     per kept value (9/16 of its dense bytes)
-    flops/token     forward FLOPs per token (training FLOPs / 3, the 6N convention); a
-                    2:4 matrix's matmul at half its dense FLOPs (sparse tensor cores)
+    flops/token     the model's forward FLOPs per token (training FLOPs / 3, the 6N
+                    convention; a distilling run's teacher not counted); a 2:4 matrix's
+                    matmul at half its dense FLOPs (sparse tensor cores)
 
 A recipe is on the front for a size when no other recipe is at most as large and has a
 lower mean loss. Downstream task accuracies in the summaries (`tasks/<task>/acc`, from
 `evals.tasks`) are averaged per recipe beside the loss. The run's summary.json gives `params`, `flops_per_token` and, for a
-sparse run, `sparse_params` (the entries under 2:4 masks); a run without a recipe tag
-(the parent, trained by the experiment's prepare) is named by its directory.
+sparse run, `sparse_params` (the entries under N:M masks) and `sparse_pattern` ("2:4");
+a run without a recipe tag (the parent, trained by the experiment's prepare) is named by
+its directory. Runs with no validation loss (a pruned child never trained or evaluated
+as a run) are left out.
 """
 
 from __future__ import annotations
@@ -28,19 +31,33 @@ import numpy as np
 import pandas as pd
 
 BYTES_PER_PARAM = 2          # bf16 weights as served
-SPARSE_BYTE_FRACTION = 9 / 16  # 2:4 in bf16: half the values + 2 bits per kept value
 SIZES = {"params": "non-zero params", "bytes": "weight bytes", "flops": "FLOPs/token"}
 
 
+def _field(row: pd.Series, key: str, default: float) -> float:
+    v = row.get(key)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return default
+    return v if np.isfinite(v) else default
+
+
 def deployed_sizes(row: pd.Series) -> dict[str, float]:
-    """{params, bytes, flops} of one run's deployed model (see the module docstring)."""
-    params = float(row.get("params", math.nan))
-    sparse = row.get("sparse_params")
-    sparse = 0.0 if sparse is None or not np.isfinite(sparse) else float(sparse)
-    forward = float(row.get("flops_per_token", math.nan)) / 3
-    return {"params": params - sparse / 2,
-            "bytes": BYTES_PER_PARAM * (params - sparse + sparse * SPARSE_BYTE_FRACTION),
-            "flops": forward - sparse}  # a matmul is 2 FLOPs per weight; half of them skipped
+    """{params, bytes, flops} of one run's deployed model (see the module docstring).
+    summary.json's flops_per_token is the training step's (a distilling run's includes
+    its teacher: distill_flops_per_token, taken off here)."""
+    params = _field(row, "params", math.nan)
+    sparse = _field(row, "sparse_params", 0.0)
+    pattern = row.get("sparse_pattern")
+    n, m = (int(x) for x in pattern.split(":")) if sparse and isinstance(pattern, str) else (1, 1)
+    index_bits = math.ceil(math.log2(m)) if n < m else 0  # 2:4: a 2-bit index per kept value
+    kept = sparse * n / m
+    forward = (_field(row, "flops_per_token", math.nan)
+               - _field(row, "distill_flops_per_token", 0.0)) / 3
+    return {"params": params - sparse + kept,
+            "bytes": BYTES_PER_PARAM * (params - sparse + kept) + kept * index_bits / 8,
+            "flops": forward - 2 * (sparse - kept)}  # 2 FLOPs per weight; zeros skipped
 
 
 def recipe_of(runs: pd.DataFrame) -> pd.Series:
@@ -64,6 +81,9 @@ def pareto_table(runs: pd.DataFrame, loss: str = "final_val_loss") -> pd.DataFra
                      "loss": iv.mean, "loss_lo": iv.lo, "loss_hi": iv.hi, "seeds": iv.n,
                      **tasks})
     table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table[table["seeds"] > 0].reset_index(drop=True)
     for size in SIZES:
         table[f"front_{size}"] = on_front(table[size].to_numpy(), table["loss"].to_numpy())
     return table.sort_values("params", ascending=False, ignore_index=True)

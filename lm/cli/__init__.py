@@ -1,5 +1,6 @@
-"""`lm train | train-group | eval | sample | generate | serve | bench | compile | import hf |
-export hf | prune | sweep | results | analyze | launch {local,tpu,slurm} | data prepare`.
+"""`lm train | train-group | eval | sample | generate | serve | bench | compile | quantize |
+import hf | export hf | prune | linearize | sweep | results | analyze | launch
+{local,tpu,slurm} | data prepare`.
 
 Each command group is one module here (lm/cli/<group>.py) that declares its commands as
 `COMMANDS = [Command(...)]` (lm/cli/command.py): arguments, handler, and how it runs.
@@ -21,8 +22,8 @@ from lm.cli.command import Command
 from lm.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, find_disk_full
 
 #: The command modules under lm/cli/, in `lm --help` order.
-MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "interop",
-           "prune", "sweep", "launch", "data", "config")
+MODULES = ("train", "eval", "sample", "generate", "serve", "bench", "compile", "quantize",
+           "interop", "prune", "linearize", "sweep", "launch", "data", "config")
 
 
 def commands() -> dict[str, Command]:

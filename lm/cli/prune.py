@@ -75,7 +75,8 @@ def run(args) -> int:
 
 
 def _sparse(args) -> int:
-    from lm.compress.sparsity import parse_pattern, prune_2_4
+    from lm.compress.sparsity import parse_pattern
+    from lm.compress.sparsity_prune import prune_2_4
     parse_pattern(args.method)
     _refuse_flags(args.method, args, (*FLAGS, "force"))
     score = args.score or "magnitude"

@@ -37,6 +37,7 @@ from lm.train import trackers
 from lm.compress.sparsity import effective_params
 from lm.train.param_source import first_state, run_checkpointer
 from lm.train.driver import Job, drive, open_run
+from lm.compress.quantize import matmul_precision
 from lm.train.mfu import device_peak_flops
 from lm.train.setup import RunSetup, check_resumable, setup_run
 
@@ -141,7 +142,7 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         fpt += teacher.step_flops_per_token(cfg.model)
     elif cfg.objective == "dpo":  # a LoRA run's base as the reference: one more forward
         fpt += flops_per_token(cfg.model, cfg.data.seq_len) / 3
-    peak, peak_source = device_peak_flops()
+    peak, peak_source = device_peak_flops(precision=matmul_precision(cfg.quant))
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
@@ -164,6 +165,16 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     extra = {}
     if teacher is not None:
         extra["teacher_flops_per_token"] = teacher.forward_flops_per_token()
+        # what the model alone costs is flops_per_token minus this (lm analyze --pareto)
+        extra["distill_flops_per_token"] = teacher.step_flops_per_token(cfg.model)
+    if pieces.sparse_targets:  # the weights under N:M masks, and N:M
+        from lm.compress.sparsity import parse_pattern
+        from lm.tree import get_path
+        abstract = pieces.abstract_state()["params"]
+        extra["sparse_params"] = sum(int(np.prod(get_path(abstract, p).shape))
+                                     for p in pieces.sparse_targets)
+        parse_pattern(cfg.sparsity.pattern)
+        extra["sparse_pattern"] = cfg.sparsity.pattern
     run_record = open_run(run_dir, cfg, start, counts, fpt, ckpt, sink_enabled=main,
                           optimizer_state_bytes_per_param=optim_bytes, **extra)
     active = (f", {counts['active']:,} active" if counts["active"] != counts["total"] else "")

@@ -65,9 +65,13 @@ def cpu_peak_flops(refresh: bool = False) -> float:
     return peak
 
 
-def device_peak_flops(device=None, measure: bool = False) -> tuple[float, str]:
+def device_peak_flops(device=None, measure: bool = False,
+                      precision: str = "bf16") -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from). On CPU the f32 matmul
-    throughput of this machine: measured now with `measure`, else the cached figure."""
+    throughput of this machine: measured now with `measure`, else the cached figure.
+    `precision`: the dtype a quantized-training run's matmuls run in ("int8", "fp8":
+    lm/compress/quantize.py matmul_precision): the chip's peak in it where lm/chips.py
+    has one, else its bf16 peak (the source says which)."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return (cpu_peak_flops(refresh=measure),
@@ -75,7 +79,8 @@ def device_peak_flops(device=None, measure: bool = False) -> tuple[float, str]:
     kind = device.device_kind
     chip = for_device_kind(kind)
     if chip is not None:
-        return chip.peak_bf16, f"{chip.name} bf16 table (lm/chips.py)"
+        peak, used = chip.peak(precision)
+        return peak, f"{chip.name} {used} table (lm/chips.py)"
     return float("nan"), f"unknown device kind {kind!r}"
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lm.compress import sparsity
+from lm.compress import quantize
 from lm.compress.distill import init_projection, projection_shape
 from lm.kernels.dispatch import compiling_for
 from lm.config import ConfigError, TrainConfig
@@ -252,6 +253,7 @@ def build(cfg: TrainConfig, mesh: Mesh | None = None) -> RunPieces:
     if cfg.data.seq_len % seq_ways:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must divide by mesh.sequence={seq_ways}")
     abstract = nnx.eval_shape(lambda: make_model(cfg, nnx.Rngs(0)))
+    abstract = quantize.tag(abstract, cfg.quant, cfg.model.n_layers)  # quantized training
     graphdef, abstract_params = nnx.split(abstract)
     axes = param_axes(abstract)
     pure = nnx.to_pure_dict(abstract_params)

@@ -54,8 +54,16 @@ def token_losses(graphdef, params, batch, loss_chunk: int = 0, per_token=_per_to
     (lm/compress): its forward runs on the same batch under stop_gradient, chunked like
     the student's readout, and `kd(student_logits_BTV, teacher_logits_BTV)` -> [B, T] is
     appended to the per-token outputs; aux["taps"] and aux["teacher_taps"] then hold
-    the two models' hidden states after the layers the taps name."""
+    the two models' hidden states after the layers the taps name.
+
+    A model tagged for quantized training runs its forward under its qwix rules
+    (lm/compress/quantize.py): training, evaluation and `lm compile` all pass here."""
+    from lm.compress.quantize import intercepted
     model = nnx.merge(graphdef, params)
+    return intercepted(model, _model_losses)(model, batch, loss_chunk, per_token, teacher)
+
+
+def _model_losses(model, batch, loss_chunk, per_token, teacher):
     t_model, taps, t_taps = None, (), ()
     if teacher is not None:
         t_graphdef, t_params, kd, taps, t_taps = teacher

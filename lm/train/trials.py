@@ -519,7 +519,8 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
         for d in dirs[1:]:
             teacher.pin(d)
         extra["teacher_flops_per_token"] = teacher.forward_flops_per_token()
-        fpt += teacher.step_flops_per_token(first.model)
+        extra["distill_flops_per_token"] = teacher.step_flops_per_token(first.model)
+        fpt += extra["distill_flops_per_token"]
         print(f"{teacher.describe()}, shared by the {k} trials", flush=True)
     _, optim_bytes = optim_lib.describe(first.optim, first.model, pieces.abstract_state())
     runs = [open_run(d, c, start, counts, fpt, ckpt, label=f"trial {c.name}: ",

@@ -147,6 +147,10 @@ def test_learned_masks_train_from_scratch_and_act_wherever_weights_are_read(tmp_
     state = _state(run, 6)
     import jax
     from lm.tree import get_path, leaf_paths
+    summary = json.loads((run / "summary.json").read_text())  # for lm analyze --pareto
+    assert summary["sparse_pattern"] == "2:4"
+    assert summary["sparse_params"] == sum(np.asarray(get_path(state["params"], p)).size
+                                           for p, _ in leaf_paths(state["sparsity"]))
     assert any((np.asarray(get_path(state["params"], p))[~np.asarray(m)] != 0).any()
                for p, m in leaf_paths(jax.device_get(state["sparsity"])))  # dense weights
     ev = lm("eval", "--run", str(run), "--batches", "2")

@@ -15,6 +15,7 @@ from lm.model import Transformer
 from lm.model.mixers.attention import AttentionConfig
 from lm.model.mixers.mamba2 import Mamba2Config
 from lm.model.mixers.moe import MoEConfig
+from lm.model.mixers.retention import RetentionConfig
 from lm.sample import generate
 
 # init_std 0.5: varied greedy continuations (a flat model repeats one token).
@@ -25,6 +26,9 @@ MODELS = {
     "window_sinks": dict(attention=AttentionConfig(window=8, sinks=2, window_pattern="lg")),
     "hybrid": dict(mixer_pattern="ma", mamba2=Mamba2Config(state=8, chunk=8)),
     "retention_scanned": dict(mixer_pattern="r", scan_layers=True),  # slot axis 1
+    # lm linearize --keep-window: a softmax window's K/V beside the state, per slot
+    "retention_window": dict(mixer_pattern="ra", retention=RetentionConfig(
+        chunk=8, feature_map="hedgehog", normalize="sum", gate=False, window=4)),
     "moe_scanned": dict(channel_pattern="e", scan_layers=True,
                         moe=MoEConfig(n_experts=4, top_k=2, ratio=2.0)),
 }

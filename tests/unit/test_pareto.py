@@ -24,10 +24,13 @@ def test_sizes_count_2_4_matrices_as_sparse_tensor_cores_serve_them():
     dense = pareto.deployed_sizes(pd.Series({"params": 1000, "flops_per_token": 6000}))
     assert dense == {"params": 1000, "bytes": 2000, "flops": 2000}
     sparse = pareto.deployed_sizes(pd.Series({"params": 1000, "flops_per_token": 6000,
-                                              "sparse_params": 800}))
+                                              "sparse_params": 800, "sparse_pattern": "2:4"}))
     assert sparse["params"] == 600                          # half of the 800 kept
     assert sparse["bytes"] == 2 * (200 + 800 * 9 / 16)     # values + 2-bit indices
     assert sparse["flops"] == 2000 - 800                    # 2 FLOPs x 400 skipped weights
+    student = pareto.deployed_sizes(pd.Series({"params": 1000, "flops_per_token": 9000,
+                                               "distill_flops_per_token": 3000}))
+    assert student["flops"] == 2000                         # the teacher is not deployed
 
 
 def test_table_means_seeds_names_the_parent_and_marks_the_front(tmp_path):
@@ -41,6 +44,8 @@ def test_table_means_seeds_names_the_parent_and_marks_the_front(tmp_path):
          "flops_per_token": 3600, "final_val_loss": 2.6},
         {"run": "diverged", "arm": "depth-scratch", "params": 600,
          "flops_per_token": 3600, "final_val_loss": math.nan},
+        {"run": "pruned/depth", "arm": None, "params": 600, "flops_per_token": math.nan,
+         "final_val_loss": math.nan},  # a child never trained: no row
     ])
     table = pareto.pareto_table(runs).set_index("recipe")
     assert list(table.index) == ["parent", "depth-kd", "depth-scratch"]

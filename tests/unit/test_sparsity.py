@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY, sets
 from lm import config as config_lib
 from lm.configs import DEFAULT_CONFIG
-from lm.compress import sparsity
+from lm.compress import sparsity, sparsity_prune
 from lm.tree import get_path, leaf_paths
 
 MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
@@ -56,7 +56,7 @@ def test_masks_keep_exactly_two_of_four_along_the_fan_in_for_both_scores():
     assert targets[("blocks", 0, "channel", "w_out")] == (1,)  # stored [embed, mlp]
     params = pieces.init_state()["params"]
     for score in sparsity.SCORES:
-        scores = sparsity.scores_for(score, pieces.cfg.sparsity, pieces, params,
+        scores = sparsity_prune.scores_for(score, pieces.cfg.sparsity, pieces, params,
                                      [_batch()], targets)
         masks = sparsity.masks_from_scores(pieces.cfg.sparsity, scores, targets)
         for path, fan_in in targets.items():
@@ -130,7 +130,7 @@ def test_obs_and_magnitude_disagree_where_the_curvature_says_so():
     pieces = _pieces("sparsity.mode=fixed")
     params = pieces.init_state()["params"]
     cfg, targets = pieces.cfg.sparsity, pieces.sparse_targets
-    masks = {s: sparsity.masks_from_scores(cfg, sparsity.scores_for(
+    masks = {s: sparsity.masks_from_scores(cfg, sparsity_prune.scores_for(
         s, cfg, pieces, params, [_batch()], targets), targets) for s in sparsity.SCORES}
     differ = sum(int((a != b).sum()) for a, b in zip(
         jax.tree.leaves(masks["magnitude"]), jax.tree.leaves(masks["obs"])))

@@ -48,6 +48,13 @@ def causal_conv(x_BTC, w_KC, b_C, segment_ids_BT, prefix_BKC):
     return y, jnp.where(last_doc, xp[:, t:], 0)
 
 
+def _proj(x_BTD, w_DE):
+    """x @ w as an einsum: quantized training (qwix) rewrites jnp.einsum where it is
+    called, while `@` reaches lax.dot_general inside jnp.matmul's jit, whose cached trace
+    would outlive the quantization (or miss it)."""
+    return jnp.einsum("btd,de->bte", x_BTD, w_DE)
+
+
 @dataclass(frozen=True)
 class Mamba2Config:
     """Mamba-2 (SSD) sequence mixer (mixer code "m")."""
@@ -139,11 +146,11 @@ class Mamba2(SequenceMixer):
         cdt = self.cdt
         b, t, _ = x_BTD.shape
         h, p, n = self.heads, self.head_width, self.state
-        z = x_BTD @ self.w_z[...].astype(cdt)
-        xs = x_BTD @ self.w_x[...].astype(cdt)
-        bc = jnp.concatenate([x_BTD @ self.w_b[...].astype(cdt),
-                              x_BTD @ self.w_c[...].astype(cdt)], axis=-1)
-        dt = jax.nn.softplus((x_BTD @ self.w_dt[...].astype(cdt)).astype(jnp.float32)
+        z = _proj(x_BTD, self.w_z[...].astype(cdt))
+        xs = _proj(x_BTD, self.w_x[...].astype(cdt))
+        bc = jnp.concatenate([_proj(x_BTD, self.w_b[...].astype(cdt)),
+                              _proj(x_BTD, self.w_c[...].astype(cdt))], axis=-1)
+        dt = jax.nn.softplus(_proj(x_BTD, self.w_dt[...].astype(cdt)).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32))
         decoding = cache is not None
         cache = cache if decoding else self.init_cache(b)  # training: zero history
@@ -161,6 +168,6 @@ class Mamba2(SequenceMixer):
                                      impl=self.impl)
         y = y + x_BTHP * self.skip[...].astype(cdt)[:, None]
         y = self.out_norm(y.reshape(b, t, h * p) * jax.nn.silu(z))
-        out = y @ self.w_out[...].astype(cdt)
+        out = _proj(y, self.w_out[...].astype(cdt))
         new_cache = {"ssm": ssm, "conv_x": conv_x, "conv_bc": conv_bc} if decoding else None
         return out, new_cache, jnp.float32(NO_LOGIT)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.compress.quant_rules import quantized_trace
 from lm.errors import ConfigError
 from lm.model.layers import DTYPES, hidden_std, param
 from lm.model.mixers.base import ChannelMixer, register
@@ -116,4 +117,8 @@ class MLP(ChannelMixer):
         w_ins = (self.w_in[...].astype(cdt),)
         if self.kind in GATED:
             w_ins = (self.w_gate[...].astype(cdt),) + w_ins
+        if quantized_trace():  # qwix sees each matmul as traced: no custom VJP, einsums
+            pre = tuple(jnp.einsum("btd,df->btf", x_BTD, w) for w in w_ins)
+            return jnp.einsum("btf,df->btd", activation(self.kind, pre),
+                              self.w_out[...].astype(cdt))
         return mlp_core(self.kind, x_BTD, w_ins, self.w_out[...].astype(cdt))
