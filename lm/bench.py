@@ -25,7 +25,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lm.compress.teacher import teacher_for, with_teacher_width
+from lm.compress.teacher import with_teacher_width
+from lm.post.reference import attach_frozen
 from lm.config import TrainConfig
 from lm.data import train_iterator
 from lm.hostmem import host_malloc_active
@@ -73,10 +74,14 @@ def bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, loop_rounds: int =
     run = setup_run(with_teacher_width(cfg))
     cfg, pieces = run.cfg, run.pieces
     teacher_params = ()
-    if cfg.distill.teacher:  # a distilling run: the teacher's forward is in the step
-        pieces.teacher = teacher_for(run)
+    attach_frozen(run)  # a distillation teacher / DPO reference: its forward is in the step
+    if pieces.teacher is not None:
         teacher_params = (pieces.teacher.load(),)
-    data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.data_seed)
+    if cfg.objective != "lm":  # preference pairs (lm/post/pairs.py)
+        from lm.post.pairs import pair_iterator
+        data = pair_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.data_seed)
+    else:
+        data = train_iterator(cfg.data, run.tokenizer, cfg.batch_size, cfg.data_seed)
     batches = [pieces.global_batch(next(data)) for _ in range(warmup + steps)]
     state = pieces.init_state()
     t0 = time.perf_counter()

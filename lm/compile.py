@@ -462,9 +462,9 @@ def compile_report(cfg: TrainConfig, topo: Topology, devices=None, eval_step: bo
     state = pieces.abstract_state()
     batch = pieces.abstract_batch()
     t_args = ()
-    if cfg.distill.teacher:  # a distilling run's step takes the teacher's params too
-        from lm.compress.teacher import teacher_for
-        pieces.teacher = teacher_for(run)
+    from lm.post.reference import attach_frozen
+    attach_frozen(run)  # a distilling run's teacher / a DPO run's reference: an argument too
+    if pieces.teacher is not None:
         t_args = (pieces.teacher.abstract_params(),)
     train_step = lambda: pieces.train_step().trace(state, batch, *t_args)  # noqa: E731
     if trials > 1:

@@ -52,6 +52,8 @@ from lm.peft import lora as _lora
 from lm.peft.lora import LoRAConfig
 from lm.post import rl_config as _rl
 from lm.post.rl_config import RLConfig
+from lm.post import preference as _preference
+from lm.post.preference import PreferenceConfig
 from lm.schema import knob, section
 from lm.train.trackers.config import TrackConfig
 
@@ -95,6 +97,11 @@ class DataConfig:
     max_epochs: str = knob(
         "", roles={"after_resume"},
         doc="Per-source cap on epochs, \"name=K,...\": a source used up leaves the mixture.")
+    preferences: str = knob(
+        "", doc="objective=dpo|simpo|orpo: JSONL of preference pairs {\"prompt\": str (or "
+        "\"messages\": the chat before the answer), \"chosen\": str, \"rejected\": str}, "
+        "a pair per step row pair (lm/post/pairs.py); validation_fraction of them held out "
+        "(or validation_corpus names a file of pairs).")
     validation_fraction: float = knob(0.1, doc="Share of the documents held out for "
                                                "validation when the corpus is split.")
     prefetch: int = knob(
@@ -148,12 +155,17 @@ class TrainConfig:
     evals: TaskEvalConfig = section(TaskEvalConfig)
     track: TrackConfig = section(TrackConfig)
     distill: DistillConfig = section(DistillConfig)
+    preference: PreferenceConfig = section(PreferenceConfig)
     sparsity: SparsityConfig = section(SparsityConfig)
     quant: QuantConfig = section(QuantConfig)
     rl: RLConfig = section(RLConfig)
     name: str = knob("run", roles={"operational", "per_trial"}, doc="The run's label.")
     seed: int = knob(0, roles={"traced"}, doc="Seed of the init (and, unless data.seed is "
                                              "set, of the data order).")
+    objective: Literal["lm", "dpo", "simpo", "orpo"] = knob(
+        "lm", doc="lm: next-token cross-entropy on data.corpus; dpo | simpo | orpo: "
+                  "preference optimisation on data.preferences pairs (lm/post/preference.py; "
+                  "dpo's reference is the initial policy: needs init_from, or lora.rank > 0).")
     init_from: str = knob(
         "", doc="Start from these weights (a run dir or a Hugging Face model dir) instead "
                 "of a random init; the model section is the source's "
@@ -453,6 +465,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if _sparsity.enabled(cfg.sparsity) and cfg.lora.rank:
         raise ConfigError("sparsity.mode and lora.rank: a LoRA run's base is frozen "
                           "(prune the merged model instead)")
+    _preference.validate(cfg.preference)
+    if cfg.objective != "lm":
+        _validate_preference_run(cfg)
+    elif d.preferences:
+        raise ConfigError("data.preferences is set but objective=lm (set objective=dpo, "
+                          "simpo or orpo)")
     _quant_rules.validate(cfg.quant, m.scan_layers)
     if cfg.quant.mode != "off" and cfg.distill.teacher:
         raise ConfigError("quant.mode=train does not combine with distillation yet")
@@ -485,6 +503,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"grad_accum={cfg.grad_accum} must divide batch_size={cfg.batch_size}")
     return cfg
+
+
+def _validate_preference_run(cfg: TrainConfig) -> None:
+    key = f"objective={cfg.objective}"
+    if not cfg.data.preferences:
+        raise ConfigError(f"{key} needs data.preferences (a JSONL of prompt/chosen/rejected "
+                          "pairs)")
+    if cfg.data.sources:
+        raise ConfigError(f"{key} reads data.preferences; data.sources (a mixture) is not "
+                          "supported with it")
+    if cfg.distill.teacher:
+        raise ConfigError(f"{key} with distillation (distill.teacher) is not supported")
+    if _preference.needs_reference(cfg.objective) and not cfg.init_from and not cfg.lora.rank:
+        raise ConfigError(f"{key} needs init_from (--init-from POLICY): the reference is the "
+                          "initial policy (or a LoRA run's base)")
+    if cfg.batch_size % 2 or (cfg.batch_size // 2) % cfg.grad_accum:
+        raise ConfigError(f"{key}: batch_size={cfg.batch_size} rows hold pairs (chosen, "
+                          f"rejected): it must be even, and its pairs divide by "
+                          f"grad_accum={cfg.grad_accum}")
 
 
 def resolve(config_path: str | Path, overrides: list[str]) -> TrainConfig:

@@ -40,6 +40,10 @@ from lm.train.setup import RunSetup
 from lm.train.state import RunPieces, build
 
 PIN_FILE = "distill_teacher.json"
+# A frozen model's role -> (its pin file, the config key that names it). "reference":
+# a DPO run's frozen initial policy (lm/post/reference.py).
+ROLES = {"teacher": (PIN_FILE, "distill.teacher"),
+         "reference": ("dpo_reference.json", "init_from")}
 _PROBE = "The quick brown fox, 0123456789 -- ¿qué? 日本語\n"
 
 
@@ -49,6 +53,11 @@ class Teacher:
     pieces: RunPieces
     source: RunCheckpoint | HFDirectory
     plan: Plan = Plan()  # the layers the hidden-state and relation losses compare
+    role: str = "teacher"  # a key of ROLES
+
+    @property
+    def pin_file(self) -> str:
+        return ROLES[self.role][0]
 
     @property
     def param_shardings(self) -> dict:
@@ -82,6 +91,8 @@ class Teacher:
         return flops
 
     def describe(self) -> str:
+        if self.role == "reference":
+            return f"reference (frozen initial policy): {self.source.describe()}"
         return (f"distilling from {self.source.describe()} ({self.cfg.model.d_model} wide, "
                 f"{self.cfg.model.n_layers} layers)")
 
@@ -89,14 +100,14 @@ class Teacher:
         """The teacher's params on their shardings (and `source` pinned). With `run_dir`:
         the source pinned in RUN/distill_teacher.json (written at the first start, read
         on every resume)."""
-        pin = None if run_dir is None else Path(run_dir) / PIN_FILE
+        pin = None if run_dir is None else Path(run_dir) / self.pin_file
         source = self.source
         if pin is not None and pin.is_file():
             try:
                 source = from_json(json.loads(pin.read_text()))
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{pin} is damaged ({e})") from None
-        where = f"distill.teacher={self.source.path}"
+        where = f"{ROLES[self.role][1]}={self.source.path}"
         try:
             pinned, params = (source.restore(self.pieces, quiet=True)
                               if isinstance(source, RunCheckpoint) else source.restore(self.pieces))
@@ -108,8 +119,8 @@ class Teacher:
         return params
 
     def pin(self, run_dir: Path) -> None:
-        """Write the (pinned) source to RUN/distill_teacher.json, unless it is there."""
-        pin = Path(run_dir) / PIN_FILE
+        """Write the (pinned) source to RUN/<pin_file>, unless it is there."""
+        pin = Path(run_dir) / self.pin_file
         if pin.is_file() or jax.process_index() != 0:
             return
         tmp = pin.with_suffix(".tmp")

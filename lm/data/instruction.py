@@ -94,7 +94,7 @@ def role_tagged(chat: Chat) -> tuple[str, str]:
 
 
 def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
-                     template=None) -> TokenDocs:
+                     template=None, last_turn_only: bool = False) -> TokenDocs:
     """Frame and tokenize records into one shard with loss weights.
 
     Each document is a list of (text, learned) segments, tokenized separately (so the
@@ -109,11 +109,18 @@ def tokenize_records(records: list[tuple[str, str] | Chat], tokenizer,
     would double it. Our encode never adds special tokens (the tokenizer.json's
     post-processor BOS is off), and the end-of-turn token the template emits closes the
     assistant turn, so no EOS is appended either.
+
+    last_turn_only: a chat's earlier assistant turns are context, not learned (the
+    completions of preference pairs, lm/post/pairs.py).
     """
     docs: list[tuple[list[tuple[str, bool]], bool]] = []  # (segments, framed)
     for r in records:
         if isinstance(r, Chat) and template is not None:
-            docs.append((template.segments(list(r.messages), r.where), False))
+            segs = template.segments(list(r.messages), r.where)
+            if last_turn_only:
+                last = max(i for i, (_, learned) in enumerate(segs) if learned)
+                segs = [(t, learned and i == last) for i, (t, learned) in enumerate(segs)]
+            docs.append((segs, False))
         else:
             prompt, response = role_tagged(r) if isinstance(r, Chat) else r
             docs.append(([(prompt, False), (response, True)], True))

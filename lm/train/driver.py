@@ -359,8 +359,11 @@ def drive(job: Job) -> list[int]:
             run.summary.update({k: v for k, v in result.items() if k.startswith("tasks/")})
             live.append(result["loss"])
         if not job.batched:
-            print(f"  eval @ {step}: val loss {results[0]['loss']:.4f} | "
-                  f"{results[0]['bpb']:.4f} bits/byte", flush=True)
+            r = results[0]
+            second = (f"reward accuracy {r['reward_accuracy']:.3f}, margin "
+                      f"{r['reward_margin']:.4f}" if "reward_accuracy" in r  # lm/post
+                      else f"{r['bpb']:.4f} bits/byte")
+            print(f"  eval @ {step}: val loss {r['loss']:.4f} | {second}", flush=True)
         elif live:
             print(f"  eval @ {step}: val loss {min(live):.4f}..{max(live):.4f} over "
                   f"{len(live)} trials", flush=True)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from lm import config as config_lib
-from lm.compress.teacher import teacher_for, with_teacher_width
+from lm.compress.teacher import with_teacher_width
 from lm.config import TrainConfig
 from lm.data import (Prefetcher, eval_batches, eval_batches_by_source, prefetch_depth,
                      target_bytes, train_iterator)
@@ -31,6 +31,8 @@ from lm.lock import hold_for_pod
 from lm.model import count_params, flops_per_token, logit_layers
 from lm import optim as optim_lib
 from lm.parallel.sharding import per_device_bytes
+from lm.post.pairs import pair_eval_batches, pair_iterator
+from lm.post.reference import attach_frozen
 from lm.train import trackers
 from lm.compress.sparsity import effective_params
 from lm.train.param_source import first_state, run_checkpointer
@@ -77,24 +79,46 @@ def evaluate_by_source(pieces, eval_step, params, by_source: dict, tokenizer) ->
     return {**_loss_and_bpb(*total), **out}
 
 
+def evaluate_preference(pieces, eval_step, params, batches, frozen=()) -> dict:
+    """A preference run's validation: the objective's loss, reward accuracy and margin
+    and the policy's log-probs, means over the validation pairs (lm/post/preference.py);
+    "bpb" is NaN (no byte count is meaningful for a pair loss)."""
+    sums: dict = {}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, pieces.replicated_batch(batch), *frozen))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    n = np.maximum(sums.pop("pairs", 0.0), 1.0)  # (the same for every trial of a group)
+    means = {k: v / n for k, v in sums.items()}  # arrays [K] for a batched group's trials
+    return {**{k: float(v) if np.ndim(v) == 0 else v for k, v in means.items()},
+            "bpb": float("nan")}
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, setup: RunSetup | None = None) -> int:
     """Train (or resume) the run in `run_dir`; returns the exit code. `setup`: a prepared
     setup_run(cfg) (lm bench reuses one, and its compiled step, for several runs)."""
     run_dir = Path(run_dir)
     run = setup if setup is not None else setup_run(with_teacher_width(cfg))
     cfg, tokenizer, pieces = run.cfg, run.tokenizer, run.pieces
-    if cfg.distill.teacher and pieces.teacher is None:
-        # Checked against the student (path, tokenizer, vocabulary) before the run dir
-        # exists; its weights are read once the run dir is held (lm/compress/teacher.py).
-        pieces.teacher = teacher_for(run)
+    # A distillation teacher or a DPO reference: checked against the run (path,
+    # tokenizer, vocabulary) before the run dir exists; its weights are read once the
+    # run dir is held (lm/compress/teacher.py, lm/post/reference.py).
+    attach_frozen(run)
     # Each process reads only its part of every global batch.
-    source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed, jax.process_index(),
-                            jax.process_count(), read_threads=cfg.data.read_threads,
-                            steps=cfg.steps)
+    if cfg.objective != "lm":  # preference pairs (lm/post/pairs.py)
+        source = pair_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed,
+                               jax.process_index(), jax.process_count(),
+                               read_threads=cfg.data.read_threads)
+        eval_data = pair_eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
+    else:
+        source = train_iterator(cfg.data, tokenizer, cfg.batch_size, cfg.data_seed,
+                                jax.process_index(), jax.process_count(),
+                                read_threads=cfg.data.read_threads, steps=cfg.steps)
+        eval_data = (eval_batches_by_source(cfg.data, tokenizer, cfg.batch_size,
+                                            cfg.eval_batches)
+                     or eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches))
     batches = Prefetcher(source, pieces.global_batch,
                          prefetch_depth(cfg.data.prefetch, jax.devices()[0].platform))
-    eval_data = (eval_batches_by_source(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches)
-                 or eval_batches(cfg.data, tokenizer, cfg.batch_size, cfg.eval_batches))
     check_config_tasks(cfg.evals)  # unknown task names, data not on disk: one line, now
     trackers.check(cfg)  # a tracker that cannot work (wandb not installed): one line
     # Bad config and data are refused above, before the run dir exists; from here on
@@ -116,6 +140,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     teacher = pieces.teacher
     if teacher is not None:  # the teacher's forward (and the losses) run in the same step
         fpt += teacher.step_flops_per_token(cfg.model)
+    elif cfg.objective == "dpo":  # a LoRA run's base as the reference: one more forward
+        fpt += flops_per_token(cfg.model, cfg.data.seq_len) / 3
     peak, peak_source = device_peak_flops(precision=matmul_precision(cfg.quant))
     n_devices = jax.device_count()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
@@ -170,9 +196,14 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
     step_fn = None
     if teacher is not None:  # frozen: restored at every start, never checkpointed
         teacher_params = teacher.load(run_dir)
-        print(f"{teacher.describe()}: {cfg.distill.kind}, T={cfg.distill.temperature:g}, "
-              f"weight {cfg.distill.weight:g}; its forward adds "
+        how = (f"{cfg.distill.kind}, T={cfg.distill.temperature:g}, weight "
+               f"{cfg.distill.weight:g}" if teacher.role == "teacher" else
+               f"{cfg.objective}, beta={cfg.preference.beta:g}")
+        print(f"{teacher.describe()}: {how}; its forward adds "
               f"{teacher.forward_flops_per_token() / 1e6:.2f} MFLOP/token", flush=True)
+    if cfg.objective != "lm":
+        from lm.post.preference import describe
+        print(describe(cfg), flush=True)
     t0 = time.perf_counter()
     train_step, memory = run.compiled_train_step()
     if teacher is not None:
@@ -181,7 +212,8 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
         print(f"compiled train step in {time.perf_counter() - t0:.1f}s; per device: arguments "
               f"{memory['argument'] / 2**20:.1f} MiB, temporaries {memory['temp'] / 2**20:.1f} MiB",
               flush=True)
-    eval_step = pieces.eval_step()
+    eval_step = pieces.eval_step() if cfg.objective == "lm" else pieces.preference_eval_step()
+    frozen = () if teacher is None else (teacher_params,)
     layers = logit_layers(cfg.model)  # the others report NaN (no attention logits)
 
     drawn = getattr(source, "drawn", lambda step: None)  # a mixture's tokens per source
@@ -191,6 +223,9 @@ def _train_holding_run_dir(run: RunSetup, run_dir: Path, batches: Prefetcher,
                     **(drawn(step) or {}))
 
     def evaluate_state(s) -> list[dict]:
+        if cfg.objective != "lm":
+            return [evaluate_preference(pieces, eval_step, effective_params(s), eval_data,
+                                        frozen)]
         params = effective_params(s)  # a sparse run's masked (lm/compress/sparsity.py)
         result = (evaluate_by_source(pieces, eval_step, params, eval_data, tokenizer)
                   if isinstance(eval_data, dict) else

@@ -28,7 +28,9 @@ from lm.parallel.mesh import make_mesh
 from lm.parallel.sharding import (activation_sharding, batch_sharding, param_shardings,
                                   parse_rules, replicated)
 from lm.parallel.ring import sequence_attention
-from lm.train.step import loss_chunk_for, make_eval_step, make_train_step
+from lm.post.preference import Objective, needs_reference
+from lm.train.step import (loss_chunk_for, make_eval_step, make_preference_eval_step,
+                           make_train_step)
 from lm.tree import get_path, set_path
 
 
@@ -46,9 +48,10 @@ class RunPieces:
     # The platform kernels are chosen for, when not the mesh's (a CUDA lowering of a CPU
     # mesh's step in tests/unit/test_kernels_lowering.py).
     target_platform: str | None = field(default=None, repr=False)
-    # A distilling run's frozen teacher (lm/compress/teacher.py Teacher), attached by
-    # the commands that train (lm train, lm bench); its params are the step's third
-    # argument. None: no teacher (and for every command that does not train).
+    # A distilling run's frozen teacher, or a DPO run's frozen reference (without LoRA)
+    # (lm/compress/teacher.py Teacher), attached by the commands that train (lm train,
+    # lm bench); its params are the step's third argument. None: no such model (and for
+    # every command that does not train).
     teacher: Any = field(default=None, repr=False)
     # A sparse run's target matrices: {path in params: fan-in axes} (lm/compress/
     # sparsity.py); {} when sparsity.mode=off. Their masks are state["sparsity"].
@@ -139,18 +142,32 @@ class RunPieces:
                 return fn(*args)
         return wrapped
 
+    def objective(self, cfg: TrainConfig | None = None) -> Objective | None:
+        """The step's preference objective (lm/post/preference.py) of `cfg` (default: this
+        run's; a batched trial's has traced coefficients), or None (the LM loss)."""
+        cfg = cfg or self.cfg
+        if cfg.objective == "lm":
+            return None
+        reference = base = None
+        if needs_reference(cfg.objective):
+            reference = "lora_base" if cfg.lora.rank else "argument"
+        if reference == "lora_base":  # the base Transformer's graph: its params are ours
+            from lm.model import Transformer
+            base = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
+        return Objective(cfg.objective, cfg.preference, reference, base)
+
     def train_step(self):
         """The jitted, state-donating train step with explicit in/out shardings; with a
-        teacher, (state, batch, teacher params) -> (state, metrics), the teacher's params
-        on their own shardings (the same mesh and rules) and never donated."""
-        distill = None
-        if self.teacher is not None:
+        teacher (or a DPO reference), (state, batch, its params) -> (state, metrics), the
+        frozen params on their own shardings (the same mesh and rules), never donated."""
+        distill, objective = None, self.objective()
+        if self.teacher is not None and objective is None:
             distill = (self.teacher.pieces.graphdef, self.cfg.distill, self.teacher.plan)
         step = make_train_step(self.graphdef, self.tx, self.lr_fn, self.cfg.optim.z_loss,
                                self.cfg.grad_accum, self.loss_chunk,
                                # LoRA freezes the whole base, MoE's balancing bias included
                                None if self.cfg.lora.rank else self.cfg.model, distill,
-                               self._sparsity_hook())
+                               self._sparsity_hook(), objective)
         in_shardings = (self.state_shardings, self.batch_sharding)
         if self.teacher is not None:
             in_shardings += (self.teacher.param_shardings,)
@@ -164,6 +181,17 @@ class RunPieces:
 
     def eval_step(self):
         return self.params_batch_fn("eval", make_eval_step(self.graphdef, self.loss_chunk))
+
+    def preference_eval_step(self):
+        """(params, batch of pairs[, reference params]) -> the objective's summed metrics
+        (lm/train/step.py make_preference_eval_step), jitted like eval_step."""
+        in_shardings = (self.state_shardings["params"], self.batch_sharding)
+        if self.teacher is not None:
+            in_shardings += (self.teacher.param_shardings,)
+        fn = make_preference_eval_step(self.graphdef, self.objective(), self.loss_chunk)
+        return self._jit("preference_eval", lambda: jax.jit(
+            self.traced_with_mesh(fn), in_shardings=in_shardings,
+            out_shardings=replicated(self.mesh)))
 
     def params_batch_fn(self, name: str, fn: Callable):
         """fn(params, batch) -> replicated outputs, jitted on this mesh like eval_step:

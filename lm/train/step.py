@@ -15,6 +15,7 @@ from lm.compress.distill import (hidden_loss, kd_per_token, mixed_loss, projecti
                                  relation_loss)
 from lm.compress import sparsity as sparsity_lib
 from lm.model import recursive
+from lm.post.preference import Objective, preference_stats, valid_pairs
 
 
 AUTO_CHUNK_VOCAB = 32_768  # loss_chunk=-1: chunk the cross-entropy from this vocabulary up
@@ -175,6 +176,36 @@ def loss_sums(graphdef, params, batch, z_loss: float, denom, loss_chunk: int = 0
     return objective + z_loss * zl + aux_loss, stats
 
 
+def objective_sums(graphdef, params, pairs, objective: Objective, z_loss: float, denom,
+                   pair_denom, loss_chunk: int = 0, reference_params=None):
+    """A preference objective's loss (lm/post/preference.py) on a (micro)batch of pairs
+    ([P, 2, T] per key: chosen, rejected), normalised by `pair_denom` (the step's pair
+    count), plus the z-loss and the mixers' aux losses as `loss_sums` adds them
+    (`denom`: the step's response-token count). The reference (dpo) runs on the same
+    rows under stop_gradient: `reference_params` (a frozen model of this graph, the
+    step's third argument) or, for a LoRA run, this run's own base without adapters."""
+    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), pairs)  # 2i chosen, 2i+1 rejected
+    nll, logz, mean_logit, aux = token_losses(graphdef, params, rows, loss_chunk)
+    ref_nll = None
+    if objective.reference == "argument":
+        ref_nll = token_losses(graphdef, jax.lax.stop_gradient(reference_params), rows,
+                               loss_chunk)[0]
+    elif objective.reference == "lora_base":
+        ref_nll = token_losses(objective.base_graphdef, jax.lax.stop_gradient(params["base"]),
+                               rows, loss_chunk)[0]
+    mask = rows["loss_mask"]
+    stats = preference_stats(objective.kind, objective.cfg, nll, mask, pair_denom, ref_nll)
+    zl = jnp.sum(jnp.square(logz) * mask) / denom
+    share = jnp.sum(mask) / denom
+    channel = aux["channel"]
+    aux_loss = sum((a["loss"] for a in channel.values() if "loss" in a), jnp.float32(0)) * share
+    stats.update(z_loss=zl, logz_mean=jnp.sum(logz * mask) / denom,
+                 logit_mean=jnp.sum(mean_logit * mask) / denom,
+                 attn_logit_max=aux["attn_logit_max"], resid_rms=aux["resid_rms"],
+                 aux_loss=aux_loss, channel=channel)
+    return stats["loss"] + z_loss * zl + aux_loss, stats
+
+
 def _layer_qkv(graphdef, params, batch, layer: int, x_BTD):
     """The raw Q, K, V projections ([B, T, width]) of `layer`'s attention, from that
     layer's input x (a LoRA model's with its adapters merged; a recursive model's shared
@@ -200,7 +231,7 @@ def _tree_rms(tree) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: float,
                     grad_accum: int, loss_chunk: int = 0, model_cfg=None, distill=None,
-                    sparsity=None):
+                    sparsity=None, objective: Objective | None = None):
     """state = {"params", "opt_state", "step", "rng"} -> (state, metrics).
 
     distill: (the teacher's graphdef, the distill section, the hidden-state loss's
@@ -222,6 +253,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     masks follow the weights' magnitudes when due (metrics["mask_flips"]: entries
     changed).
 
+    objective: a preference objective (lm/post/preference.py `Objective`): the batch's rows
+    are pairs (2i chosen, 2i + 1 rejected; microbatches split by pairs), the loss and
+    metrics["loss"] are the objective's, with its reward metrics; with a reference passed
+    as an argument (dpo, no LoRA) the step is (state, batch, reference_params) -> (state,
+    metrics), the reference frozen as a teacher is.
+
     metrics["finite"]: the loss, the gradient norm and every updated parameter are
     finite; the loop stops a run (diverged) at the first step where it is not, and never
     checkpoints such a state."""
@@ -229,14 +266,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
     def grads_and_stats(params, batch, teacher_params=None, proj=None):
         """((gradient of params, of the distillation projection), stats)."""
         denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if objective is not None:  # pairs: the unit microbatches split by
+            batch = jax.tree.map(lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:]), batch)
+            pair_denom = jnp.maximum(jnp.sum(valid_pairs(batch["loss_mask"].reshape(
+                -1, batch["loss_mask"].shape[-1]))), 1.0)
 
-        def objective(p, pr, mb):
+        def loss_of(p, pr, mb):
+            if objective is not None:
+                return objective_sums(graphdef, p, mb, objective, z_loss, denom, pair_denom,
+                                      loss_chunk, teacher_params)
             teacher = None if distill is None else (distill[0], teacher_params, distill[1],
                                                     distill[2], pr)
             # loss_chunk is a shape decision, bound here: eval_shape below would trace it.
             return loss_sums(graphdef, p, mb, z_loss, denom, loss_chunk, teacher)
 
-        grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+        grad_fn = jax.grad(loss_of, argnums=(0, 1), has_aux=True)
         if grad_accum == 1:
             return grad_fn(params, proj, batch)
 
@@ -265,7 +309,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, z_loss: f
 
     def train_step(state: dict[str, Any], batch: dict[str, jax.Array], teacher_params=None):
         params = state["params"]
-        proj = state["distill"]["params"] if distill is not None and "distill" in state else None
+        proj = (state["distill"]["params"] if distill is not None and objective is None
+                and "distill" in state else None)
         masks = state["sparsity"] if sparsity is not None else None
         forward = params if masks is None else sparsity_lib.masked(params, masks)
         (grads, proj_grads), stats = grads_and_stats(forward, batch, teacher_params, proj)
@@ -320,5 +365,19 @@ def make_eval_step(graphdef, loss_chunk: int = 0):
     def eval_step(params, batch):
         nll, _, _, _ = token_losses(graphdef, params, batch, loss_chunk)
         return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+    return eval_step
+
+
+def make_preference_eval_step(graphdef, objective: Objective, loss_chunk: int = 0):
+    """(params, batch of pairs[, reference params]) -> {the objective's metrics summed
+    over the real pairs, "pairs": their count} (lm/post/preference.py)."""
+
+    def eval_step(params, batch, reference_params=None):
+        pairs = jax.tree.map(lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:]), batch)
+        _, stats = objective_sums(graphdef, params, pairs, objective, 0.0, 1.0, 1.0,
+                                  loss_chunk, reference_params)
+        keys = ("loss", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected")
+        return dict({k: stats[k] for k in keys}, pairs=jnp.sum(valid_pairs(batch["loss_mask"])))
 
     return eval_step

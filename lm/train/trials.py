@@ -55,7 +55,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lm import config as config_lib
 from lm import schema
 from lm.compress.distill import init_projection, projection_shape
-from lm.compress.teacher import teacher_for, with_teacher_width
+from lm.compress.teacher import with_teacher_width
+from lm.post.pairs import pair_eval_batches, pair_iterator
+from lm.post.reference import attach_frozen
 from lm.config import ConfigError, TrainConfig
 from lm.data import Prefetcher, eval_batches, prefetch_depth, train_iterator
 from lm.lock import hold
@@ -70,7 +72,7 @@ from lm.train.loop import evaluate
 from lm.train.mfu import device_peak_flops
 from lm.train.setup import check_resumable, setup_run, with_vocab
 from lm.train.state import memory_estimate
-from lm.train.step import make_eval_step, make_train_step
+from lm.train.step import make_eval_step, make_preference_eval_step, make_train_step
 
 
 def traced_fields() -> tuple[str, ...]:
@@ -123,8 +125,6 @@ def group_key(cfg: TrainConfig) -> str:
 
 def unbatchable(cfg: TrainConfig) -> str | None:
     """Why a config cannot train in a batched group ("" / None: it can)."""
-    if cfg.init_from:
-        return "init_from (a fine-tune starts from a checkpoint, not an init)"
     if cfg.lora.rank:
         return "lora (the adapter optimizer is not batched yet)"
     if cfg.evals.tasks:
@@ -262,12 +262,16 @@ class Group:
     def _vmap(self, fn, in_axes):
         return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=self.axes or None)
 
-    def init_fn(self):
-        def init_one(values):
+    def init_fn(self, start_params: bool = False):
+        """values -> the group's first state from each trial's seed; with start_params,
+        (values, params) -> every trial starting from those params (init_from's weights,
+        one copy in: lm/train/param_source.py), each with its own optimizer state."""
+        def init_one(values, params=None):
             cfg, tx, _ = self._one(values)
-            # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key already.
-            model = make_model(cfg, nnx.Rngs(params=jax.random.key(cfg.seed)))
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            if params is None:
+                # nnx.Rngs(params=int) is jax.random.key(int); a traced seed must be a key.
+                model = make_model(cfg, nnx.Rngs(params=jax.random.key(cfg.seed)))
+                params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
             state = {"params": params, "opt_state": tx.init(params),
                      "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(cfg.seed + 1)}
             # (a Python decision: the group's config, not the trial's traced weight)
@@ -276,10 +280,13 @@ class Group:
                 state["distill"] = init_projection(shape, jax.random.PRNGKey(cfg.seed + 2))
             return state
 
-        def init(values):
-            return {"trials": self._vmap(init_one, 0)(values),
+        def init(values, params=None):
+            return {"trials": self._vmap(init_one, (0, None))(values, params),
                     "alive": jnp.ones([self.k], bool)}
-        return jax.jit(self.pieces.traced_with_mesh(init), in_shardings=(self.values_sharding(),),
+        in_shardings = (self.values_sharding(),)
+        if start_params:
+            in_shardings += (self.pieces.state_shardings["params"],)
+        return jax.jit(self.pieces.traced_with_mesh(init), in_shardings=in_shardings,
                        out_shardings=self.state_shardings())
 
     def step_fn(self):
@@ -289,11 +296,14 @@ class Group:
         teacher = pieces.teacher  # one frozen teacher shared by every trial (not vmapped)
 
         def step_one(values, state, batch, teacher_params):
-            cfg, tx, lr_fn = self._one(values)  # distill.weight / temperature: traced
-            distill = None if teacher is None else (teacher.pieces.graphdef, cfg.distill,
-                                                    teacher.plan)
+            # distill.weight / temperature, preference.beta / ...: traced
+            cfg, tx, lr_fn = self._one(values)
+            objective = pieces.objective(cfg)  # (a DPO reference is the shared frozen model)
+            distill = None if teacher is None or objective is not None else (
+                teacher.pieces.graphdef, cfg.distill, teacher.plan)
             step = make_train_step(pieces.graphdef, tx, lr_fn, cfg.optim.z_loss,
-                                   cfg.grad_accum, pieces.loss_chunk, cfg.model, distill)
+                                   cfg.grad_accum, pieces.loss_chunk, cfg.model, distill,
+                                   objective=objective)
             return step(state, batch, teacher_params)
 
         def step(group, values, batch, teacher_params=None):
@@ -313,10 +323,24 @@ class Group:
                        donate_argnums=0)
 
     def eval_fn(self):
-        single = make_eval_step(self.pieces.graphdef, self.pieces.loss_chunk)
-        return jax.jit(self.pieces.traced_with_mesh(self._vmap(single, (0, None))),
-                       in_shardings=(self.state_shardings()["trials"]["params"],
-                                     self.pieces.batch_sharding))
+        pieces = self.pieces
+        in_shardings = (self.state_shardings()["trials"]["params"], pieces.batch_sharding)
+        if pieces.cfg.objective == "lm":
+            single = make_eval_step(pieces.graphdef, pieces.loss_chunk)
+            return jax.jit(pieces.traced_with_mesh(self._vmap(single, (0, None))),
+                           in_shardings=in_shardings)
+
+        def one(values, params, batch, *frozen):  # the trial's traced coefficients
+            cfg = _with_values(self.setup.cfg, values)
+            fn = make_preference_eval_step(pieces.graphdef, pieces.objective(cfg),
+                                           pieces.loss_chunk)
+            return fn(params, batch, *frozen)
+        in_shardings = (self.values_sharding(), *in_shardings)
+        if pieces.teacher is not None:  # the shared DPO reference
+            in_shardings += (pieces.teacher.param_shardings,)
+        axes = (0, 0, None) + ((None,) if pieces.teacher is not None else ())
+        return jax.jit(pieces.traced_with_mesh(self._vmap(one, axes)),
+                       in_shardings=in_shardings)
 
     def abstract_state(self) -> dict:
         shapes = jax.eval_shape(self.init_fn(), self.abstract_values())
@@ -373,8 +397,9 @@ def make_group(cfgs: list[TrainConfig], run_dirs: list[Path] | None = None,
         rules_text = ",".join(filter(None, [rules_text, f"batch={batch}"]))
         mesh_cfg = dataclasses.replace(first.mesh, rules=rules_text)
         probe = setup_run(dataclasses.replace(first, mesh=mesh_cfg), probe.pieces.mesh)
-    if first.distill.teacher:  # checked before any run dir exists; one for the group
-        probe.pieces.teacher = teacher_for(probe)
+    # A distillation teacher or a DPO reference: checked before any run dir exists; one
+    # frozen model for the group.
+    attach_frozen(probe)
     # Each trial's own config (its config.json), validated, with the vocabulary filled.
     cfgs = [config_lib.validate(with_vocab(c, probe.tokenizer.vocab_size)) for c in cfgs]
     shared = len({c.data_seed for c in cfgs}) == 1
@@ -403,8 +428,12 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     first, tokenizer = group.setup.cfg, group.setup.tokenizer
     trackers.check(first)  # before any run dir exists
     seeds = sorted({c.data_seed for c in cfgs})
-    sources = [train_iterator(first.data, tokenizer, first.batch_size, s,
-                              read_threads=first.data.read_threads) for s in seeds]
+    if first.objective != "lm":  # preference pairs (lm/post/pairs.py)
+        sources = [pair_iterator(first.data, tokenizer, first.batch_size, s,
+                                 read_threads=first.data.read_threads) for s in seeds]
+    else:
+        sources = [train_iterator(first.data, tokenizer, first.batch_size, s,
+                                  read_threads=first.data.read_threads) for s in seeds]
     if group.shared_data:
         source, index = sources[0], [None] * k
     else:
@@ -414,7 +443,8 @@ def train_group(cfgs: list[TrainConfig], run_dirs: list[str | Path], mesh=None) 
     b_sh = group.batch_sharding()
     batches = Prefetcher(source, lambda b: {n: jax.device_put(v, b_sh) for n, v in b.items()},
                          prefetch_depth(first.data.prefetch, jax.devices()[0].platform))
-    eval_data = eval_batches(first.data, tokenizer, first.batch_size, first.eval_batches)
+    eval_data = (eval_batches if first.objective == "lm" else pair_eval_batches)(
+        first.data, tokenizer, first.batch_size, first.eval_batches)
     with ExitStack() as held:
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
@@ -472,7 +502,10 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
              for c, d in zip(cfgs, dirs)]
     start, state = _restore(group, ckpts, batches, index)
     values = jax.device_put(group.values, group.values_sharding())
-    if state is None:
+    if state is None and first.init_from:  # every trial from the same weights
+        from lm.train.param_source import initial_state
+        state = group.init_fn(start_params=True)(values, initial_state(pieces)["params"])
+    elif state is None:
         state = group.init_fn()(values)
     else:
         print(f"resumed {k} trials from step {start}", flush=True)
@@ -505,7 +538,15 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
     eval_fn = group.eval_fn()
     layers = logit_layers(first.model)
 
+    frozen = () if teacher_params is None else (teacher_params,)
+
     def evaluate_trials(state) -> list[dict]:
+        if first.objective != "lm":
+            from lm.train.loop import evaluate_preference
+            out = evaluate_preference(pieces, functools.partial(eval_fn, values),
+                                      state["trials"]["params"], eval_data, frozen)
+            return [{k: (float(np.asarray(v)[i]) if np.ndim(v) else v)
+                     for k, v in out.items()} for i in range(k)]
         per_trial = evaluate(pieces, eval_fn, state["trials"]["params"], eval_data, tokenizer)
         return [{"loss": float(per_trial["loss"][i]), "bpb": float(per_trial["bpb"][i])}
                 for i in range(k)]
@@ -522,5 +563,6 @@ def _train(group: Group, batches: Prefetcher, index: list, eval_data: list) -> l
               tokens_per_step=first.batch_size * first.data.seq_len, flops_per_token=fpt,
               peak_flops=device_peak_flops()[0],
               per_run=lambda tree: [_slice(tree, i) for i in range(k)],
-              record=record, batched=True)
+              record=record, batched=True,
+              evaluate_first=bool(first.init_from) and start == 0)
     return drive(job)
