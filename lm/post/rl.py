@@ -229,11 +229,13 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
     # no longer the policy this run started from).
     need_ref = rl.kl_weight > 0
     params_abstract = pieces.abstract_state()["params"]
-    abstract = {"train": pieces.abstract_state(), "rollout": rollouts.abstract(),
-                "lagged": [params_abstract] * rl.lag,
-                "reference": params_abstract if need_ref else None}
+    # Beside the train state (an ordinary checkpoint: lm eval / sample / export read it)
+    # an item of its own: the next rollout batch, the lagged params, the reference.
+    extra_abstract = {"rollout": rollouts.abstract(), "lagged": [params_abstract] * rl.lag,
+                      "reference": params_abstract if need_ref else None}
     restored = ckpt.restore_newest_intact(
-        lambda step: ckpt.restore(step, abstract, cursor), rename=True)
+        lambda step: ckpt.restore_with_extra(step, pieces.abstract_state(), cursor,
+                                             extra_abstract), rename=True)
     if restored is None:
         state, start = first_state(pieces, ckpt), 0
         ref = _copy(state["params"]) if need_ref else None
@@ -241,9 +243,8 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
         pending = rollouts.sample(0, lagged[0] if lagged else state["params"], ref)
         sampled = 1
     else:
-        start, tree = restored
-        state, pending, lagged = tree["train"], tree["rollout"], list(tree["lagged"])
-        ref = tree["reference"]
+        start, (state, tree) = restored
+        pending, lagged, ref = tree["rollout"], list(tree["lagged"]), tree["reference"]
         sampled = 0  # the batch of step start + 1 came with the checkpoint
         print(f"resumed from step {start} in {run_dir} (with the rollout batch of step "
               f"{start + 1})", flush=True)
@@ -264,7 +265,7 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
           f"{rl.updates_per_batch} update(s) per batch, lag {rl.lag}, kl_weight "
           f"{rl.kl_weight:g}, {rl.loss_mean}-level mean; steps {start} -> {cfg.steps}",
           flush=True)
-    code, status, window = EXIT_OK, "done", []
+    code, status, window = EXIT_OK, "completed", []
     try:
         with StopFlag(cfg.stop_sync_every) as stop:
             for s in range(start, cfg.steps):
@@ -315,8 +316,8 @@ def _run_holding_dir(run: RunSetup, run_dir: Path, rollouts: Rollouts) -> int:
                 summary.update(steps=step, reward_mean=roll["reward_mean"])
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or signum:
                     cursor.step = step
-                    ckpt.save(step, {"train": state, "rollout": pending, "lagged": lagged,
-                                     "reference": ref}, cursor, force=True)
+                    ckpt.save(step, state, cursor, force=True,
+                              extra={"rollout": pending, "lagged": lagged, "reference": ref})
                 faults.settled(step)
                 if signum:
                     status, code = f"stopped by signal {signum} after step {step}", \

@@ -269,13 +269,19 @@ class Checkpointer:
                 f"back to retry it, or move the checkpoints away to start the run afresh")
         return None
 
-    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
-        """Starts an async save when `step` is on the interval (or `force`)."""
+    def save(self, step: int, state, data_iterator, force: bool = False,
+             extra=None) -> bool:
+        """Starts an async save when `step` is on the interval (or `force`). `extra`: a
+        pytree a run keeps beside its train state (`lm rl`: the next rollout batch, the
+        lagged params, the reference), in an item of its own, so that every reader of
+        the state (eval, sample, export, --init-from) reads an ordinary checkpoint."""
         if self.layout is not None:
             state = self.layout.saved(state)
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+        items = dict(state=ocp.args.StandardSave(state),
+                     data=grain.checkpoint.CheckpointSave(data_iterator))
+        if extra is not None:
+            items["extra"] = ocp.args.StandardSave(extra)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def _restore(self, step: int, abstract_state, **items):
         complete = None
@@ -291,6 +297,16 @@ class Checkpointer:
         """Returns the state; the data iterator is restored in place."""
         return self._restore(step, abstract_state,
                              data=grain.checkpoint.CheckpointRestore(data_iterator))
+
+    def restore_with_extra(self, step: int, abstract_state, data_iterator, abstract_extra):
+        """(state, extra) of a checkpoint saved with `extra` (see save); the data
+        iterator restored in place."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            extra=ocp.args.StandardRestore(abstract_extra)))
+        check_finite(restored["state"], step)
+        return restored["state"], restored["extra"]
 
     def restore_params(self, step: int, abstract_state):
         """Only the train state (for eval and sampling, which need no data iterator)."""

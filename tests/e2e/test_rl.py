@@ -56,8 +56,14 @@ def test_grpo_raises_the_reward_on_addition(sft_run, tmp_path):
                 "learn_share", "gen_seconds", "learn_seconds", "no_signal_groups"):
         assert key in rec[1]
     assert "kl" not in rec[1]  # kl_weight 0: no reference computed
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "done" and summary["steps"] == 240
+    summary = json.loads((run / "summary.json").read_text())  # as lm train writes it
+    assert summary["status"] == "completed" and summary["steps"] == 240
+    # an ordinary run: lm generate reads its checkpoint (the rollouts are kept apart)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "3+4="}\n')
+    gen = lm("generate", "--run", str(run), "--in", str(prompts), "--out",
+             str(tmp_path / "o.jsonl"), "--temperature", "0", "--max-new-tokens", "4")
+    assert gen.returncode == 0, gen.stderr[-2000:]
 
 
 KEYS = ("reward_mean", "reward_std", "completion_len_mean", "loss", "loss_last_update",
