@@ -103,30 +103,41 @@ def on_front(size: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return out
 
 
-def figure(table: pd.DataFrame, path: Path, marks: dict[str, str] | None = None) -> Path:
-    """Loss against each size (three panels, log x), each recipe a point with its
-    interval, the front joined by a line. `marks`: recipe -> a label prefix to show in
-    the legend (e.g. "parent", "scratch")."""
+def figure(table: pd.DataFrame, path: Path) -> Path:
+    """Loss against each size (three panels, log x): each recipe a point with its
+    interval, coloured by its kind and marked by its model ("depth50-heal_kd": model
+    depth50, kind heal_kd; a name without "-", the parent, is both), the front dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(SIZES), figsize=(5 * len(SIZES), 4), sharey=True)
+    from matplotlib.lines import Line2D
+    parts = [r.split("-", 1) if "-" in r else [r, r] for r in table["recipe"]]
+    models = list(dict.fromkeys(p[0] for p in parts))
+    kinds = list(dict.fromkeys(p[1] for p in parts))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "os^Dv<>pP*hX"
+    color = {k: colors[i % len(colors)] for i, k in enumerate(kinds)}
+    marker = {m: markers[i % len(markers)] for i, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(5 * len(SIZES) + 2, 4), sharey=True)
     for ax, (size, label) in zip(axes, SIZES.items()):
-        for i, r in table.iterrows():
+        for (_, r), (model, kind) in zip(table.iterrows(), parts):
             err = None if not np.isfinite(r["loss_lo"]) else [
                 [r["loss"] - r["loss_lo"]], [r["loss_hi"] - r["loss"]]]
-            ax.errorbar(r[size], r["loss"], yerr=err, fmt="o", capsize=3,
-                        color=colors[i % len(colors)], label=r["recipe"])
+            ax.errorbar(r[size], r["loss"], yerr=err, fmt=marker[model], capsize=3,
+                        color=color[kind], alpha=0.85)
         front = table[table[f"front_{size}"]].sort_values(size)
-        ax.plot(front[size], front["loss"], "k--", lw=1, label="_front")
+        ax.plot(front[size], front["loss"], "k--", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss")
-    axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle("Compressed models: loss against size (dashed: the Pareto front)")
-    fig.tight_layout()
+    handles = ([Line2D([], [], color=color[k], marker="o", ls="", label=k) for k in kinds]
+               + [Line2D([], [], color="gray", marker=marker[m], ls="", label=m)
+                  for m in models if m not in kinds])
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle("Compressed models: loss against size (colour: recipe; marker: model; "
+                 "dashed: the Pareto front)")
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (5 * len(SIZES) + 2), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
