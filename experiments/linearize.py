@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,10 +95,14 @@ def training(s: dict, steps: int, lr: float, seed: int) -> list[str]:
             f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}", f"seed={seed}"]
 
 
+def _completed(run: Path) -> bool:
+    summary = run / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+
+
 def train(run: Path, overrides: list[str], init_from: str = "") -> None:
     """`lm train` into `run` unless it completed before (an unfinished one resumes)."""
-    summary = run / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+    if _completed(run):
         return
     lm("train", "--run-dir", str(run), *(["--init-from", init_from] if init_from else []),
        *sets(overrides))
@@ -137,13 +142,25 @@ def seed_losses(work: Path, s: dict, seed: int, window: bool) -> dict:
             lm("linearize", str(parent), "--to", "retention", "--out", str(out),
                "--transfer-steps", str(s["transfer_steps"]), "--seed", str(seed),
                "--eval-batches", str(s["eval_batches"]), *extra)
+    # The from-scratch reference (the longest run) trains beside the fine-tunes: two
+    # processes take a larger share of a shared machine (subprocesses only).
+    scratch_args = (d / "scratch", training(s, P + F, s["lr"], seed)
+                    + model_differences(lin, parent))
+    scratch = threading.Thread(target=train, args=scratch_args)
+    if IN_PROCESS:  # (lm train sets signal handlers: the main thread only)
+        train(*scratch_args)
+    else:
+        scratch.start()
     lora = [f"lora.rank={s['lora_rank']}"]
     train(d / "lin_lora", training(s, F, s["finetune_lr"], seed) + lora, init_from=str(lin))
     if window:
         train(d / "lin_window_lora", training(s, F, s["finetune_lr"], seed) + lora,
               init_from=str(win))
     train(d / "parent_more", training(s, F, s["finetune_lr"], seed), init_from=str(parent))
-    train(d / "scratch", training(s, P + F, s["lr"], seed) + model_differences(lin, parent))
+    if scratch.is_alive():
+        scratch.join()
+    if not _completed(d / "scratch"):
+        sys.exit(f"the from-scratch reference {d / 'scratch'} did not complete")
     runs = {"parent": parent, "parent_more": d / "parent_more", "linearized": lin,
             "linearized_lora": d / "lin_lora", "scratch": d / "scratch"}
     if window:
