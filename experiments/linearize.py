@@ -13,12 +13,13 @@ Every run is made by the CLI as a user runs it (`python -m lm.cli train / linear
 eval` subprocesses); the decode runs in this process on the runs' checkpoints, with the
 eval-time knob model.max_seq_len raised to L + N (the parameters fit unchanged).
 
-    python experiments/linearize.py --workdir runs/linearize            # ~20 min, busy 2-core CPU
+    python experiments/linearize.py --workdir runs/linearize            # ~26 min, busy 2-core CPU
     python experiments/linearize.py --workdir runs/linearize --seeds 2  # the loss rows with intervals
     python experiments/linearize.py --workdir runs/linearize_smoke --smoke   # tiny; < 60 s
 
 Writes WORKDIR/results.json and prints the markdown tables. Runs already completed in
-WORKDIR (summary.json status completed; linearize.json written) are reused.
+WORKDIR (summary.json status completed; linearize.json written) and the decode rows
+(WORKDIR/decode.json) are reused.
 """
 
 from __future__ import annotations
@@ -254,9 +255,14 @@ def main() -> int:
     if window:
         decode["linearized, window"] = []
         runs["linearized, window"] = work / "seed0" / "lin_window"
-    for length in s["decode_lengths"]:
-        for name, run in runs.items():
-            decode[name].append(decode_row(run, length, s["decode_tokens"]))
+    measured = work / "decode.json"  # kept: a rerun reuses the decode rows (slow at 8k)
+    if measured.exists() and set(json.loads(measured.read_text())) == set(runs):
+        decode = json.loads(measured.read_text())
+    else:
+        for length in s["decode_lengths"]:
+            for name, run in runs.items():
+                decode[name].append(decode_row(run, length, s["decode_tokens"]))
+        measured.write_text(json.dumps(decode, indent=2))
 
     from lm.analysis.seeds import interval
     results = {
