@@ -91,8 +91,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a test runs this)")
+    ap.add_argument("--sft-steps", type=int, default=0,
+                    help="SFT steps (default: 400; a stronger starting policy)")
     args = ap.parse_args()
-    p = SMOKE if args.smoke else FULL
+    p = dict(SMOKE if args.smoke else FULL)
+    if args.sft_steps:
+        p["sft_steps"] = args.sft_steps
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     log = wd / "log.txt"
