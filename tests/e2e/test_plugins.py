@@ -229,7 +229,7 @@ def test_registered_mixers_and_their_sections():
     from lm import schema
     from lm.config import OptimConfig
     assert {code: m.name for code, m in SEQUENCE_MIXERS.items()} == {
-        "a": "attention", "m": "mamba2", "r": "retention"}
+        "a": "attention", "m": "mamba2", "r": "retention", "-": "skip"}  # - : pruned away
     cfg = ModelConfig()
     assert dataclasses.is_dataclass(cfg.attention) and cfg.mlp.activation == "gelu"
     assert TrainConfig().optim.adamw.b2 == 0.95
