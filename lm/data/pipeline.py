@@ -201,20 +201,31 @@ def train_iterator(cfg, tokenizer, batch_size: int, seed: int,
     rows = packed_rows(cfg, tokenizer, "train")
     if len(rows) == 0:
         raise DataError(f"data.corpus: the train split of {cfg.corpus} has no tokens")
+    return host_batches(rows, batch_size, seed, process_index, process_count, read_threads,
+                        _stack)
+
+
+def host_batches(rows, global_batch: int, seed: int, process_index: int, process_count: int,
+                 read_threads: int, batch_fn):
+    """An iterator over this process's share of global batches of `rows` (items of a
+    random-access source), shuffled by `seed`, repeated with a new order each epoch:
+    global batch i is items [i * global_batch, (i + 1) * global_batch) of the stream, and
+    process p reads its contiguous `global_batch / process_count` of them. Its grain
+    iterator state is what a checkpoint saves."""
     stream = grain.MapDataset.source(rows).shuffle(seed=int(seed)).repeat(
         None, reseed_each_epoch=True)
-    local = batch_size // process_count
+    local = global_batch // process_count
     if process_count > 1:
         source = stream
 
         def global_item(j: int):
-            return source[(j // local) * batch_size + process_index * local + j % local]
+            return source[(j // local) * global_batch + process_index * local + j % local]
 
         stream = grain.MapDataset.range(0, len(stream) // process_count).map(global_item)
     read = grain.ReadOptions(num_threads=read_threads,
                              prefetch_buffer_size=4 * local if read_threads else 0)
-    it_ds = stream.to_iter_dataset(read).batch(local, drop_remainder=True, batch_fn=_stack)
-    return iter(it_ds)
+    return iter(stream.to_iter_dataset(read).batch(local, drop_remainder=True,
+                                                   batch_fn=batch_fn))
 
 
 def _mixture_iterator(cfg, tokenizer, batch_size, seed, process_index, process_count, steps):

@@ -32,7 +32,7 @@ import numpy as np
 
 from lm.data.errors import DataError
 from lm.data.instruction import Chat, _chat, tokenize_records
-from lm.data.pipeline import ROW_DTYPES, ROW_KEYS
+from lm.data.pipeline import ROW_DTYPES, ROW_KEYS, host_batches
 from lm.data.shards import TokenDocs
 from lm.data.sources import corpus_files, holdout
 
@@ -185,20 +185,8 @@ def pair_iterator(cfg, tokenizer, batch_size: int, seed: int, process_index: int
     rows = pair_rows(cfg, tokenizer, "train")
     if len(rows) == 0:
         raise DataError(f"data.preferences: the train split of {cfg.preferences} has no pairs")
-    stream = grain.MapDataset.source(rows).shuffle(seed=int(seed)).repeat(
-        None, reseed_each_epoch=True)
-    local = pairs // process_count
-    if process_count > 1:
-        source = stream
-
-        def global_item(j: int):
-            return source[(j // local) * pairs + process_index * local + j % local]
-
-        stream = grain.MapDataset.range(0, len(stream) // process_count).map(global_item)
-    read = grain.ReadOptions(num_threads=read_threads,
-                             prefetch_buffer_size=4 * local if read_threads else 0)
-    return iter(stream.to_iter_dataset(read).batch(local, drop_remainder=True,
-                                                   batch_fn=_stack_pairs))
+    return host_batches(rows, pairs, seed, process_index, process_count, read_threads,
+                        _stack_pairs)
 
 
 def pair_eval_batches(cfg, tokenizer, batch_size: int, max_batches: int = 0) -> list[dict]:
